@@ -1,0 +1,14 @@
+//! raft_kv's core: everything that does not need Postgres.
+//!
+//! The extension crate wires these pieces to SPI, shared memory and the background worker;
+//! here they run in plain `cargo test` with in-memory storage and a simulated network.
+
+pub mod command;
+pub mod config;
+pub mod node;
+pub mod state_machine;
+pub mod storage;
+pub mod transport;
+
+pub use raft;
+pub use raft::eraftpb;

@@ -1,0 +1,360 @@
+//! The node driver: owns the `RawNode`, runs the Ready loop in the order raft-rs requires,
+//! and reports what the I/O loop around it must do (messages to send, clients to answer).
+//!
+//! It performs no I/O of its own besides the [`Backend`] writes, so the same code runs in the
+//! Postgres worker and in the deterministic simulation.
+
+use std::collections::HashMap;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message, Snapshot};
+use raft::{Config, RawNode, StateRole, Storage as _, INVALID_ID};
+use slog::Logger;
+
+use crate::command::{ApplyResult, Proposal, RequestId};
+use crate::state_machine::{self, Planned};
+use crate::storage::{Backend, RaftStorage, StoreError, WriteBatch};
+
+/// Raft timing and sizing, in ticks and bytes.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub id: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub max_size_per_msg: u64,
+    pub max_inflight_msgs: usize,
+    pub cache_bytes: usize,
+}
+
+impl NodeOptions {
+    pub fn new(id: u64) -> Self {
+        NodeOptions {
+            id,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            cache_bytes: crate::storage::DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+}
+
+/// Why a proposal was refused before it could reach any log (so it certainly did not happen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    #[error("no leader is known")]
+    NoLeader,
+    #[error("the proposal was dropped (leadership is changing or this node is not a voter)")]
+    Dropped,
+}
+
+/// A request proposed on this node that has been applied here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub id: RequestId,
+    pub index: u64,
+    pub result: ApplyResult,
+}
+
+/// What the caller must do after [`Node::handle_ready`].
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Messages to send, in order; all of them are safe to send now.
+    pub messages: Vec<Message>,
+    pub completed: Vec<Completion>,
+    /// Requests this node appended as leader whose log slot was taken by another entry:
+    /// they certainly were not applied.
+    pub superseded: Vec<RequestId>,
+    /// Set when the role, leader or term changed.
+    pub role_changed: bool,
+}
+
+/// A member as the status sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub voter: bool,
+    /// On the leader: highest index known replicated to this member, and whether it was heard
+    /// from recently; `None` elsewhere.
+    pub matched: Option<u64>,
+    pub recent_active: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub role: StateRole,
+    pub term: u64,
+    pub leader_id: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    pub snapshot_index: u64,
+    pub snapshot_term: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+/// Bootstrap puts every initial member at this index: a snapshot of the empty state with the
+/// initial configuration, so a log never starts at index 1 (see the raft-rs notes, §2).
+pub const BOOTSTRAP_INDEX: u64 = 1;
+const BOOTSTRAP_TERM: u64 = 1;
+
+pub struct Node<B: Backend> {
+    raw: RawNode<RaftStorage<B>>,
+    /// Leader-side proposals by log index, to detect an entry replaced after a leader change.
+    appended: HashMap<u64, RequestId>,
+    last_soft: (StateRole, u64, u64),
+}
+
+impl<B: Backend> Node<B> {
+    /// Opens the node on its durable state. A blank node whose id is in `bootstrap_voters`
+    /// first writes the bootstrap snapshot; a blank node outside it waits to be contacted.
+    pub fn open(backend: B, opts: &NodeOptions, bootstrap_voters: &[u64], logger: &Logger) -> Result<Self, NodeError> {
+        let storage = RaftStorage::open(backend, opts.cache_bytes)?;
+        let blank = storage.last() == 0 && {
+            let cs = storage.conf_state();
+            cs.voters.is_empty() && cs.learners.is_empty()
+        };
+        if blank && bootstrap_voters.contains(&opts.id) {
+            let mut snap = Snapshot::default();
+            let m = snap.mut_metadata();
+            m.index = BOOTSTRAP_INDEX;
+            m.term = BOOTSTRAP_TERM;
+            m.mut_conf_state().voters = bootstrap_voters.to_vec();
+            let mut hs = storage.hard_state();
+            hs.term = BOOTSTRAP_TERM;
+            hs.commit = BOOTSTRAP_INDEX;
+            storage.write(&WriteBatch {
+                snapshot: Some(snap),
+                hard_state: Some(hs),
+                applied: Some(BOOTSTRAP_INDEX),
+                ..Default::default()
+            })?;
+        }
+        let cfg = Config {
+            id: opts.id,
+            election_tick: opts.election_ticks,
+            heartbeat_tick: opts.heartbeat_ticks,
+            applied: storage.applied(),
+            max_size_per_msg: opts.max_size_per_msg,
+            max_inflight_msgs: opts.max_inflight_msgs,
+            check_quorum: true,
+            pre_vote: true,
+            max_uncommitted_size: 64 << 20,
+            max_committed_size_per_ready: 16 << 20,
+            ..Default::default()
+        };
+        let raw = RawNode::new(&cfg, storage, logger)?;
+        let last_soft = (raw.raft.state, raw.raft.leader_id, raw.raft.term);
+        Ok(Node { raw, appended: HashMap::new(), last_soft })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.raw.raft.id
+    }
+
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// Feeds a message from a peer. Messages raft cannot use (stale, from unknown peers) are
+    /// ignored, as raft intends.
+    pub fn step(&mut self, m: Message) {
+        let _ = self.raw.step(m);
+    }
+
+    pub fn leader_id(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// Proposes a command. `Ok` means it was appended (on the leader) or forwarded; the
+    /// outcome is then known only when it applies, or is superseded, or the caller times out.
+    pub fn propose(&mut self, p: &Proposal) -> Result<(), ProposeError> {
+        if self.raw.raft.leader_id == INVALID_ID {
+            return Err(ProposeError::NoLeader);
+        }
+        let before = self.raw.raft.raft_log.last_index();
+        self.raw.propose(Vec::new(), p.encode()).map_err(|_| ProposeError::Dropped)?;
+        if self.is_leader() {
+            let idx = self.raw.raft.raft_log.last_index();
+            if idx > before {
+                self.appended.insert(idx, p.id);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn report_unreachable(&mut self, id: u64) {
+        self.raw.report_unreachable(id);
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    /// Runs every pending Ready: persist (one backend write per stage), apply, advance.
+    pub fn handle_ready(&mut self, out: &mut Output) -> Result<(), NodeError> {
+        while self.raw.has_ready() {
+            let mut rd = self.raw.ready();
+            // Leader messages may go out before the write; raft tolerates their loss.
+            out.messages.extend(rd.take_messages());
+
+            let mut batch = WriteBatch::default();
+            if !rd.snapshot().is_empty() {
+                batch.snapshot = Some(rd.snapshot().clone());
+                self.appended.clear();
+            }
+            batch.entries = rd.entries().to_vec();
+            if let Some(hs) = rd.hs() {
+                batch.hard_state = Some(hs.clone());
+            }
+            let committed = rd.take_committed_entries();
+            self.write_and_apply(batch, &committed, out)?;
+
+            // Only now, with the entries and vote durable, may votes and acks leave.
+            out.messages.extend(rd.take_persisted_messages());
+            let mut light = self.raw.advance(rd);
+
+            let mut batch = WriteBatch::default();
+            if let Some(commit) = light.commit_index() {
+                let mut hs = self.raw.store().hard_state();
+                hs.commit = commit;
+                batch.hard_state = Some(hs);
+            }
+            out.messages.extend(light.take_messages());
+            let committed = light.take_committed_entries();
+            self.write_and_apply(batch, &committed, out)?;
+            self.raw.advance_apply();
+        }
+        let soft = (self.raw.raft.state, self.raw.raft.leader_id, self.raw.raft.term);
+        if soft != self.last_soft {
+            self.last_soft = soft;
+            out.role_changed = true;
+            if soft.0 != StateRole::Leader {
+                // Entries appended as leader may still commit, but this node can no longer
+                // tell that they will not: leave them to the caller's timeout.
+                self.appended.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans the committed entries into `batch`, writes it atomically, and reports results.
+    fn write_and_apply(
+        &mut self,
+        mut batch: WriteBatch,
+        committed: &[raft::eraftpb::Entry],
+        out: &mut Output,
+    ) -> Result<(), NodeError> {
+        let mut plans = Vec::with_capacity(committed.len());
+        for e in committed {
+            let plan = state_machine::plan(e, &mut batch.ops);
+            if plan == Planned::ConfChange {
+                if let Some(cs) = self.apply_conf_change(e) {
+                    batch.conf_state = Some(cs);
+                }
+            }
+            plans.push((e.index, plan));
+        }
+        if let Some(last) = committed.last() {
+            batch.applied = Some(last.index);
+        }
+        let results = self.raw.store().write(&batch)?;
+        let me = self.id();
+        for (index, plan) in plans {
+            let applied_id = match plan {
+                Planned::Kv { id, op_index } => {
+                    if id.node == me {
+                        out.completed.push(Completion { id, index, result: results[op_index] });
+                    }
+                    Some(id)
+                }
+                _ => None,
+            };
+            if let Some(expected) = self.appended.remove(&index) {
+                if applied_id != Some(expected) {
+                    out.superseded.push(expected);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_conf_change(&mut self, e: &raft::eraftpb::Entry) -> Option<raft::eraftpb::ConfState> {
+        let r = if e.get_entry_type() == EntryType::EntryConfChange {
+            let mut cc = ConfChange::default();
+            cc.merge_from_bytes(&e.data).ok()?;
+            self.raw.apply_conf_change(&cc)
+        } else {
+            let mut cc = ConfChangeV2::default();
+            cc.merge_from_bytes(&e.data).ok()?;
+            self.raw.apply_conf_change(&cc)
+        };
+        r.ok()
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let r = &self.raw.raft;
+        let store = self.raw.store();
+        let cs = store.conf_state();
+        let is_leader = r.state == StateRole::Leader;
+        let mut members = Vec::new();
+        for (ids, voter) in [(&cs.voters, true), (&cs.learners, false)] {
+            for &id in ids.iter() {
+                let pr = if is_leader { r.prs().get(id) } else { None };
+                members.push(MemberStatus {
+                    id,
+                    voter,
+                    matched: pr.map(|p| if id == r.id { r.raft_log.last_index() } else { p.matched }),
+                    recent_active: pr.map(|p| id == r.id || p.recent_active),
+                });
+            }
+        }
+        members.sort_by_key(|m| m.id);
+        let (snapshot_index, snapshot_term) = store.snapshot_meta();
+        NodeStatus {
+            id: r.id,
+            role: r.state,
+            term: r.term,
+            leader_id: r.leader_id,
+            commit: r.raft_log.committed,
+            applied: store.applied(),
+            first_index: store.first_index().unwrap_or(0),
+            last_index: store.last(),
+            snapshot_index,
+            snapshot_term,
+            members,
+        }
+    }
+
+    pub fn storage(&self) -> &RaftStorage<B> {
+        self.raw.store()
+    }
+
+    pub fn storage_mut(&mut self) -> &mut RaftStorage<B> {
+        self.raw.mut_store()
+    }
+}
+
+/// The text name of a role, as `raft_status()` shows it.
+pub fn role_name(r: StateRole) -> &'static str {
+    match r {
+        StateRole::Follower => "follower",
+        StateRole::Candidate => "candidate",
+        StateRole::Leader => "leader",
+        StateRole::PreCandidate => "pre-candidate",
+    }
+}

@@ -1,0 +1,318 @@
+//! TCP transport for raft messages, run on tokio threads that never touch Postgres.
+//!
+//! Outbound: one connection and one bounded queue per peer. `send` never blocks: when a
+//! peer's queue is full (the peer is dead, paused or slow) the message is dropped and the
+//! caller reports the peer unreachable to raft, which retries on its own schedule.
+//! Inbound: every accepted connection is read frame by frame; decoded messages go to one
+//! bounded channel and the `wake` callback tells the owning loop to look.
+//! Frames are tokio-util length-delimited protobuf `eraftpb::Message`s.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam_channel as cb;
+use futures::{SinkExt, StreamExt};
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+/// Messages queued per peer before new ones are dropped.
+pub const PEER_QUEUE: usize = 1024;
+/// Inbound messages buffered for the main loop before new ones are dropped.
+pub const INBOUND_QUEUE: usize = 16384;
+/// Largest frame accepted or sent.
+pub const MAX_FRAME: usize = 256 << 20;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(1000);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// What the transport reports to the loop that owns the raft node.
+#[derive(Debug)]
+pub enum Event {
+    Message(Message),
+    /// Sending to this peer failed; raft should be told (`report_unreachable`).
+    Unreachable { peer: u64, snapshot_failed: bool },
+    Connected { peer: u64, addr: SocketAddr },
+    Disconnected { peer: u64, addr: SocketAddr, error: String },
+}
+
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+struct Peer {
+    addr: SocketAddr,
+    tx: mpsc::Sender<Message>,
+}
+
+pub struct Transport {
+    rt: Option<Runtime>,
+    peers: HashMap<u64, Peer>,
+    events_tx: cb::Sender<Event>,
+    events_rx: cb::Receiver<Event>,
+    wake: Waker,
+    local_addr: SocketAddr,
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_codec()
+}
+
+impl Transport {
+    /// Binds `listen` (synchronously, so a bad address is reported at once) and starts
+    /// accepting on `rt`. The caller builds the runtime so it controls its threads (the
+    /// Postgres worker blocks signals in them).
+    pub fn start(rt: Runtime, listen: SocketAddr, wake: Waker) -> std::io::Result<Self> {
+        let std_listener = std::net::TcpListener::bind(listen)?;
+        std_listener.set_nonblocking(true)?;
+        let local_addr = std_listener.local_addr()?;
+        let (events_tx, events_rx) = cb::bounded(INBOUND_QUEUE);
+        let listener = {
+            let _g = rt.enter();
+            TcpListener::from_std(std_listener)?
+        };
+        rt.spawn(accept_loop(listener, events_tx.clone(), wake.clone()));
+        Ok(Transport { rt: Some(rt), peers: HashMap::new(), events_tx, events_rx, wake, local_addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn events(&self) -> &cb::Receiver<Event> {
+        &self.events_rx
+    }
+
+    /// Adds or re-addresses a peer. Unchanged peers keep their connection.
+    pub fn set_peer(&mut self, id: u64, addr: SocketAddr) {
+        if self.peers.get(&id).map(|p| p.addr) == Some(addr) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        let rt = self.rt.as_ref().expect("transport is running");
+        rt.spawn(peer_writer(id, addr, rx, self.events_tx.clone(), self.wake.clone()));
+        // Replacing the sender ends the old writer task (its receiver sees the channel close).
+        self.peers.insert(id, Peer { addr, tx });
+    }
+
+    pub fn remove_peer(&mut self, id: u64) {
+        self.peers.remove(&id);
+    }
+
+    pub fn peer_addr(&self, id: u64) -> Option<SocketAddr> {
+        self.peers.get(&id).map(|p| p.addr)
+    }
+
+    /// Queues `m` for its recipient; false when it was dropped (unknown peer or full queue).
+    pub fn send(&self, m: Message) -> bool {
+        match self.peers.get(&m.to) {
+            Some(p) => p.tx.try_send(m).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Stops all tasks, waiting briefly for them.
+    pub fn shutdown(mut self) {
+        self.peers.clear();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, events: cb::Sender<Event>, wake: Waker) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(read_conn(stream, events.clone(), wake.clone()));
+            }
+            Err(_) => tokio::time::sleep(BACKOFF_MIN).await,
+        }
+    }
+}
+
+async fn read_conn(stream: TcpStream, events: cb::Sender<Event>, wake: Waker) {
+    let mut frames = FramedRead::new(stream, codec());
+    while let Some(Ok(frame)) = frames.next().await {
+        let Ok(m) = Message::parse_from_bytes(&frame) else {
+            // A peer speaking something else: drop the connection.
+            return;
+        };
+        // A full inbound queue drops the message; raft recovers from loss.
+        if events.try_send(Event::Message(m)).is_ok() {
+            wake();
+        }
+    }
+}
+
+fn emit(events: &cb::Sender<Event>, wake: &Waker, e: Event) {
+    if events.try_send(e).is_ok() {
+        wake();
+    }
+}
+
+async fn peer_writer(id: u64, addr: SocketAddr, mut rx: mpsc::Receiver<Message>, events: cb::Sender<Event>, wake: Waker) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                // Messages queued for an unreachable peer are stale by the time it is back.
+                let mut snapshot_failed = false;
+                loop {
+                    match rx.try_recv() {
+                        Ok(m) => snapshot_failed |= m.get_msg_type() == MessageType::MsgSnapshot,
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => return,
+                    }
+                }
+                emit(&events, &wake, Event::Unreachable { peer: id, snapshot_failed });
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                if rx.is_closed() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        backoff = BACKOFF_MIN;
+        emit(&events, &wake, Event::Connected { peer: id, addr });
+        let mut sink = FramedWrite::new(stream, codec());
+        let error = loop {
+            let Some(first) = rx.recv().await else { return };
+            let mut snapshot = first.get_msg_type() == MessageType::MsgSnapshot;
+            let mut res = sink.feed(Bytes::from(first.write_to_bytes().unwrap_or_default())).await;
+            // Batch whatever else is queued into the same flush.
+            while res.is_ok() {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        snapshot |= m.get_msg_type() == MessageType::MsgSnapshot;
+                        res = sink.feed(Bytes::from(m.write_to_bytes().unwrap_or_default())).await;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if res.is_ok() {
+                res = SinkExt::<Bytes>::flush(&mut sink).await;
+            }
+            if let Err(e) = res {
+                emit(&events, &wake, Event::Unreachable { peer: id, snapshot_failed: snapshot });
+                break e.to_string();
+            }
+        };
+        emit(&events, &wake, Event::Disconnected { peer: id, addr, error });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn rt() -> Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+    }
+
+    fn msg(from: u64, to: u64, term: u64) -> Message {
+        let mut m = Message::default();
+        m.from = from;
+        m.to = to;
+        m.term = term;
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        m
+    }
+
+    fn next_message(t: &Transport) -> Message {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match t.events().recv_timeout(left).expect("no message within 10 s") {
+                Event::Message(m) => return m,
+                _ => continue,
+            }
+        }
+    }
+
+    #[test]
+    fn messages_flow_both_ways_and_in_order() {
+        let wakes = Arc::new(AtomicUsize::new(0));
+        let w = wakes.clone();
+        let wake: Waker = Arc::new(move || {
+            w.fetch_add(1, Ordering::Relaxed);
+        });
+        let mut a = Transport::start(rt(), "127.0.0.1:0".parse().unwrap(), wake.clone()).unwrap();
+        let mut b = Transport::start(rt(), "127.0.0.1:0".parse().unwrap(), wake).unwrap();
+        a.set_peer(2, b.local_addr());
+        b.set_peer(1, a.local_addr());
+        for term in 1..=100 {
+            assert!(a.send(msg(1, 2, term)));
+        }
+        for term in 1..=100 {
+            assert_eq!(next_message(&b).term, term);
+        }
+        assert!(b.send(msg(2, 1, 7)));
+        assert_eq!(next_message(&a).term, 7);
+        assert!(wakes.load(Ordering::Relaxed) >= 101);
+        assert!(!a.send(msg(1, 9, 1)), "unknown peer must be refused");
+        a.shutdown();
+        b.shutdown();
+    }
+
+    #[test]
+    fn dead_peer_is_reported_and_never_blocks() {
+        let wake: Waker = Arc::new(|| {});
+        // A port that was bound and released: nothing listens there.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let mut a = Transport::start(rt(), "127.0.0.1:0".parse().unwrap(), wake).unwrap();
+        a.set_peer(2, dead);
+        for t in 0..10 {
+            a.send(msg(1, 2, t));
+        }
+        loop {
+            match a.events().recv_timeout(Duration::from_secs(10)).expect("unreachable reported") {
+                Event::Unreachable { peer: 2, .. } => break,
+                _ => continue,
+            }
+        }
+        a.shutdown();
+    }
+
+    #[test]
+    fn stalled_peer_fills_its_queue_without_blocking() {
+        let wake: Waker = Arc::new(|| {});
+        // Listens (the kernel accepts) but never reads: like a SIGSTOPped node.
+        let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = Transport::start(rt(), "127.0.0.1:0".parse().unwrap(), wake).unwrap();
+        a.set_peer(2, stalled.local_addr().unwrap());
+        let mut big = msg(1, 2, 1);
+        big.set_context(vec![7u8; 64 << 10].into());
+        let start = std::time::Instant::now();
+        let refused = (0..20_000).filter(|_| !a.send(big.clone())).count();
+        assert!(start.elapsed() < Duration::from_secs(5), "send must not block");
+        // 20,000 x 64 KiB cannot fit in socket buffers plus a queue of PEER_QUEUE.
+        assert!(refused >= 20_000 - PEER_QUEUE - 2048, "only {refused} refused");
+        a.shutdown();
+    }
+
+    #[test]
+    fn bind_conflict_is_an_error() {
+        let wake: Waker = Arc::new(|| {});
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(Transport::start(rt(), held.local_addr().unwrap(), wake).is_err());
+    }
+}
