@@ -1,1 +1,121 @@
+//! raft_kv: a PostgreSQL extension that makes the server a Raft node of a replicated,
+//! strongly consistent key-value store.
+//!
+//! Postgres-specific glue lives here (settings, shared memory, the worker, SPI storage, SQL
+//! functions); the Raft logic itself is in the `raft_kv_core` crate.
 
+use pgrx::prelude::*;
+
+mod guc;
+mod requests;
+mod shmem;
+mod sql_api;
+mod storage;
+mod worker;
+
+::pgrx::pg_module_magic!();
+
+extension_sql!(
+    r#"
+-- The Raft log. Written only by the worker, one transaction per Ready.
+CREATE TABLE raft_kv.log (
+    idx     bigint   PRIMARY KEY,
+    term    bigint   NOT NULL,
+    kind    smallint NOT NULL,
+    data    bytea    NOT NULL,
+    context bytea    NOT NULL
+);
+
+-- Hard state, conf state, snapshot point and applied index: one row.
+CREATE TABLE raft_kv.state (
+    id             int    PRIMARY KEY CHECK (id = 1),
+    term           bigint NOT NULL DEFAULT 0,
+    vote           bigint NOT NULL DEFAULT 0,
+    commit_index   bigint NOT NULL DEFAULT 0,
+    applied_index  bigint NOT NULL DEFAULT 0,
+    conf_state     bytea  NOT NULL DEFAULT '',
+    snapshot_index bigint NOT NULL DEFAULT 0,
+    snapshot_term  bigint NOT NULL DEFAULT 0
+);
+INSERT INTO raft_kv.state (id) VALUES (1);
+
+-- The replicated key-value state machine. revision = log index of the last write.
+CREATE TABLE raft_kv.kv (
+    key      text   PRIMARY KEY,
+    value    text   NOT NULL,
+    revision bigint NOT NULL
+);
+
+COMMENT ON SCHEMA raft_kv IS 'raft_kv internal state: the Raft log, hard state and the key-value table';
+REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv FROM PUBLIC;
+GRANT USAGE ON SCHEMA raft_kv TO PUBLIC;
+
+CREATE FUNCTION raft_kv.reject_direct_write() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT raft_kv.is_worker() THEN
+        RAISE EXCEPTION 'direct % on %.% is not allowed', TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'raft_kv tables change only through the Raft log: use raft_set() or raft_delete().';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.log
+    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
+CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.state
+    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
+CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.kv
+    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
+"#,
+    name = "create_tables",
+    finalize
+);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    if !unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    guc::register();
+    shmem::init();
+    worker::register();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn status_reports_this_node() {
+        let id = Spi::get_one::<i64>("SELECT node_id FROM raft_status()").unwrap();
+        assert_eq!(id, Some(1));
+    }
+
+    #[pg_test(error = "raft_kv key must not be NULL")]
+    fn null_key_is_rejected() {
+        Spi::run("SELECT raft_get(NULL)").unwrap();
+    }
+
+    #[pg_test(error = "direct INSERT on raft_kv.kv is not allowed")]
+    fn direct_insert_is_rejected() {
+        Spi::run("INSERT INTO raft_kv.kv VALUES ('k', 'v', 1)").unwrap();
+    }
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'raft_kv'",
+            "raft_kv.database = 'pgrx_tests'",
+            "raft_kv.node_id = 1",
+            "raft_kv.listen_addr = '127.0.0.1:57931'",
+            "raft_kv.peers = '1=127.0.0.1:57931'",
+        ]
+    }
+}

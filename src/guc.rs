@@ -1,0 +1,108 @@
+//! The `raft_kv.*` settings. Read them on a Postgres thread only (pgrx enforces it).
+
+use std::ffi::CString;
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::pg_sys;
+
+pub static NODE_ID: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static LISTEN_ADDR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static PEERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static TICK_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static ELECTION_TICKS: GucSetting<i32> = GucSetting::<i32>::new(10);
+pub static HEARTBEAT_TICKS: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static APPLY_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+pub static MAX_VALUE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1 << 20);
+
+pub fn register() {
+    GucRegistry::define_int_guc(
+        c"raft_kv.node_id",
+        c"This node's Raft id (a positive integer, unique in the cluster).",
+        c"Required. Must appear in raft_kv.peers when this node is one of the initial members.",
+        &NODE_ID,
+        0,
+        raft_kv_core::config::MAX_NODE_ID as i32,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"raft_kv.listen_addr",
+        c"IP:port the worker listens on for Raft traffic from the other nodes.",
+        c"",
+        &LISTEN_ADDR,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"raft_kv.peers",
+        c"Initial members as id=IP:port, comma-separated, including this node.",
+        c"Used to bootstrap the cluster on first start; afterwards only to learn addresses.",
+        &PEERS,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"raft_kv.database",
+        c"Database in which the extension's tables live and the worker connects.",
+        c"",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"raft_kv.tick_ms",
+        c"Length of one Raft tick.",
+        c"Election and heartbeat timeouts are counted in ticks.",
+        &TICK_MS,
+        10,
+        10_000,
+        GucContext::Postmaster,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"raft_kv.election_ticks",
+        c"Ticks without hearing from a leader before a follower campaigns.",
+        c"The election timeout is randomised between this and twice this.",
+        &ELECTION_TICKS,
+        2,
+        1000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"raft_kv.heartbeat_ticks",
+        c"Ticks between leader heartbeats; must be less than raft_kv.election_ticks.",
+        c"",
+        &HEARTBEAT_TICKS,
+        1,
+        1000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"raft_kv.apply_timeout",
+        c"How long a raft_kv call waits for its write to commit and apply before failing.",
+        c"",
+        &APPLY_TIMEOUT_MS,
+        100,
+        3_600_000,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"raft_kv.max_value_bytes",
+        c"Largest value raft_set accepts, in bytes.",
+        c"",
+        &MAX_VALUE_BYTES,
+        1,
+        64 << 20,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"raft_kv".as_ptr()) };
+}
+
+pub fn string(s: &GucSetting<Option<CString>>) -> Option<String> {
+    s.get().map(|c| c.to_string_lossy().into_owned())
+}

@@ -1,0 +1,239 @@
+//! The request handoff between backends and the worker, both sides of it.
+//!
+//! A backend claims a free slot, fills it, sets the worker's latch and sleeps on its own
+//! latch until the worker marks the slot done (or its deadline passes). Payloads too big for
+//! the slot travel in a DSM segment the backend creates and the worker copies from.
+//! Cancellation marks the slot abandoned; a new worker incarnation resolves every slot the
+//! previous one left behind, so no backend waits on a dead worker.
+
+use std::time::{Duration, Instant};
+
+use pgrx::pg_sys;
+use pgrx::PgTryBuilder;
+
+use crate::guc;
+use crate::shmem::{self, Op, Outcome, Slot, SlotState, INLINE_BYTES, NSLOTS, SHARED};
+
+/// Extra time a backend waits beyond its timeout for the worker's own verdict, which is
+/// more precise than the backend's (the worker knows whether the entry reached a log).
+const VERDICT_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Reply {
+    pub revision: i64,
+    pub flag: bool,
+}
+
+/// Why a request failed, as the SQL layer reports it.
+#[derive(Debug, Clone)]
+pub enum RequestError {
+    /// The worker is not running (configuration error, starting, waiting for the extension).
+    NotRunning(String),
+    /// Every slot is in use.
+    Busy,
+    NotCommitted(String),
+    Unknown(String),
+}
+
+/// Submits a request and waits for its outcome.
+pub fn submit(op: Op, key: &str, value: &str) -> Result<Reply, RequestError> {
+    let timeout_ms = guc::APPLY_TIMEOUT_MS.get().max(1) as u32;
+    let payload_len = key.len() + value.len();
+    let mut seg: *mut pg_sys::dsm_segment = std::ptr::null_mut();
+    if payload_len > INLINE_BYTES {
+        unsafe {
+            seg = pg_sys::dsm_create(payload_len, 0);
+            let p = pg_sys::dsm_segment_address(seg) as *mut u8;
+            std::ptr::copy_nonoverlapping(key.as_ptr(), p, key.len());
+            std::ptr::copy_nonoverlapping(value.as_ptr(), p.add(key.len()), value.len());
+        }
+    }
+    let claimed = {
+        let mut sh = SHARED.exclusive();
+        if !sh.status.running {
+            Err(RequestError::NotRunning(sh.status.state.get()))
+        } else if let Some(idx) = sh.slots.iter().position(|s| s.state == SlotState::Free as u8) {
+            let gen = sh.next_gen;
+            sh.next_gen += 1;
+            let epoch = sh.status.epoch;
+            let worker = sh.status.worker_procno;
+            let s = &mut sh.slots[idx];
+            s.state = SlotState::Submitted as u8;
+            s.abandoned = false;
+            s.gen = gen;
+            s.epoch = epoch;
+            s.procno = shmem::my_procno();
+            s.op = op as u8;
+            s.timeout_ms = timeout_ms;
+            s.key_len = key.len() as u32;
+            s.val_len = value.len() as u32;
+            s.outcome = 0;
+            if seg.is_null() {
+                s.dsm = 0;
+                s.data[..key.len()].copy_from_slice(key.as_bytes());
+                s.data[key.len()..payload_len].copy_from_slice(value.as_bytes());
+            } else {
+                s.dsm = unsafe { pg_sys::dsm_segment_handle(seg) };
+            }
+            Ok((idx, gen, epoch, worker))
+        } else {
+            Err(RequestError::Busy)
+        }
+    };
+    let result = match claimed {
+        Err(e) => Err(e),
+        Ok((idx, gen, epoch, worker)) => {
+            shmem::wake_proc(worker);
+            let deadline = Instant::now() + Duration::from_millis(timeout_ms as u64) + VERDICT_GRACE;
+            PgTryBuilder::new(|| wait(idx, gen, epoch, deadline)).finally(|| release(idx, gen)).execute()
+        }
+    };
+    if !seg.is_null() {
+        unsafe { pg_sys::dsm_detach(seg) };
+    }
+    result
+}
+
+fn wait(idx: usize, gen: u64, epoch: u64, deadline: Instant) -> Result<Reply, RequestError> {
+    loop {
+        {
+            let sh = SHARED.share();
+            let s = &sh.slots[idx];
+            if s.gen == gen && s.state == SlotState::Done as u8 {
+                let msg = s.message.get();
+                return match s.outcome {
+                    x if x == Outcome::Ok as u8 => Ok(Reply { revision: s.revision, flag: s.flag }),
+                    x if x == Outcome::NotCommitted as u8 => Err(RequestError::NotCommitted(msg)),
+                    _ => Err(RequestError::Unknown(msg)),
+                };
+            }
+            if sh.status.epoch != epoch {
+                return Err(RequestError::Unknown("the raft_kv worker restarted while the request was in flight".into()));
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(RequestError::Unknown("the raft_kv worker did not answer in time".into()));
+        }
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                left.as_millis().max(1) as std::ffi::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+    }
+}
+
+/// Frees the slot, or leaves it to the worker to free if the worker still holds it.
+fn release(idx: usize, gen: u64) {
+    let mut sh = SHARED.exclusive();
+    let s = &mut sh.slots[idx];
+    if s.gen != gen {
+        return;
+    }
+    if s.state == SlotState::Taken as u8 {
+        s.abandoned = true;
+    } else {
+        s.state = SlotState::Free as u8;
+    }
+}
+
+/// A request as the worker holds it.
+#[derive(Debug)]
+pub struct Taken {
+    pub slot: usize,
+    pub gen: u64,
+    pub op: Op,
+    pub key: String,
+    pub value: String,
+    pub deadline: Instant,
+}
+
+/// Worker: takes every newly submitted request of this epoch.
+pub fn take_new(epoch: u64, out: &mut Vec<Taken>) {
+    let mut sh = SHARED.exclusive();
+    let now = Instant::now();
+    for (idx, s) in sh.slots.iter_mut().enumerate() {
+        if s.state != SlotState::Submitted as u8 {
+            continue;
+        }
+        if s.epoch != epoch {
+            finish(s, Outcome::NotCommitted, 0, false, "the raft_kv worker restarted before taking the request");
+            continue;
+        }
+        let Some((key, value)) = read_payload(s) else {
+            // The backend is gone and took its segment with it.
+            s.state = SlotState::Free as u8;
+            continue;
+        };
+        let op = if s.op == Op::Delete as u8 { Op::Delete } else { Op::Set };
+        s.state = SlotState::Taken as u8;
+        out.push(Taken {
+            slot: idx,
+            gen: s.gen,
+            op,
+            key,
+            value,
+            deadline: now + Duration::from_millis(s.timeout_ms as u64),
+        });
+    }
+}
+
+fn read_payload(s: &Slot) -> Option<(String, String)> {
+    let (k, v) = (s.key_len as usize, s.val_len as usize);
+    let bytes: Vec<u8> = if s.dsm == 0 {
+        s.data[..k + v].to_vec()
+    } else {
+        unsafe {
+            let seg = pg_sys::dsm_attach(s.dsm);
+            if seg.is_null() {
+                return None;
+            }
+            let p = pg_sys::dsm_segment_address(seg) as *const u8;
+            let b = std::slice::from_raw_parts(p, k + v).to_vec();
+            pg_sys::dsm_detach(seg);
+            b
+        }
+    };
+    let key = String::from_utf8(bytes[..k].to_vec()).ok()?;
+    let value = String::from_utf8(bytes[k..].to_vec()).ok()?;
+    Some((key, value))
+}
+
+fn finish(s: &mut Slot, outcome: Outcome, revision: i64, flag: bool, message: &str) {
+    if s.abandoned {
+        s.state = SlotState::Free as u8;
+        return;
+    }
+    s.outcome = outcome as u8;
+    s.revision = revision;
+    s.flag = flag;
+    s.message.set(message);
+    s.state = SlotState::Done as u8;
+    shmem::wake_proc(s.procno);
+}
+
+/// Worker: reports the outcome of a request it took.
+pub fn complete(slot: usize, gen: u64, outcome: Outcome, revision: i64, flag: bool, message: &str) {
+    let mut sh = SHARED.exclusive();
+    let s = &mut sh.slots[slot];
+    if s.gen == gen && s.state == SlotState::Taken as u8 {
+        finish(s, outcome, revision, flag, message);
+    }
+}
+
+/// Worker: fails every slot not yet answered (at start for a previous incarnation's
+/// requests, at exit for its own). Submitted-but-untaken requests certainly did not happen.
+pub fn resolve_all(sh: &mut shmem::Shared, why: &str) {
+    for s in sh.slots.iter_mut().take(NSLOTS) {
+        match s.state {
+            x if x == SlotState::Taken as u8 => finish(s, Outcome::Unknown, 0, false, why),
+            x if x == SlotState::Submitted as u8 => finish(s, Outcome::NotCommitted, 0, false, why),
+            _ => {}
+        }
+    }
+}

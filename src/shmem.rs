@@ -1,0 +1,179 @@
+//! Shared memory between backends and the worker: the worker's published status, and the
+//! request slots through which backends hand writes to the worker.
+//!
+//! One LWLock guards it all; nobody holds it across a wait. Only plain-old-data lives here
+//! (no pointers), since every process maps it at its own address.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use pgrx::lwlock::PgLwLock;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::shmem::PGRXSharedMemory;
+
+pub const NSLOTS: usize = 128;
+/// Key plus value bytes carried inside a slot; larger requests travel in a DSM segment.
+pub const INLINE_BYTES: usize = 2048;
+pub const MAX_MEMBERS: usize = raft_kv_core::config::MAX_MEMBERS;
+
+/// A bounded UTF-8 string stored inline.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct FixedStr<const N: usize> {
+    len: u32,
+    buf: [u8; N],
+}
+
+impl<const N: usize> FixedStr<N> {
+    pub fn set(&mut self, s: &str) {
+        let mut n = s.len().min(N);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.buf[..n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len = n as u32;
+    }
+    pub fn get(&self) -> String {
+        String::from_utf8_lossy(&self.buf[..self.len as usize]).into_owned()
+    }
+}
+
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct MemberRow {
+    pub id: u64,
+    pub addr: FixedStr<64>,
+    pub voter: bool,
+    /// Leader only: progress fields are meaningful.
+    pub has_progress: bool,
+    pub matched: u64,
+    pub active: bool,
+}
+
+/// What the worker publishes for `raft_status()` and `raft_members()`.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct Status {
+    pub worker_pid: i32,
+    /// PGPROC number to signal the worker's latch, -1 when no worker is running.
+    pub worker_procno: i32,
+    /// Incremented at each worker start, so waiters notice a restart.
+    pub epoch: u64,
+    /// True once the Raft node runs and accepts requests.
+    pub running: bool,
+    pub state: FixedStr<512>,
+    pub node_id: u64,
+    pub listen_addr: FixedStr<64>,
+    pub peers: FixedStr<1200>,
+    pub role: FixedStr<16>,
+    pub term: u64,
+    pub leader_id: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    pub snapshot_index: u64,
+    pub snapshot_term: u64,
+    pub n_members: u32,
+    pub members: [MemberRow; MAX_MEMBERS],
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum SlotState {
+    Free = 0,
+    /// Filled by a backend, not yet seen by the worker.
+    Submitted = 1,
+    /// The worker holds the request.
+    Taken = 2,
+    /// The worker wrote the outcome.
+    Done = 3,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum Op {
+    Set = 1,
+    Delete = 2,
+}
+
+/// How a request ended, as the worker reports it.
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum Outcome {
+    Ok = 1,
+    /// Certainly not applied (never reached a log, or its log slot went to another entry).
+    NotCommitted = 2,
+    /// May or may not commit later.
+    Unknown = 3,
+}
+
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct Slot {
+    pub state: u8,
+    /// The backend gave up (cancel, error); the worker frees the slot when it is done.
+    pub abandoned: bool,
+    pub gen: u64,
+    pub epoch: u64,
+    pub procno: i32,
+    pub op: u8,
+    pub timeout_ms: u32,
+    pub key_len: u32,
+    pub val_len: u32,
+    /// DSM handle holding key and value when they do not fit inline; 0 when inline.
+    pub dsm: u32,
+    pub data: [u8; INLINE_BYTES],
+    pub outcome: u8,
+    pub revision: i64,
+    pub flag: bool,
+    pub message: FixedStr<256>,
+}
+
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct Shared {
+    pub status: Status,
+    pub next_gen: u64,
+    pub slots: [Slot; NSLOTS],
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        // SAFETY: every field is plain data for which all-zero bytes are a valid value.
+        let mut s: Shared = unsafe { std::mem::zeroed() };
+        s.status.worker_procno = -1;
+        s.status.state.set("not started");
+        s.next_gen = 1;
+        s
+    }
+}
+
+// SAFETY: `Shared` is `repr(C)`, `Copy`, and contains no pointers.
+unsafe impl PGRXSharedMemory for Shared {}
+
+pub static SHARED: PgLwLock<Shared> = unsafe { PgLwLock::new(c"raft_kv_shared") };
+
+/// Set in `_PG_init` when loaded through `shared_preload_libraries`; inherited by every
+/// backend the postmaster forks. Without it the shared memory above does not exist.
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+pub fn init() {
+    pgrx::pg_shmem_init!(SHARED);
+    PRELOADED.store(true, Ordering::Relaxed);
+}
+
+pub fn preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
+/// Sets the latch of the process with this PGPROC number.
+pub fn wake_proc(procno: i32) {
+    if procno >= 0 {
+        unsafe { pg_sys::ProcSendSignal(procno) };
+    }
+}
+
+pub fn my_procno() -> i32 {
+    unsafe { (*pg_sys::MyProc).pgprocno }
+}

@@ -1,0 +1,223 @@
+//! The SQL functions. Typed errors from the rest of the crate become Postgres ERRORs here,
+//! each with a SQLSTATE a client can act on.
+
+use pgrx::prelude::*;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::PgSqlErrorCode as Code;
+use raft_kv_core::command::MAX_KEY_BYTES;
+
+use crate::guc;
+use crate::requests::{self, RequestError};
+use crate::shmem::{self, Op, SHARED};
+
+fn require_preload() {
+    if !shmem::preloaded() {
+        ErrorReport::new(
+            Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "raft_kv is not loaded through shared_preload_libraries",
+            "require_preload",
+        )
+        .set_hint("Add raft_kv to shared_preload_libraries in postgresql.conf, set raft_kv.node_id, raft_kv.listen_addr and raft_kv.peers, and restart the server.")
+        .report(PgLogLevel::ERROR);
+    }
+}
+
+fn raise(code: Code, message: String, detail: Option<&str>, hint: Option<&str>) -> ! {
+    let mut r = ErrorReport::new(code, message, "raft_kv");
+    if let Some(d) = detail {
+        r = r.set_detail(d);
+    }
+    if let Some(h) = hint {
+        r = r.set_hint(h);
+    }
+    r.report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
+fn check_key(key: Option<&str>) -> &str {
+    let Some(key) = key else {
+        raise(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "raft_kv key must not be NULL".into(), None, None)
+    };
+    if key.is_empty() {
+        raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, "raft_kv key must not be empty".into(), None, None)
+    }
+    if key.len() > MAX_KEY_BYTES {
+        raise(
+            Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("raft_kv key is {} bytes, over the limit of {MAX_KEY_BYTES} bytes", key.len()),
+            None,
+            None,
+        )
+    }
+    key
+}
+
+fn check_value(value: Option<&str>) -> &str {
+    let Some(value) = value else {
+        raise(
+            Code::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "raft_kv value must not be NULL".into(),
+            None,
+            Some("Use raft_delete() to remove a key."),
+        )
+    };
+    let max = guc::MAX_VALUE_BYTES.get() as usize;
+    if value.len() > max {
+        raise(
+            Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("raft_kv value is {} bytes, over raft_kv.max_value_bytes ({max} bytes)", value.len()),
+            None,
+            None,
+        )
+    }
+    value
+}
+
+fn request(op: Op, key: &str, value: &str) -> requests::Reply {
+    requests::submit(op, key, value).unwrap_or_else(|e| match e {
+        RequestError::NotRunning(state) => raise(
+            Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("raft_kv is not running on this node: {state}"),
+            Some("The write was not attempted."),
+            Some("SELECT * FROM raft_status() shows the node's state."),
+        ),
+        RequestError::Busy => raise(
+            Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            format!("all {} raft_kv request slots are in use", shmem::NSLOTS),
+            Some("The write was not attempted; it is safe to retry."),
+            None,
+        ),
+        RequestError::NotCommitted(m) => raise(
+            Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            format!("raft_kv write not committed: {m}"),
+            Some("The write certainly did not happen; it is safe to retry."),
+            None,
+        ),
+        RequestError::Unknown(m) => raise(
+            Code::ERRCODE_T_R_STATEMENT_COMPLETION_UNKNOWN,
+            format!("raft_kv write outcome unknown: {m}"),
+            Some("The write may or may not have been applied; read the key to find out."),
+            None,
+        ),
+    })
+}
+
+/// Writes `key = value` through the Raft log; returns the revision at which it applied.
+#[pg_extern(volatile, parallel_unsafe)]
+fn raft_set(key: Option<&str>, value: Option<&str>) -> i64 {
+    require_preload();
+    let key = check_key(key);
+    let value = check_value(value);
+    request(Op::Set, key, value).revision
+}
+
+/// Deletes `key` through the Raft log; returns whether it existed.
+#[pg_extern(volatile, parallel_unsafe)]
+fn raft_delete(key: Option<&str>) -> bool {
+    require_preload();
+    let key = check_key(key);
+    request(Op::Delete, key, "").flag
+}
+
+/// The value applied on this node, NULL when absent.
+#[pg_extern(volatile, parallel_safe, security_definer)]
+fn raft_get(key: Option<&str>) -> Option<String> {
+    require_preload();
+    let key = check_key(key);
+    Spi::get_one_with_args::<String>("SELECT value FROM raft_kv.kv WHERE key = $1", &[key.into()])
+        .unwrap_or_else(|e| raise(Code::ERRCODE_INTERNAL_ERROR, format!("raft_kv: reading the key failed: {e}"), None, None))
+}
+
+fn nonzero(v: u64) -> Option<i64> {
+    (v != 0).then_some(v as i64)
+}
+
+/// One row describing this node: identity, worker state and Raft progress.
+#[pg_extern(volatile, parallel_safe)]
+fn raft_status() -> TableIterator<
+    'static,
+    (
+        name!(node_id, Option<i64>),
+        name!(listen_addr, Option<String>),
+        name!(peers, Option<String>),
+        name!(worker_pid, Option<i32>),
+        name!(state, String),
+        name!(role, Option<String>),
+        name!(term, Option<i64>),
+        name!(leader_id, Option<i64>),
+        name!(commit_index, Option<i64>),
+        name!(applied_index, Option<i64>),
+        name!(first_index, Option<i64>),
+        name!(last_index, Option<i64>),
+        name!(snapshot_index, Option<i64>),
+        name!(snapshot_term, Option<i64>),
+        name!(voters, Option<Vec<i64>>),
+    ),
+> {
+    require_preload();
+    let sh = SHARED.share();
+    let s = &sh.status;
+    let has_node = !s.role.get().is_empty();
+    let raft = |v: u64| has_node.then_some(v as i64);
+    let voters: Vec<i64> = s.members[..s.n_members as usize].iter().filter(|m| m.voter).map(|m| m.id as i64).collect();
+    let row = (
+        nonzero(s.node_id),
+        Some(s.listen_addr.get()).filter(|a| !a.is_empty()),
+        Some(s.peers.get()).filter(|a| !a.is_empty()),
+        (s.worker_pid != 0).then_some(s.worker_pid),
+        s.state.get(),
+        has_node.then(|| s.role.get()),
+        raft(s.term),
+        nonzero(s.leader_id),
+        raft(s.commit),
+        raft(s.applied),
+        raft(s.first_index),
+        raft(s.last_index),
+        raft(s.snapshot_index),
+        raft(s.snapshot_term),
+        has_node.then_some(voters),
+    );
+    TableIterator::once(row)
+}
+
+/// One row per cluster member. match_index and active are known on the leader only.
+#[pg_extern(volatile, parallel_safe)]
+fn raft_members() -> TableIterator<
+    'static,
+    (
+        name!(id, i64),
+        name!(address, Option<String>),
+        name!(voter, bool),
+        name!(match_index, Option<i64>),
+        name!(active, Option<bool>),
+    ),
+> {
+    require_preload();
+    let sh = SHARED.share();
+    let rows: Vec<_> = sh.status.members[..sh.status.n_members as usize]
+        .iter()
+        .map(|m| {
+            (
+                m.id as i64,
+                Some(m.addr.get()).filter(|a| !a.is_empty()),
+                m.voter,
+                m.has_progress.then_some(m.matched as i64),
+                m.has_progress.then_some(m.active),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// Schema of the extension's tables; also holds the helper the guard trigger calls.
+#[pg_schema]
+mod raft_kv {
+    use pgrx::prelude::*;
+
+    /// True only in the raft_kv worker: the guard trigger lets nobody else write the tables.
+    #[pg_extern(stable, parallel_safe)]
+    fn is_worker() -> bool {
+        crate::shmem::preloaded()
+            && crate::shmem::SHARED.share().status.worker_pid == unsafe { pgrx::pg_sys::MyProcPid }
+    }
+}

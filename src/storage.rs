@@ -1,0 +1,214 @@
+//! The Raft [`Backend`] over the extension's tables, through SPI on the worker's main thread.
+//!
+//! Each `write` is one transaction, so a Ready's log entries, hard state, applied entries
+//! and applied index commit together, and Postgres's WAL makes them durable at COMMIT.
+
+use std::panic::AssertUnwindSafe;
+
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::SpiError;
+use raft_kv_core::command::ApplyResult;
+use raft_kv_core::eraftpb::{Entry, EntryType};
+use raft_kv_core::state_machine::decode_snapshot_data;
+use raft_kv_core::storage::{
+    decode_conf_state, encode_conf_state, Backend, KvOp, PersistedState, StoreError, StoreResult, WriteBatch,
+};
+
+pub struct PgBackend;
+
+fn spi_err(e: SpiError) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// Runs `f` in the current transaction, or in a new one committed at the end.
+pub fn in_txn<R>(f: impl FnOnce() -> R) -> R {
+    if unsafe { pg_sys::IsTransactionState() } {
+        f()
+    } else {
+        BackgroundWorker::transaction(AssertUnwindSafe(f))
+    }
+}
+
+fn entry_type(kind: i16) -> EntryType {
+    match kind {
+        1 => EntryType::EntryConfChange,
+        2 => EntryType::EntryConfChangeV2,
+        _ => EntryType::EntryNormal,
+    }
+}
+
+fn kind_of(e: &Entry) -> i16 {
+    match e.get_entry_type() {
+        EntryType::EntryNormal => 0,
+        EntryType::EntryConfChange => 1,
+        EntryType::EntryConfChangeV2 => 2,
+    }
+}
+
+impl Backend for PgBackend {
+    fn load(&mut self) -> StoreResult<PersistedState> {
+        in_txn(|| {
+            Spi::connect(|c| {
+                let t = c
+                    .select(
+                        "SELECT term, vote, commit_index, applied_index, conf_state, snapshot_index, snapshot_term, \
+                         COALESCE((SELECT max(idx) FROM raft_kv.log), snapshot_index) \
+                         FROM raft_kv.state WHERE id = 1",
+                        None,
+                        &[],
+                    )
+                    .map_err(spi_err)?;
+                if t.is_empty() {
+                    return Err(StoreError::Corrupt("raft_kv.state has no row".into()));
+                }
+                let t = t.first();
+                let g = |i| t.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+                let mut st = PersistedState::default();
+                st.hard_state.term = g(1)?;
+                st.hard_state.vote = g(2)?;
+                st.hard_state.commit = g(3)?;
+                st.applied = g(4)?;
+                let cs: Vec<u8> = t.get(5).map_err(spi_err)?.unwrap_or_default();
+                st.conf_state = decode_conf_state(&cs)?;
+                st.snapshot_index = g(6)?;
+                st.snapshot_term = g(7)?;
+                st.last_index = g(8)?;
+                Ok(st)
+            })
+        })
+    }
+
+    fn read_entries(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<Entry>> {
+        in_txn(|| {
+            Spi::connect(|c| {
+                let t = c
+                    .select(
+                        "SELECT idx, term, kind, data, context FROM raft_kv.log \
+                         WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                        None,
+                        &[(lo as i64).into(), (hi as i64).into()],
+                    )
+                    .map_err(spi_err)?;
+                let mut out = Vec::with_capacity(t.len());
+                for row in t {
+                    let mut e = Entry::default();
+                    e.index = row.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64;
+                    e.term = row.get::<i64>(2).map_err(spi_err)?.unwrap_or(0) as u64;
+                    e.set_entry_type(entry_type(row.get::<i16>(3).map_err(spi_err)?.unwrap_or(0)));
+                    e.data = row.get::<Vec<u8>>(4).map_err(spi_err)?.unwrap_or_default().into();
+                    e.context = row.get::<Vec<u8>>(5).map_err(spi_err)?.unwrap_or_default().into();
+                    out.push(e);
+                }
+                if out.len() as u64 != hi - lo {
+                    return Err(StoreError::Corrupt(format!("log entries {lo}..{hi} are missing")));
+                }
+                Ok(out)
+            })
+        })
+    }
+
+    fn read_terms(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<u64>> {
+        in_txn(|| {
+            Spi::connect(|c| {
+                let t = c
+                    .select(
+                        "SELECT term FROM raft_kv.log WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                        None,
+                        &[(lo as i64).into(), (hi as i64).into()],
+                    )
+                    .map_err(spi_err)?;
+                let mut out = Vec::with_capacity(t.len());
+                for row in t {
+                    out.push(row.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64);
+                }
+                Ok(out)
+            })
+        })
+    }
+
+    fn write(&mut self, b: &WriteBatch) -> StoreResult<Vec<ApplyResult>> {
+        in_txn(|| Spi::connect_mut(|c| write_batch(c, b)))
+    }
+}
+
+fn write_batch(c: &mut pgrx::spi::SpiClient<'_>, b: &WriteBatch) -> StoreResult<Vec<ApplyResult>> {
+    if let Some(snap) = &b.snapshot {
+        let m = snap.get_metadata();
+        let kv = decode_snapshot_data(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        c.update("DELETE FROM raft_kv.log", None, &[]).map_err(spi_err)?;
+        c.update("DELETE FROM raft_kv.kv", None, &[]).map_err(spi_err)?;
+        for (k, (v, rev)) in kv {
+            c.update(
+                "INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3)",
+                None,
+                &[k.into(), v.into(), (rev as i64).into()],
+            )
+            .map_err(spi_err)?;
+        }
+        c.update(
+            "UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2, conf_state = $3, \
+             applied_index = $1, commit_index = greatest(commit_index, $1) WHERE id = 1",
+            None,
+            &[(m.index as i64).into(), (m.term as i64).into(), encode_conf_state(m.get_conf_state()).into()],
+        )
+        .map_err(spi_err)?;
+    }
+    if let Some(first) = b.entries.first() {
+        c.update("DELETE FROM raft_kv.log WHERE idx >= $1", None, &[(first.index as i64).into()])
+            .map_err(spi_err)?;
+        let idx: Vec<i64> = b.entries.iter().map(|e| e.index as i64).collect();
+        let term: Vec<i64> = b.entries.iter().map(|e| e.term as i64).collect();
+        let kind: Vec<i16> = b.entries.iter().map(kind_of).collect();
+        let data: Vec<Vec<u8>> = b.entries.iter().map(|e| e.data.to_vec()).collect();
+        let ctx: Vec<Vec<u8>> = b.entries.iter().map(|e| e.context.to_vec()).collect();
+        c.update(
+            "INSERT INTO raft_kv.log (idx, term, kind, data, context) \
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bytea[], $5::bytea[])",
+            None,
+            &[idx.into(), term.into(), kind.into(), data.into(), ctx.into()],
+        )
+        .map_err(spi_err)?;
+    }
+    if let Some(hs) = &b.hard_state {
+        c.update(
+            "UPDATE raft_kv.state SET term = $1, vote = $2, commit_index = $3 WHERE id = 1",
+            None,
+            &[(hs.term as i64).into(), (hs.vote as i64).into(), (hs.commit as i64).into()],
+        )
+        .map_err(spi_err)?;
+    }
+    let mut results = Vec::with_capacity(b.ops.len());
+    for op in &b.ops {
+        results.push(match op {
+            KvOp::Put { key, value, revision } => {
+                c.update(
+                    "INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3) \
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision",
+                    None,
+                    &[key.as_str().into(), value.as_str().into(), (*revision as i64).into()],
+                )
+                .map_err(spi_err)?;
+                ApplyResult::Put { revision: *revision }
+            }
+            KvOp::Delete { key } => {
+                let t = c
+                    .update("DELETE FROM raft_kv.kv WHERE key = $1", None, &[key.as_str().into()])
+                    .map_err(spi_err)?;
+                ApplyResult::Delete { existed: t.len() > 0 }
+            }
+        });
+    }
+    if b.applied.is_some() || b.conf_state.is_some() {
+        let cs = b.conf_state.as_ref().map(encode_conf_state);
+        c.update(
+            "UPDATE raft_kv.state SET applied_index = coalesce($1, applied_index), \
+             conf_state = coalesce($2, conf_state) WHERE id = 1",
+            None,
+            &[b.applied.map(|a| a as i64).into(), cs.into()],
+        )
+        .map_err(spi_err)?;
+    }
+    Ok(results)
+}

@@ -1,0 +1,414 @@
+//! The background worker: hosts the Raft node and owns all of its I/O.
+//!
+//! Only this process's main thread calls into Postgres. The transport's tokio threads hand
+//! messages over a channel and write to an eventfd; backends set the worker's latch. One
+//! `WaitLatchOrSocket` waits for both, or for the next tick.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use raft_kv_core::command::{ApplyResult, Command, Proposal, RequestId};
+use raft_kv_core::config::{format_peers, ClusterConfig};
+use raft_kv_core::node::{role_name, Node, NodeOptions, NodeStatus, Output};
+use raft_kv_core::raft::StateRole;
+use raft_kv_core::transport::{Event, Transport, Waker};
+
+use crate::guc;
+use crate::requests::{self, Taken};
+use crate::shmem::{Op, Outcome, SHARED};
+use crate::storage::{in_txn, PgBackend};
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("raft_kv worker")
+        .set_type("raft_kv worker")
+        .set_function("raft_kv_worker_main")
+        .set_library("raft_kv")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+/// Settings the worker runs with, read once at start (they are all postmaster-level).
+struct Settings {
+    cluster: ClusterConfig,
+    database: String,
+    tick: Duration,
+    opts: NodeOptions,
+}
+
+fn read_settings() -> Result<Settings, String> {
+    let listen = guc::string(&guc::LISTEN_ADDR);
+    let peers = guc::string(&guc::PEERS);
+    let cluster = ClusterConfig::from_settings(guc::NODE_ID.get() as i64, listen.as_deref(), peers.as_deref())
+        .map_err(|e| e.to_string())?;
+    let (election, heartbeat) = (guc::ELECTION_TICKS.get(), guc::HEARTBEAT_TICKS.get());
+    if heartbeat >= election {
+        return Err(format!(
+            "raft_kv.heartbeat_ticks ({heartbeat}) must be less than raft_kv.election_ticks ({election})"
+        ));
+    }
+    let database = guc::string(&guc::DATABASE).filter(|d| !d.is_empty()).ok_or("raft_kv.database is empty")?;
+    let mut opts = NodeOptions::new(cluster.node_id);
+    opts.election_ticks = election as usize;
+    opts.heartbeat_ticks = heartbeat as usize;
+    Ok(Settings { cluster, database, tick: Duration::from_millis(guc::TICK_MS.get() as u64), opts })
+}
+
+fn set_state(running: bool, state: &str) {
+    let mut sh = SHARED.exclusive();
+    sh.status.running = running;
+    sh.status.state.set(state);
+}
+
+/// Waits on the latch for `d`; false when the worker must exit.
+fn pause(d: Duration) -> bool {
+    let alive = BackgroundWorker::wait_latch(Some(d));
+    if BackgroundWorker::sighup_received() {
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    }
+    alive
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn raft_kv_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let epoch = {
+        let mut sh = SHARED.exclusive();
+        sh.status.epoch += 1;
+        sh.status.worker_pid = unsafe { pg_sys::MyProcPid };
+        sh.status.worker_procno = crate::shmem::my_procno();
+        sh.status.running = false;
+        sh.status.state.set("starting");
+        sh.status.node_id = guc::NODE_ID.get().max(0) as u64;
+        sh.status.listen_addr.set(&guc::string(&guc::LISTEN_ADDR).unwrap_or_default());
+        sh.status.peers.set(&guc::string(&guc::PEERS).unwrap_or_default());
+        requests::resolve_all(&mut sh, "the raft_kv worker restarted while the request was in flight");
+        sh.status.epoch
+    };
+
+    let settings = match read_settings() {
+        Ok(s) => s,
+        Err(e) => {
+            let state = format!("configuration error: {e}");
+            pgrx::warning!("raft_kv: {state}; the node stays down until the setting is fixed and the server restarted");
+            set_state(false, &state);
+            while pause(Duration::from_secs(60)) {}
+            return exit_cleanly();
+        }
+    };
+
+    BackgroundWorker::connect_worker_to_spi(Some(&settings.database), None);
+    let mut announced = false;
+    loop {
+        let present = in_txn(|| {
+            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'raft_kv')")
+                .ok()
+                .flatten()
+                .unwrap_or(false)
+        });
+        if present {
+            break;
+        }
+        if !announced {
+            announced = true;
+            let state = format!("waiting for CREATE EXTENSION raft_kv in database \"{}\"", settings.database);
+            pgrx::log!("raft_kv: {state}");
+            set_state(false, &state);
+        }
+        if !pause(Duration::from_millis(500)) {
+            return exit_cleanly();
+        }
+    }
+
+    run(settings, epoch);
+    exit_cleanly();
+}
+
+fn exit_cleanly() {
+    let mut sh = SHARED.exclusive();
+    sh.status.running = false;
+    sh.status.worker_procno = -1;
+    sh.status.worker_pid = 0;
+    sh.status.state.set("stopped");
+    requests::resolve_all(&mut sh, "the raft_kv worker stopped while the request was in flight");
+}
+
+/// An eventfd the transport threads write to, so the latch wait also wakes for network input.
+struct EventFd(RawFd);
+
+impl EventFd {
+    fn new() -> Self {
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            pgrx::error!("raft_kv: eventfd failed: {}", std::io::Error::last_os_error());
+        }
+        EventFd(fd)
+    }
+    fn waker(&self) -> Waker {
+        let fd = self.0;
+        Arc::new(move || {
+            let one: u64 = 1;
+            unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+        })
+    }
+    fn drain(&self) {
+        let mut v: u64 = 0;
+        unsafe { libc::read(self.0, &mut v as *mut u64 as *mut libc::c_void, 8) };
+    }
+}
+
+/// Builds the tokio runtime with every signal blocked in its threads, so Postgres's signals
+/// (SIGTERM, SIGHUP, latch wake-ups) are always delivered to the main thread.
+fn runtime() -> tokio::runtime::Runtime {
+    unsafe { pg_sys::BackgroundWorkerBlockSignals() };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("raft_kv-net")
+        .enable_all()
+        .on_thread_start(|| unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut set);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        })
+        .build();
+    unsafe { pg_sys::BackgroundWorkerUnblockSignals() };
+    rt.unwrap_or_else(|e| pgrx::error!("raft_kv: cannot start the network runtime: {e}"))
+}
+
+/// A client request the worker is responsible for.
+struct InFlight {
+    slot: usize,
+    gen: u64,
+    cmd: Command,
+    deadline: Instant,
+    /// Whether it ever reached raft (after which its outcome is unknown until applied).
+    proposed: bool,
+}
+
+fn run(settings: Settings, epoch: u64) {
+    let me = settings.cluster.node_id;
+    let efd = EventFd::new();
+    let mut transport = loop {
+        match Transport::start(runtime(), settings.cluster.listen_addr, efd.waker()) {
+            Ok(t) => break t,
+            Err(e) => {
+                let state = format!("cannot listen on {}: {e}", settings.cluster.listen_addr);
+                pgrx::warning!("raft_kv: {state}; retrying");
+                set_state(false, &state);
+                if !pause(Duration::from_secs(1)) {
+                    return;
+                }
+            }
+        }
+    };
+    let addrs: BTreeMap<u64, SocketAddr> = settings.cluster.peers.clone();
+    for (&id, &addr) in &addrs {
+        if id != me {
+            transport.set_peer(id, addr);
+        }
+    }
+    let bootstrap: Vec<u64> =
+        if settings.cluster.bootstraps() { settings.cluster.peers.keys().copied().collect() } else { Vec::new() };
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let mut node = in_txn(|| Node::open(PgBackend, &settings.opts, &bootstrap, &logger))
+        .unwrap_or_else(|e| pgrx::error!("raft_kv: cannot open the raft node: {e}"));
+    pgrx::log!(
+        "raft_kv: node {me} listening on {} with peers {}",
+        transport.local_addr(),
+        format_peers(&addrs)
+    );
+
+    let nonce: u64 = rand_nonce();
+    let mut seq: u64 = 0;
+    let mut inflight: HashMap<RequestId, InFlight> = HashMap::new();
+    let mut unproposed: VecDeque<RequestId> = VecDeque::new();
+    let mut taken: Vec<Taken> = Vec::new();
+    let mut published: Option<NodeStatus> = None;
+    let mut next_tick = Instant::now() + settings.tick;
+    let mut out = Output::default();
+    let mut last_role = (StateRole::Follower, 0u64);
+
+    set_state(true, "running");
+    loop {
+        let wait_ms = next_tick.saturating_duration_since(Instant::now()).as_millis() as std::ffi::c_long;
+        unsafe {
+            pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                    as i32,
+                efd.0,
+                wait_ms,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+        if BackgroundWorker::sigterm_received() {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        efd.drain();
+
+        while let Ok(ev) = transport.events().try_recv() {
+            match ev {
+                Event::Message(m) => {
+                    if addrs.contains_key(&m.from) {
+                        node.step(m);
+                    }
+                }
+                Event::Unreachable { peer, .. } => node.report_unreachable(peer),
+                Event::Connected { peer, addr } => pgrx::log!("raft_kv: connected to node {peer} at {addr}"),
+                Event::Disconnected { peer, addr, error } => {
+                    pgrx::log!("raft_kv: lost connection to node {peer} at {addr}: {error}")
+                }
+            }
+        }
+
+        let now = Instant::now();
+        if now >= next_tick {
+            node.tick();
+            next_tick += settings.tick;
+            if next_tick <= now {
+                next_tick = now + settings.tick;
+            }
+        }
+
+        requests::take_new(epoch, &mut taken);
+        for t in taken.drain(..) {
+            seq += 1;
+            let id = RequestId { node: me, nonce, seq };
+            let cmd = match t.op {
+                Op::Set => Command::Put { key: t.key, value: t.value },
+                Op::Delete => Command::Delete { key: t.key },
+            };
+            inflight.insert(id, InFlight { slot: t.slot, gen: t.gen, cmd, deadline: t.deadline, proposed: false });
+            unproposed.push_back(id);
+        }
+        // Requests wait here while no leader is known (elections); they go as soon as one is.
+        while let Some(&id) = unproposed.front() {
+            let Some(f) = inflight.get_mut(&id) else {
+                unproposed.pop_front();
+                continue;
+            };
+            match node.propose(&Proposal { id, cmd: f.cmd.clone() }) {
+                Ok(()) => {
+                    f.proposed = true;
+                    unproposed.pop_front();
+                }
+                Err(_) => break,
+            }
+        }
+
+        node.handle_ready(&mut out).unwrap_or_else(|e| pgrx::error!("raft_kv: storage failure: {e}"));
+        for m in out.messages.drain(..) {
+            let to = m.to;
+            if !transport.send(m) {
+                node.report_unreachable(to);
+            }
+        }
+        for c in out.completed.drain(..) {
+            if let Some(f) = inflight.remove(&c.id) {
+                let (rev, flag) = match c.result {
+                    ApplyResult::Put { revision } => (revision as i64, false),
+                    ApplyResult::Delete { existed } => (c.index as i64, existed),
+                };
+                requests::complete(f.slot, f.gen, Outcome::Ok, rev, flag, "");
+            }
+        }
+        // Superseded proposals certainly did not apply: propose them again while time is left.
+        for id in out.superseded.drain(..) {
+            if inflight.contains_key(&id) {
+                unproposed.push_back(id);
+            }
+        }
+        if out.role_changed {
+            out.role_changed = false;
+            let st = node.status();
+            if (st.role, st.leader_id) != last_role {
+                last_role = (st.role, st.leader_id);
+                pgrx::log!(
+                    "raft_kv: node {me} is {} in term {}; leader is {}",
+                    role_name(st.role),
+                    st.term,
+                    if st.leader_id == 0 { "unknown".to_string() } else { st.leader_id.to_string() }
+                );
+            }
+        }
+
+        let now = Instant::now();
+        inflight.retain(|id, f| {
+            if now < f.deadline {
+                return true;
+            }
+            let queued = unproposed.contains(id);
+            if !f.proposed || queued {
+                requests::complete(
+                    f.slot,
+                    f.gen,
+                    Outcome::NotCommitted,
+                    0,
+                    false,
+                    "no leader accepted the write before raft_kv.apply_timeout",
+                );
+            } else {
+                requests::complete(
+                    f.slot,
+                    f.gen,
+                    Outcome::Unknown,
+                    0,
+                    false,
+                    "the write was proposed but not applied before raft_kv.apply_timeout",
+                );
+            }
+            false
+        });
+        unproposed.retain(|id| inflight.contains_key(id));
+
+        let st = node.status();
+        if published.as_ref() != Some(&st) {
+            publish(&st, &addrs);
+            published = Some(st);
+        }
+    }
+    pgrx::log!("raft_kv: node {me} shutting down");
+    transport.shutdown();
+}
+
+fn rand_nonce() -> u64 {
+    let mut b = [0u8; 8];
+    unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 8, 0) };
+    u64::from_le_bytes(b) ^ (unsafe { pg_sys::MyProcPid } as u64)
+}
+
+fn publish(st: &NodeStatus, addrs: &BTreeMap<u64, SocketAddr>) {
+    let mut sh = SHARED.exclusive();
+    let s = &mut sh.status;
+    s.role.set(role_name(st.role));
+    s.term = st.term;
+    s.leader_id = st.leader_id;
+    s.commit = st.commit;
+    s.applied = st.applied;
+    s.first_index = st.first_index;
+    s.last_index = st.last_index;
+    s.snapshot_index = st.snapshot_index;
+    s.snapshot_term = st.snapshot_term;
+    let n = st.members.len().min(s.members.len());
+    s.n_members = n as u32;
+    for (row, m) in s.members.iter_mut().zip(st.members.iter()) {
+        row.id = m.id;
+        row.addr.set(&addrs.get(&m.id).map(|a| a.to_string()).unwrap_or_default());
+        row.voter = m.voter;
+        row.has_progress = m.matched.is_some();
+        row.matched = m.matched.unwrap_or(0);
+        row.active = m.recent_active.unwrap_or(false);
+    }
+}
