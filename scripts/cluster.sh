@@ -53,7 +53,7 @@ psql_node() { # psql_node I args...
 
 start_node() {
   local i=$1 d="$DIR/node$1"
-  as_pg "$PG_BIN/pg_ctl" -D "$d/data" -l "$d/server.log" -w -t 60 start >/dev/null \
+  as_pg env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE "$PG_BIN/pg_ctl" -D "$d/data" -l "$d/server.log" -w -t 60 start >/dev/null \
     || { tail -n 20 "$d/server.log" >&2; die "node $i did not start"; }
 }
 

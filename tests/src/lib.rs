@@ -1,1 +1,349 @@
+//! A harness for multi-node tests of raft_kv on real PostgreSQL 15 servers.
+//!
+//! `Cluster::start` creates N servers in a temporary directory, each on free loopback ports
+//! with `shared_preload_libraries = 'raft_kv'`, and runs `CREATE EXTENSION raft_kv` on each.
+//! Nodes can be stopped (`pg_ctl -m fast|immediate`), killed (`SIGKILL`), paused (`SIGSTOP`)
+//! and restarted. Dropping the cluster, including during a panic, stops every server and
+//! removes the directory. As root, servers run as the `postgres` user.
 
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use postgres::{Client, Error as PgError, NoTls};
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a command as the postgres user when we are root, as ourselves otherwise.
+fn pg_command(program: &str) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(mut c: Command, what: &str) -> Output {
+    c.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
+    c.output().unwrap_or_else(|e| panic!("{what}: cannot run: {e}"))
+}
+
+fn chown_to_postgres(p: &Path) {
+    if is_root() {
+        let st = Command::new("chown").args(["-R", "postgres:postgres"]).arg(p).status().unwrap();
+        assert!(st.success(), "chown {p:?}");
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One initdb per test process, copied for every node: initdb is the slow part of a start.
+fn template() -> &'static Path {
+    static T: OnceLock<PathBuf> = OnceLock::new();
+    T.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("raft_kv-test-template-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        chown_to_postgres(&dir);
+        let data = dir.join("data");
+        let mut c = pg_command(&format!("{PG_BIN}/initdb"));
+        c.arg("-D").arg(&data).args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"]);
+        let out = run(c, "initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        data
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub id: u64,
+    pub pg_port: u16,
+    pub raft_port: u16,
+}
+
+pub struct Node {
+    pub spec: NodeSpec,
+    pub dir: PathBuf,
+}
+
+impl Node {
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+    pub fn conn_str(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=5", self.spec.pg_port)
+    }
+    pub fn raft_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.spec.raft_port)
+    }
+    /// The postmaster's pid, from postmaster.pid.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let s = fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
+        s.lines().next()?.trim().parse().ok()
+    }
+}
+
+/// How each node's postgresql.conf is extended: given the node and the full peer list.
+pub type ConfFn = Box<dyn Fn(&NodeSpec, &str) -> String>;
+
+pub struct Cluster {
+    pub root: PathBuf,
+    pub nodes: Vec<Node>,
+    /// Lines added to every node's configuration.
+    extra_conf: String,
+}
+
+pub struct Builder {
+    n: usize,
+    extra_conf: String,
+    conf: Option<ConfFn>,
+    create_extension: bool,
+}
+
+impl Builder {
+    /// Adds a line to every node's postgresql.conf.
+    pub fn conf(mut self, line: &str) -> Self {
+        self.extra_conf.push_str(line);
+        self.extra_conf.push('\n');
+        self
+    }
+    /// Replaces the raft_kv lines of each node's configuration.
+    pub fn raft_conf(mut self, f: impl Fn(&NodeSpec, &str) -> String + 'static) -> Self {
+        self.conf = Some(Box::new(f));
+        self
+    }
+    pub fn no_extension(mut self) -> Self {
+        self.create_extension = false;
+        self
+    }
+
+    pub fn start(self) -> Cluster {
+        let root = std::env::temp_dir().join(format!(
+            "raft_kv-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        let specs: Vec<NodeSpec> =
+            (1..=self.n as u64).map(|id| NodeSpec { id, pg_port: free_port(), raft_port: free_port() }).collect();
+        let peers = specs.iter().map(|s| format!("{}=127.0.0.1:{}", s.id, s.raft_port)).collect::<Vec<_>>().join(",");
+        let mut nodes = Vec::new();
+        for spec in &specs {
+            let dir = root.join(format!("node{}", spec.id));
+            fs::create_dir_all(&dir).unwrap();
+            let st = Command::new("cp").arg("-a").arg(template()).arg(dir.join("data")).status().unwrap();
+            assert!(st.success(), "copying the template data directory");
+            let raft = match &self.conf {
+                Some(f) => f(spec, &peers),
+                None => default_raft_conf(spec, &peers),
+            };
+            let mut f = fs::OpenOptions::new().append(true).open(dir.join("data/postgresql.conf")).unwrap();
+            write!(
+                f,
+                "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+                 logging_collector = off\n{}\n{}\n",
+                spec.pg_port,
+                dir.display(),
+                raft,
+                self.extra_conf
+            )
+            .unwrap();
+            nodes.push(Node { spec: spec.clone(), dir });
+        }
+        chown_to_postgres(&root);
+        let c = Cluster { root, nodes, extra_conf: self.extra_conf };
+        for i in 1..=c.nodes.len() {
+            c.start_node(i);
+        }
+        if self.create_extension {
+            for i in 1..=c.nodes.len() {
+                c.client(i).batch_execute("CREATE EXTENSION raft_kv").unwrap();
+            }
+        }
+        c
+    }
+}
+
+static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub fn default_raft_conf(spec: &NodeSpec, peers: &str) -> String {
+    format!(
+        "shared_preload_libraries = 'raft_kv'\nraft_kv.node_id = {}\nraft_kv.listen_addr = '127.0.0.1:{}'\nraft_kv.peers = '{}'\n",
+        spec.id, spec.raft_port, peers
+    )
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Stop {
+    Fast,
+    Immediate,
+}
+
+impl Cluster {
+    pub fn builder(n: usize) -> Builder {
+        Builder { n, extra_conf: String::new(), conf: None, create_extension: true }
+    }
+
+    pub fn start(n: usize) -> Cluster {
+        Self::builder(n).start()
+    }
+
+    /// Node `i` (1-based).
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i - 1]
+    }
+
+    pub fn extra_conf(&self) -> &str {
+        &self.extra_conf
+    }
+
+    pub fn start_node(&self, i: usize) {
+        let n = self.node(i);
+        let mut c = pg_command(&format!("{PG_BIN}/pg_ctl"));
+        c.arg("-D").arg(n.data()).arg("-l").arg(n.log_path()).args(["-w", "-t", "60", "start"]);
+        let out = run(c, "pg_ctl start");
+        assert!(
+            out.status.success(),
+            "node {i} did not start: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            n.log()
+        );
+    }
+
+    pub fn stop_node(&self, i: usize, mode: Stop) {
+        let n = self.node(i);
+        let m = match mode {
+            Stop::Fast => "fast",
+            Stop::Immediate => "immediate",
+        };
+        let mut c = pg_command(&format!("{PG_BIN}/pg_ctl"));
+        c.arg("-D").arg(n.data()).args(["-m", m, "-w", "-t", "60", "stop"]);
+        let out = run(c, "pg_ctl stop");
+        assert!(out.status.success(), "stopping node {i}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Whether node `i`'s server is up (pg_ctl status).
+    pub fn is_running(&self, i: usize) -> bool {
+        let mut c = pg_command(&format!("{PG_BIN}/pg_ctl"));
+        c.arg("-D").arg(self.node(i).data()).arg("status");
+        run(c, "pg_ctl status").status.success()
+    }
+
+    /// Sends a signal to node `i`'s postmaster.
+    pub fn signal(&self, i: usize, sig: i32) {
+        let pid = self.node(i).postmaster_pid().expect("node is running");
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    }
+
+    /// Appends a line to node `i`'s postgresql.conf (takes effect at the next start).
+    pub fn append_conf(&self, i: usize, line: &str) {
+        let p = self.node(i).data().join("postgresql.conf");
+        let mut f = fs::OpenOptions::new().append(true).open(p).unwrap();
+        writeln!(f, "{line}").unwrap();
+    }
+
+    pub fn client(&self, i: usize) -> Client {
+        Client::connect(&self.node(i).conn_str(), NoTls)
+            .unwrap_or_else(|e| panic!("connecting to node {i}: {e}\n{}", self.node(i).log()))
+    }
+
+    pub fn try_client(&self, i: usize) -> Option<Client> {
+        Client::connect(&self.node(i).conn_str(), NoTls).ok()
+    }
+
+    /// (role, term, leader_id) from node `i`'s raft_status(), None when unreachable.
+    pub fn raft_view(&self, i: usize) -> Option<(String, i64, Option<i64>)> {
+        let mut c = self.try_client(i)?;
+        let r = c.query_one("SELECT role, term, leader_id FROM raft_status()", &[]).ok()?;
+        Some((r.get::<_, Option<String>>(0)?, r.get::<_, Option<i64>>(1)?, r.get(2)))
+    }
+
+    /// Waits until every node in `among` agrees on one leader in one term; returns (leader, term).
+    pub fn wait_leader(&self, among: &[usize], timeout: Duration) -> (usize, i64) {
+        wait_for(timeout, "a leader all nodes agree on", || {
+            let views: Vec<_> = among.iter().map(|&i| self.raft_view(i)).collect::<Option<Vec<_>>>()?;
+            let (_, term, leader) = views[0].clone();
+            let leader = leader?;
+            let agree = views.iter().all(|(_, t, l)| *t == term && *l == Some(leader));
+            let leaders = views.iter().filter(|(r, _, _)| r == "leader").count();
+            (agree && leaders == 1 && among.contains(&(leader as usize))).then_some((leader as usize, term))
+        })
+    }
+
+    /// A hash of node `i`'s ordered key-value table.
+    pub fn kv_hash(&self, i: usize) -> (i64, String) {
+        let mut c = self.client(i);
+        let r = c
+            .query_one(
+                "SELECT count(*), coalesce(md5(string_agg(key || '=' || value || '@' || revision, ',' ORDER BY key)), '') \
+                 FROM raft_kv.kv",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    }
+
+    pub fn applied_index(&self, i: usize) -> Option<i64> {
+        self.try_client(i)?.query_one("SELECT applied_index FROM raft_status()", &[]).ok()?.get(0)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 1..=self.nodes.len() {
+            let n = self.node(i);
+            if let Some(pid) = n.postmaster_pid() {
+                // A paused server cannot stop.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                let mut c = pg_command(&format!("{PG_BIN}/pg_ctl"));
+                c.arg("-D").arg(n.data()).args(["-m", "immediate", "-w", "-t", "30", "stop"]);
+                let _ = run(c, "pg_ctl stop");
+            }
+        }
+        if std::env::var_os("RAFT_KV_KEEP_TEST_DIRS").is_none() {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// Removes the per-process template data directory; call from a test binary's last test or
+/// rely on `scripts/test.sh`, which removes `raft_kv-test-template-*` after the run.
+pub fn remove_template() {
+    if let Some(t) = template().parent() {
+        let _ = fs::remove_dir_all(t);
+    }
+}
