@@ -124,8 +124,17 @@ fn raft_delete(key: Option<&str>) -> bool {
 fn raft_get(key: Option<&str>) -> Option<String> {
     require_preload();
     let key = check_key(key);
-    Spi::get_one_with_args::<String>("SELECT value FROM raft_kv.kv WHERE key = $1", &[key.into()])
-        .unwrap_or_else(|e| raise(Code::ERRCODE_INTERNAL_ERROR, format!("raft_kv: reading the key failed: {e}"), None, None))
+    Spi::connect(|c| {
+        let t = c.select("SELECT value FROM raft_kv.kv WHERE key = $1", Some(1), &[key.into()])?;
+        if t.is_empty() {
+            Ok(None)
+        } else {
+            t.first().get::<String>(1)
+        }
+    })
+    .unwrap_or_else(|e: pgrx::spi::SpiError| {
+        raise(Code::ERRCODE_INTERNAL_ERROR, format!("raft_kv: reading the key failed: {e}"), None, None)
+    })
 }
 
 fn nonzero(v: u64) -> Option<i64> {
