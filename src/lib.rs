@@ -94,6 +94,52 @@ mod tests {
         assert_eq!(id, Some(1));
     }
 
+    /// A scratch copy of the extension's tables, without the guard triggers.
+    fn scratch_schema() {
+        Spi::run(
+            "CREATE SCHEMA contract;
+             CREATE TABLE contract.log (LIKE raft_kv.log INCLUDING ALL);
+             CREATE TABLE contract.state (LIKE raft_kv.state INCLUDING ALL);
+             INSERT INTO contract.state (id) VALUES (1);
+             CREATE TABLE contract.kv (LIKE raft_kv.kv INCLUDING ALL);",
+        )
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn table_backend_meets_the_storage_contract() {
+        scratch_schema();
+        raft_kv_core::storage::contract::check(crate::storage::PgBackend::new("contract"), 64 << 20);
+    }
+
+    #[pg_test]
+    fn table_backend_cold_reads() {
+        scratch_schema();
+        raft_kv_core::storage::contract::check(crate::storage::PgBackend::new("contract"), 1);
+    }
+
+    #[pg_test]
+    fn table_backend_replays_like_memory() {
+        use raft_kv_core::storage::{contract, MemBackend};
+        scratch_schema();
+        let log = contract::sample_log(60);
+        let mut mem = MemBackend::new();
+        let expected = contract::apply_log(&mut mem, &log, 60);
+        let mut pg = crate::storage::PgBackend::new("contract");
+        assert_eq!(contract::apply_log(&mut pg, &log, 7), expected);
+        let rows: Vec<(String, String, i64)> = Spi::connect(|c| {
+            c.select("SELECT key, value, revision FROM contract.kv ORDER BY key", None, &[])
+                .unwrap()
+                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap(), r.get(3).unwrap().unwrap()))
+                .collect()
+        });
+        let want: Vec<(String, String, i64)> =
+            mem.kv().into_iter().map(|(k, (v, r))| (k, v, r as i64)).collect();
+        assert_eq!(rows, want);
+        let applied = Spi::get_one::<i64>("SELECT applied_index FROM contract.state").unwrap();
+        assert_eq!(applied, Some(60));
+    }
+
     #[pg_test(error = "raft_kv key must not be NULL")]
     fn null_key_is_rejected() {
         Spi::run("SELECT raft_get(NULL)").unwrap();

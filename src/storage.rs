@@ -13,10 +13,30 @@ use raft_kv_core::command::ApplyResult;
 use raft_kv_core::eraftpb::{Entry, EntryType};
 use raft_kv_core::state_machine::decode_snapshot_data;
 use raft_kv_core::storage::{
-    decode_conf_state, encode_conf_state, Backend, KvOp, PersistedState, StoreError, StoreResult, WriteBatch,
+    decode_conf_state, encode_conf_state, Backend, KvOp, PersistedState, StoreError, StoreResult,
+    WriteBatch,
 };
 
-pub struct PgBackend;
+/// The Raft backend over the tables of one schema (`raft_kv` in production; tests point it at
+/// a scratch copy).
+pub struct PgBackend {
+    schema: &'static str,
+}
+
+impl PgBackend {
+    pub fn new(schema: &'static str) -> Self {
+        PgBackend { schema }
+    }
+
+    /// `sql` with every `raft_kv.` table reference pointed at this backend's schema.
+    fn q(&self, sql: &str) -> String {
+        if self.schema == "raft_kv" {
+            sql.to_string()
+        } else {
+            sql.replace("raft_kv.", &format!("{}.", self.schema))
+        }
+    }
+}
 
 fn spi_err(e: SpiError) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -53,9 +73,11 @@ impl Backend for PgBackend {
             Spi::connect(|c| {
                 let t = c
                     .select(
-                        "SELECT term, vote, commit_index, applied_index, conf_state, snapshot_index, snapshot_term, \
-                         COALESCE((SELECT max(idx) FROM raft_kv.log), snapshot_index) \
-                         FROM raft_kv.state WHERE id = 1",
+                        &self.q(
+                            "SELECT term, vote, commit_index, applied_index, conf_state, snapshot_index, snapshot_term, \
+                             COALESCE((SELECT max(idx) FROM raft_kv.log), snapshot_index) \
+                             FROM raft_kv.state WHERE id = 1",
+                        ),
                         None,
                         &[],
                     )
@@ -64,7 +86,11 @@ impl Backend for PgBackend {
                     return Err(StoreError::Corrupt("raft_kv.state has no row".into()));
                 }
                 let t = t.first();
-                let g = |i| t.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+                let g = |i| {
+                    t.get::<i64>(i)
+                        .map_err(spi_err)
+                        .map(|v| v.unwrap_or(0) as u64)
+                };
                 let mut st = PersistedState::default();
                 st.hard_state.term = g(1)?;
                 st.hard_state.vote = g(2)?;
@@ -85,8 +111,8 @@ impl Backend for PgBackend {
             Spi::connect(|c| {
                 let t = c
                     .select(
-                        "SELECT idx, term, kind, data, context FROM raft_kv.log \
-                         WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                        &self.q("SELECT idx, term, kind, data, context FROM raft_kv.log \
+                             WHERE idx >= $1 AND idx < $2 ORDER BY idx"),
                         None,
                         &[(lo as i64).into(), (hi as i64).into()],
                     )
@@ -97,12 +123,22 @@ impl Backend for PgBackend {
                     e.index = row.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64;
                     e.term = row.get::<i64>(2).map_err(spi_err)?.unwrap_or(0) as u64;
                     e.set_entry_type(entry_type(row.get::<i16>(3).map_err(spi_err)?.unwrap_or(0)));
-                    e.data = row.get::<Vec<u8>>(4).map_err(spi_err)?.unwrap_or_default().into();
-                    e.context = row.get::<Vec<u8>>(5).map_err(spi_err)?.unwrap_or_default().into();
+                    e.data = row
+                        .get::<Vec<u8>>(4)
+                        .map_err(spi_err)?
+                        .unwrap_or_default()
+                        .into();
+                    e.context = row
+                        .get::<Vec<u8>>(5)
+                        .map_err(spi_err)?
+                        .unwrap_or_default()
+                        .into();
                     out.push(e);
                 }
                 if out.len() as u64 != hi - lo {
-                    return Err(StoreError::Corrupt(format!("log entries {lo}..{hi} are missing")));
+                    return Err(StoreError::Corrupt(format!(
+                        "log entries {lo}..{hi} are missing"
+                    )));
                 }
                 Ok(out)
             })
@@ -114,7 +150,7 @@ impl Backend for PgBackend {
             Spi::connect(|c| {
                 let t = c
                     .select(
-                        "SELECT term FROM raft_kv.log WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                        &self.q("SELECT term FROM raft_kv.log WHERE idx >= $1 AND idx < $2 ORDER BY idx"),
                         None,
                         &[(lo as i64).into(), (hi as i64).into()],
                     )
@@ -129,43 +165,52 @@ impl Backend for PgBackend {
     }
 
     fn write(&mut self, b: &WriteBatch) -> StoreResult<Vec<ApplyResult>> {
-        in_txn(|| Spi::connect_mut(|c| write_batch(c, b)))
+        in_txn(|| Spi::connect_mut(|c| write_batch(c, b, &|sql| self.q(sql))))
     }
 }
 
-fn write_batch(c: &mut pgrx::spi::SpiClient<'_>, b: &WriteBatch) -> StoreResult<Vec<ApplyResult>> {
+fn write_batch(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    b: &WriteBatch,
+    q: &dyn Fn(&str) -> String,
+) -> StoreResult<Vec<ApplyResult>> {
     if let Some(snap) = &b.snapshot {
         let m = snap.get_metadata();
-        let kv = decode_snapshot_data(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        c.update("DELETE FROM raft_kv.log", None, &[]).map_err(spi_err)?;
-        c.update("DELETE FROM raft_kv.kv", None, &[]).map_err(spi_err)?;
+        let kv = decode_snapshot_data(snap.get_data())
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        c.update(&q("DELETE FROM raft_kv.log"), None, &[])
+            .map_err(spi_err)?;
+        c.update(&q("DELETE FROM raft_kv.kv"), None, &[])
+            .map_err(spi_err)?;
         for (k, (v, rev)) in kv {
             c.update(
-                "INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3)",
+                &q("INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3)"),
                 None,
                 &[k.into(), v.into(), (rev as i64).into()],
             )
             .map_err(spi_err)?;
         }
-        c.update(
-            "UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2, conf_state = $3, \
-             applied_index = $1, commit_index = greatest(commit_index, $1) WHERE id = 1",
+        c.update(&q("UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2, conf_state = $3, \
+             applied_index = $1, commit_index = greatest(commit_index, $1) WHERE id = 1"),
             None,
             &[(m.index as i64).into(), (m.term as i64).into(), encode_conf_state(m.get_conf_state()).into()],
         )
         .map_err(spi_err)?;
     }
     if let Some(first) = b.entries.first() {
-        c.update("DELETE FROM raft_kv.log WHERE idx >= $1", None, &[(first.index as i64).into()])
-            .map_err(spi_err)?;
+        c.update(
+            &q("DELETE FROM raft_kv.log WHERE idx >= $1"),
+            None,
+            &[(first.index as i64).into()],
+        )
+        .map_err(spi_err)?;
         let idx: Vec<i64> = b.entries.iter().map(|e| e.index as i64).collect();
         let term: Vec<i64> = b.entries.iter().map(|e| e.term as i64).collect();
         let kind: Vec<i16> = b.entries.iter().map(kind_of).collect();
         let data: Vec<Vec<u8>> = b.entries.iter().map(|e| e.data.to_vec()).collect();
         let ctx: Vec<Vec<u8>> = b.entries.iter().map(|e| e.context.to_vec()).collect();
-        c.update(
-            "INSERT INTO raft_kv.log (idx, term, kind, data, context) \
-             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bytea[], $5::bytea[])",
+        c.update(&q("INSERT INTO raft_kv.log (idx, term, kind, data, context) \
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bytea[], $5::bytea[])"),
             None,
             &[idx.into(), term.into(), kind.into(), data.into(), ctx.into()],
         )
@@ -173,9 +218,13 @@ fn write_batch(c: &mut pgrx::spi::SpiClient<'_>, b: &WriteBatch) -> StoreResult<
     }
     if let Some(hs) = &b.hard_state {
         c.update(
-            "UPDATE raft_kv.state SET term = $1, vote = $2, commit_index = $3 WHERE id = 1",
+            &q("UPDATE raft_kv.state SET term = $1, vote = $2, commit_index = $3 WHERE id = 1"),
             None,
-            &[(hs.term as i64).into(), (hs.vote as i64).into(), (hs.commit as i64).into()],
+            &[
+                (hs.term as i64).into(),
+                (hs.vote as i64).into(),
+                (hs.commit as i64).into(),
+            ],
         )
         .map_err(spi_err)?;
     }
@@ -183,9 +232,8 @@ fn write_batch(c: &mut pgrx::spi::SpiClient<'_>, b: &WriteBatch) -> StoreResult<
     for op in &b.ops {
         results.push(match op {
             KvOp::Put { key, value, revision } => {
-                c.update(
-                    "INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3) \
-                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision",
+                c.update(&q("INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3) \
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision"),
                     None,
                     &[key.as_str().into(), value.as_str().into(), (*revision as i64).into()],
                 )
@@ -194,7 +242,7 @@ fn write_batch(c: &mut pgrx::spi::SpiClient<'_>, b: &WriteBatch) -> StoreResult<
             }
             KvOp::Delete { key } => {
                 let t = c
-                    .update("DELETE FROM raft_kv.kv WHERE key = $1", None, &[key.as_str().into()])
+                    .update(&q("DELETE FROM raft_kv.kv WHERE key = $1"), None, &[key.as_str().into()])
                     .map_err(spi_err)?;
                 ApplyResult::Delete { existed: t.len() > 0 }
             }
@@ -203,8 +251,10 @@ fn write_batch(c: &mut pgrx::spi::SpiClient<'_>, b: &WriteBatch) -> StoreResult<
     if b.applied.is_some() || b.conf_state.is_some() {
         let cs = b.conf_state.as_ref().map(encode_conf_state);
         c.update(
-            "UPDATE raft_kv.state SET applied_index = coalesce($1, applied_index), \
+            &q(
+                "UPDATE raft_kv.state SET applied_index = coalesce($1, applied_index), \
              conf_state = coalesce($2, conf_state) WHERE id = 1",
+            ),
             None,
             &[b.applied.map(|a| a as i64).into(), cs.into()],
         )

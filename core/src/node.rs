@@ -118,7 +118,12 @@ pub struct Node<B: Backend> {
 impl<B: Backend> Node<B> {
     /// Opens the node on its durable state. A blank node whose id is in `bootstrap_voters`
     /// first writes the bootstrap snapshot; a blank node outside it waits to be contacted.
-    pub fn open(backend: B, opts: &NodeOptions, bootstrap_voters: &[u64], logger: &Logger) -> Result<Self, NodeError> {
+    pub fn open(
+        backend: B,
+        opts: &NodeOptions,
+        bootstrap_voters: &[u64],
+        logger: &Logger,
+    ) -> Result<Self, NodeError> {
         let storage = RaftStorage::open(backend, opts.cache_bytes)?;
         let blank = storage.last() == 0 && {
             let cs = storage.conf_state();
@@ -155,7 +160,11 @@ impl<B: Backend> Node<B> {
         };
         let raw = RawNode::new(&cfg, storage, logger)?;
         let last_soft = (raw.raft.state, raw.raft.leader_id, raw.raft.term);
-        Ok(Node { raw, appended: HashMap::new(), last_soft })
+        Ok(Node {
+            raw,
+            appended: HashMap::new(),
+            last_soft,
+        })
     }
 
     pub fn id(&self) -> u64 {
@@ -187,7 +196,9 @@ impl<B: Backend> Node<B> {
             return Err(ProposeError::NoLeader);
         }
         let before = self.raw.raft.raft_log.last_index();
-        self.raw.propose(Vec::new(), p.encode()).map_err(|_| ProposeError::Dropped)?;
+        self.raw
+            .propose(Vec::new(), p.encode())
+            .map_err(|_| ProposeError::Dropped)?;
         if self.is_leader() {
             let idx = self.raw.raft.raft_log.last_index();
             if idx > before {
@@ -239,7 +250,11 @@ impl<B: Backend> Node<B> {
             self.write_and_apply(batch, &committed, out)?;
             self.raw.advance_apply();
         }
-        let soft = (self.raw.raft.state, self.raw.raft.leader_id, self.raw.raft.term);
+        let soft = (
+            self.raw.raft.state,
+            self.raw.raft.leader_id,
+            self.raw.raft.term,
+        );
         if soft != self.last_soft {
             self.last_soft = soft;
             out.role_changed = true;
@@ -278,7 +293,11 @@ impl<B: Backend> Node<B> {
             let applied_id = match plan {
                 Planned::Kv { id, op_index } => {
                     if id.node == me {
-                        out.completed.push(Completion { id, index, result: results[op_index] });
+                        out.completed.push(Completion {
+                            id,
+                            index,
+                            result: results[op_index],
+                        });
                     }
                     Some(id)
                 }
@@ -318,7 +337,13 @@ impl<B: Backend> Node<B> {
                 members.push(MemberStatus {
                     id,
                     voter,
-                    matched: pr.map(|p| if id == r.id { r.raft_log.last_index() } else { p.matched }),
+                    matched: pr.map(|p| {
+                        if id == r.id {
+                            r.raft_log.last_index()
+                        } else {
+                            p.matched
+                        }
+                    }),
                     recent_active: pr.map(|p| id == r.id || p.recent_active),
                 });
             }

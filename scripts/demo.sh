@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The raft_kv tour: installs what is missing, builds and installs the extension, starts a
+# local 3-node cluster and shows it working: replication, leader failover, rejoin.
+# The cluster keeps running afterwards; stop it with: scripts/cluster.sh down
+set -euo pipefail
+cd "$(dirname "$0")/.."
+unset RUST_BACKTRACE RUST_LIB_BACKTRACE
+
+scripts/setup.sh
+
+cluster=scripts/cluster.sh
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+sql() { local i=$1; shift; $cluster psql "$i" -Atq -c "$*"; }
+
+step "Start three PostgreSQL servers, each a raft_kv node"
+$cluster down >/dev/null 2>&1 || true
+$cluster up 3
+
+leader_of() { sql "$1" "SELECT coalesce(leader_id, 0) FROM raft_status()" 2>/dev/null || echo 0; }
+wait_leader() { # wait_leader NODE...: prints the leader, one of NODE..., that all of them follow
+  for _ in $(seq 1 100); do
+    local l first="" same=1
+    for i in "$@"; do
+      l=$(leader_of "$i"); [ -z "$first" ] && first=$l; [ "$l" = "$first" ] || same=0
+    done
+    if [ "$same" = 1 ] && [[ " $* " == *" $first "* ]]; then echo "$first"; return; fi
+    sleep 0.1
+  done
+  echo "no leader elected" >&2; exit 1
+}
+
+leader=$(wait_leader 1 2 3)
+step "raft_status() on every node (node $leader was elected leader)"
+for i in 1 2 3; do
+  $cluster psql "$i" -q -c "SELECT node_id, state, role, term, leader_id, commit_index, applied_index, voters FROM raft_status()"
+done
+
+step "Write on node 1, read on nodes 2 and 3"
+echo "node 1: raft_set('config/mode', 'active') -> revision $(sql 1 "SELECT raft_set('config/mode', 'active')")"
+for i in 2 3; do echo "node $i: raft_get('config/mode') = $(sql "$i" "SELECT raft_get('config/mode')")"; done
+
+step "Kill the leader (node $leader) with pg_ctl -m immediate"
+$cluster kill "$leader"
+others=$(for i in 1 2 3; do [ "$i" = "$leader" ] || echo "$i"; done | tr '\n' ' ')
+start=$(date +%s%N)
+new=$(wait_leader $others)
+echo "node $new is the new leader after $(( ($(date +%s%N) - start) / 1000000 )) ms"
+for i in $others; do
+  $cluster psql "$i" -q -c "SELECT node_id, role, term, leader_id FROM raft_status()"
+done
+
+step "Write and read again with one node down"
+a=${others%% *}; b=${others#* }; b=${b%% }
+echo "node $a: raft_set('config/mode', 'degraded') -> revision $(sql "$a" "SELECT raft_set('config/mode', 'degraded')")"
+echo "node $b: raft_get('config/mode') = $(sql "$b" "SELECT raft_get('config/mode')")"
+
+step "Restart the old leader (node $leader): it rejoins as a follower and catches up"
+$cluster start "$leader"
+wait_leader 1 2 3 >/dev/null
+for _ in $(seq 1 50); do
+  [ "$(sql "$leader" "SELECT raft_get('config/mode')")" = degraded ] && break
+  sleep 0.1
+done
+echo "node $leader: raft_get('config/mode') = $(sql "$leader" "SELECT raft_get('config/mode')")"
+$cluster status
+
+step "Done. The cluster is still running:"
+$cluster info
+echo "  scripts/cluster.sh psql 1     # a psql prompt on node 1"
+echo "  scripts/cluster.sh down       # stop it and remove its data"

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Every raft_kv test: unit tests of the pure core, `cargo pgrx test pg15` inside one
+# PostgreSQL, and the multi-node tests on real local clusters. Installs what is missing first.
+# Exits non-zero if any test fails; ends with each runner's summary line.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+# Backtraces in server processes would be appended to every SQL error's DETAIL.
+unset RUST_BACKTRACE RUST_LIB_BACKTRACE
+
+scripts/setup.sh --no-install || { echo "setup failed" >&2; exit 1; }
+
+log=$(mktemp -d)
+trap 'rm -rf "$log"' EXIT
+failed=0
+summary=()
+
+stage() { # stage NAME command...
+  local name=$1; shift
+  echo "==> $name"
+  "$@" 2>&1 | tee "$log/$name.out"
+  local rc=${PIPESTATUS[0]}
+  local lines
+  lines=$(grep -E '^test result:' "$log/$name.out" | sed "s/^/$name: /")
+  [ -n "$lines" ] && summary+=("$lines")
+  if [ "$rc" -ne 0 ]; then
+    failed=1
+    summary+=("$name: FAILED (exit $rc)")
+  fi
+}
+
+stage core cargo test -p raft_kv_core
+
+pgdata=$(mktemp -d /tmp/raft_kv-pgrx-XXXXXX)
+if [ "$(id -u)" = 0 ]; then
+  chown postgres: "$pgdata"
+  stage pgrx cargo pgrx test pg15 --runas postgres --pgdata "$pgdata"
+else
+  stage pgrx cargo pgrx test pg15 --pgdata "$pgdata"
+fi
+rm -rf "$pgdata"
+
+# `cargo pgrx test` installed its test build; the cluster tests run the release build.
+stage install scripts/setup.sh
+stage cluster cargo test -p raft_kv_tests -- --test-threads=1
+
+# Nothing may outlive the tests: no server, no data directory.
+rm -rf /tmp/raft_kv-test-template-*
+if pgrep -f 'raft_kv-test-' >/dev/null; then
+  summary+=("leftovers: FAILED (servers still running: $(pgrep -f 'raft_kv-test-' | tr '\n' ' '))")
+  failed=1
+fi
+if ls -d /tmp/raft_kv-test-* >/dev/null 2>&1; then
+  summary+=("leftovers: FAILED (directories left: $(ls -d /tmp/raft_kv-test-* | tr '\n' ' '))")
+  failed=1
+fi
+
+echo
+echo "==> summary"
+printf '%s\n' "${summary[@]}"
+exit $failed
