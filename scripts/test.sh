@@ -21,7 +21,7 @@ stage() { # stage NAME command...
   "$@" 2>&1 | tee "$log/$name.out"
   local rc=${PIPESTATUS[0]}
   local lines
-  lines=$(grep -E '^test result:' "$log/$name.out" | sed "s/^/$name: /")
+  lines=$(grep -E '^test result:' "$log/$name.out" | grep -v ' 0 passed; 0 failed' | sed "s/^/$name: /")
   [ -n "$lines" ] && summary+=("$lines")
   if [ "$rc" -ne 0 ]; then
     failed=1
@@ -29,7 +29,7 @@ stage() { # stage NAME command...
   fi
 }
 
-stage core cargo test -p raft_kv_core
+stage core cargo test -p raft_kv_core --lib --tests
 
 pgdata=$(mktemp -d /tmp/raft_kv-pgrx-XXXXXX)
 if [ "$(id -u)" = 0 ]; then
@@ -42,7 +42,7 @@ rm -rf "$pgdata"
 
 # `cargo pgrx test` installed its test build; the cluster tests run the release build.
 stage install scripts/setup.sh
-stage cluster cargo test -p raft_kv_tests -- --test-threads=1
+stage cluster cargo test -p raft_kv_tests --test '*' -- --test-threads=1
 
 # Nothing may outlive the tests: no server, no data directory.
 rm -rf /tmp/raft_kv-test-template-*
@@ -55,7 +55,13 @@ if ls -d /tmp/raft_kv-test-* >/dev/null 2>&1; then
   failed=1
 fi
 
+read -r passed failures < <(cat "$log"/*.out | awk '/^test result:/ {
+  for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+  END { print p + 0, f + 0 }')
+[ "$failed" = 1 ] && [ "${failures:-0}" = 0 ] && failures=1
+
 echo
 echo "==> summary"
 printf '%s\n' "${summary[@]}"
+echo "total: ${passed:-0} passed, ${failures:-0} failed"
 exit $failed
