@@ -6,6 +6,8 @@
 pub mod command;
 pub mod config;
 pub mod node;
+#[doc(hidden)]
+pub mod sim;
 pub mod state_machine;
 pub mod storage;
 pub mod transport;

@@ -208,6 +208,21 @@ impl<B: Backend> Node<B> {
         Ok(())
     }
 
+    /// For the simulation: raft-rs draws election timeouts from a thread-local RNG, so a
+    /// deterministic run replaces each fresh draw with its own.
+    #[doc(hidden)]
+    pub fn election_timer_just_reset(&self) -> bool {
+        self.raw.raft.election_elapsed == 0
+    }
+
+    #[doc(hidden)]
+    pub fn set_election_timeout(&mut self, pick: impl FnOnce(usize, usize) -> usize) {
+        // Config leaves min/max at their defaults: [election_tick, 2 * election_tick).
+        let lo = self.raw.raft.election_timeout();
+        let hi = 2 * lo;
+        self.raw.raft.set_randomized_election_timeout(pick(lo, hi));
+    }
+
     pub fn report_unreachable(&mut self, id: u64) {
         self.raw.report_unreachable(id);
     }

@@ -376,13 +376,23 @@ pub struct MemState {
     pub kv: BTreeMap<String, (String, u64)>,
 }
 
+/// Bugs the simulation can inject into [`MemBackend`] to show it would catch them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InjectedBug {
+    #[default]
+    None,
+    /// Never persist the hard state (term, vote, commit).
+    SkipHardState,
+    /// Persist the hard state without the vote.
+    ForgetVote,
+}
+
 /// In-memory [`Backend`]; every `write` is atomic and durable (for the process's lifetime).
 #[derive(Debug, Clone, Default)]
 pub struct MemBackend {
     pub inner: Arc<Mutex<MemState>>,
-    /// Test hook: when set, the hard state in a batch is not persisted (a deliberately
-    /// injected bug the simulation must catch).
-    pub skip_hard_state: bool,
+    /// Test hook: a deliberately injected durability bug the simulation must catch.
+    pub bug: InjectedBug,
 }
 
 impl MemBackend {
@@ -434,8 +444,13 @@ impl Backend for MemBackend {
             s.state.last_index = b.entries.last().unwrap().index;
         }
         if let Some(hs) = &b.hard_state {
-            if !self.skip_hard_state {
-                s.state.hard_state = hs.clone();
+            match self.bug {
+                InjectedBug::None => s.state.hard_state = hs.clone(),
+                InjectedBug::SkipHardState => {}
+                InjectedBug::ForgetVote => {
+                    s.state.hard_state = hs.clone();
+                    s.state.hard_state.vote = 0;
+                }
             }
         }
         let mut out = Vec::with_capacity(b.ops.len());
@@ -571,11 +586,25 @@ pub mod contract {
                 e.term = 1;
                 let cmd = match i % 7 {
                     0 => None,
-                    3 | 5 => Some(Command::Delete { key: format!("k{}", i % 5) }),
-                    _ => Some(Command::Put { key: format!("k{}", i % 5), value: format!("v{i}") }),
+                    3 | 5 => Some(Command::Delete {
+                        key: format!("k{}", i % 5),
+                    }),
+                    _ => Some(Command::Put {
+                        key: format!("k{}", i % 5),
+                        value: format!("v{i}"),
+                    }),
                 };
                 if let Some(cmd) = cmd {
-                    e.data = Proposal { id: RequestId { node: 1, nonce: 1, seq: i }, cmd }.encode().into();
+                    e.data = Proposal {
+                        id: RequestId {
+                            node: 1,
+                            nonce: 1,
+                            seq: i,
+                        },
+                        cmd,
+                    }
+                    .encode()
+                    .into();
                 }
                 e
             })
@@ -591,7 +620,14 @@ pub mod contract {
                 crate::state_machine::plan(e, &mut ops);
             }
             let applied = part.last().map(|e| e.index);
-            results.extend(b.write(&WriteBatch { ops, applied, ..Default::default() }).unwrap());
+            results.extend(
+                b.write(&WriteBatch {
+                    ops,
+                    applied,
+                    ..Default::default()
+                })
+                .unwrap(),
+            );
         }
         results
     }
