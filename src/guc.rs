@@ -8,8 +8,7 @@ use pgrx::pg_sys;
 pub static NODE_ID: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static LISTEN_ADDR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static PEERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-pub static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static TICK_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static ELECTION_TICKS: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static HEARTBEAT_TICKS: GucSetting<i32> = GucSetting::<i32>::new(2);

@@ -109,10 +109,7 @@ mod tests {
     #[pg_test]
     fn table_backend_meets_the_storage_contract() {
         scratch_schema();
-        raft_kv_core::storage::contract::check(
-            crate::storage::PgBackend::new("contract"),
-            64 << 20,
-        );
+        raft_kv_core::storage::contract::check(crate::storage::PgBackend::new("contract"), 64 << 20);
     }
 
     #[pg_test]
@@ -131,26 +128,12 @@ mod tests {
         let mut pg = crate::storage::PgBackend::new("contract");
         assert_eq!(contract::apply_log(&mut pg, &log, 7), expected);
         let rows: Vec<(String, String, i64)> = Spi::connect(|c| {
-            c.select(
-                "SELECT key, value, revision FROM contract.kv ORDER BY key",
-                None,
-                &[],
-            )
-            .unwrap()
-            .map(|r| {
-                (
-                    r.get(1).unwrap().unwrap(),
-                    r.get(2).unwrap().unwrap(),
-                    r.get(3).unwrap().unwrap(),
-                )
-            })
-            .collect()
+            c.select("SELECT key, value, revision FROM contract.kv ORDER BY key", None, &[])
+                .unwrap()
+                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap(), r.get(3).unwrap().unwrap()))
+                .collect()
         });
-        let want: Vec<(String, String, i64)> = mem
-            .kv()
-            .into_iter()
-            .map(|(k, (v, r))| (k, v, r as i64))
-            .collect();
+        let want: Vec<(String, String, i64)> = mem.kv().into_iter().map(|(k, (v, r))| (k, v, r as i64)).collect();
         assert_eq!(rows, want);
         let applied = Spi::get_one::<i64>("SELECT applied_index FROM contract.state").unwrap();
         assert_eq!(applied, Some(60));

@@ -52,11 +52,7 @@ pub fn submit(op: Op, key: &str, value: &str) -> Result<Reply, RequestError> {
         let mut sh = SHARED.exclusive();
         if !sh.status.running {
             Err(RequestError::NotRunning(sh.status.state.get()))
-        } else if let Some(idx) = sh
-            .slots
-            .iter()
-            .position(|s| s.state == SlotState::Free as u8)
-        {
+        } else if let Some(idx) = sh.slots.iter().position(|s| s.state == SlotState::Free as u8) {
             let gen = sh.next_gen;
             sh.next_gen += 1;
             let epoch = sh.status.epoch;
@@ -88,11 +84,8 @@ pub fn submit(op: Op, key: &str, value: &str) -> Result<Reply, RequestError> {
         Err(e) => Err(e),
         Ok((idx, gen, epoch, worker)) => {
             shmem::wake_proc(worker);
-            let deadline =
-                Instant::now() + Duration::from_millis(timeout_ms as u64) + VERDICT_GRACE;
-            PgTryBuilder::new(|| wait(idx, gen, epoch, deadline))
-                .finally(|| release(idx, gen))
-                .execute()
+            let deadline = Instant::now() + Duration::from_millis(timeout_ms as u64) + VERDICT_GRACE;
+            PgTryBuilder::new(|| wait(idx, gen, epoch, deadline)).finally(|| release(idx, gen)).execute()
         }
     };
     if !seg.is_null() {
@@ -109,10 +102,7 @@ fn wait(idx: usize, gen: u64, epoch: u64, deadline: Instant) -> Result<Reply, Re
             if s.gen == gen && s.state == SlotState::Done as u8 {
                 let msg = s.message.get();
                 return match s.outcome {
-                    x if x == Outcome::Ok as u8 => Ok(Reply {
-                        revision: s.revision,
-                        flag: s.flag,
-                    }),
+                    x if x == Outcome::Ok as u8 => Ok(Reply { revision: s.revision, flag: s.flag }),
                     x if x == Outcome::NotCommitted as u8 => Err(RequestError::NotCommitted(msg)),
                     _ => Err(RequestError::Unknown(msg)),
                 };
@@ -125,9 +115,7 @@ fn wait(idx: usize, gen: u64, epoch: u64, deadline: Instant) -> Result<Reply, Re
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(RequestError::Unknown(
-                "the raft_kv worker did not answer in time".into(),
-            ));
+            return Err(RequestError::Unknown("the raft_kv worker did not answer in time".into()));
         }
         unsafe {
             pg_sys::WaitLatch(
@@ -176,13 +164,7 @@ pub fn take_new(epoch: u64, out: &mut Vec<Taken>) {
             continue;
         }
         if s.epoch != epoch {
-            finish(
-                s,
-                Outcome::NotCommitted,
-                0,
-                false,
-                "the raft_kv worker restarted before taking the request",
-            );
+            finish(s, Outcome::NotCommitted, 0, false, "the raft_kv worker restarted before taking the request");
             continue;
         }
         let Some((key, value)) = read_payload(s) else {
@@ -190,11 +172,7 @@ pub fn take_new(epoch: u64, out: &mut Vec<Taken>) {
             s.state = SlotState::Free as u8;
             continue;
         };
-        let op = if s.op == Op::Delete as u8 {
-            Op::Delete
-        } else {
-            Op::Set
-        };
+        let op = if s.op == Op::Delete as u8 { Op::Delete } else { Op::Set };
         s.state = SlotState::Taken as u8;
         out.push(Taken {
             slot: idx,

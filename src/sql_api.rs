@@ -36,28 +36,15 @@ fn raise(code: Code, message: String, detail: Option<&str>, hint: Option<&str>) 
 
 fn check_key(key: Option<&str>) -> &str {
     let Some(key) = key else {
-        raise(
-            Code::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            "raft_kv key must not be NULL".into(),
-            None,
-            None,
-        )
+        raise(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "raft_kv key must not be NULL".into(), None, None)
     };
     if key.is_empty() {
-        raise(
-            Code::ERRCODE_INVALID_PARAMETER_VALUE,
-            "raft_kv key must not be empty".into(),
-            None,
-            None,
-        )
+        raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, "raft_kv key must not be empty".into(), None, None)
     }
     if key.len() > MAX_KEY_BYTES {
         raise(
             Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            format!(
-                "raft_kv key is {} bytes, over the limit of {MAX_KEY_BYTES} bytes",
-                key.len()
-            ),
+            format!("raft_kv key is {} bytes, over the limit of {MAX_KEY_BYTES} bytes", key.len()),
             None,
             None,
         )
@@ -78,10 +65,7 @@ fn check_value(value: Option<&str>) -> &str {
     if value.len() > max {
         raise(
             Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            format!(
-                "raft_kv value is {} bytes, over raft_kv.max_value_bytes ({max} bytes)",
-                value.len()
-            ),
+            format!("raft_kv value is {} bytes, over raft_kv.max_value_bytes ({max} bytes)", value.len()),
             None,
             None,
         )
@@ -141,11 +125,7 @@ fn raft_get(key: Option<&str>) -> Option<String> {
     require_preload();
     let key = check_key(key);
     Spi::connect(|c| {
-        let t = c.select(
-            "SELECT value FROM raft_kv.kv WHERE key = $1",
-            Some(1),
-            &[key.into()],
-        )?;
+        let t = c.select("SELECT value FROM raft_kv.kv WHERE key = $1", Some(1), &[key.into()])?;
         if t.is_empty() {
             Ok(None)
         } else {
@@ -153,12 +133,7 @@ fn raft_get(key: Option<&str>) -> Option<String> {
         }
     })
     .unwrap_or_else(|e: pgrx::spi::SpiError| {
-        raise(
-            Code::ERRCODE_INTERNAL_ERROR,
-            format!("raft_kv: reading the key failed: {e}"),
-            None,
-            None,
-        )
+        raise(Code::ERRCODE_INTERNAL_ERROR, format!("raft_kv: reading the key failed: {e}"), None, None)
     })
 }
 
@@ -193,11 +168,7 @@ fn raft_status() -> TableIterator<
     let s = &sh.status;
     let has_node = !s.role.get().is_empty();
     let raft = |v: u64| has_node.then_some(v as i64);
-    let voters: Vec<i64> = s.members[..s.n_members as usize]
-        .iter()
-        .filter(|m| m.voter)
-        .map(|m| m.id as i64)
-        .collect();
+    let voters: Vec<i64> = s.members[..s.n_members as usize].iter().filter(|m| m.voter).map(|m| m.id as i64).collect();
     let row = (
         nonzero(s.node_id),
         Some(s.listen_addr.get()).filter(|a| !a.is_empty()),

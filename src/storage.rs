@@ -13,8 +13,7 @@ use raft_kv_core::command::ApplyResult;
 use raft_kv_core::eraftpb::{Entry, EntryType};
 use raft_kv_core::state_machine::decode_snapshot_data;
 use raft_kv_core::storage::{
-    decode_conf_state, encode_conf_state, Backend, KvOp, PersistedState, StoreError, StoreResult,
-    WriteBatch,
+    decode_conf_state, encode_conf_state, Backend, KvOp, PersistedState, StoreError, StoreResult, WriteBatch,
 };
 
 /// The Raft backend over the tables of one schema (`raft_kv` in production; tests point it at
@@ -86,11 +85,7 @@ impl Backend for PgBackend {
                     return Err(StoreError::Corrupt("raft_kv.state has no row".into()));
                 }
                 let t = t.first();
-                let g = |i| {
-                    t.get::<i64>(i)
-                        .map_err(spi_err)
-                        .map(|v| v.unwrap_or(0) as u64)
-                };
+                let g = |i| t.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
                 let mut st = PersistedState::default();
                 st.hard_state.term = g(1)?;
                 st.hard_state.vote = g(2)?;
@@ -123,22 +118,12 @@ impl Backend for PgBackend {
                     e.index = row.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64;
                     e.term = row.get::<i64>(2).map_err(spi_err)?.unwrap_or(0) as u64;
                     e.set_entry_type(entry_type(row.get::<i16>(3).map_err(spi_err)?.unwrap_or(0)));
-                    e.data = row
-                        .get::<Vec<u8>>(4)
-                        .map_err(spi_err)?
-                        .unwrap_or_default()
-                        .into();
-                    e.context = row
-                        .get::<Vec<u8>>(5)
-                        .map_err(spi_err)?
-                        .unwrap_or_default()
-                        .into();
+                    e.data = row.get::<Vec<u8>>(4).map_err(spi_err)?.unwrap_or_default().into();
+                    e.context = row.get::<Vec<u8>>(5).map_err(spi_err)?.unwrap_or_default().into();
                     out.push(e);
                 }
                 if out.len() as u64 != hi - lo {
-                    return Err(StoreError::Corrupt(format!(
-                        "log entries {lo}..{hi} are missing"
-                    )));
+                    return Err(StoreError::Corrupt(format!("log entries {lo}..{hi} are missing")));
                 }
                 Ok(out)
             })
@@ -165,7 +150,16 @@ impl Backend for PgBackend {
     }
 
     fn write(&mut self, b: &WriteBatch) -> StoreResult<Vec<ApplyResult>> {
-        in_txn(|| Spi::connect_mut(|c| write_batch(c, b, &|sql| self.q(sql))))
+        in_txn(|| {
+            Spi::connect_mut(|c| {
+                if !b.sync {
+                    // Applied state and commit index are re-derived from the log after a crash,
+                    // so their commit need not wait for the WAL flush.
+                    c.update("SET LOCAL synchronous_commit = off", None, &[]).map_err(spi_err)?;
+                }
+                write_batch(c, b, &|sql| self.q(sql))
+            })
+        })
     }
 }
 
@@ -176,12 +170,9 @@ fn write_batch(
 ) -> StoreResult<Vec<ApplyResult>> {
     if let Some(snap) = &b.snapshot {
         let m = snap.get_metadata();
-        let kv = decode_snapshot_data(snap.get_data())
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        c.update(&q("DELETE FROM raft_kv.log"), None, &[])
-            .map_err(spi_err)?;
-        c.update(&q("DELETE FROM raft_kv.kv"), None, &[])
-            .map_err(spi_err)?;
+        let kv = decode_snapshot_data(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        c.update(&q("DELETE FROM raft_kv.log"), None, &[]).map_err(spi_err)?;
+        c.update(&q("DELETE FROM raft_kv.kv"), None, &[]).map_err(spi_err)?;
         for (k, (v, rev)) in kv {
             c.update(
                 &q("INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3)"),
@@ -190,7 +181,8 @@ fn write_batch(
             )
             .map_err(spi_err)?;
         }
-        c.update(&q("UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2, conf_state = $3, \
+        c.update(
+            &q("UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2, conf_state = $3, \
              applied_index = $1, commit_index = greatest(commit_index, $1) WHERE id = 1"),
             None,
             &[(m.index as i64).into(), (m.term as i64).into(), encode_conf_state(m.get_conf_state()).into()],
@@ -198,18 +190,15 @@ fn write_batch(
         .map_err(spi_err)?;
     }
     if let Some(first) = b.entries.first() {
-        c.update(
-            &q("DELETE FROM raft_kv.log WHERE idx >= $1"),
-            None,
-            &[(first.index as i64).into()],
-        )
-        .map_err(spi_err)?;
+        c.update(&q("DELETE FROM raft_kv.log WHERE idx >= $1"), None, &[(first.index as i64).into()])
+            .map_err(spi_err)?;
         let idx: Vec<i64> = b.entries.iter().map(|e| e.index as i64).collect();
         let term: Vec<i64> = b.entries.iter().map(|e| e.term as i64).collect();
         let kind: Vec<i16> = b.entries.iter().map(kind_of).collect();
         let data: Vec<Vec<u8>> = b.entries.iter().map(|e| e.data.to_vec()).collect();
         let ctx: Vec<Vec<u8>> = b.entries.iter().map(|e| e.context.to_vec()).collect();
-        c.update(&q("INSERT INTO raft_kv.log (idx, term, kind, data, context) \
+        c.update(
+            &q("INSERT INTO raft_kv.log (idx, term, kind, data, context) \
              SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bytea[], $5::bytea[])"),
             None,
             &[idx.into(), term.into(), kind.into(), data.into(), ctx.into()],
@@ -220,11 +209,7 @@ fn write_batch(
         c.update(
             &q("UPDATE raft_kv.state SET term = $1, vote = $2, commit_index = $3 WHERE id = 1"),
             None,
-            &[
-                (hs.term as i64).into(),
-                (hs.vote as i64).into(),
-                (hs.commit as i64).into(),
-            ],
+            &[(hs.term as i64).into(), (hs.vote as i64).into(), (hs.commit as i64).into()],
         )
         .map_err(spi_err)?;
     }
@@ -232,7 +217,8 @@ fn write_batch(
     for op in &b.ops {
         results.push(match op {
             KvOp::Put { key, value, revision } => {
-                c.update(&q("INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3) \
+                c.update(
+                    &q("INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3) \
                      ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision"),
                     None,
                     &[key.as_str().into(), value.as_str().into(), (*revision as i64).into()],
@@ -251,10 +237,8 @@ fn write_batch(
     if b.applied.is_some() || b.conf_state.is_some() {
         let cs = b.conf_state.as_ref().map(encode_conf_state);
         c.update(
-            &q(
-                "UPDATE raft_kv.state SET applied_index = coalesce($1, applied_index), \
-             conf_state = coalesce($2, conf_state) WHERE id = 1",
-            ),
+            &q("UPDATE raft_kv.state SET applied_index = coalesce($1, applied_index), \
+             conf_state = coalesce($2, conf_state) WHERE id = 1"),
             None,
             &[b.applied.map(|a| a as i64).into(), cs.into()],
         )

@@ -45,30 +45,19 @@ struct Settings {
 fn read_settings() -> Result<Settings, String> {
     let listen = guc::string(&guc::LISTEN_ADDR);
     let peers = guc::string(&guc::PEERS);
-    let cluster = ClusterConfig::from_settings(
-        guc::NODE_ID.get() as i64,
-        listen.as_deref(),
-        peers.as_deref(),
-    )
-    .map_err(|e| e.to_string())?;
+    let cluster = ClusterConfig::from_settings(guc::NODE_ID.get() as i64, listen.as_deref(), peers.as_deref())
+        .map_err(|e| e.to_string())?;
     let (election, heartbeat) = (guc::ELECTION_TICKS.get(), guc::HEARTBEAT_TICKS.get());
     if heartbeat >= election {
         return Err(format!(
             "raft_kv.heartbeat_ticks ({heartbeat}) must be less than raft_kv.election_ticks ({election})"
         ));
     }
-    let database = guc::string(&guc::DATABASE)
-        .filter(|d| !d.is_empty())
-        .ok_or("raft_kv.database is empty")?;
+    let database = guc::string(&guc::DATABASE).filter(|d| !d.is_empty()).ok_or("raft_kv.database is empty")?;
     let mut opts = NodeOptions::new(cluster.node_id);
     opts.election_ticks = election as usize;
     opts.heartbeat_ticks = heartbeat as usize;
-    Ok(Settings {
-        cluster,
-        database,
-        tick: Duration::from_millis(guc::TICK_MS.get() as u64),
-        opts,
-    })
+    Ok(Settings { cluster, database, tick: Duration::from_millis(guc::TICK_MS.get() as u64), opts })
 }
 
 fn set_state(running: bool, state: &str) {
@@ -98,16 +87,9 @@ pub extern "C-unwind" fn raft_kv_worker_main(_arg: pg_sys::Datum) {
         sh.status.running = false;
         sh.status.state.set("starting");
         sh.status.node_id = guc::NODE_ID.get().max(0) as u64;
-        sh.status
-            .listen_addr
-            .set(&guc::string(&guc::LISTEN_ADDR).unwrap_or_default());
-        sh.status
-            .peers
-            .set(&guc::string(&guc::PEERS).unwrap_or_default());
-        requests::resolve_all(
-            &mut sh,
-            "the raft_kv worker restarted while the request was in flight",
-        );
+        sh.status.listen_addr.set(&guc::string(&guc::LISTEN_ADDR).unwrap_or_default());
+        sh.status.peers.set(&guc::string(&guc::PEERS).unwrap_or_default());
+        requests::resolve_all(&mut sh, "the raft_kv worker restarted while the request was in flight");
         sh.status.epoch
     };
 
@@ -126,22 +108,17 @@ pub extern "C-unwind" fn raft_kv_worker_main(_arg: pg_sys::Datum) {
     let mut announced = false;
     loop {
         let present = in_txn(|| {
-            Spi::get_one::<bool>(
-                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'raft_kv')",
-            )
-            .ok()
-            .flatten()
-            .unwrap_or(false)
+            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'raft_kv')")
+                .ok()
+                .flatten()
+                .unwrap_or(false)
         });
         if present {
             break;
         }
         if !announced {
             announced = true;
-            let state = format!(
-                "waiting for CREATE EXTENSION raft_kv in database \"{}\"",
-                settings.database
-            );
+            let state = format!("waiting for CREATE EXTENSION raft_kv in database \"{}\"", settings.database);
             pgrx::log!("raft_kv: {state}");
             set_state(false, &state);
         }
@@ -160,10 +137,7 @@ fn exit_cleanly() {
     sh.status.worker_procno = -1;
     sh.status.worker_pid = 0;
     sh.status.state.set("stopped");
-    requests::resolve_all(
-        &mut sh,
-        "the raft_kv worker stopped while the request was in flight",
-    );
+    requests::resolve_all(&mut sh, "the raft_kv worker stopped while the request was in flight");
 }
 
 /// An eventfd the transport threads write to, so the latch wait also wakes for network input.
@@ -173,10 +147,7 @@ impl EventFd {
     fn new() -> Self {
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
-            pgrx::error!(
-                "raft_kv: eventfd failed: {}",
-                std::io::Error::last_os_error()
-            );
+            pgrx::error!("raft_kv: eventfd failed: {}", std::io::Error::last_os_error());
         }
         EventFd(fd)
     }
@@ -243,26 +214,12 @@ fn run(settings: Settings, epoch: u64) {
             transport.set_peer(id, addr);
         }
     }
-    let bootstrap: Vec<u64> = if settings.cluster.bootstraps() {
-        settings.cluster.peers.keys().copied().collect()
-    } else {
-        Vec::new()
-    };
+    let bootstrap: Vec<u64> =
+        if settings.cluster.bootstraps() { settings.cluster.peers.keys().copied().collect() } else { Vec::new() };
     let logger = slog::Logger::root(slog::Discard, slog::o!());
-    let mut node = in_txn(|| {
-        Node::open(
-            PgBackend::new("raft_kv"),
-            &settings.opts,
-            &bootstrap,
-            &logger,
-        )
-    })
-    .unwrap_or_else(|e| pgrx::error!("raft_kv: cannot open the raft node: {e}"));
-    pgrx::log!(
-        "raft_kv: node {me} listening on {} with peers {}",
-        transport.local_addr(),
-        format_peers(&addrs)
-    );
+    let mut node = in_txn(|| Node::open(PgBackend::new("raft_kv"), &settings.opts, &bootstrap, &logger))
+        .unwrap_or_else(|e| pgrx::error!("raft_kv: cannot open the raft node: {e}"));
+    pgrx::log!("raft_kv: node {me} listening on {} with peers {}", transport.local_addr(), format_peers(&addrs));
 
     let nonce: u64 = rand_nonce();
     let mut seq: u64 = 0;
@@ -276,16 +233,12 @@ fn run(settings: Settings, epoch: u64) {
 
     set_state(true, "running");
     loop {
-        let wait_ms = next_tick
-            .saturating_duration_since(Instant::now())
-            .as_millis() as std::ffi::c_long;
+        let wait_ms = next_tick.saturating_duration_since(Instant::now()).as_millis() as std::ffi::c_long;
         unsafe {
             pg_sys::WaitLatchOrSocket(
                 pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET
-                    | pg_sys::WL_SOCKET_READABLE
-                    | pg_sys::WL_TIMEOUT
-                    | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                    as i32,
                 efd.0,
                 wait_ms,
                 pg_sys::PG_WAIT_EXTENSION,
@@ -330,28 +283,12 @@ fn run(settings: Settings, epoch: u64) {
         requests::take_new(epoch, &mut taken);
         for t in taken.drain(..) {
             seq += 1;
-            let id = RequestId {
-                node: me,
-                nonce,
-                seq,
-            };
+            let id = RequestId { node: me, nonce, seq };
             let cmd = match t.op {
-                Op::Set => Command::Put {
-                    key: t.key,
-                    value: t.value,
-                },
+                Op::Set => Command::Put { key: t.key, value: t.value },
                 Op::Delete => Command::Delete { key: t.key },
             };
-            inflight.insert(
-                id,
-                InFlight {
-                    slot: t.slot,
-                    gen: t.gen,
-                    cmd,
-                    deadline: t.deadline,
-                    proposed: false,
-                },
-            );
+            inflight.insert(id, InFlight { slot: t.slot, gen: t.gen, cmd, deadline: t.deadline, proposed: false });
             unproposed.push_back(id);
         }
         // Requests wait here while no leader is known (elections); they go as soon as one is.
@@ -360,10 +297,7 @@ fn run(settings: Settings, epoch: u64) {
                 unproposed.pop_front();
                 continue;
             };
-            match node.propose(&Proposal {
-                id,
-                cmd: f.cmd.clone(),
-            }) {
+            match node.propose(&Proposal { id, cmd: f.cmd.clone() }) {
                 Ok(()) => {
                     f.proposed = true;
                     unproposed.pop_front();
@@ -372,13 +306,16 @@ fn run(settings: Settings, epoch: u64) {
             }
         }
 
-        node.handle_ready(&mut out)
-            .unwrap_or_else(|e| pgrx::error!("raft_kv: storage failure: {e}"));
-        for m in out.messages.drain(..) {
+        let mut unreachable = Vec::new();
+        node.handle_ready(&mut out, &mut |m| {
             let to = m.to;
             if !transport.send(m) {
-                node.report_unreachable(to);
+                unreachable.push(to);
             }
+        })
+        .unwrap_or_else(|e| pgrx::error!("raft_kv: storage failure: {e}"));
+        for to in unreachable {
+            node.report_unreachable(to);
         }
         for c in out.completed.drain(..) {
             if let Some(f) = inflight.remove(&c.id) {
@@ -404,11 +341,7 @@ fn run(settings: Settings, epoch: u64) {
                     "raft_kv: node {me} is {} in term {}; leader is {}",
                     role_name(st.role),
                     st.term,
-                    if st.leader_id == 0 {
-                        "unknown".to_string()
-                    } else {
-                        st.leader_id.to_string()
-                    }
+                    if st.leader_id == 0 { "unknown".to_string() } else { st.leader_id.to_string() }
                 );
             }
         }
@@ -474,8 +407,7 @@ fn publish(st: &NodeStatus, addrs: &BTreeMap<u64, SocketAddr>) {
     s.n_members = n as u32;
     for (row, m) in s.members.iter_mut().zip(st.members.iter()) {
         row.id = m.id;
-        row.addr
-            .set(&addrs.get(&m.id).map(|a| a.to_string()).unwrap_or_default());
+        row.addr.set(&addrs.get(&m.id).map(|a| a.to_string()).unwrap_or_default());
         row.voter = m.voter;
         row.has_progress = m.matched.is_some();
         row.matched = m.matched.unwrap_or(0);

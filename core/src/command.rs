@@ -70,21 +70,11 @@ mod tests {
     #[test]
     fn round_trip() {
         let p = Proposal {
-            id: RequestId {
-                node: 3,
-                nonce: 99,
-                seq: 7,
-            },
-            cmd: Command::Put {
-                key: "k/ü".into(),
-                value: "v\0x".into(),
-            },
+            id: RequestId { node: 3, nonce: 99, seq: 7 },
+            cmd: Command::Put { key: "k/ü".into(), value: "v\0x".into() },
         };
         assert_eq!(Proposal::decode(&p.encode()).unwrap(), p);
-        let d = Proposal {
-            id: p.id,
-            cmd: Command::Delete { key: "k".into() },
-        };
+        let d = Proposal { id: p.id, cmd: Command::Delete { key: "k".into() } };
         assert_eq!(Proposal::decode(&d.encode()).unwrap(), d);
     }
 

@@ -23,9 +23,7 @@ pub enum ConfigError {
     BadAddress(String),
     #[error("invalid raft_kv.peers entry \"{0}\": expected id=host:port")]
     BadPeerEntry(String),
-    #[error(
-        "invalid node id \"{0}\" in raft_kv.peers: expected an integer between 1 and {MAX_NODE_ID}"
-    )]
+    #[error("invalid node id \"{0}\" in raft_kv.peers: expected an integer between 1 and {MAX_NODE_ID}")]
     BadNodeId(String),
     #[error("node id {0} appears more than once in raft_kv.peers")]
     DuplicateId(u64),
@@ -34,11 +32,7 @@ pub enum ConfigError {
     #[error("raft_kv.node_id {0} is not listed in raft_kv.peers")]
     SelfNotInPeers(u64),
     #[error("raft_kv.listen_addr {listen} differs from the address {listed} given for node {id} in raft_kv.peers")]
-    ListenMismatch {
-        id: u64,
-        listen: SocketAddr,
-        listed: SocketAddr,
-    },
+    ListenMismatch { id: u64, listen: SocketAddr, listed: SocketAddr },
     #[error("raft_kv.peers lists {0} members; at most {MAX_MEMBERS} are supported")]
     TooManyPeers(usize),
 }
@@ -49,9 +43,7 @@ pub enum ConfigError {
 /// make a node's identity depend on DNS.
 pub fn parse_addr(s: &str) -> Result<SocketAddr, ConfigError> {
     let t = s.trim();
-    let a: SocketAddr = t
-        .parse()
-        .map_err(|_| ConfigError::BadAddress(t.to_string()))?;
+    let a: SocketAddr = t.parse().map_err(|_| ConfigError::BadAddress(t.to_string()))?;
     if a.port() == 0 {
         return Err(ConfigError::BadAddress(t.to_string()));
     }
@@ -62,13 +54,9 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, ConfigError> {
 pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, SocketAddr>, ConfigError> {
     let mut peers = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part
-            .split_once('=')
-            .ok_or_else(|| ConfigError::BadPeerEntry(part.to_string()))?;
+        let (id, addr) = part.split_once('=').ok_or_else(|| ConfigError::BadPeerEntry(part.to_string()))?;
         let id_s = id.trim();
-        let id: u64 = id_s
-            .parse()
-            .map_err(|_| ConfigError::BadNodeId(id_s.to_string()))?;
+        let id: u64 = id_s.parse().map_err(|_| ConfigError::BadNodeId(id_s.to_string()))?;
         if id == 0 || id > MAX_NODE_ID {
             return Err(ConfigError::BadNodeId(id_s.to_string()));
         }
@@ -98,11 +86,7 @@ pub struct ClusterConfig {
 
 impl ClusterConfig {
     /// Validates the raw settings. `node_id <= 0` means unset.
-    pub fn from_settings(
-        node_id: i64,
-        listen_addr: Option<&str>,
-        peers: Option<&str>,
-    ) -> Result<Self, ConfigError> {
+    pub fn from_settings(node_id: i64, listen_addr: Option<&str>, peers: Option<&str>) -> Result<Self, ConfigError> {
         if node_id <= 0 {
             return Err(ConfigError::MissingNodeId);
         }
@@ -119,20 +103,12 @@ impl ClusterConfig {
             match peers.get(&node_id) {
                 None => return Err(ConfigError::SelfNotInPeers(node_id)),
                 Some(listed) if *listed != listen => {
-                    return Err(ConfigError::ListenMismatch {
-                        id: node_id,
-                        listen,
-                        listed: *listed,
-                    })
+                    return Err(ConfigError::ListenMismatch { id: node_id, listen, listed: *listed })
                 }
                 Some(_) => {}
             }
         }
-        Ok(ClusterConfig {
-            node_id,
-            listen_addr: listen,
-            peers,
-        })
+        Ok(ClusterConfig { node_id, listen_addr: listen, peers })
     }
 
     /// A node bootstraps a new cluster only when it is one of the configured initial members.
@@ -148,11 +124,7 @@ impl fmt::Display for ClusterConfig {
 }
 
 pub fn format_peers(peers: &BTreeMap<u64, SocketAddr>) -> String {
-    peers
-        .iter()
-        .map(|(id, a)| format!("{id}={a}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    peers.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]
@@ -185,59 +157,25 @@ mod tests {
     #[test]
     fn errors() {
         use ConfigError::*;
-        let e =
-            |id, l: &str, p: &str| ClusterConfig::from_settings(id, Some(l), Some(p)).unwrap_err();
+        let e = |id, l: &str, p: &str| ClusterConfig::from_settings(id, Some(l), Some(p)).unwrap_err();
         assert_eq!(e(0, "127.0.0.1:7001", PEERS), MissingNodeId);
-        assert_eq!(
-            ClusterConfig::from_settings(1, None, Some(PEERS)).unwrap_err(),
-            MissingListenAddr
-        );
+        assert_eq!(ClusterConfig::from_settings(1, None, Some(PEERS)).unwrap_err(), MissingListenAddr);
         assert_eq!(e(4, "127.0.0.1:7004", PEERS), SelfNotInPeers(4));
-        assert_eq!(
-            e(1, "127.0.0.1:7001", "1=127.0.0.1:7001,1=127.0.0.1:7002"),
-            DuplicateId(1)
-        );
-        assert!(matches!(
-            e(1, "127.0.0.1:7001", "1=127.0.0.1:7001,2=127.0.0.1:7001"),
-            DuplicateAddress(_)
-        ));
-        assert_eq!(
-            e(1, "127.0.0.1:7001", "1=127.0.0.1:7001,garbage"),
-            BadPeerEntry("garbage".into())
-        );
-        assert_eq!(
-            e(1, "127.0.0.1:7001", "x=127.0.0.1:7001"),
-            BadNodeId("x".into())
-        );
-        assert_eq!(
-            e(1, "127.0.0.1:7001", "0=127.0.0.1:7001"),
-            BadNodeId("0".into())
-        );
-        assert_eq!(
-            e(1, "127.0.0.1:7001", "1=localhost:7001"),
-            BadAddress("localhost:7001".into())
-        );
-        assert_eq!(
-            e(1, "127.0.0.1:99999", ""),
-            BadAddress("127.0.0.1:99999".into())
-        );
+        assert_eq!(e(1, "127.0.0.1:7001", "1=127.0.0.1:7001,1=127.0.0.1:7002"), DuplicateId(1));
+        assert!(matches!(e(1, "127.0.0.1:7001", "1=127.0.0.1:7001,2=127.0.0.1:7001"), DuplicateAddress(_)));
+        assert_eq!(e(1, "127.0.0.1:7001", "1=127.0.0.1:7001,garbage"), BadPeerEntry("garbage".into()));
+        assert_eq!(e(1, "127.0.0.1:7001", "x=127.0.0.1:7001"), BadNodeId("x".into()));
+        assert_eq!(e(1, "127.0.0.1:7001", "0=127.0.0.1:7001"), BadNodeId("0".into()));
+        assert_eq!(e(1, "127.0.0.1:7001", "1=localhost:7001"), BadAddress("localhost:7001".into()));
+        assert_eq!(e(1, "127.0.0.1:99999", ""), BadAddress("127.0.0.1:99999".into()));
         assert_eq!(e(1, "127.0.0.1:0", ""), BadAddress("127.0.0.1:0".into()));
-        assert!(matches!(
-            e(1, "127.0.0.1:7009", PEERS),
-            ListenMismatch { id: 1, .. }
-        ));
-        let many = (1..=17)
-            .map(|i| format!("{i}=127.0.0.1:{}", 7000 + i))
-            .collect::<Vec<_>>()
-            .join(",");
+        assert!(matches!(e(1, "127.0.0.1:7009", PEERS), ListenMismatch { id: 1, .. }));
+        let many = (1..=17).map(|i| format!("{i}=127.0.0.1:{}", 7000 + i)).collect::<Vec<_>>().join(",");
         assert_eq!(e(1, "127.0.0.1:7001", &many), TooManyPeers(17));
     }
 
     #[test]
     fn messages_are_readable() {
-        assert_eq!(
-            ConfigError::SelfNotInPeers(4).to_string(),
-            "raft_kv.node_id 4 is not listed in raft_kv.peers"
-        );
+        assert_eq!(ConfigError::SelfNotInPeers(4).to_string(), "raft_kv.node_id 4 is not listed in raft_kv.peers");
     }
 }

@@ -64,11 +64,9 @@ pub struct Completion {
     pub result: ApplyResult,
 }
 
-/// What the caller must do after [`Node::handle_ready`].
+/// What the caller must do after [`Node::handle_ready`] (messages go through its `send`).
 #[derive(Debug, Default)]
 pub struct Output {
-    /// Messages to send, in order; all of them are safe to send now.
-    pub messages: Vec<Message>,
     pub completed: Vec<Completion>,
     /// Requests this node appended as leader whose log slot was taken by another entry:
     /// they certainly were not applied.
@@ -118,12 +116,7 @@ pub struct Node<B: Backend> {
 impl<B: Backend> Node<B> {
     /// Opens the node on its durable state. A blank node whose id is in `bootstrap_voters`
     /// first writes the bootstrap snapshot; a blank node outside it waits to be contacted.
-    pub fn open(
-        backend: B,
-        opts: &NodeOptions,
-        bootstrap_voters: &[u64],
-        logger: &Logger,
-    ) -> Result<Self, NodeError> {
+    pub fn open(backend: B, opts: &NodeOptions, bootstrap_voters: &[u64], logger: &Logger) -> Result<Self, NodeError> {
         let storage = RaftStorage::open(backend, opts.cache_bytes)?;
         let blank = storage.last() == 0 && {
             let cs = storage.conf_state();
@@ -142,6 +135,7 @@ impl<B: Backend> Node<B> {
                 snapshot: Some(snap),
                 hard_state: Some(hs),
                 applied: Some(BOOTSTRAP_INDEX),
+                sync: true,
                 ..Default::default()
             })?;
         }
@@ -160,11 +154,7 @@ impl<B: Backend> Node<B> {
         };
         let raw = RawNode::new(&cfg, storage, logger)?;
         let last_soft = (raw.raft.state, raw.raft.leader_id, raw.raft.term);
-        Ok(Node {
-            raw,
-            appended: HashMap::new(),
-            last_soft,
-        })
+        Ok(Node { raw, appended: HashMap::new(), last_soft })
     }
 
     pub fn id(&self) -> u64 {
@@ -196,9 +186,7 @@ impl<B: Backend> Node<B> {
             return Err(ProposeError::NoLeader);
         }
         let before = self.raw.raft.raft_log.last_index();
-        self.raw
-            .propose(Vec::new(), p.encode())
-            .map_err(|_| ProposeError::Dropped)?;
+        self.raw.propose(Vec::new(), p.encode()).map_err(|_| ProposeError::Dropped)?;
         if self.is_leader() {
             let idx = self.raw.raft.raft_log.last_index();
             if idx > before {
@@ -232,11 +220,13 @@ impl<B: Backend> Node<B> {
     }
 
     /// Runs every pending Ready: persist (one backend write per stage), apply, advance.
-    pub fn handle_ready(&mut self, out: &mut Output) -> Result<(), NodeError> {
+    /// `send` is called for each message as soon as it may leave, so the leader's appends go
+    /// out before its own log write, in parallel with it.
+    pub fn handle_ready(&mut self, out: &mut Output, send: &mut dyn FnMut(Message)) -> Result<(), NodeError> {
         while self.raw.has_ready() {
             let mut rd = self.raw.ready();
             // Leader messages may go out before the write; raft tolerates their loss.
-            out.messages.extend(rd.take_messages());
+            rd.take_messages().into_iter().for_each(&mut *send);
 
             let mut batch = WriteBatch::default();
             if !rd.snapshot().is_empty() {
@@ -247,11 +237,12 @@ impl<B: Backend> Node<B> {
             if let Some(hs) = rd.hs() {
                 batch.hard_state = Some(hs.clone());
             }
+            batch.sync = rd.must_sync() || !batch.entries.is_empty() || batch.snapshot.is_some();
             let committed = rd.take_committed_entries();
             self.write_and_apply(batch, &committed, out)?;
 
             // Only now, with the entries and vote durable, may votes and acks leave.
-            out.messages.extend(rd.take_persisted_messages());
+            rd.take_persisted_messages().into_iter().for_each(&mut *send);
             let mut light = self.raw.advance(rd);
 
             let mut batch = WriteBatch::default();
@@ -260,16 +251,12 @@ impl<B: Backend> Node<B> {
                 hs.commit = commit;
                 batch.hard_state = Some(hs);
             }
-            out.messages.extend(light.take_messages());
+            light.take_messages().into_iter().for_each(&mut *send);
             let committed = light.take_committed_entries();
             self.write_and_apply(batch, &committed, out)?;
             self.raw.advance_apply();
         }
-        let soft = (
-            self.raw.raft.state,
-            self.raw.raft.leader_id,
-            self.raw.raft.term,
-        );
+        let soft = (self.raw.raft.state, self.raw.raft.leader_id, self.raw.raft.term);
         if soft != self.last_soft {
             self.last_soft = soft;
             out.role_changed = true;
@@ -308,11 +295,7 @@ impl<B: Backend> Node<B> {
             let applied_id = match plan {
                 Planned::Kv { id, op_index } => {
                     if id.node == me {
-                        out.completed.push(Completion {
-                            id,
-                            index,
-                            result: results[op_index],
-                        });
+                        out.completed.push(Completion { id, index, result: results[op_index] });
                     }
                     Some(id)
                 }
@@ -352,13 +335,7 @@ impl<B: Backend> Node<B> {
                 members.push(MemberStatus {
                     id,
                     voter,
-                    matched: pr.map(|p| {
-                        if id == r.id {
-                            r.raft_log.last_index()
-                        } else {
-                            p.matched
-                        }
-                    }),
+                    matched: pr.map(|p| if id == r.id { r.raft_log.last_index() } else { p.matched }),
                     recent_active: pr.map(|p| id == r.id || p.recent_active),
                 });
             }

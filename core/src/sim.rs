@@ -163,50 +163,26 @@ impl Sim {
         for (rid, (key, rev)) in &self.acked {
             match kvs[0].get(key) {
                 Some((_, r)) if r >= rev => {}
-                Some((_, r)) => {
-                    return Err(format!(
-                        "{rid:?}: {key} at revision {r}, acknowledged {rev}"
-                    ))
-                }
+                Some((_, r)) => return Err(format!("{rid:?}: {key} at revision {r}, acknowledged {rev}")),
                 None if key.starts_with("del/") => {}
                 None => return Err(format!("{rid:?}: acknowledged {key}@{rev} is missing")),
             }
         }
-        self.report.final_applied = self
-            .backends
-            .values()
-            .next()
-            .unwrap()
-            .inner
-            .lock()
-            .unwrap()
-            .state
-            .applied;
+        self.report.final_applied = self.backends.values().next().unwrap().inner.lock().unwrap().state.applied;
         Ok(self.report)
     }
 
     fn leader(&self) -> Option<u64> {
-        self.nodes
-            .iter()
-            .find_map(|(id, n)| n.as_ref().filter(|n| n.is_leader()).map(|_| *id))
+        self.nodes.iter().find_map(|(id, n)| n.as_ref().filter(|n| n.is_leader()).map(|_| *id))
     }
 
     fn propose_on(&mut self, id: u64, key: &str, value: &str) -> RequestId {
         self.seq += 1;
-        let rid = RequestId {
-            node: id,
-            nonce: 0,
-            seq: self.seq,
-        };
+        let rid = RequestId { node: id, nonce: 0, seq: self.seq };
         let cmd = if key.starts_with("del/") {
-            Command::Delete {
-                key: key.to_string(),
-            }
+            Command::Delete { key: key.to_string() }
         } else {
-            Command::Put {
-                key: key.to_string(),
-                value: value.to_string(),
-            }
+            Command::Put { key: key.to_string(), value: value.to_string() }
         };
         if let Some(n) = self.nodes.get_mut(&id).unwrap() {
             let _ = n.propose(&Proposal { id: rid, cmd });
@@ -242,11 +218,7 @@ impl Sim {
             if self.partition.is_some() {
                 self.partition = None;
             } else {
-                let side: BTreeSet<u64> = ids
-                    .iter()
-                    .copied()
-                    .filter(|_| self.rng.gen_bool(0.5))
-                    .collect();
+                let side: BTreeSet<u64> = ids.iter().copied().filter(|_| self.rng.gen_bool(0.5)).collect();
                 self.partition = Some(side);
                 self.report.partitions += 1;
             }
@@ -254,11 +226,7 @@ impl Sim {
         if self.rng.gen_bool(self.cfg.propose_rate) {
             let id = ids[self.rng.gen_range(0..ids.len())];
             let k = self.rng.gen_range(0..8);
-            let key = if self.rng.gen_bool(0.1) {
-                format!("del/{k}")
-            } else {
-                format!("k{k}")
-            };
+            let key = if self.rng.gen_bool(0.1) { format!("del/{k}") } else { format!("k{k}") };
             let value = format!("v{}", self.step);
             self.propose_on(id, &key, &value);
         }
@@ -303,8 +271,8 @@ impl Sim {
                 n.set_election_timeout(|lo, hi| rng.gen_range(lo..hi));
             }
             let mut out = Output::default();
-            n.handle_ready(&mut out)
-                .map_err(|e| format!("node {id}: {e}"))?;
+            let mut msgs = Vec::new();
+            n.handle_ready(&mut out, &mut |m| msgs.push(m)).map_err(|e| format!("node {id}: {e}"))?;
             for c in out.completed {
                 if let ApplyResult::Put { revision } = c.result {
                     self.report.acknowledged += 1;
@@ -312,15 +280,11 @@ impl Sim {
                     self.acked.insert(c.id, (key, revision));
                 }
             }
-            for m in out.messages {
+            for m in msgs {
                 if self.rng.gen_bool(self.cfg.drop_rate) {
                     continue;
                 }
-                let copies = if self.rng.gen_bool(self.cfg.dup_rate) {
-                    2
-                } else {
-                    1
-                };
+                let copies = if self.rng.gen_bool(self.cfg.dup_rate) { 2 } else { 1 };
                 for _ in 0..copies {
                     let at = self.step + self.rng.gen_range(1..=self.cfg.max_delay);
                     self.in_flight.push((at, m.clone()));
@@ -332,12 +296,8 @@ impl Sim {
 
     fn key_of(&self, id: u64, index: u64) -> String {
         let mut b = self.backends[&id].clone();
-        let e = b
-            .read_entries(index, index + 1)
-            .expect("applied entry is stored");
-        Proposal::decode(&e[0].data)
-            .map(|p| p.cmd.key().to_string())
-            .unwrap_or_default()
+        let e = b.read_entries(index, index + 1).expect("applied entry is stored");
+        Proposal::decode(&e[0].data).map(|p| p.cmd.key().to_string()).unwrap_or_default()
     }
 
     fn check(&mut self) -> Result<(), String> {
@@ -347,10 +307,7 @@ impl Sim {
             if st.role == StateRole::Leader {
                 match self.leaders.insert(st.term, *id) {
                     Some(other) if other != *id => {
-                        return Err(format!(
-                            "step {}: two leaders in term {}: {other} and {id}",
-                            self.step, st.term
-                        ))
+                        return Err(format!("step {}: two leaders in term {}: {other} and {id}", self.step, st.term))
                     }
                     None => self.report.elections += 1,
                     _ => {}
@@ -390,10 +347,7 @@ impl Sim {
             let kv = b.kv();
             match self.states.get(&applied) {
                 Some(prev) if *prev != kv => {
-                    return Err(format!(
-                        "step {}: node {id} state at applied index {applied} differs",
-                        self.step
-                    ))
+                    return Err(format!("step {}: node {id} state at applied index {applied} differs", self.step))
                 }
                 Some(_) => {}
                 None => {
@@ -406,10 +360,7 @@ impl Sim {
 }
 
 /// Runs `seeds` simulations; returns the first failing seed and its error.
-pub fn run_seeds(
-    seeds: impl Iterator<Item = u64>,
-    cfg: &SimConfig,
-) -> Result<Vec<SimReport>, (u64, String)> {
+pub fn run_seeds(seeds: impl Iterator<Item = u64>, cfg: &SimConfig) -> Result<Vec<SimReport>, (u64, String)> {
     let mut reports = Vec::new();
     for seed in seeds {
         match Sim::new(seed, cfg.clone()).run() {
@@ -425,14 +376,8 @@ mod tests {
     use super::*;
 
     fn seeds() -> std::ops::Range<u64> {
-        let base: u64 = std::env::var("RAFT_KV_SIM_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1);
-        let n: u64 = std::env::var("RAFT_KV_SIM_SEEDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(24);
+        let base: u64 = std::env::var("RAFT_KV_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+        let n: u64 = std::env::var("RAFT_KV_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(24);
         base..base + n
     }
 
@@ -449,24 +394,15 @@ mod tests {
                     reports.len(),
                     cfg.steps
                 );
-                assert!(
-                    acked > 0 && crashes > 0 && parts > 0,
-                    "the faults and workload must actually happen"
-                );
+                assert!(acked > 0 && crashes > 0 && parts > 0, "the faults and workload must actually happen");
             }
-            Err((seed, e)) => panic!(
-                "seed {seed} failed (replay: RAFT_KV_SIM_SEED={seed} RAFT_KV_SIM_SEEDS=1): {e}"
-            ),
+            Err((seed, e)) => panic!("seed {seed} failed (replay: RAFT_KV_SIM_SEED={seed} RAFT_KV_SIM_SEEDS=1): {e}"),
         }
     }
 
     #[test]
     fn five_nodes() {
-        let cfg = SimConfig {
-            nodes: 5,
-            steps: 2000,
-            ..Default::default()
-        };
+        let cfg = SimConfig { nodes: 5, steps: 2000, ..Default::default() };
         if let Err((seed, e)) = run_seeds(seeds().take(6), &cfg) {
             panic!("seed {seed} failed: {e}");
         }
@@ -482,10 +418,7 @@ mod tests {
         );
     }
 
-    fn first_failure(
-        cfg: &SimConfig,
-        seeds: std::ops::RangeInclusive<u64>,
-    ) -> Option<(u64, String)> {
+    fn first_failure(cfg: &SimConfig, seeds: std::ops::RangeInclusive<u64>) -> Option<(u64, String)> {
         seeds.into_iter().find_map(|seed| {
             let cfg = cfg.clone();
             // raft-rs may also panic on the inconsistent state; that counts as caught too.
@@ -507,11 +440,7 @@ mod tests {
     /// The simulation must catch a node that loses its hard state across a crash.
     #[test]
     fn catches_an_unpersisted_hard_state() {
-        let cfg = SimConfig {
-            bug: InjectedBug::SkipHardState,
-            crash_rate: 0.02,
-            ..Default::default()
-        };
+        let cfg = SimConfig { bug: InjectedBug::SkipHardState, crash_rate: 0.02, ..Default::default() };
         let (seed, e) = first_failure(&cfg, 1..=40).expect("no seed caught the injected bug");
         println!("unpersisted hard state caught with seed {seed}: {e}");
     }
@@ -519,12 +448,7 @@ mod tests {
     /// ... and one that forgets whom it voted for: two leaders in one term.
     #[test]
     fn catches_a_forgotten_vote() {
-        let cfg = SimConfig {
-            bug: InjectedBug::ForgetVote,
-            crash_rate: 0.03,
-            steps: 4000,
-            ..Default::default()
-        };
+        let cfg = SimConfig { bug: InjectedBug::ForgetVote, crash_rate: 0.03, steps: 4000, ..Default::default() };
         let (seed, e) = first_failure(&cfg, 1..=200).expect("no seed caught the injected bug");
         println!("forgotten vote caught with seed {seed}: {e}");
         assert!(e.contains("two leaders") || e.contains("changed"), "{e}");

@@ -34,17 +34,10 @@ pub fn plan(entry: &Entry, ops: &mut Vec<KvOp>) -> Planned {
             Err(_) => Planned::Nothing,
             Ok(p) => {
                 ops.push(match p.cmd {
-                    Command::Put { key, value } => KvOp::Put {
-                        key,
-                        value,
-                        revision: entry.index,
-                    },
+                    Command::Put { key, value } => KvOp::Put { key, value, revision: entry.index },
                     Command::Delete { key } => KvOp::Delete { key },
                 });
-                Planned::Kv {
-                    id: p.id,
-                    op_index: ops.len() - 1,
-                }
+                Planned::Kv { id: p.id, op_index: ops.len() - 1 }
             }
         },
     }
@@ -72,16 +65,7 @@ mod tests {
         let mut e = Entry::default();
         e.index = index;
         e.term = 1;
-        e.data = Proposal {
-            id: RequestId {
-                node: 1,
-                nonce: 1,
-                seq: index,
-            },
-            cmd,
-        }
-        .encode()
-        .into();
+        e.data = Proposal { id: RequestId { node: 1, nonce: 1, seq: index }, cmd }.encode().into();
         e
     }
 
@@ -90,37 +74,17 @@ mod tests {
         for e in entries {
             plan(e, &mut ops);
         }
-        b.write(&WriteBatch {
-            ops,
-            applied: entries.last().map(|e| e.index),
-            ..Default::default()
-        })
-        .unwrap()
+        b.write(&WriteBatch { ops, applied: entries.last().map(|e| e.index), ..Default::default() }).unwrap()
     }
 
     #[test]
     fn apply_put_delete_and_noop() {
         let mut b = MemBackend::new();
-        let put = |i, k: &str, v: &str| {
-            normal(
-                i,
-                Command::Put {
-                    key: k.into(),
-                    value: v.into(),
-                },
-            )
-        };
+        let put = |i, k: &str, v: &str| normal(i, Command::Put { key: k.into(), value: v.into() });
         let mut noop = Entry::default();
         noop.index = 2;
-        let res = apply(
-            &mut b,
-            &[
-                put(1, "a", "x"),
-                noop,
-                put(3, "a", "y"),
-                normal(4, Command::Delete { key: "b".into() }),
-            ],
-        );
+        let res =
+            apply(&mut b, &[put(1, "a", "x"), noop, put(3, "a", "y"), normal(4, Command::Delete { key: "b".into() })]);
         assert_eq!(
             res,
             vec![
@@ -141,20 +105,9 @@ mod tests {
         let entries: Vec<Entry> = (1..=50)
             .map(|i| {
                 if i % 7 == 0 {
-                    normal(
-                        i,
-                        Command::Delete {
-                            key: format!("k{}", i % 5),
-                        },
-                    )
+                    normal(i, Command::Delete { key: format!("k{}", i % 5) })
                 } else {
-                    normal(
-                        i,
-                        Command::Put {
-                            key: format!("k{}", i % 5),
-                            value: format!("v{i}"),
-                        },
-                    )
+                    normal(i, Command::Put { key: format!("k{}", i % 5), value: format!("v{i}") })
                 }
             })
             .collect();
@@ -181,10 +134,7 @@ mod tests {
     fn snapshot_data_round_trip() {
         let mut kv = BTreeMap::new();
         kv.insert("a".to_string(), ("1".to_string(), 4));
-        assert_eq!(
-            decode_snapshot_data(&encode_snapshot_data(&kv)).unwrap(),
-            kv
-        );
+        assert_eq!(decode_snapshot_data(&encode_snapshot_data(&kv)).unwrap(), kv);
         assert!(decode_snapshot_data(&[]).unwrap().is_empty());
     }
 }

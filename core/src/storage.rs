@@ -46,23 +46,15 @@ pub struct PersistedState {
 impl PersistedState {
     /// True for a node that has never been part of a cluster.
     pub fn is_blank(&self) -> bool {
-        self.conf_state.voters.is_empty()
-            && self.conf_state.learners.is_empty()
-            && self.last_index == 0
+        self.conf_state.voters.is_empty() && self.conf_state.learners.is_empty() && self.last_index == 0
     }
 }
 
 /// One primitive state-machine operation, decided by `state_machine` and executed by the backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvOp {
-    Put {
-        key: String,
-        value: String,
-        revision: u64,
-    },
-    Delete {
-        key: String,
-    },
+    Put { key: String, value: String, revision: u64 },
+    Delete { key: String },
 }
 
 /// Changes that must become durable together, in this order: snapshot, log, hard state,
@@ -77,6 +69,10 @@ pub struct WriteBatch {
     pub ops: Vec<KvOp>,
     pub applied: Option<u64>,
     pub conf_state: Option<ConfState>,
+    /// Must be durable before the call returns (log entries, snapshot, term or vote). Without
+    /// it the backend may commit asynchronously: a crash then loses at most applied state and
+    /// commit index, which raft re-derives from the durable log on restart.
+    pub sync: bool,
 }
 
 impl WriteBatch {
@@ -205,10 +201,7 @@ impl<B: Backend> RaftStorage<B> {
             cache.tail = entries.into();
             cache.tail_bytes = cache.tail.iter().map(entry_bytes).sum();
         }
-        Ok(RaftStorage {
-            backend: RefCell::new(backend),
-            cache: RefCell::new(cache),
-        })
+        Ok(RaftStorage { backend: RefCell::new(backend), cache: RefCell::new(cache) })
     }
 
     /// Makes `batch` durable and then updates the cache to match.
@@ -278,10 +271,7 @@ fn store_err(e: StoreError) -> raft::Error {
 impl<B: Backend> raft::Storage for RaftStorage<B> {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let c = self.cache.borrow();
-        Ok(RaftState {
-            hard_state: c.hs.clone(),
-            conf_state: c.cs.clone(),
-        })
+        Ok(RaftState { hard_state: c.hs.clone(), conf_state: c.cs.clone() })
     }
 
     fn entries(
@@ -297,20 +287,13 @@ impl<B: Backend> raft::Storage for RaftStorage<B> {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
         if high > c.last_index() + 1 {
-            panic!(
-                "entries [{low}, {high}) requested beyond last index {}",
-                c.last_index()
-            );
+            panic!("entries [{low}, {high}) requested beyond last index {}", c.last_index());
         }
         let tail_first = c.tail_first();
         let mut out = Vec::new();
         if low < tail_first {
             let cold_hi = high.min(tail_first);
-            let mut cold = self
-                .backend
-                .borrow_mut()
-                .read_entries(low, cold_hi)
-                .map_err(store_err)?;
+            let mut cold = self.backend.borrow_mut().read_entries(low, cold_hi).map_err(store_err)?;
             out.append(&mut cold);
         }
         let from = low.max(tail_first);
@@ -348,22 +331,18 @@ impl<B: Backend> raft::Storage for RaftStorage<B> {
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         // Logs are not compacted yet, so a peer never needs a snapshot beyond the bootstrap
         // one that every initial member creates for itself.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
     }
 }
 
 /// Serialises a ConfState for storage.
 pub fn encode_conf_state(cs: &ConfState) -> Vec<u8> {
-    cs.write_to_bytes()
-        .expect("encoding a ConfState cannot fail")
+    cs.write_to_bytes().expect("encoding a ConfState cannot fail")
 }
 
 pub fn decode_conf_state(b: &[u8]) -> StoreResult<ConfState> {
     let mut cs = ConfState::default();
-    cs.merge_from_bytes(b)
-        .map_err(|e| StoreError::Corrupt(format!("conf state: {e}")))?;
+    cs.merge_from_bytes(b).map_err(|e| StoreError::Corrupt(format!("conf state: {e}")))?;
     Ok(cs)
 }
 
@@ -456,19 +435,11 @@ impl Backend for MemBackend {
         let mut out = Vec::with_capacity(b.ops.len());
         for op in &b.ops {
             out.push(match op {
-                KvOp::Put {
-                    key,
-                    value,
-                    revision,
-                } => {
+                KvOp::Put { key, value, revision } => {
                     s.kv.insert(key.clone(), (value.clone(), *revision));
-                    ApplyResult::Put {
-                        revision: *revision,
-                    }
+                    ApplyResult::Put { revision: *revision }
                 }
-                KvOp::Delete { key } => ApplyResult::Delete {
-                    existed: s.kv.remove(key).is_some(),
-                },
+                KvOp::Delete { key } => ApplyResult::Delete { existed: s.kv.remove(key).is_some() },
             });
         }
         if let Some(a) = b.applied {
@@ -526,45 +497,24 @@ pub mod contract {
         assert_eq!(s.last_index().unwrap(), 6);
         assert_eq!(s.term(3).unwrap(), 3);
         assert_eq!(s.term(5).unwrap(), 4);
-        assert!(matches!(
-            s.term(2),
-            Err(raft::Error::Store(StorageError::Compacted))
-        ));
-        assert!(matches!(
-            s.term(7),
-            Err(raft::Error::Store(StorageError::Unavailable))
-        ));
+        assert!(matches!(s.term(2), Err(raft::Error::Store(StorageError::Compacted))));
+        assert!(matches!(s.term(7), Err(raft::Error::Store(StorageError::Unavailable))));
         let ctx = GetEntriesContext::empty(false);
-        assert!(matches!(
-            s.entries(3, 5, None, ctx),
-            Err(raft::Error::Store(StorageError::Compacted))
-        ));
+        assert!(matches!(s.entries(3, 5, None, ctx), Err(raft::Error::Store(StorageError::Compacted))));
         let ctx = || GetEntriesContext::empty(false);
         let all = s.entries(4, 7, None, ctx()).unwrap();
-        assert_eq!(
-            all.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(),
-            vec![(4, 3), (5, 4), (6, 5)]
-        );
+        assert_eq!(all.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(), vec![(4, 3), (5, 4), (6, 5)]);
         assert_eq!(all[1].data.as_ref(), &[5u8; 10]);
         // A size limit still returns at least one entry.
         assert_eq!(s.entries(4, 7, Some(1), ctx()).unwrap().len(), 1);
         assert_eq!(s.entries(5, 6, None, ctx()).unwrap().len(), 1);
 
         // A conflicting append truncates the suffix, in the cache and durably.
-        s.write(&WriteBatch {
-            entries: vec![entry(5, 6), entry(6, 6), entry(7, 6)],
-            ..Default::default()
-        })
-        .unwrap();
+        s.write(&WriteBatch { entries: vec![entry(5, 6), entry(6, 6), entry(7, 6)], ..Default::default() }).unwrap();
         assert_eq!(s.last_index().unwrap(), 7);
         assert_eq!(s.term(5).unwrap(), 6);
         assert_eq!(s.term(4).unwrap(), 3);
-        let got: Vec<_> = s
-            .entries(4, 8, None, ctx())
-            .unwrap()
-            .iter()
-            .map(|e| (e.index, e.term))
-            .collect();
+        let got: Vec<_> = s.entries(4, 8, None, ctx()).unwrap().iter().map(|e| (e.index, e.term)).collect();
         assert_eq!(got, vec![(4, 3), (5, 6), (6, 6), (7, 6)]);
         let mut backend = s.backend.into_inner();
         let reopened = backend.load().unwrap();
@@ -586,25 +536,11 @@ pub mod contract {
                 e.term = 1;
                 let cmd = match i % 7 {
                     0 => None,
-                    3 | 5 => Some(Command::Delete {
-                        key: format!("k{}", i % 5),
-                    }),
-                    _ => Some(Command::Put {
-                        key: format!("k{}", i % 5),
-                        value: format!("v{i}"),
-                    }),
+                    3 | 5 => Some(Command::Delete { key: format!("k{}", i % 5) }),
+                    _ => Some(Command::Put { key: format!("k{}", i % 5), value: format!("v{i}") }),
                 };
                 if let Some(cmd) = cmd {
-                    e.data = Proposal {
-                        id: RequestId {
-                            node: 1,
-                            nonce: 1,
-                            seq: i,
-                        },
-                        cmd,
-                    }
-                    .encode()
-                    .into();
+                    e.data = Proposal { id: RequestId { node: 1, nonce: 1, seq: i }, cmd }.encode().into();
                 }
                 e
             })
@@ -620,14 +556,7 @@ pub mod contract {
                 crate::state_machine::plan(e, &mut ops);
             }
             let applied = part.last().map(|e| e.index);
-            results.extend(
-                b.write(&WriteBatch {
-                    ops,
-                    applied,
-                    ..Default::default()
-                })
-                .unwrap(),
-            );
+            results.extend(b.write(&WriteBatch { ops, applied, ..Default::default() }).unwrap());
         }
         results
     }

@@ -70,9 +70,7 @@ pub struct Transport {
 }
 
 fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME)
-        .new_codec()
+    LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_codec()
 }
 
 impl Transport {
@@ -89,14 +87,7 @@ impl Transport {
             TcpListener::from_std(std_listener)?
         };
         rt.spawn(accept_loop(listener, events_tx.clone(), wake.clone()));
-        Ok(Transport {
-            rt: Some(rt),
-            peers: HashMap::new(),
-            events_tx,
-            events_rx,
-            wake,
-            local_addr,
-        })
+        Ok(Transport { rt: Some(rt), peers: HashMap::new(), events_tx, events_rx, wake, local_addr })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -114,13 +105,7 @@ impl Transport {
         }
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
         let rt = self.rt.as_ref().expect("transport is running");
-        rt.spawn(peer_writer(
-            id,
-            addr,
-            rx,
-            self.events_tx.clone(),
-            self.wake.clone(),
-        ));
+        rt.spawn(peer_writer(id, addr, rx, self.events_tx.clone(), self.wake.clone()));
         // Replacing the sender ends the old writer task (its receiver sees the channel close).
         self.peers.insert(id, Peer { addr, tx });
     }
@@ -211,14 +196,7 @@ async fn peer_writer(
                         Err(mpsc::error::TryRecvError::Disconnected) => return,
                     }
                 }
-                emit(
-                    &events,
-                    &wake,
-                    Event::Unreachable {
-                        peer: id,
-                        snapshot_failed,
-                    },
-                );
+                emit(&events, &wake, Event::Unreachable { peer: id, snapshot_failed });
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 if rx.is_closed() {
@@ -234,17 +212,13 @@ async fn peer_writer(
         let error = loop {
             let Some(first) = rx.recv().await else { return };
             let mut snapshot = first.get_msg_type() == MessageType::MsgSnapshot;
-            let mut res = sink
-                .feed(Bytes::from(first.write_to_bytes().unwrap_or_default()))
-                .await;
+            let mut res = sink.feed(Bytes::from(first.write_to_bytes().unwrap_or_default())).await;
             // Batch whatever else is queued into the same flush.
             while res.is_ok() {
                 match rx.try_recv() {
                     Ok(m) => {
                         snapshot |= m.get_msg_type() == MessageType::MsgSnapshot;
-                        res = sink
-                            .feed(Bytes::from(m.write_to_bytes().unwrap_or_default()))
-                            .await;
+                        res = sink.feed(Bytes::from(m.write_to_bytes().unwrap_or_default())).await;
                     }
                     Err(_) => break,
                 }
@@ -253,26 +227,11 @@ async fn peer_writer(
                 res = SinkExt::<Bytes>::flush(&mut sink).await;
             }
             if let Err(e) = res {
-                emit(
-                    &events,
-                    &wake,
-                    Event::Unreachable {
-                        peer: id,
-                        snapshot_failed: snapshot,
-                    },
-                );
+                emit(&events, &wake, Event::Unreachable { peer: id, snapshot_failed: snapshot });
                 break e.to_string();
             }
         };
-        emit(
-            &events,
-            &wake,
-            Event::Disconnected {
-                peer: id,
-                addr,
-                error,
-            },
-        );
+        emit(&events, &wake, Event::Disconnected { peer: id, addr, error });
     }
 }
 
@@ -282,11 +241,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn rt() -> Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap()
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
     }
 
     fn msg(from: u64, to: u64, term: u64) -> Message {
@@ -302,11 +257,7 @@ mod tests {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match t
-                .events()
-                .recv_timeout(left)
-                .expect("no message within 10 s")
-            {
+            match t.events().recv_timeout(left).expect("no message within 10 s") {
                 Event::Message(m) => return m,
                 _ => continue,
             }
@@ -342,21 +293,14 @@ mod tests {
     fn dead_peer_is_reported_and_never_blocks() {
         let wake: Waker = Arc::new(|| {});
         // A port that was bound and released: nothing listens there.
-        let dead = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let mut a = Transport::start(rt(), "127.0.0.1:0".parse().unwrap(), wake).unwrap();
         a.set_peer(2, dead);
         for t in 0..10 {
             a.send(msg(1, 2, t));
         }
         loop {
-            match a
-                .events()
-                .recv_timeout(Duration::from_secs(10))
-                .expect("unreachable reported")
-            {
+            match a.events().recv_timeout(Duration::from_secs(10)).expect("unreachable reported") {
                 Event::Unreachable { peer: 2, .. } => break,
                 _ => continue,
             }
@@ -375,15 +319,9 @@ mod tests {
         big.set_context(vec![7u8; 64 << 10].into());
         let start = std::time::Instant::now();
         let refused = (0..20_000).filter(|_| !a.send(big.clone())).count();
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "send must not block"
-        );
+        assert!(start.elapsed() < Duration::from_secs(5), "send must not block");
         // 20,000 x 64 KiB cannot fit in socket buffers plus a queue of PEER_QUEUE.
-        assert!(
-            refused >= 20_000 - PEER_QUEUE - 2048,
-            "only {refused} refused"
-        );
+        assert!(refused >= 20_000 - PEER_QUEUE - 2048, "only {refused} refused");
         a.shutdown();
     }
 

@@ -34,30 +34,20 @@ fn pg_command(program: &str) -> Command {
 }
 
 fn run(mut c: Command, what: &str) -> Output {
-    c.env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE");
-    c.output()
-        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"))
+    c.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
+    c.output().unwrap_or_else(|e| panic!("{what}: cannot run: {e}"))
 }
 
 fn chown_to_postgres(p: &Path) {
     if is_root() {
-        let st = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(p)
-            .status()
-            .unwrap();
+        let st = Command::new("chown").args(["-R", "postgres:postgres"]).arg(p).status().unwrap();
         assert!(st.success(), "chown {p:?}");
     }
 }
 
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.
@@ -78,29 +68,15 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
 fn template() -> &'static Path {
     static T: OnceLock<PathBuf> = OnceLock::new();
     T.get_or_init(|| {
-        let dir =
-            std::env::temp_dir().join(format!("raft_kv-test-template-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("raft_kv-test-template-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         chown_to_postgres(&dir);
         let data = dir.join("data");
         let mut c = pg_command(&format!("{PG_BIN}/initdb"));
-        c.arg("-D").arg(&data).args([
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "--no-sync",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        ]);
+        c.arg("-D").arg(&data).args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"]);
         let out = run(c, "initdb");
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         data
     })
 }
@@ -128,10 +104,7 @@ impl Node {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
     pub fn conn_str(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=5",
-            self.spec.pg_port
-        )
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=5", self.spec.pg_port)
     }
     pub fn raft_addr(&self) -> String {
         format!("127.0.0.1:{}", self.spec.raft_port)
@@ -185,37 +158,20 @@ impl Builder {
         ));
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).unwrap();
-        let specs: Vec<NodeSpec> = (1..=self.n as u64)
-            .map(|id| NodeSpec {
-                id,
-                pg_port: free_port(),
-                raft_port: free_port(),
-            })
-            .collect();
-        let peers = specs
-            .iter()
-            .map(|s| format!("{}=127.0.0.1:{}", s.id, s.raft_port))
-            .collect::<Vec<_>>()
-            .join(",");
+        let specs: Vec<NodeSpec> =
+            (1..=self.n as u64).map(|id| NodeSpec { id, pg_port: free_port(), raft_port: free_port() }).collect();
+        let peers = specs.iter().map(|s| format!("{}=127.0.0.1:{}", s.id, s.raft_port)).collect::<Vec<_>>().join(",");
         let mut nodes = Vec::new();
         for spec in &specs {
             let dir = root.join(format!("node{}", spec.id));
             fs::create_dir_all(&dir).unwrap();
-            let st = Command::new("cp")
-                .arg("-a")
-                .arg(template())
-                .arg(dir.join("data"))
-                .status()
-                .unwrap();
+            let st = Command::new("cp").arg("-a").arg(template()).arg(dir.join("data")).status().unwrap();
             assert!(st.success(), "copying the template data directory");
             let raft = match &self.conf {
                 Some(f) => f(spec, &peers),
                 None => default_raft_conf(spec, &peers),
             };
-            let mut f = fs::OpenOptions::new()
-                .append(true)
-                .open(dir.join("data/postgresql.conf"))
-                .unwrap();
+            let mut f = fs::OpenOptions::new().append(true).open(dir.join("data/postgresql.conf")).unwrap();
             write!(
                 f,
                 "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
@@ -226,25 +182,16 @@ impl Builder {
                 self.extra_conf
             )
             .unwrap();
-            nodes.push(Node {
-                spec: spec.clone(),
-                dir,
-            });
+            nodes.push(Node { spec: spec.clone(), dir });
         }
         chown_to_postgres(&root);
-        let c = Cluster {
-            root,
-            nodes,
-            extra_conf: self.extra_conf,
-        };
+        let c = Cluster { root, nodes, extra_conf: self.extra_conf };
         for i in 1..=c.nodes.len() {
             c.start_node(i);
         }
         if self.create_extension {
             for i in 1..=c.nodes.len() {
-                c.client(i)
-                    .batch_execute("CREATE EXTENSION raft_kv")
-                    .unwrap();
+                c.client(i).batch_execute("CREATE EXTENSION raft_kv").unwrap();
             }
         }
         c
@@ -268,12 +215,7 @@ pub enum Stop {
 
 impl Cluster {
     pub fn builder(n: usize) -> Builder {
-        Builder {
-            n,
-            extra_conf: String::new(),
-            conf: None,
-            create_extension: true,
-        }
+        Builder { n, extra_conf: String::new(), conf: None, create_extension: true }
     }
 
     pub fn start(n: usize) -> Cluster {
@@ -292,18 +234,9 @@ impl Cluster {
     pub fn start_node(&self, i: usize) {
         let n = self.node(i);
         let mut c = pg_command(&format!("{PG_BIN}/pg_ctl"));
-        c.arg("-D")
-            .arg(n.data())
-            .arg("-l")
-            .arg(n.log_path())
-            .args(["-w", "-t", "60", "start"]);
+        c.arg("-D").arg(n.data()).arg("-l").arg(n.log_path()).args(["-w", "-t", "60", "start"]);
         let out = run(c, "pg_ctl start");
-        assert!(
-            out.status.success(),
-            "node {i} did not start: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            n.log()
-        );
+        assert!(out.status.success(), "node {i} did not start: {}\n{}", String::from_utf8_lossy(&out.stderr), n.log());
     }
 
     pub fn stop_node(&self, i: usize, mode: Stop) {
@@ -313,15 +246,9 @@ impl Cluster {
             Stop::Immediate => "immediate",
         };
         let mut c = pg_command(&format!("{PG_BIN}/pg_ctl"));
-        c.arg("-D")
-            .arg(n.data())
-            .args(["-m", m, "-w", "-t", "60", "stop"]);
+        c.arg("-D").arg(n.data()).args(["-m", m, "-w", "-t", "60", "stop"]);
         let out = run(c, "pg_ctl stop");
-        assert!(
-            out.status.success(),
-            "stopping node {i}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "stopping node {i}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// Whether node `i`'s server is up (pg_ctl status).
@@ -356,31 +283,19 @@ impl Cluster {
     /// (role, term, leader_id) from node `i`'s raft_status(), None when unreachable.
     pub fn raft_view(&self, i: usize) -> Option<(String, i64, Option<i64>)> {
         let mut c = self.try_client(i)?;
-        let r = c
-            .query_one("SELECT role, term, leader_id FROM raft_status()", &[])
-            .ok()?;
-        Some((
-            r.get::<_, Option<String>>(0)?,
-            r.get::<_, Option<i64>>(1)?,
-            r.get(2),
-        ))
+        let r = c.query_one("SELECT role, term, leader_id FROM raft_status()", &[]).ok()?;
+        Some((r.get::<_, Option<String>>(0)?, r.get::<_, Option<i64>>(1)?, r.get(2)))
     }
 
     /// Waits until every node in `among` agrees on one leader in one term; returns (leader, term).
     pub fn wait_leader(&self, among: &[usize], timeout: Duration) -> (usize, i64) {
         wait_for(timeout, "a leader all nodes agree on", || {
-            let views: Vec<_> = among
-                .iter()
-                .map(|&i| self.raft_view(i))
-                .collect::<Option<Vec<_>>>()?;
+            let views: Vec<_> = among.iter().map(|&i| self.raft_view(i)).collect::<Option<Vec<_>>>()?;
             let (_, term, leader) = views[0].clone();
             let leader = leader?;
-            let agree = views
-                .iter()
-                .all(|(_, t, l)| *t == term && *l == Some(leader));
+            let agree = views.iter().all(|(_, t, l)| *t == term && *l == Some(leader));
             let leaders = views.iter().filter(|(r, _, _)| r == "leader").count();
-            (agree && leaders == 1 && among.contains(&(leader as usize)))
-                .then_some((leader as usize, term))
+            (agree && leaders == 1 && among.contains(&(leader as usize))).then_some((leader as usize, term))
         })
     }
 
@@ -398,10 +313,7 @@ impl Cluster {
     }
 
     pub fn applied_index(&self, i: usize) -> Option<i64> {
-        self.try_client(i)?
-            .query_one("SELECT applied_index FROM raft_status()", &[])
-            .ok()?
-            .get(0)
+        self.try_client(i)?.query_one("SELECT applied_index FROM raft_status()", &[]).ok()?.get(0)
     }
 }
 
@@ -413,9 +325,7 @@ impl Drop for Cluster {
                 // A paused server cannot stop.
                 unsafe { libc::kill(pid, libc::SIGCONT) };
                 let mut c = pg_command(&format!("{PG_BIN}/pg_ctl"));
-                c.arg("-D")
-                    .arg(n.data())
-                    .args(["-m", "immediate", "-w", "-t", "30", "stop"]);
+                c.arg("-D").arg(n.data()).args(["-m", "immediate", "-w", "-t", "30", "stop"]);
                 let _ = run(c, "pg_ctl stop");
             }
         }

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use raft_kv_tests::{wait_for, Client, Cluster, Stop};
 
 fn set(c: &mut Client, k: &str, v: &str) -> Result<i64, raft_kv_tests::PgError> {
-    c.query_one("SELECT raft_set($1, $2)", &[&k, &v])
-        .map(|r| r.get(0))
+    c.query_one("SELECT raft_set($1, $2)", &[&k, &v]).map(|r| r.get(0))
 }
 
 fn get(c: &mut Client, k: &str) -> Option<String> {
@@ -23,17 +22,11 @@ fn followers(leader: usize) -> Vec<usize> {
 /// Waits until all listed nodes have applied the same index and hold identical tables.
 fn assert_converged(c: &Cluster, nodes: &[usize]) {
     wait_for(Duration::from_secs(10), "nodes to converge", || {
-        let idx: Vec<_> = nodes
-            .iter()
-            .map(|&i| c.applied_index(i))
-            .collect::<Option<Vec<_>>>()?;
+        let idx: Vec<_> = nodes.iter().map(|&i| c.applied_index(i)).collect::<Option<Vec<_>>>()?;
         idx.windows(2).all(|w| w[0] == w[1]).then_some(())
     });
     let hashes: Vec<_> = nodes.iter().map(|&i| c.kv_hash(i)).collect();
-    assert!(
-        hashes.windows(2).all(|w| w[0] == w[1]),
-        "kv tables differ: {hashes:?}"
-    );
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "kv tables differ: {hashes:?}");
 }
 
 #[test]
@@ -43,38 +36,17 @@ fn one_leader_within_five_seconds() {
     let (leader, term) = c.wait_leader(&[1, 2, 3], Duration::from_secs(5));
     println!("leader {leader} in term {term} after {:?}", t0.elapsed());
     let roles: Vec<String> = (1..=3).map(|i| c.raft_view(i).unwrap().0).collect();
-    assert_eq!(
-        roles.iter().filter(|r| *r == "leader").count(),
-        1,
-        "{roles:?}"
-    );
-    let r = c
-        .client(leader)
-        .query_one(
-            "SELECT voters, commit_index, last_index FROM raft_status()",
-            &[],
-        )
-        .unwrap();
+    assert_eq!(roles.iter().filter(|r| *r == "leader").count(), 1, "{roles:?}");
+    let r = c.client(leader).query_one("SELECT voters, commit_index, last_index FROM raft_status()", &[]).unwrap();
     assert_eq!(r.get::<_, Vec<i64>>(0), vec![1, 2, 3]);
-    let members = c
-        .client(leader)
-        .query(
-            "SELECT id, address, voter, match_index, active FROM raft_members()",
-            &[],
-        )
-        .unwrap();
+    let members =
+        c.client(leader).query("SELECT id, address, voter, match_index, active FROM raft_members()", &[]).unwrap();
     assert_eq!(members.len(), 3);
     for m in &members {
         let id: i64 = m.get(0);
-        assert_eq!(
-            m.get::<_, Option<String>>(1),
-            Some(c.node(id as usize).raft_addr())
-        );
+        assert_eq!(m.get::<_, Option<String>>(1), Some(c.node(id as usize).raft_addr()));
         assert!(m.get::<_, bool>(2));
-        assert!(
-            m.get::<_, Option<i64>>(3).is_some(),
-            "leader knows match indexes"
-        );
+        assert!(m.get::<_, Option<i64>>(3).is_some(), "leader knows match indexes");
     }
 }
 
@@ -95,27 +67,12 @@ fn write_on_follower_is_visible_everywhere() {
             (get(&mut cl, "config/mode").as_deref() == Some("active")).then_some(())
         });
     }
-    println!(
-        "visible on all nodes {:?} after the write returned",
-        t0.elapsed()
-    );
-    let r = c
-        .client(leader)
-        .query_one(
-            "SELECT revision FROM raft_kv.kv WHERE key = 'config/mode'",
-            &[],
-        )
-        .unwrap();
+    println!("visible on all nodes {:?} after the write returned", t0.elapsed());
+    let r = c.client(leader).query_one("SELECT revision FROM raft_kv.kv WHERE key = 'config/mode'", &[]).unwrap();
     assert_eq!(r.get::<_, i64>(0), rev);
     // Delete reports whether the key existed, everywhere.
-    assert!(fc
-        .query_one("SELECT raft_delete('config/mode')", &[])
-        .unwrap()
-        .get::<_, bool>(0));
-    assert!(!fc
-        .query_one("SELECT raft_delete('config/mode')", &[])
-        .unwrap()
-        .get::<_, bool>(0));
+    assert!(fc.query_one("SELECT raft_delete('config/mode')", &[]).unwrap().get::<_, bool>(0));
+    assert!(!fc.query_one("SELECT raft_delete('config/mode')", &[]).unwrap().get::<_, bool>(0));
     assert_eq!(get(&mut fc, "config/mode"), None);
 }
 
@@ -148,10 +105,7 @@ fn concurrent_writers_converge() {
     // Each key holds the last value its writer wrote.
     let mut cl = c.client(2);
     for t in 0..4 {
-        assert_eq!(
-            get(&mut cl, &format!("w{t}/k49")).unwrap(),
-            format!("{t}-499")
-        );
+        assert_eq!(get(&mut cl, &format!("w{t}/k49")).unwrap(), format!("{t}-499"));
     }
 }
 
@@ -164,18 +118,12 @@ fn leader_failover_and_rejoin() {
     c.stop_node(old, Stop::Immediate);
     let t0 = Instant::now();
     let (new, new_term) = c.wait_leader(&f, Duration::from_secs(3));
-    println!(
-        "new leader {new} (term {new_term}) {:?} after killing {old}",
-        t0.elapsed()
-    );
+    println!("new leader {new} (term {new_term}) {:?} after killing {old}", t0.elapsed());
     assert_ne!(new, old);
     assert!(new_term > term);
     let mut cl = c.client(f[1]);
-    let written = wait_for(
-        Duration::from_secs(5),
-        "a write to succeed after failover",
-        || set(&mut cl, "after", "2").ok(),
-    );
+    let written =
+        wait_for(Duration::from_secs(5), "a write to succeed after failover", || set(&mut cl, "after", "2").ok());
     assert!(written > 0);
     c.start_node(old);
     let (leader, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
@@ -213,9 +161,7 @@ fn crash_all_mid_load_loses_no_acknowledged_write() {
                 }
             });
         }
-        wait_for(Duration::from_secs(30), "some writes", || {
-            (ops.load(Ordering::Relaxed) >= 150).then_some(())
-        });
+        wait_for(Duration::from_secs(30), "some writes", || (ops.load(Ordering::Relaxed) >= 150).then_some(()));
         for i in 1..=3 {
             c.stop_node(i, Stop::Immediate);
         }
@@ -233,25 +179,15 @@ fn crash_all_mid_load_loses_no_acknowledged_write() {
     for i in 1..=3 {
         let mut cl = c.client(i);
         for (k, (rev, val)) in &acked {
-            let r = cl
-                .query_one(
-                    "SELECT value, revision FROM raft_kv.kv WHERE key = $1",
-                    &[k],
-                )
-                .unwrap();
+            let r = cl.query_one("SELECT value, revision FROM raft_kv.kv WHERE key = $1", &[k]).unwrap();
             let (v, r): (String, i64) = (r.get(0), r.get(1));
             // A later, unacknowledged write may have committed, but never an older one.
-            assert!(
-                r >= *rev,
-                "node {i}: {k} at revision {r}, acknowledged {rev}"
-            );
+            assert!(r >= *rev, "node {i}: {k} at revision {r}, acknowledged {rev}");
             if r == *rev {
                 assert_eq!(&v, val, "node {i}: {k}");
             }
         }
-        let st = cl
-            .query_one("SELECT applied_index, commit_index FROM raft_status()", &[])
-            .unwrap();
+        let st = cl.query_one("SELECT applied_index, commit_index FROM raft_status()", &[]).unwrap();
         assert!(st.get::<_, i64>(0) <= st.get::<_, i64>(1));
     }
 }
@@ -262,41 +198,27 @@ fn minority_fails_within_timeout_and_reads_still_answer() {
     let (leader, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(5));
     let survivor = followers(leader)[0];
     set(&mut c.client(survivor), "k", "v").unwrap();
-    wait_for(
-        Duration::from_secs(5),
-        "write applied on the survivor",
-        || (get(&mut c.client(survivor), "k").as_deref() == Some("v")).then_some(()),
-    );
+    wait_for(Duration::from_secs(5), "write applied on the survivor", || {
+        (get(&mut c.client(survivor), "k").as_deref() == Some("v")).then_some(())
+    });
     for i in (1..=3).filter(|&i| i != survivor) {
         c.stop_node(i, Stop::Immediate);
     }
     let mut cl = c.client(survivor);
-    cl.batch_execute("SET raft_kv.apply_timeout = '2s'")
-        .unwrap();
+    cl.batch_execute("SET raft_kv.apply_timeout = '2s'").unwrap();
     let t0 = Instant::now();
     let err = set(&mut cl, "k", "w").unwrap_err();
     let took = t0.elapsed();
     let db = err.as_db_error().unwrap();
-    println!(
-        "failed after {took:?}: {} ({})",
-        db.message(),
-        db.code().code()
-    );
-    assert!(
-        took < Duration::from_secs(3),
-        "took {took:?}, over apply_timeout + 1 s"
-    );
-    let certain =
-        db.message().starts_with("raft_kv write not committed") && db.code().code() == "40001";
-    let unknown =
-        db.message().starts_with("raft_kv write outcome unknown") && db.code().code() == "40003";
+    println!("failed after {took:?}: {} ({})", db.message(), db.code().code());
+    assert!(took < Duration::from_secs(3), "took {took:?}, over apply_timeout + 1 s");
+    let certain = db.message().starts_with("raft_kv write not committed") && db.code().code() == "40001";
+    let unknown = db.message().starts_with("raft_kv write outcome unknown") && db.code().code() == "40003";
     assert!(certain || unknown, "{}", db.message());
     assert_eq!(get(&mut cl, "k").as_deref(), Some("v"));
     // Once no leader is known, the failure is certain and immediate-to-timeout.
     wait_for(Duration::from_secs(5), "leader loss noticed", || {
-        let r = cl
-            .query_one("SELECT leader_id FROM raft_status()", &[])
-            .ok()?;
+        let r = cl.query_one("SELECT leader_id FROM raft_status()", &[]).ok()?;
         r.get::<_, Option<i64>>(0).is_none().then_some(())
     });
     let err = set(&mut cl, "k", "x").unwrap_err();
@@ -310,15 +232,10 @@ fn bad_input_is_rejected_and_changes_nothing() {
     c.wait_leader(&[1, 2, 3], Duration::from_secs(5));
     let mut cl = c.client(1);
     set(&mut cl, "existing", "1").unwrap();
-    cl.batch_execute("ALTER SYSTEM SET raft_kv.max_value_bytes = 100")
-        .unwrap();
+    cl.batch_execute("ALTER SYSTEM SET raft_kv.max_value_bytes = 100").unwrap();
     cl.batch_execute("SELECT pg_reload_conf()").unwrap();
     wait_for(Duration::from_secs(5), "reload", || {
-        let v: String = c
-            .client(1)
-            .query_one("SHOW raft_kv.max_value_bytes", &[])
-            .unwrap()
-            .get(0);
+        let v: String = c.client(1).query_one("SHOW raft_kv.max_value_bytes", &[]).unwrap().get(0);
         (v == "100B").then_some(())
     });
     let mut cl = c.client(1);
@@ -327,128 +244,54 @@ fn bad_input_is_rejected_and_changes_nothing() {
     let ok_key = "k".repeat(1024);
     let big = "v".repeat(101);
     let cases: Vec<(&str, Vec<&(dyn postgres::types::ToSql + Sync)>, &str, &str)> = vec![
-        (
-            "SELECT raft_set(NULL, 'v')",
-            vec![],
-            "raft_kv key must not be NULL",
-            "22004",
-        ),
-        (
-            "SELECT raft_set('k', NULL)",
-            vec![],
-            "raft_kv value must not be NULL",
-            "22004",
-        ),
-        (
-            "SELECT raft_get(NULL)",
-            vec![],
-            "raft_kv key must not be NULL",
-            "22004",
-        ),
-        (
-            "SELECT raft_delete(NULL)",
-            vec![],
-            "raft_kv key must not be NULL",
-            "22004",
-        ),
-        (
-            "SELECT raft_set('', 'v')",
-            vec![],
-            "raft_kv key must not be empty",
-            "22023",
-        ),
+        ("SELECT raft_set(NULL, 'v')", vec![], "raft_kv key must not be NULL", "22004"),
+        ("SELECT raft_set('k', NULL)", vec![], "raft_kv value must not be NULL", "22004"),
+        ("SELECT raft_get(NULL)", vec![], "raft_kv key must not be NULL", "22004"),
+        ("SELECT raft_delete(NULL)", vec![], "raft_kv key must not be NULL", "22004"),
+        ("SELECT raft_set('', 'v')", vec![], "raft_kv key must not be empty", "22023"),
         (
             "SELECT raft_set($1, 'v')",
             vec![&long_key],
             "raft_kv key is 1025 bytes, over the limit of 1024 bytes",
             "54000",
         ),
-        (
-            "SELECT raft_get($1)",
-            vec![&long_key],
-            "over the limit of 1024 bytes",
-            "54000",
-        ),
+        ("SELECT raft_get($1)", vec![&long_key], "over the limit of 1024 bytes", "54000"),
         (
             "SELECT raft_set('k', $1)",
             vec![&big],
             "raft_kv value is 101 bytes, over raft_kv.max_value_bytes (100 bytes)",
             "54000",
         ),
-        (
-            "INSERT INTO raft_kv.kv VALUES ('x', 'y', 1)",
-            vec![],
-            "direct INSERT on raft_kv.kv is not allowed",
-            "42501",
-        ),
-        (
-            "UPDATE raft_kv.kv SET value = 'z'",
-            vec![],
-            "direct UPDATE on raft_kv.kv is not allowed",
-            "42501",
-        ),
-        (
-            "DELETE FROM raft_kv.kv",
-            vec![],
-            "direct DELETE on raft_kv.kv is not allowed",
-            "42501",
-        ),
-        (
-            "TRUNCATE raft_kv.kv",
-            vec![],
-            "direct TRUNCATE on raft_kv.kv is not allowed",
-            "42501",
-        ),
-        (
-            "DELETE FROM raft_kv.log",
-            vec![],
-            "direct DELETE on raft_kv.log is not allowed",
-            "42501",
-        ),
+        ("INSERT INTO raft_kv.kv VALUES ('x', 'y', 1)", vec![], "direct INSERT on raft_kv.kv is not allowed", "42501"),
+        ("UPDATE raft_kv.kv SET value = 'z'", vec![], "direct UPDATE on raft_kv.kv is not allowed", "42501"),
+        ("DELETE FROM raft_kv.kv", vec![], "direct DELETE on raft_kv.kv is not allowed", "42501"),
+        ("TRUNCATE raft_kv.kv", vec![], "direct TRUNCATE on raft_kv.kv is not allowed", "42501"),
+        ("DELETE FROM raft_kv.log", vec![], "direct DELETE on raft_kv.log is not allowed", "42501"),
         (
             "INSERT INTO raft_kv.log VALUES (999999, 1, 0, '', '')",
             vec![],
             "direct INSERT on raft_kv.log is not allowed",
             "42501",
         ),
-        (
-            "UPDATE raft_kv.state SET term = 99",
-            vec![],
-            "direct UPDATE on raft_kv.state is not allowed",
-            "42501",
-        ),
-        (
-            "TRUNCATE raft_kv.state",
-            vec![],
-            "direct TRUNCATE on raft_kv.state is not allowed",
-            "42501",
-        ),
+        ("UPDATE raft_kv.state SET term = 99", vec![], "direct UPDATE on raft_kv.state is not allowed", "42501"),
+        ("TRUNCATE raft_kv.state", vec![], "direct TRUNCATE on raft_kv.state is not allowed", "42501"),
     ];
     for (q, params, msg, code) in cases {
         let err = cl.query(q, &params).unwrap_err();
         let db = err.as_db_error().unwrap_or_else(|| panic!("{q}: {err}"));
-        assert!(
-            db.message().contains(msg),
-            "{q}: got {:?}, want {msg:?}",
-            db.message()
-        );
+        assert!(db.message().contains(msg), "{q}: got {:?}, want {msg:?}", db.message());
         assert_eq!(db.code().code(), code, "{q}: {}", db.message());
         assert_eq!(c.kv_hash(1), before, "{q} changed raft_kv.kv");
     }
     // The limits are inclusive.
     set(&mut cl, &ok_key, &"v".repeat(100)).unwrap();
     // A role without grants cannot even read the tables; raft_get works for it.
-    cl.batch_execute("CREATE ROLE app LOGIN; SET ROLE app")
-        .unwrap();
+    cl.batch_execute("CREATE ROLE app LOGIN; SET ROLE app").unwrap();
     let err = cl.query("SELECT * FROM raft_kv.kv", &[]).unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
     assert_eq!(get(&mut cl, "existing").as_deref(), Some("1"));
-    cl.batch_execute("RESET ROLE; GRANT SELECT ON raft_kv.kv TO app; SET ROLE app")
-        .unwrap();
-    let n: i64 = cl
-        .query_one("SELECT count(*) FROM raft_kv.kv", &[])
-        .unwrap()
-        .get(0);
+    cl.batch_execute("RESET ROLE; GRANT SELECT ON raft_kv.kv TO app; SET ROLE app").unwrap();
+    let n: i64 = cl.query_one("SELECT count(*) FROM raft_kv.kv", &[]).unwrap().get(0);
     assert_eq!(n, 2);
     let err = cl.query("DELETE FROM raft_kv.kv", &[]).unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
@@ -459,7 +302,6 @@ fn rollback_does_not_undo_a_write() {
     let c = Cluster::start(3);
     c.wait_leader(&[1, 2, 3], Duration::from_secs(5));
     let mut cl = c.client(2);
-    cl.batch_execute("BEGIN; SELECT raft_set('tx', 'kept'); ROLLBACK")
-        .unwrap();
+    cl.batch_execute("BEGIN; SELECT raft_set('tx', 'kept'); ROLLBACK").unwrap();
     assert_eq!(get(&mut cl, "tx").as_deref(), Some("kept"));
 }
