@@ -155,11 +155,17 @@ pub struct Taken {
     pub deadline: Instant,
 }
 
-/// Worker: takes every newly submitted request of this epoch.
-pub fn take_new(epoch: u64, out: &mut Vec<Taken>) {
+/// Worker: takes every newly submitted request of this epoch, and frees the slots whose
+/// backends gave up (reporting them in `abandoned` as (slot, gen)).
+pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u64)>) {
     let mut sh = SHARED.exclusive();
     let now = Instant::now();
     for (idx, s) in sh.slots.iter_mut().enumerate() {
+        if s.state == SlotState::Taken as u8 && s.abandoned {
+            s.state = SlotState::Free as u8;
+            abandoned.push((idx, s.gen));
+            continue;
+        }
         if s.state != SlotState::Submitted as u8 {
             continue;
         }

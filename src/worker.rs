@@ -131,13 +131,18 @@ pub extern "C-unwind" fn raft_kv_worker_main(_arg: pg_sys::Datum) {
     exit_cleanly();
 }
 
+/// Fails every waiting request and exits with code 1, so the postmaster starts the worker
+/// again (after `pg_terminate_backend`, say) unless the whole server is shutting down.
 fn exit_cleanly() {
-    let mut sh = SHARED.exclusive();
-    sh.status.running = false;
-    sh.status.worker_procno = -1;
-    sh.status.worker_pid = 0;
-    sh.status.state.set("stopped");
-    requests::resolve_all(&mut sh, "the raft_kv worker stopped while the request was in flight");
+    {
+        let mut sh = SHARED.exclusive();
+        sh.status.running = false;
+        sh.status.worker_procno = -1;
+        sh.status.worker_pid = 0;
+        sh.status.state.set("stopped");
+        requests::resolve_all(&mut sh, "the raft_kv worker stopped while the request was in flight");
+    }
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// An eventfd the transport threads write to, so the latch wait also wakes for network input.
@@ -226,6 +231,7 @@ fn run(settings: Settings, epoch: u64) {
     let mut inflight: HashMap<RequestId, InFlight> = HashMap::new();
     let mut unproposed: VecDeque<RequestId> = VecDeque::new();
     let mut taken: Vec<Taken> = Vec::new();
+    let mut abandoned: Vec<(usize, u64)> = Vec::new();
     let mut published: Option<NodeStatus> = None;
     let mut next_tick = Instant::now() + settings.tick;
     let mut out = Output::default();
@@ -280,7 +286,11 @@ fn run(settings: Settings, epoch: u64) {
             }
         }
 
-        requests::take_new(epoch, &mut taken);
+        requests::take_new(epoch, &mut taken, &mut abandoned);
+        for (slot, gen) in abandoned.drain(..) {
+            // The client is gone; the proposal may still apply, but nobody waits for it.
+            inflight.retain(|_, f| (f.slot, f.gen) != (slot, gen));
+        }
         for t in taken.drain(..) {
             seq += 1;
             let id = RequestId { node: me, nonce, seq };

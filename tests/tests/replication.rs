@@ -305,3 +305,72 @@ fn rollback_does_not_undo_a_write() {
     cl.batch_execute("BEGIN; SELECT raft_set('tx', 'kept'); ROLLBACK").unwrap();
     assert_eq!(get(&mut cl, "tx").as_deref(), Some("kept"));
 }
+
+#[test]
+fn cancel_and_worker_restart_end_waits_cleanly() {
+    let c = Cluster::start(3);
+    let (leader, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(5));
+    let survivor = followers(leader)[0];
+    for i in (1..=3).filter(|&i| i != survivor) {
+        c.stop_node(i, Stop::Immediate);
+    }
+    let mut cl = c.client(survivor);
+    cl.batch_execute("SET raft_kv.apply_timeout = '60s'").unwrap();
+
+    // statement_timeout interrupts the wait; the session and its slot stay usable.
+    cl.batch_execute("SET statement_timeout = '300ms'").unwrap();
+    let t0 = Instant::now();
+    let err = set(&mut cl, "k", "v").unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "57014", "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    cl.batch_execute("SET statement_timeout = 0").unwrap();
+    for _ in 0..200 {
+        // Far more cancelled requests than there are slots: none may leak.
+        cl.batch_execute("SET statement_timeout = '5ms'").unwrap();
+        let _ = set(&mut cl, "k", "v");
+    }
+    cl.batch_execute("SET statement_timeout = 0").unwrap();
+
+    // A worker restart fails the in-flight request at once instead of leaving it hanging.
+    let pid: i32 = cl.query_one("SELECT worker_pid FROM raft_status()", &[]).unwrap().get(0);
+    let c2 = &c;
+    let (err, took) = std::thread::scope(|s| {
+        let h = s.spawn(move || {
+            let mut w = c2.client(survivor);
+            w.batch_execute("SET raft_kv.apply_timeout = '60s'").unwrap();
+            let t0 = Instant::now();
+            (set(&mut w, "k", "v").unwrap_err(), t0.elapsed())
+        });
+        // Terminate the worker once the client is waiting on it.
+        let mut admin = c2.client(survivor);
+        wait_for(Duration::from_secs(10), "the write to be waiting", || {
+            let n: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'Extension' AND query LIKE '%raft_set%'",
+                    &[],
+                )
+                .ok()?
+                .get(0);
+            (n == 1).then_some(())
+        });
+        admin.query_one("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+        h.join().unwrap()
+    });
+    let db = err.as_db_error().unwrap();
+    // Unknown if the worker had taken it (it might have reached a log), certain otherwise.
+    assert!(["40003", "40001"].contains(&db.code().code()), "{}", db.message());
+    assert!(db.message().contains("worker"), "{}", db.message());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    // The worker comes back by itself, with a new pid.
+    wait_for(Duration::from_secs(15), "the worker to restart", || {
+        let r = c.client(survivor).query_one("SELECT worker_pid, state FROM raft_status()", &[]).ok()?;
+        let (p, st): (Option<i32>, String) = (r.get(0), r.get(1));
+        (p.is_some_and(|p| p != pid) && st == "running").then_some(())
+    });
+    for i in (1..=3).filter(|&i| i != survivor) {
+        c.start_node(i);
+    }
+    c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    let mut cl = c.client(survivor);
+    wait_for(Duration::from_secs(10), "writes to work again", || set(&mut cl, "k", "after").ok());
+}
