@@ -24,6 +24,8 @@ pub struct RequestId {
 pub enum Command {
     Put { key: String, value: String },
     Delete { key: String },
+    /// Writes `value` only if the current value equals `expected` (`None`: the key is absent).
+    Cas { key: String, expected: Option<String>, value: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,11 +36,14 @@ pub struct Proposal {
 
 /// The result of applying a command, reported to the client that proposed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApplyResult {
-    /// A put: the revision (log index) at which the value was written.
-    Put { revision: u64 },
-    /// A delete: whether the key existed.
-    Delete { existed: bool },
+pub struct ApplyResult {
+    /// The log index of the entry that applied the request (for a put, the key's new revision).
+    pub revision: u64,
+    /// Delete: whether the key existed. Cas: whether the value was written. Put: true.
+    pub flag: bool,
+    /// The request had already been applied at `revision`; this entry was a retry and changed
+    /// nothing.
+    pub duplicate: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +63,7 @@ impl Proposal {
 impl Command {
     pub fn key(&self) -> &str {
         match self {
-            Command::Put { key, .. } | Command::Delete { key } => key,
+            Command::Put { key, .. } | Command::Delete { key } | Command::Cas { key, .. } => key,
         }
     }
 }

@@ -73,6 +73,9 @@ pub struct Output {
     pub superseded: Vec<RequestId>,
     /// Set when the role, leader or term changed.
     pub role_changed: bool,
+    /// Answers to `read_index` calls: (context, read index). A read with that context may be
+    /// served once this node has applied the index.
+    pub read_states: Vec<(Vec<u8>, u64)>,
 }
 
 /// A member as the status sees it.
@@ -211,6 +214,14 @@ impl<B: Backend> Node<B> {
         self.raw.raft.set_randomized_election_timeout(pick(lo, hi));
     }
 
+    /// Asks for a linearizable read point (raft's ReadIndex, safe mode). The answer comes in
+    /// `Output::read_states`, or never: raft drops the request silently when no leader is
+    /// known or the leader has not yet committed in its term, so callers retry with a fresh
+    /// context until a timeout.
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.raw.read_index(ctx);
+    }
+
     pub fn report_unreachable(&mut self, id: u64) {
         self.raw.report_unreachable(id);
     }
@@ -243,6 +254,9 @@ impl<B: Backend> Node<B> {
 
             // Only now, with the entries and vote durable, may votes and acks leave.
             rd.take_persisted_messages().into_iter().for_each(&mut *send);
+            for rs in rd.take_read_states() {
+                out.read_states.push((rs.request_ctx, rs.index));
+            }
             let mut light = self.raw.advance(rd);
 
             let mut batch = WriteBatch::default();

@@ -14,7 +14,7 @@ use raft::StateRole;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::command::{ApplyResult, Command, Proposal, RequestId};
+use crate::command::{Command, Proposal, RequestId};
 use crate::node::{Node, NodeOptions, Output};
 use crate::storage::{Backend, InjectedBug, MemBackend};
 
@@ -75,6 +75,12 @@ pub struct Sim {
     /// applied index → kv state, as first seen on any node.
     states: BTreeMap<u64, BTreeMap<String, (String, u64)>>,
     acked: HashMap<RequestId, (String, u64)>,
+    /// Every proposal, for retries and to know what a completion was.
+    proposed: Vec<(RequestId, Command)>,
+    /// Requests seen applied (not as a duplicate) on their node.
+    applied_once: std::collections::HashSet<RequestId>,
+    /// (node, context, index) of every read state seen.
+    read_states: Vec<(u64, Vec<u8>, u64)>,
     seq: u64,
     report: SimReport,
 }
@@ -114,6 +120,9 @@ impl Sim {
             committed: BTreeMap::new(),
             states: BTreeMap::new(),
             acked: HashMap::new(),
+            proposed: Vec::new(),
+            applied_once: Default::default(),
+            read_states: Vec::new(),
             seq: 0,
             report: SimReport::default(),
         }
@@ -152,8 +161,25 @@ impl Sim {
         for _ in 0..200 {
             self.tick_all()?;
         }
-        if !self.acked.contains_key(&id) {
+        let Some((_, final_rev)) = self.acked.get(&id).cloned() else {
             return Err("the final write did not apply on its node after healing".into());
+        };
+        // A ReadIndex on every node must return a read point at or after the final write.
+        // Contexts must be unique: the leader drops a read whose context is already pending.
+        for (id, n) in self.nodes.iter_mut() {
+            n.as_mut().unwrap().read_index(format!("final-read-{id}").into_bytes());
+        }
+        self.read_states.clear();
+        for _ in 0..50 {
+            self.tick_all()?;
+        }
+        for node in self.nodes.keys() {
+            let want = format!("final-read-{node}").into_bytes();
+            match self.read_states.iter().find(|(n, ctx, _)| n == node && *ctx == want) {
+                Some((_, _, idx)) if *idx >= final_rev => {}
+                Some((_, _, idx)) => return Err(format!("node {node}: read index {idx} below the final write {final_rev}")),
+                None => return Err(format!("node {node}: ReadIndex never answered")),
+            }
         }
         let kvs: Vec<_> = self.backends.values().map(|b| b.kv()).collect();
         if kvs.windows(2).any(|w| w[0] != w[1]) {
@@ -185,9 +211,21 @@ impl Sim {
             Command::Put { key: key.to_string(), value: value.to_string() }
         };
         if let Some(n) = self.nodes.get_mut(&id).unwrap() {
+            let _ = n.propose(&Proposal { id: rid, cmd: cmd.clone() });
+        }
+        self.proposed.push((rid, cmd));
+        rid
+    }
+
+    /// Proposes an earlier request again, as the worker does after a leader change.
+    fn retry_one(&mut self) {
+        if self.proposed.is_empty() {
+            return;
+        }
+        let (rid, cmd) = self.proposed[self.rng.gen_range(0..self.proposed.len())].clone();
+        if let Some(Some(n)) = self.nodes.get_mut(&rid.node) {
             let _ = n.propose(&Proposal { id: rid, cmd });
         }
-        rid
     }
 
     fn restart(&mut self, id: u64) {
@@ -229,6 +267,9 @@ impl Sim {
             let key = if self.rng.gen_bool(0.1) { format!("del/{k}") } else { format!("k{k}") };
             let value = format!("v{}", self.step);
             self.propose_on(id, &key, &value);
+        }
+        if self.rng.gen_bool(self.cfg.propose_rate / 4.0) {
+            self.retry_one();
         }
     }
 
@@ -273,11 +314,21 @@ impl Sim {
             let mut out = Output::default();
             let mut msgs = Vec::new();
             n.handle_ready(&mut out, &mut |m| msgs.push(m)).map_err(|e| format!("node {id}: {e}"))?;
+            for (ctx, idx) in out.read_states {
+                self.read_states.push((id, ctx, idx));
+            }
             for c in out.completed {
-                if let ApplyResult::Put { revision } = c.result {
+                if c.result.duplicate {
+                    continue;
+                }
+                if !self.applied_once.insert(c.id) {
+                    return Err(format!("step {}: request {:?} applied twice (again at {})", self.step, c.id, c.index));
+                }
+                let is_put = self.proposed.iter().any(|(r, cmd)| *r == c.id && matches!(cmd, Command::Put { .. }));
+                if is_put {
                     self.report.acknowledged += 1;
                     let key = self.key_of(id, c.index);
-                    self.acked.insert(c.id, (key, revision));
+                    self.acked.insert(c.id, (key, c.result.revision));
                 }
             }
             for m in msgs {

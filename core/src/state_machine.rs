@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use raft::eraftpb::{Entry, EntryType};
 
 use crate::command::{Command, Proposal, RequestId};
-use crate::storage::KvOp;
+use crate::storage::{KvOp, OpAt, DEDUP_PRUNE_EVERY, DEDUP_WINDOW};
 
 /// What one committed entry asks of the node.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,21 +26,30 @@ pub enum Planned {
 ///
 /// An undecodable normal entry is skipped rather than fatal: it was accepted by a quorum, so
 /// every node skips it identically and the state machines stay equal.
-pub fn plan(entry: &Entry, ops: &mut Vec<KvOp>) -> Planned {
+pub fn plan(entry: &Entry, ops: &mut Vec<OpAt>) -> Planned {
     match entry.get_entry_type() {
         EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => Planned::ConfChange,
         EntryType::EntryNormal if entry.data.is_empty() => Planned::Nothing,
         EntryType::EntryNormal => match Proposal::decode(&entry.data) {
             Err(_) => Planned::Nothing,
             Ok(p) => {
-                ops.push(match p.cmd {
-                    Command::Put { key, value } => KvOp::Put { key, value, revision: entry.index },
+                let op = match p.cmd {
+                    Command::Put { key, value } => KvOp::Put { key, value },
                     Command::Delete { key } => KvOp::Delete { key },
-                });
+                    Command::Cas { key, expected, value } => KvOp::Cas { key, expected, value },
+                };
+                ops.push(OpAt { id: p.id, index: entry.index, op });
                 Planned::Kv { id: p.id, op_index: ops.len() - 1 }
             }
         },
     }
+}
+
+/// When applying moves from `before` to `after`, the revision below which remembered request
+/// ids are forgotten, if this is a pruning point. Depends only on indexes, so every node
+/// prunes identically.
+pub fn dedup_prune_below(before: u64, after: u64) -> Option<u64> {
+    (after / DEDUP_PRUNE_EVERY > before / DEDUP_PRUNE_EVERY && after > DEDUP_WINDOW).then(|| after - DEDUP_WINDOW)
 }
 
 /// Snapshot payload: the whole key-value map. Used by the in-memory backend and bootstrap.
@@ -61,12 +70,16 @@ mod tests {
     use crate::command::ApplyResult;
     use crate::storage::{Backend, MemBackend, WriteBatch};
 
-    fn normal(index: u64, cmd: Command) -> Entry {
+    fn proposal(index: u64, seq: u64, cmd: Command) -> Entry {
         let mut e = Entry::default();
         e.index = index;
         e.term = 1;
-        e.data = Proposal { id: RequestId { node: 1, nonce: 1, seq: index }, cmd }.encode().into();
+        e.data = Proposal { id: RequestId { node: 1, nonce: 1, seq }, cmd }.encode().into();
         e
+    }
+
+    fn normal(index: u64, cmd: Command) -> Entry {
+        proposal(index, index, cmd)
     }
 
     fn apply(b: &mut MemBackend, entries: &[Entry]) -> Vec<ApplyResult> {
@@ -77,6 +90,10 @@ mod tests {
         b.write(&WriteBatch { ops, applied: entries.last().map(|e| e.index), ..Default::default() }).unwrap()
     }
 
+    fn ok(revision: u64, flag: bool) -> ApplyResult {
+        ApplyResult { revision, flag, duplicate: false }
+    }
+
     #[test]
     fn apply_put_delete_and_noop() {
         let mut b = MemBackend::new();
@@ -85,19 +102,43 @@ mod tests {
         noop.index = 2;
         let res =
             apply(&mut b, &[put(1, "a", "x"), noop, put(3, "a", "y"), normal(4, Command::Delete { key: "b".into() })]);
-        assert_eq!(
-            res,
-            vec![
-                ApplyResult::Put { revision: 1 },
-                ApplyResult::Put { revision: 3 },
-                ApplyResult::Delete { existed: false }
-            ]
-        );
+        assert_eq!(res, vec![ok(1, true), ok(3, true), ok(4, false)]);
         assert_eq!(b.kv().get("a"), Some(&("y".to_string(), 3)));
         let res = apply(&mut b, &[normal(5, Command::Delete { key: "a".into() })]);
-        assert_eq!(res, vec![ApplyResult::Delete { existed: true }]);
+        assert_eq!(res, vec![ok(5, true)]);
         assert!(b.kv().is_empty());
         assert_eq!(b.inner.lock().unwrap().state.applied, 5);
+    }
+
+    #[test]
+    fn compare_and_set() {
+        let mut b = MemBackend::new();
+        let cas = |i, exp: Option<&str>, v: &str| {
+            normal(i, Command::Cas { key: "lock".into(), expected: exp.map(Into::into), value: v.into() })
+        };
+        let res = apply(&mut b, &[cas(1, None, "a"), cas(2, None, "b"), cas(3, Some("b"), "c"), cas(4, Some("a"), "d")]);
+        assert_eq!(res, vec![ok(1, true), ok(2, false), ok(3, false), ok(4, true)]);
+        assert_eq!(b.kv().get("lock"), Some(&("d".to_string(), 4)));
+    }
+
+    #[test]
+    fn a_retried_request_applies_once() {
+        let mut b = MemBackend::new();
+        let first = proposal(1, 42, Command::Put { key: "k".into(), value: "1".into() });
+        let other = normal(2, Command::Put { key: "k".into(), value: "2".into() });
+        let retry = proposal(3, 42, Command::Put { key: "k".into(), value: "1".into() });
+        let res = apply(&mut b, &[first, other, retry]);
+        assert_eq!(res[2], ApplyResult { revision: 1, flag: true, duplicate: true });
+        // The retry did not overwrite the later write.
+        assert_eq!(b.kv().get("k"), Some(&("2".to_string(), 2)));
+    }
+
+    #[test]
+    fn request_ids_are_forgotten_after_the_window() {
+        assert_eq!(dedup_prune_below(0, 10), None);
+        assert_eq!(dedup_prune_below(DEDUP_WINDOW, DEDUP_WINDOW + 1), None);
+        let a = DEDUP_PRUNE_EVERY * (DEDUP_WINDOW / DEDUP_PRUNE_EVERY + 3);
+        assert_eq!(dedup_prune_below(a - 1, a), Some(a - DEDUP_WINDOW));
     }
 
     #[test]

@@ -50,12 +50,30 @@ impl PersistedState {
     }
 }
 
-/// One primitive state-machine operation, decided by `state_machine` and executed by the backend.
+/// One state-machine operation, decided by `state_machine` and executed by the backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvOp {
-    Put { key: String, value: String, revision: u64 },
+    Put { key: String, value: String },
     Delete { key: String },
+    Cas { key: String, expected: Option<String>, value: String },
 }
+
+/// An operation with the request that asked for it and the log index applying it.
+///
+/// The backend records every applied request id (for [`DEDUP_WINDOW`] entries) in the same
+/// transaction: an id seen again is a retry, and is answered with the first result instead of
+/// being applied twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpAt {
+    pub id: crate::command::RequestId,
+    pub index: u64,
+    pub op: KvOp,
+}
+
+/// How many log entries a request id is remembered for duplicate detection.
+pub const DEDUP_WINDOW: u64 = 100_000;
+/// Forgetting old request ids happens when the applied index crosses a multiple of this.
+pub const DEDUP_PRUNE_EVERY: u64 = 1024;
 
 /// Changes that must become durable together, in this order: snapshot, log, hard state,
 /// state-machine operations, applied index and conf state.
@@ -66,7 +84,7 @@ pub struct WriteBatch {
     /// Entries to append; stored entries at or after `entries[0].index` are removed first.
     pub entries: Vec<Entry>,
     pub hard_state: Option<HardState>,
-    pub ops: Vec<KvOp>,
+    pub ops: Vec<OpAt>,
     pub applied: Option<u64>,
     pub conf_state: Option<ConfState>,
     /// Must be durable before the call returns (log entries, snapshot, term or vote). Without
@@ -353,6 +371,8 @@ pub struct MemState {
     pub state: PersistedState,
     pub log: BTreeMap<u64, Entry>,
     pub kv: BTreeMap<String, (String, u64)>,
+    /// Applied request ids → (revision, flag).
+    pub requests: BTreeMap<(u64, u64, u64), (u64, bool)>,
 }
 
 /// Bugs the simulation can inject into [`MemBackend`] to show it would catch them.
@@ -433,14 +453,34 @@ impl Backend for MemBackend {
             }
         }
         let mut out = Vec::with_capacity(b.ops.len());
-        for op in &b.ops {
-            out.push(match op {
-                KvOp::Put { key, value, revision } => {
-                    s.kv.insert(key.clone(), (value.clone(), *revision));
-                    ApplyResult::Put { revision: *revision }
+        for o in &b.ops {
+            let rid = (o.id.node, o.id.nonce, o.id.seq);
+            if let Some(&(revision, flag)) = s.requests.get(&rid) {
+                out.push(ApplyResult { revision, flag, duplicate: true });
+                continue;
+            }
+            let flag = match &o.op {
+                KvOp::Put { key, value } => {
+                    s.kv.insert(key.clone(), (value.clone(), o.index));
+                    true
                 }
-                KvOp::Delete { key } => ApplyResult::Delete { existed: s.kv.remove(key).is_some() },
-            });
+                KvOp::Delete { key } => s.kv.remove(key).is_some(),
+                KvOp::Cas { key, expected, value } => {
+                    let current = s.kv.get(key).map(|(v, _)| v);
+                    let matches = current == expected.as_ref();
+                    if matches {
+                        s.kv.insert(key.clone(), (value.clone(), o.index));
+                    }
+                    matches
+                }
+            };
+            s.requests.insert(rid, (o.index, flag));
+            out.push(ApplyResult { revision: o.index, flag, duplicate: false });
+        }
+        if let Some(a) = b.applied {
+            if let Some(cut) = crate::state_machine::dedup_prune_below(s.state.applied, a) {
+                s.requests.retain(|_, (rev, _)| *rev >= cut);
+            }
         }
         if let Some(a) = b.applied {
             s.state.applied = a;
