@@ -47,7 +47,19 @@ CREATE TABLE raft_kv.kv (
 );
 
 COMMENT ON SCHEMA raft_kv IS 'raft_kv internal state: the Raft log, hard state and the key-value table';
-REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv FROM PUBLIC;
+-- Applied request ids, so a retried proposal is answered instead of applied twice.
+-- Forgotten after raft_kv_core's DEDUP_WINDOW log entries.
+CREATE TABLE raft_kv.requests (
+    node     bigint  NOT NULL,
+    nonce    bigint  NOT NULL,
+    seq      bigint  NOT NULL,
+    revision bigint  NOT NULL,
+    flag     boolean NOT NULL,
+    PRIMARY KEY (node, nonce, seq)
+);
+CREATE INDEX requests_revision ON raft_kv.requests (revision);
+
+REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv, raft_kv.requests FROM PUBLIC;
 GRANT USAGE ON SCHEMA raft_kv TO PUBLIC;
 
 CREATE FUNCTION raft_kv.reject_direct_write() RETURNS trigger
@@ -67,6 +79,8 @@ CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE
 CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.state
     FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
 CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.kv
+    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
+CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.requests
     FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
 "#,
     name = "create_tables",
@@ -101,7 +115,8 @@ mod tests {
              CREATE TABLE contract.log (LIKE raft_kv.log INCLUDING ALL);
              CREATE TABLE contract.state (LIKE raft_kv.state INCLUDING ALL);
              INSERT INTO contract.state (id) VALUES (1);
-             CREATE TABLE contract.kv (LIKE raft_kv.kv INCLUDING ALL);",
+             CREATE TABLE contract.kv (LIKE raft_kv.kv INCLUDING ALL);
+             CREATE TABLE contract.requests (LIKE raft_kv.requests INCLUDING ALL);",
         )
         .unwrap();
     }

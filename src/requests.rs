@@ -33,19 +33,24 @@ pub enum RequestError {
     Busy,
     NotCommitted(String),
     Unknown(String),
+    ReadFailed(String),
 }
 
-/// Submits a request and waits for its outcome.
-pub fn submit(op: Op, key: &str, value: &str) -> Result<Reply, RequestError> {
+/// Submits a request and waits for its outcome. `expected` is for `Op::Cas` only.
+pub fn submit(op: Op, key: &str, value: &str, expected: Option<&str>) -> Result<Reply, RequestError> {
     let timeout_ms = guc::APPLY_TIMEOUT_MS.get().max(1) as u32;
-    let payload_len = key.len() + value.len();
+    let exp = expected.unwrap_or("");
+    let payload = [key.as_bytes(), value.as_bytes(), exp.as_bytes()];
+    let payload_len: usize = payload.iter().map(|p| p.len()).sum();
     let mut seg: *mut pg_sys::dsm_segment = std::ptr::null_mut();
     if payload_len > INLINE_BYTES {
         unsafe {
             seg = pg_sys::dsm_create(payload_len, 0);
-            let p = pg_sys::dsm_segment_address(seg) as *mut u8;
-            std::ptr::copy_nonoverlapping(key.as_ptr(), p, key.len());
-            std::ptr::copy_nonoverlapping(value.as_ptr(), p.add(key.len()), value.len());
+            let mut p = pg_sys::dsm_segment_address(seg) as *mut u8;
+            for part in payload {
+                std::ptr::copy_nonoverlapping(part.as_ptr(), p, part.len());
+                p = p.add(part.len());
+            }
         }
     }
     let claimed = {
@@ -67,11 +72,16 @@ pub fn submit(op: Op, key: &str, value: &str) -> Result<Reply, RequestError> {
             s.timeout_ms = timeout_ms;
             s.key_len = key.len() as u32;
             s.val_len = value.len() as u32;
+            s.has_expected = expected.is_some();
+            s.exp_len = exp.len() as u32;
             s.outcome = 0;
             if seg.is_null() {
                 s.dsm = 0;
-                s.data[..key.len()].copy_from_slice(key.as_bytes());
-                s.data[key.len()..payload_len].copy_from_slice(value.as_bytes());
+                let mut at = 0;
+                for part in payload {
+                    s.data[at..at + part.len()].copy_from_slice(part);
+                    at += part.len();
+                }
             } else {
                 s.dsm = unsafe { pg_sys::dsm_segment_handle(seg) };
             }
@@ -104,6 +114,7 @@ fn wait(idx: usize, gen: u64, epoch: u64, deadline: Instant) -> Result<Reply, Re
                 return match s.outcome {
                     x if x == Outcome::Ok as u8 => Ok(Reply { revision: s.revision, flag: s.flag }),
                     x if x == Outcome::NotCommitted as u8 => Err(RequestError::NotCommitted(msg)),
+                    x if x == Outcome::ReadFailed as u8 => Err(RequestError::ReadFailed(msg)),
                     _ => Err(RequestError::Unknown(msg)),
                 };
             }
@@ -152,6 +163,7 @@ pub struct Taken {
     pub op: Op,
     pub key: String,
     pub value: String,
+    pub expected: Option<String>,
     pub deadline: Instant,
 }
 
@@ -173,12 +185,11 @@ pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u6
             finish(s, Outcome::NotCommitted, 0, false, "the raft_kv worker restarted before taking the request");
             continue;
         }
-        let Some((key, value)) = read_payload(s) else {
+        let (Some(op), Some((key, value, expected))) = (Op::from_u8(s.op), read_payload(s)) else {
             // The backend is gone and took its segment with it.
             s.state = SlotState::Free as u8;
             continue;
         };
-        let op = if s.op == Op::Delete as u8 { Op::Delete } else { Op::Set };
         s.state = SlotState::Taken as u8;
         out.push(Taken {
             slot: idx,
@@ -186,15 +197,16 @@ pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u6
             op,
             key,
             value,
+            expected,
             deadline: now + Duration::from_millis(s.timeout_ms as u64),
         });
     }
 }
 
-fn read_payload(s: &Slot) -> Option<(String, String)> {
-    let (k, v) = (s.key_len as usize, s.val_len as usize);
+fn read_payload(s: &Slot) -> Option<(String, String, Option<String>)> {
+    let (k, v, e) = (s.key_len as usize, s.val_len as usize, s.exp_len as usize);
     let bytes: Vec<u8> = if s.dsm == 0 {
-        s.data[..k + v].to_vec()
+        s.data[..k + v + e].to_vec()
     } else {
         unsafe {
             let seg = pg_sys::dsm_attach(s.dsm);
@@ -202,14 +214,15 @@ fn read_payload(s: &Slot) -> Option<(String, String)> {
                 return None;
             }
             let p = pg_sys::dsm_segment_address(seg) as *const u8;
-            let b = std::slice::from_raw_parts(p, k + v).to_vec();
+            let b = std::slice::from_raw_parts(p, k + v + e).to_vec();
             pg_sys::dsm_detach(seg);
             b
         }
     };
     let key = String::from_utf8(bytes[..k].to_vec()).ok()?;
-    let value = String::from_utf8(bytes[k..].to_vec()).ok()?;
-    Some((key, value))
+    let value = String::from_utf8(bytes[k..k + v].to_vec()).ok()?;
+    let expected = if s.has_expected { Some(String::from_utf8(bytes[k + v..].to_vec()).ok()?) } else { None };
+    Some((key, value, expected))
 }
 
 fn finish(s: &mut Slot, outcome: Outcome, revision: i64, flag: bool, message: &str) {

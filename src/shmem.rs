@@ -12,7 +12,7 @@ use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 
 pub const NSLOTS: usize = 128;
-/// Key plus value bytes carried inside a slot; larger requests travel in a DSM segment.
+/// Key, value and expected-value bytes carried inside a slot; larger requests travel in a DSM segment.
 pub const INLINE_BYTES: usize = 2048;
 pub const MAX_MEMBERS: usize = raft_kv_core::config::MAX_MEMBERS;
 
@@ -95,6 +95,15 @@ pub enum SlotState {
 pub enum Op {
     Set = 1,
     Delete = 2,
+    Cas = 3,
+    /// A linearizable read: the worker answers with a read index it has applied.
+    Read = 4,
+}
+
+impl Op {
+    pub fn from_u8(v: u8) -> Option<Op> {
+        [Op::Set, Op::Delete, Op::Cas, Op::Read].into_iter().find(|o| *o as u8 == v)
+    }
 }
 
 /// How a request ended, as the worker reports it.
@@ -106,6 +115,8 @@ pub enum Outcome {
     NotCommitted = 2,
     /// May or may not commit later.
     Unknown = 3,
+    /// A linearizable read could not be served.
+    ReadFailed = 4,
 }
 
 #[repr(C)]
@@ -121,6 +132,9 @@ pub struct Slot {
     pub timeout_ms: u32,
     pub key_len: u32,
     pub val_len: u32,
+    /// Cas only: the expected value follows key and value; absent means "key must not exist".
+    pub has_expected: bool,
+    pub exp_len: u32,
     /// DSM handle holding key and value when they do not fit inline; 0 when inline.
     pub dsm: u32,
     pub data: [u8; INLINE_BYTES],

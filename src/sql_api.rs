@@ -73,8 +73,8 @@ fn check_value(value: Option<&str>) -> &str {
     value
 }
 
-fn request(op: Op, key: &str, value: &str) -> requests::Reply {
-    requests::submit(op, key, value).unwrap_or_else(|e| match e {
+fn request(op: Op, key: &str, value: &str, expected: Option<&str>) -> requests::Reply {
+    requests::submit(op, key, value, expected).unwrap_or_else(|e| match e {
         RequestError::NotRunning(state) => raise(
             Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("raft_kv is not running on this node: {state}"),
@@ -99,7 +99,47 @@ fn request(op: Op, key: &str, value: &str) -> requests::Reply {
             Some("The write may or may not have been applied; read the key to find out."),
             None,
         ),
+        RequestError::ReadFailed(m) => raise(
+            Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            format!("raft_kv linearizable read failed: {m}"),
+            Some("Nothing was read; it is safe to retry."),
+            Some("consistency => 'local' reads this node's state without contacting the leader (it may be stale)."),
+        ),
     })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Consistency {
+    Linearizable,
+    Local,
+}
+
+fn consistency(c: Option<&str>) -> Consistency {
+    match c {
+        Some("linearizable") => Consistency::Linearizable,
+        Some("local") => Consistency::Local,
+        other => raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!(
+                "invalid raft_kv consistency {}: choose 'linearizable' or 'local'",
+                match other {
+                    Some(s) => format!("\"{s}\""),
+                    None => "NULL".into(),
+                }
+            ),
+            None,
+            None,
+        ),
+    }
+}
+
+/// For a linearizable read: waits until this node has applied everything committed when the
+/// read started (confirmed with the leader through ReadIndex), so the local read that follows
+/// cannot be stale.
+fn read_barrier(c: Consistency) {
+    if c == Consistency::Linearizable {
+        request(Op::Read, "", "", None);
+    }
 }
 
 /// Writes `key = value` through the Raft log; returns the revision at which it applied.
@@ -108,7 +148,20 @@ fn raft_set(key: Option<&str>, value: Option<&str>) -> i64 {
     require_preload();
     let key = check_key(key);
     let value = check_value(value);
-    request(Op::Set, key, value).revision
+    request(Op::Set, key, value, None).revision
+}
+
+/// Writes `new` only if the key's current value equals `expected` (NULL: the key is absent),
+/// decided when the entry applies, so it is atomic cluster-wide. Returns whether it wrote.
+#[pg_extern(volatile, parallel_unsafe)]
+fn raft_cas(key: Option<&str>, expected: Option<&str>, new: Option<&str>) -> bool {
+    require_preload();
+    let key = check_key(key);
+    let new = check_value(new);
+    if let Some(e) = expected {
+        check_value(Some(e));
+    }
+    request(Op::Cas, key, new, expected).flag
 }
 
 /// Deletes `key` through the Raft log; returns whether it existed.
@@ -116,14 +169,17 @@ fn raft_set(key: Option<&str>, value: Option<&str>) -> i64 {
 fn raft_delete(key: Option<&str>) -> bool {
     require_preload();
     let key = check_key(key);
-    request(Op::Delete, key, "").flag
+    request(Op::Delete, key, "", None).flag
 }
 
-/// The value applied on this node, NULL when absent.
-#[pg_extern(volatile, parallel_safe, security_definer)]
-fn raft_get(key: Option<&str>) -> Option<String> {
+/// The value of `key`, NULL when absent. `'linearizable'` (the default) reflects every write
+/// that completed before the call, on any node; `'local'` reads this node's applied state
+/// without contacting the leader (possibly stale).
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+fn raft_get(key: Option<&str>, consistency: default!(Option<&str>, "'linearizable'")) -> Option<String> {
     require_preload();
     let key = check_key(key);
+    read_barrier(self::consistency(consistency));
     Spi::connect(|c| {
         let t = c.select("SELECT value FROM raft_kv.kv WHERE key = $1", Some(1), &[key.into()])?;
         if t.is_empty() {
@@ -135,6 +191,36 @@ fn raft_get(key: Option<&str>) -> Option<String> {
     .unwrap_or_else(|e: pgrx::spi::SpiError| {
         raise(Code::ERRCODE_INTERNAL_ERROR, format!("raft_kv: reading the key failed: {e}"), None, None)
     })
+}
+
+/// Every key starting with `prefix` (all keys for ''), ordered by key, with the same
+/// consistency choices as `raft_get`.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+fn raft_scan(
+    prefix: Option<&str>,
+    consistency: default!(Option<&str>, "'linearizable'"),
+) -> TableIterator<'static, (name!(key, String), name!(value, String), name!(revision, i64))> {
+    require_preload();
+    let Some(prefix) = prefix else {
+        raise(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "raft_kv prefix must not be NULL".into(), None, None)
+    };
+    read_barrier(self::consistency(consistency));
+    let rows: Vec<(String, String, i64)> = Spi::connect(|c| {
+        let t = c.select(
+            "SELECT key, value, revision FROM raft_kv.kv WHERE starts_with(key, $1) ORDER BY key",
+            None,
+            &[prefix.into()],
+        )?;
+        let mut rows = Vec::with_capacity(t.len());
+        for r in t {
+            rows.push((r.get(1)?.unwrap_or_default(), r.get(2)?.unwrap_or_default(), r.get(3)?.unwrap_or(0)));
+        }
+        Ok(rows)
+    })
+    .unwrap_or_else(|e: pgrx::spi::SpiError| {
+        raise(Code::ERRCODE_INTERNAL_ERROR, format!("raft_kv: scanning failed: {e}"), None, None)
+    });
+    TableIterator::new(rows)
 }
 
 fn nonzero(v: u64) -> Option<i64> {

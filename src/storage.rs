@@ -6,12 +6,13 @@
 use std::panic::AssertUnwindSafe;
 
 use pgrx::bgworkers::BackgroundWorker;
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiError;
 use raft_kv_core::command::ApplyResult;
 use raft_kv_core::eraftpb::{Entry, EntryType};
-use raft_kv_core::state_machine::decode_snapshot_data;
+use raft_kv_core::state_machine::{decode_snapshot_data, dedup_prune_below};
 use raft_kv_core::storage::{
     decode_conf_state, encode_conf_state, Backend, KvOp, PersistedState, StoreError, StoreResult, WriteBatch,
 };
@@ -20,11 +21,13 @@ use raft_kv_core::storage::{
 /// a scratch copy).
 pub struct PgBackend {
     schema: &'static str,
+    /// The applied index as last loaded or written (pruning decisions depend on it).
+    applied: u64,
 }
 
 impl PgBackend {
     pub fn new(schema: &'static str) -> Self {
-        PgBackend { schema }
+        PgBackend { schema, applied: 0 }
     }
 
     /// `sql` with every `raft_kv.` table reference pointed at this backend's schema.
@@ -98,6 +101,9 @@ impl Backend for PgBackend {
                 st.last_index = g(8)?;
                 Ok(st)
             })
+            .inspect(|st: &PersistedState| {
+                self.applied = st.applied;
+            })
         })
     }
 
@@ -157,8 +163,13 @@ impl Backend for PgBackend {
                     // so their commit need not wait for the WAL flush.
                     c.update("SET LOCAL synchronous_commit = off", None, &[]).map_err(spi_err)?;
                 }
-                write_batch(c, b, &|sql| self.q(sql))
+                write_batch(c, b, self.applied, &|sql| self.q(sql))
             })
+        })
+        .inspect(|_| {
+            if let Some(a) = b.applied {
+                self.applied = a;
+            }
         })
     }
 }
@@ -166,6 +177,7 @@ impl Backend for PgBackend {
 fn write_batch(
     c: &mut pgrx::spi::SpiClient<'_>,
     b: &WriteBatch,
+    prev_applied: u64,
     q: &dyn Fn(&str) -> String,
 ) -> StoreResult<Vec<ApplyResult>> {
     if let Some(snap) = &b.snapshot {
@@ -214,25 +226,75 @@ fn write_batch(
         .map_err(spi_err)?;
     }
     let mut results = Vec::with_capacity(b.ops.len());
-    for op in &b.ops {
-        results.push(match op {
-            KvOp::Put { key, value, revision } => {
+    for o in &b.ops {
+        let id: [DatumWithOid; 3] = [(o.id.node as i64).into(), (o.id.nonce as i64).into(), (o.id.seq as i64).into()];
+        let seen = c
+            .select(
+                &q("SELECT revision, flag FROM raft_kv.requests WHERE node = $1 AND nonce = $2 AND seq = $3"),
+                None,
+                &id,
+            )
+            .map_err(spi_err)?;
+        if !seen.is_empty() {
+            let seen = seen.first();
+            let revision = seen.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64;
+            let flag = seen.get::<bool>(2).map_err(spi_err)?.unwrap_or(false);
+            results.push(ApplyResult { revision, flag, duplicate: true });
+            continue;
+        }
+        let rev = o.index as i64;
+        let flag = match &o.op {
+            KvOp::Put { key, value } => {
                 c.update(
                     &q("INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3) \
                      ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision"),
                     None,
-                    &[key.as_str().into(), value.as_str().into(), (*revision as i64).into()],
+                    &[key.as_str().into(), value.as_str().into(), rev.into()],
                 )
                 .map_err(spi_err)?;
-                ApplyResult::Put { revision: *revision }
+                true
             }
             KvOp::Delete { key } => {
                 let t = c
                     .update(&q("DELETE FROM raft_kv.kv WHERE key = $1"), None, &[key.as_str().into()])
                     .map_err(spi_err)?;
-                ApplyResult::Delete { existed: t.len() > 0 }
+                t.len() > 0
             }
-        });
+            KvOp::Cas { key, expected: None, value } => {
+                let t = c
+                    .update(
+                        &q("INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING"),
+                        None,
+                        &[key.as_str().into(), value.as_str().into(), rev.into()],
+                    )
+                    .map_err(spi_err)?;
+                t.len() > 0
+            }
+            KvOp::Cas { key, expected: Some(expected), value } => {
+                let t = c
+                    .update(
+                        &q("UPDATE raft_kv.kv SET value = $2, revision = $3 WHERE key = $1 AND value = $4"),
+                        None,
+                        &[key.as_str().into(), value.as_str().into(), rev.into(), expected.as_str().into()],
+                    )
+                    .map_err(spi_err)?;
+                t.len() > 0
+            }
+        };
+        let [n, nonce, seq] = id;
+        c.update(
+            &q("INSERT INTO raft_kv.requests (node, nonce, seq, revision, flag) VALUES ($1, $2, $3, $4, $5)"),
+            None,
+            &[n, nonce, seq, rev.into(), flag.into()],
+        )
+        .map_err(spi_err)?;
+        results.push(ApplyResult { revision: o.index, flag, duplicate: false });
+    }
+    if let Some(applied) = b.applied {
+        if let Some(cut) = dedup_prune_below(prev_applied, applied) {
+            c.update(&q("DELETE FROM raft_kv.requests WHERE revision < $1"), None, &[(cut as i64).into()])
+                .map_err(spi_err)?;
+        }
     }
     if b.applied.is_some() || b.conf_state.is_some() {
         let cs = b.conf_state.as_ref().map(encode_conf_state);

@@ -4,7 +4,7 @@
 //! messages over a channel and write to an eventfd; backends set the worker's latch. One
 //! `WaitLatchOrSocket` waits for both, or for the next tick.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use raft_kv_core::command::{ApplyResult, Command, Proposal, RequestId};
+use raft_kv_core::command::Command;
 use raft_kv_core::config::{format_peers, ClusterConfig};
 use raft_kv_core::node::{role_name, Node, NodeOptions, NodeStatus, Output};
+use raft_kv_core::pending::{Answer, Pending};
 use raft_kv_core::raft::StateRole;
 use raft_kv_core::transport::{Event, Transport, Waker};
 
@@ -187,16 +188,6 @@ fn runtime() -> tokio::runtime::Runtime {
     rt.unwrap_or_else(|e| pgrx::error!("raft_kv: cannot start the network runtime: {e}"))
 }
 
-/// A client request the worker is responsible for.
-struct InFlight {
-    slot: usize,
-    gen: u64,
-    cmd: Command,
-    deadline: Instant,
-    /// Whether it ever reached raft (after which its outcome is unknown until applied).
-    proposed: bool,
-}
-
 fn run(settings: Settings, epoch: u64) {
     let me = settings.cluster.node_id;
     let efd = EventFd::new();
@@ -226,12 +217,12 @@ fn run(settings: Settings, epoch: u64) {
         .unwrap_or_else(|e| pgrx::error!("raft_kv: cannot open the raft node: {e}"));
     pgrx::log!("raft_kv: node {me} listening on {} with peers {}", transport.local_addr(), format_peers(&addrs));
 
-    let nonce: u64 = rand_nonce();
-    let mut seq: u64 = 0;
-    let mut inflight: HashMap<RequestId, InFlight> = HashMap::new();
-    let mut unproposed: VecDeque<RequestId> = VecDeque::new();
+    // Reads ask again for a read index after about a heartbeat without an answer.
+    let read_retry = settings.tick * settings.opts.heartbeat_ticks as u32 * 2;
+    let mut pending: Pending<(usize, u64)> = Pending::new(me, rand_nonce(), read_retry);
     let mut taken: Vec<Taken> = Vec::new();
     let mut abandoned: Vec<(usize, u64)> = Vec::new();
+    let mut answers: Vec<((usize, u64), Answer)> = Vec::new();
     let mut published: Option<NodeStatus> = None;
     let mut next_tick = Instant::now() + settings.tick;
     let mut out = Output::default();
@@ -268,9 +259,7 @@ fn run(settings: Settings, epoch: u64) {
                     }
                 }
                 Event::Unreachable { peer, .. } => node.report_unreachable(peer),
-                Event::Connected { peer, addr } => {
-                    pgrx::log!("raft_kv: connected to node {peer} at {addr}")
-                }
+                Event::Connected { peer, addr } => pgrx::log!("raft_kv: connected to node {peer} at {addr}"),
                 Event::Disconnected { peer, addr, error } => {
                     pgrx::log!("raft_kv: lost connection to node {peer} at {addr}: {error}")
                 }
@@ -287,34 +276,24 @@ fn run(settings: Settings, epoch: u64) {
         }
 
         requests::take_new(epoch, &mut taken, &mut abandoned);
-        for (slot, gen) in abandoned.drain(..) {
-            // The client is gone; the proposal may still apply, but nobody waits for it.
-            inflight.retain(|_, f| (f.slot, f.gen) != (slot, gen));
+        for client in abandoned.drain(..) {
+            // The client is gone; a write may still apply, but nobody waits for it.
+            pending.forget(client);
         }
         for t in taken.drain(..) {
-            seq += 1;
-            let id = RequestId { node: me, nonce, seq };
+            let client = (t.slot, t.gen);
             let cmd = match t.op {
                 Op::Set => Command::Put { key: t.key, value: t.value },
                 Op::Delete => Command::Delete { key: t.key },
-            };
-            inflight.insert(id, InFlight { slot: t.slot, gen: t.gen, cmd, deadline: t.deadline, proposed: false });
-            unproposed.push_back(id);
-        }
-        // Requests wait here while no leader is known (elections); they go as soon as one is.
-        while let Some(&id) = unproposed.front() {
-            let Some(f) = inflight.get_mut(&id) else {
-                unproposed.pop_front();
-                continue;
-            };
-            match node.propose(&Proposal { id, cmd: f.cmd.clone() }) {
-                Ok(()) => {
-                    f.proposed = true;
-                    unproposed.pop_front();
+                Op::Cas => Command::Cas { key: t.key, expected: t.expected, value: t.value },
+                Op::Read => {
+                    pending.add_read(client, t.deadline);
+                    continue;
                 }
-                Err(_) => break,
-            }
+            };
+            pending.add_write(client, cmd, t.deadline);
         }
+        pending.drive(&mut node, now);
 
         let mut unreachable = Vec::new();
         node.handle_ready(&mut out, &mut |m| {
@@ -327,20 +306,16 @@ fn run(settings: Settings, epoch: u64) {
         for to in unreachable {
             node.report_unreachable(to);
         }
-        for c in out.completed.drain(..) {
-            if let Some(f) = inflight.remove(&c.id) {
-                let (rev, flag) = match c.result {
-                    ApplyResult::Put { revision } => (revision as i64, false),
-                    ApplyResult::Delete { existed } => (c.index as i64, existed),
-                };
-                requests::complete(f.slot, f.gen, Outcome::Ok, rev, flag, "");
-            }
-        }
-        // Superseded proposals certainly did not apply: propose them again while time is left.
-        for id in out.superseded.drain(..) {
-            if inflight.contains_key(&id) {
-                unproposed.push_back(id);
-            }
+        pending.on_output(&mut out, node.storage().applied(), &mut answers);
+        pending.expire(Instant::now(), &mut answers);
+        for ((slot, gen), answer) in answers.drain(..) {
+            let (outcome, rev, flag, msg) = match answer {
+                Answer::Done { revision, flag } => (Outcome::Ok, revision as i64, flag, ""),
+                Answer::NotCommitted(m) => (Outcome::NotCommitted, 0, false, m),
+                Answer::Unknown(m) => (Outcome::Unknown, 0, false, m),
+                Answer::ReadFailed(m) => (Outcome::ReadFailed, 0, false, m),
+            };
+            requests::complete(slot, gen, outcome, rev, flag, msg);
         }
         if out.role_changed {
             out.role_changed = false;
@@ -355,35 +330,6 @@ fn run(settings: Settings, epoch: u64) {
                 );
             }
         }
-
-        let now = Instant::now();
-        inflight.retain(|id, f| {
-            if now < f.deadline {
-                return true;
-            }
-            let queued = unproposed.contains(id);
-            if !f.proposed || queued {
-                requests::complete(
-                    f.slot,
-                    f.gen,
-                    Outcome::NotCommitted,
-                    0,
-                    false,
-                    "no leader accepted the write before raft_kv.apply_timeout",
-                );
-            } else {
-                requests::complete(
-                    f.slot,
-                    f.gen,
-                    Outcome::Unknown,
-                    0,
-                    false,
-                    "the write was proposed but not applied before raft_kv.apply_timeout",
-                );
-            }
-            false
-        });
-        unproposed.retain(|id| inflight.contains_key(id));
 
         let st = node.status();
         if published.as_ref() != Some(&st) {

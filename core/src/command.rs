@@ -22,10 +22,19 @@ pub struct RequestId {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    Put { key: String, value: String },
-    Delete { key: String },
+    Put {
+        key: String,
+        value: String,
+    },
+    Delete {
+        key: String,
+    },
     /// Writes `value` only if the current value equals `expected` (`None`: the key is absent).
-    Cas { key: String, expected: Option<String>, value: String },
+    Cas {
+        key: String,
+        expected: Option<String>,
+        value: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 pub mod command;
 pub mod config;
 pub mod node;
+pub mod pending;
 #[doc(hidden)]
 pub mod sim;
 pub mod state_machine;

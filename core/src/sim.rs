@@ -177,7 +177,9 @@ impl Sim {
             let want = format!("final-read-{node}").into_bytes();
             match self.read_states.iter().find(|(n, ctx, _)| n == node && *ctx == want) {
                 Some((_, _, idx)) if *idx >= final_rev => {}
-                Some((_, _, idx)) => return Err(format!("node {node}: read index {idx} below the final write {final_rev}")),
+                Some((_, _, idx)) => {
+                    return Err(format!("node {node}: read index {idx} below the final write {final_rev}"))
+                }
                 None => return Err(format!("node {node}: ReadIndex never answered")),
             }
         }

@@ -116,7 +116,8 @@ mod tests {
         let cas = |i, exp: Option<&str>, v: &str| {
             normal(i, Command::Cas { key: "lock".into(), expected: exp.map(Into::into), value: v.into() })
         };
-        let res = apply(&mut b, &[cas(1, None, "a"), cas(2, None, "b"), cas(3, Some("b"), "c"), cas(4, Some("a"), "d")]);
+        let res =
+            apply(&mut b, &[cas(1, None, "a"), cas(2, None, "b"), cas(3, Some("b"), "c"), cas(4, Some("a"), "d")]);
         assert_eq!(res, vec![ok(1, true), ok(2, false), ok(3, false), ok(4, true)]);
         assert_eq!(b.kv().get("lock"), Some(&("d".to_string(), 4)));
     }

@@ -15,6 +15,10 @@ fn get(c: &mut Client, k: &str) -> Option<String> {
     c.query_one("SELECT raft_get($1)", &[&k]).unwrap().get(0)
 }
 
+fn get_local(c: &mut Client, k: &str) -> Option<String> {
+    c.query_one("SELECT raft_get($1, 'local')", &[&k]).unwrap().get(0)
+}
+
 fn followers(leader: usize) -> Vec<usize> {
     (1..=3).filter(|&i| i != leader).collect()
 }
@@ -64,7 +68,7 @@ fn write_on_follower_is_visible_everywhere() {
     for i in (1..=3).filter(|&i| i != f) {
         let mut cl = c.client(i);
         wait_for(Duration::from_secs(1), "replica to see the write", || {
-            (get(&mut cl, "config/mode").as_deref() == Some("active")).then_some(())
+            (get_local(&mut cl, "config/mode").as_deref() == Some("active")).then_some(())
         });
     }
     println!("visible on all nodes {:?} after the write returned", t0.elapsed());
@@ -199,7 +203,7 @@ fn minority_fails_within_timeout_and_reads_still_answer() {
     let survivor = followers(leader)[0];
     set(&mut c.client(survivor), "k", "v").unwrap();
     wait_for(Duration::from_secs(5), "write applied on the survivor", || {
-        (get(&mut c.client(survivor), "k").as_deref() == Some("v")).then_some(())
+        (get_local(&mut c.client(survivor), "k").as_deref() == Some("v")).then_some(())
     });
     for i in (1..=3).filter(|&i| i != survivor) {
         c.stop_node(i, Stop::Immediate);
@@ -215,7 +219,14 @@ fn minority_fails_within_timeout_and_reads_still_answer() {
     let certain = db.message().starts_with("raft_kv write not committed") && db.code().code() == "40001";
     let unknown = db.message().starts_with("raft_kv write outcome unknown") && db.code().code() == "40003";
     assert!(certain || unknown, "{}", db.message());
-    assert_eq!(get(&mut cl, "k").as_deref(), Some("v"));
+    // Local reads still answer; a linearizable read refuses rather than risk staleness.
+    assert_eq!(get_local(&mut cl, "k").as_deref(), Some("v"));
+    let t0 = Instant::now();
+    let err = cl.query_one("SELECT raft_get('k')", &[]).unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert!(db.message().starts_with("raft_kv linearizable read failed"), "{}", db.message());
+    assert_eq!(db.code().code(), "40001");
+    assert!(t0.elapsed() < Duration::from_secs(3));
     // Once no leader is known, the failure is certain and immediate-to-timeout.
     wait_for(Duration::from_secs(5), "leader loss noticed", || {
         let r = cl.query_one("SELECT leader_id FROM raft_status()", &[]).ok()?;
@@ -223,7 +234,7 @@ fn minority_fails_within_timeout_and_reads_still_answer() {
     });
     let err = set(&mut cl, "k", "x").unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "40001", "{err}");
-    assert_eq!(get(&mut cl, "k").as_deref(), Some("v"));
+    assert_eq!(get_local(&mut cl, "k").as_deref(), Some("v"));
 }
 
 #[test]

@@ -1,0 +1,297 @@
+//! Client requests a node is answering: writes waiting to be proposed, proposed writes
+//! waiting to apply, and linearizable reads waiting for a read index and then for the
+//! node to apply up to it.
+//!
+//! Retries are safe because every write carries its request id and the state machine applies
+//! an id at most once: a write is proposed again when its log slot went to another entry, and
+//! every unfinished write is proposed again when the leader changes (a forwarded proposal can
+//! be lost silently). Reads ask again, with a fresh context, until answered or timed out,
+//! since raft drops ReadIndex requests silently while no leader is known.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::command::{Command, Proposal, RequestId};
+use crate::node::{Node, Output};
+use crate::storage::Backend;
+
+/// How a request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Applied (writes: at `revision`, `flag` as in `ApplyResult`); for reads, `revision` is
+    /// the read index, applied on this node, at or after which the read must be served.
+    Done { revision: u64, flag: bool },
+    /// The write certainly did not happen.
+    NotCommitted(&'static str),
+    /// The write may or may not happen.
+    Unknown(&'static str),
+    /// A linearizable read could not be served; nothing was read.
+    ReadFailed(&'static str),
+}
+
+struct Write<T> {
+    client: T,
+    cmd: Command,
+    deadline: Instant,
+    /// Proposals of this write that may still be in some log (forwarded ones, or appended and
+    /// not yet superseded). Zero means it certainly has not applied.
+    live: u32,
+}
+
+struct Read<T> {
+    client: T,
+    deadline: Instant,
+    /// When the last ReadIndex request was made, and with which attempt number.
+    asked: Option<(Instant, u64)>,
+    index: Option<u64>,
+}
+
+pub struct Pending<T> {
+    me: u64,
+    nonce: u64,
+    seq: u64,
+    writes: HashMap<RequestId, Write<T>>,
+    unproposed: VecDeque<RequestId>,
+    reads: HashMap<u64, Read<T>>,
+    read_retry: Duration,
+    last_leader: u64,
+}
+
+fn read_ctx(read: u64, attempt: u64) -> Vec<u8> {
+    let mut v = read.to_le_bytes().to_vec();
+    v.extend_from_slice(&attempt.to_le_bytes());
+    v
+}
+
+fn parse_read_ctx(ctx: &[u8]) -> Option<u64> {
+    (ctx.len() == 16).then(|| u64::from_le_bytes(ctx[..8].try_into().unwrap()))
+}
+
+impl<T: Copy + PartialEq> Pending<T> {
+    /// `nonce` must differ between incarnations of the node (see `RequestId`); `read_retry`
+    /// is how long a read waits for an answer before asking again.
+    pub fn new(me: u64, nonce: u64, read_retry: Duration) -> Self {
+        Pending {
+            me,
+            nonce,
+            seq: 0,
+            writes: HashMap::new(),
+            unproposed: VecDeque::new(),
+            reads: HashMap::new(),
+            read_retry,
+            last_leader: 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.reads.is_empty()
+    }
+
+    pub fn add_write(&mut self, client: T, cmd: Command, deadline: Instant) {
+        self.seq += 1;
+        let id = RequestId { node: self.me, nonce: self.nonce, seq: self.seq };
+        self.writes.insert(id, Write { client, cmd, deadline, live: 0 });
+        self.unproposed.push_back(id);
+    }
+
+    pub fn add_read(&mut self, client: T, deadline: Instant) {
+        self.seq += 1;
+        self.reads.insert(self.seq, Read { client, deadline, asked: None, index: None });
+    }
+
+    /// The client went away: stop tracking its request (a write may still apply).
+    pub fn forget(&mut self, client: T) {
+        self.writes.retain(|_, w| w.client != client);
+        self.reads.retain(|_, r| r.client != client);
+    }
+
+    /// Proposes what can be proposed and (re)asks for read indexes.
+    pub fn drive<B: Backend>(&mut self, node: &mut Node<B>, now: Instant) {
+        let leader = node.leader_id();
+        if leader != 0 && leader != self.last_leader && self.last_leader != 0 {
+            // A new leader: anything forwarded to the old one may be lost. Propose again;
+            // the state machine applies each request id once.
+            for (id, w) in &self.writes {
+                if w.live > 0 && !self.unproposed.contains(id) {
+                    self.unproposed.push_back(*id);
+                }
+            }
+            for r in self.reads.values_mut() {
+                if r.index.is_none() {
+                    r.asked = None;
+                }
+            }
+        }
+        if leader != 0 {
+            self.last_leader = leader;
+        }
+        while let Some(&id) = self.unproposed.front() {
+            let Some(w) = self.writes.get_mut(&id) else {
+                self.unproposed.pop_front();
+                continue;
+            };
+            match node.propose(&Proposal { id, cmd: w.cmd.clone() }) {
+                Ok(()) => {
+                    w.live += 1;
+                    self.unproposed.pop_front();
+                }
+                // No leader (an election): wait for one.
+                Err(_) => break,
+            }
+        }
+        if leader == 0 {
+            return;
+        }
+        for (&id, r) in self.reads.iter_mut() {
+            if r.index.is_some() {
+                continue;
+            }
+            let attempt = match r.asked {
+                Some((at, n)) if now.duration_since(at) >= self.read_retry => n + 1,
+                Some(_) => continue,
+                None => 0,
+            };
+            node.read_index(read_ctx(id, attempt));
+            r.asked = Some((now, attempt));
+        }
+    }
+
+    /// Takes the node's output: applied writes, superseded proposals, read indexes.
+    pub fn on_output(&mut self, out: &mut Output, applied: u64, answers: &mut Vec<(T, Answer)>) {
+        for c in out.completed.drain(..) {
+            if let Some(w) = self.writes.remove(&c.id) {
+                answers.push((w.client, Answer::Done { revision: c.result.revision, flag: c.result.flag }));
+            }
+        }
+        // Certainly not applied: propose again while time is left.
+        for id in out.superseded.drain(..) {
+            if let Some(w) = self.writes.get_mut(&id) {
+                w.live = w.live.saturating_sub(1);
+                if !self.unproposed.contains(&id) {
+                    self.unproposed.push_back(id);
+                }
+            }
+        }
+        for (ctx, index) in out.read_states.drain(..) {
+            if let Some(r) = parse_read_ctx(&ctx).and_then(|id| self.reads.get_mut(&id)) {
+                r.index.get_or_insert(index);
+            }
+        }
+        self.reads.retain(|_, r| match r.index {
+            Some(index) if index <= applied => {
+                answers.push((r.client, Answer::Done { revision: index, flag: false }));
+                false
+            }
+            _ => true,
+        });
+    }
+
+    /// Fails every request whose deadline has passed.
+    pub fn expire(&mut self, now: Instant, answers: &mut Vec<(T, Answer)>) {
+        self.writes.retain(|_, w| {
+            if now < w.deadline {
+                return true;
+            }
+            let answer = if w.live == 0 {
+                Answer::NotCommitted("no leader accepted the write before raft_kv.apply_timeout")
+            } else {
+                Answer::Unknown("the write was proposed but not applied before raft_kv.apply_timeout")
+            };
+            answers.push((w.client, answer));
+            false
+        });
+        self.unproposed.retain(|id| self.writes.contains_key(id));
+        self.reads.retain(|_, r| {
+            if now < r.deadline {
+                return true;
+            }
+            let why = if r.index.is_none() {
+                "could not confirm the leader's read index before raft_kv.apply_timeout"
+            } else {
+                "this node did not apply up to the read index before raft_kv.apply_timeout"
+            };
+            answers.push((r.client, Answer::ReadFailed(why)));
+            false
+        });
+    }
+
+    /// Fails everything (the node is shutting down).
+    pub fn fail_all(&mut self, why: &'static str, answers: &mut Vec<(T, Answer)>) {
+        for (_, w) in self.writes.drain() {
+            answers.push((w.client, if w.live > 0 { Answer::Unknown(why) } else { Answer::NotCommitted(why) }));
+        }
+        for (_, r) in self.reads.drain() {
+            answers.push((r.client, Answer::ReadFailed(why)));
+        }
+        self.unproposed.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::NodeOptions;
+    use crate::storage::MemBackend;
+
+    fn single_node() -> Node<MemBackend> {
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut n = Node::open(MemBackend::new(), &NodeOptions::new(1), &[1], &logger).unwrap();
+        for _ in 0..30 {
+            n.tick();
+            let mut out = Output::default();
+            n.handle_ready(&mut out, &mut |_| {}).unwrap();
+        }
+        assert!(n.is_leader());
+        n
+    }
+
+    fn step(n: &mut Node<MemBackend>, p: &mut Pending<u32>, answers: &mut Vec<(u32, Answer)>) {
+        let now = Instant::now();
+        p.drive(n, now);
+        let mut out = Output::default();
+        n.handle_ready(&mut out, &mut |_| {}).unwrap();
+        p.on_output(&mut out, n.status().applied, answers);
+        p.expire(now, answers);
+    }
+
+    #[test]
+    fn writes_and_reads_complete_on_a_single_node() {
+        let mut n = single_node();
+        let mut p = Pending::new(1, 7, Duration::from_millis(100));
+        let far = Instant::now() + Duration::from_secs(60);
+        p.add_write(1u32, Command::Put { key: "k".into(), value: "v".into() }, far);
+        p.add_write(2, Command::Cas { key: "k".into(), expected: Some("v".into()), value: "w".into() }, far);
+        p.add_read(3, far);
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            step(&mut n, &mut p, &mut answers);
+        }
+        answers.sort_by_key(|a| a.0);
+        assert_eq!(answers.len(), 3, "{answers:?}");
+        let Answer::Done { revision: r1, flag: true } = answers[0].1 else { panic!("{answers:?}") };
+        let Answer::Done { revision: r2, flag: true } = answers[1].1 else { panic!("{answers:?}") };
+        assert!(r2 > r1);
+        let Answer::Done { revision: ri, .. } = answers[2].1 else { panic!("{answers:?}") };
+        assert!(ri >= 2);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn deadlines_fail_with_the_right_certainty() {
+        // A node with two unreachable peers never has a leader.
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut n = Node::open(MemBackend::new(), &NodeOptions::new(1), &[1, 2, 3], &logger).unwrap();
+        let mut p = Pending::new(1, 7, Duration::from_millis(1));
+        let past = Instant::now();
+        p.add_write(1u32, Command::Delete { key: "k".into() }, past);
+        p.add_read(2, past);
+        let mut answers = Vec::new();
+        step(&mut n, &mut p, &mut answers);
+        answers.sort_by_key(|a| a.0);
+        assert!(matches!(answers[0].1, Answer::NotCommitted(_)), "{answers:?}");
+        assert!(matches!(answers[1].1, Answer::ReadFailed(_)), "{answers:?}");
+        p.add_write(3, Command::Delete { key: "k".into() }, past);
+        p.forget(3);
+        assert!(p.is_empty());
+    }
+}
