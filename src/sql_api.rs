@@ -1,6 +1,7 @@
 //! The SQL functions. Typed errors from the rest of the crate become Postgres ERRORs here,
 //! each with a SQLSTATE a client can act on.
 
+use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode as Code;
@@ -138,8 +139,29 @@ fn consistency(c: Option<&str>) -> Consistency {
 /// cannot be stale.
 fn read_barrier(c: Consistency) {
     if c == Consistency::Linearizable {
+        if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+            raise(
+                Code::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "raft_kv linearizable reads need READ COMMITTED isolation".into(),
+                Some("Under REPEATABLE READ or SERIALIZABLE the transaction's snapshot predates the read, so it could be stale."),
+                Some("Use consistency => 'local' inside such transactions, or read outside them."),
+            )
+        }
         request(Op::Read, "", "", None);
     }
+}
+
+/// Runs a read query with a fresh snapshot. (A read-only SPI query would reuse the calling
+/// statement's snapshot, taken before the read barrier, and could miss writes the barrier
+/// waited for.)
+fn fresh_select<R>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid],
+    f: impl FnOnce(pgrx::spi::SpiTupleTable) -> Result<R, pgrx::spi::SpiError>,
+) -> R {
+    Spi::connect_mut(|c| f(c.update(sql, None, args)?)).unwrap_or_else(|e: pgrx::spi::SpiError| {
+        raise(Code::ERRCODE_INTERNAL_ERROR, format!("raft_kv: reading failed: {e}"), None, None)
+    })
 }
 
 /// Writes `key = value` through the Raft log; returns the revision at which it applied.
@@ -180,16 +202,12 @@ fn raft_get(key: Option<&str>, consistency: default!(Option<&str>, "'linearizabl
     require_preload();
     let key = check_key(key);
     read_barrier(self::consistency(consistency));
-    Spi::connect(|c| {
-        let t = c.select("SELECT value FROM raft_kv.kv WHERE key = $1", Some(1), &[key.into()])?;
+    fresh_select("SELECT value FROM raft_kv.kv WHERE key = $1", &[key.into()], |t| {
         if t.is_empty() {
             Ok(None)
         } else {
             t.first().get::<String>(1)
         }
-    })
-    .unwrap_or_else(|e: pgrx::spi::SpiError| {
-        raise(Code::ERRCODE_INTERNAL_ERROR, format!("raft_kv: reading the key failed: {e}"), None, None)
     })
 }
 
@@ -205,21 +223,17 @@ fn raft_scan(
         raise(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "raft_kv prefix must not be NULL".into(), None, None)
     };
     read_barrier(self::consistency(consistency));
-    let rows: Vec<(String, String, i64)> = Spi::connect(|c| {
-        let t = c.select(
-            "SELECT key, value, revision FROM raft_kv.kv WHERE starts_with(key, $1) ORDER BY key",
-            None,
-            &[prefix.into()],
-        )?;
-        let mut rows = Vec::with_capacity(t.len());
-        for r in t {
-            rows.push((r.get(1)?.unwrap_or_default(), r.get(2)?.unwrap_or_default(), r.get(3)?.unwrap_or(0)));
-        }
-        Ok(rows)
-    })
-    .unwrap_or_else(|e: pgrx::spi::SpiError| {
-        raise(Code::ERRCODE_INTERNAL_ERROR, format!("raft_kv: scanning failed: {e}"), None, None)
-    });
+    let rows: Vec<(String, String, i64)> = fresh_select(
+        "SELECT key, value, revision FROM raft_kv.kv WHERE starts_with(key, $1) ORDER BY key",
+        &[prefix.into()],
+        |t| {
+            let mut rows = Vec::with_capacity(t.len());
+            for r in t {
+                rows.push((r.get(1)?.unwrap_or_default(), r.get(2)?.unwrap_or_default(), r.get(3)?.unwrap_or(0)));
+            }
+            Ok(rows)
+        },
+    );
     TableIterator::new(rows)
 }
 

@@ -57,14 +57,15 @@ pub struct Pending<T> {
     last_leader: u64,
 }
 
-fn read_ctx(read: u64, attempt: u64) -> Vec<u8> {
-    let mut v = read.to_le_bytes().to_vec();
-    v.extend_from_slice(&attempt.to_le_bytes());
-    v
+/// A ReadIndex context unique cluster-wide: the leader ignores a context already pending,
+/// whichever node sent it.
+fn read_ctx(me: u64, nonce: u64, read: u64, attempt: u64) -> Vec<u8> {
+    [me, nonce, read, attempt].iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-fn parse_read_ctx(ctx: &[u8]) -> Option<u64> {
-    (ctx.len() == 16).then(|| u64::from_le_bytes(ctx[..8].try_into().unwrap()))
+fn parse_read_ctx(ctx: &[u8], me: u64, nonce: u64) -> Option<u64> {
+    let word = |i: usize| ctx.get(i * 8..i * 8 + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    (ctx.len() == 32 && word(0) == Some(me) && word(1) == Some(nonce)).then(|| word(2)).flatten()
 }
 
 impl<T: Copy + PartialEq> Pending<T> {
@@ -151,7 +152,7 @@ impl<T: Copy + PartialEq> Pending<T> {
                 Some(_) => continue,
                 None => 0,
             };
-            node.read_index(read_ctx(id, attempt));
+            node.read_index(read_ctx(self.me, self.nonce, id, attempt));
             r.asked = Some((now, attempt));
         }
     }
@@ -173,7 +174,7 @@ impl<T: Copy + PartialEq> Pending<T> {
             }
         }
         for (ctx, index) in out.read_states.drain(..) {
-            if let Some(r) = parse_read_ctx(&ctx).and_then(|id| self.reads.get_mut(&id)) {
+            if let Some(r) = parse_read_ctx(&ctx, self.me, self.nonce).and_then(|id| self.reads.get_mut(&id)) {
                 r.index.get_or_insert(index);
             }
         }

@@ -6,6 +6,9 @@
 //! and restarted. Dropping the cluster, including during a panic, stops every server and
 //! removes the directory. As root, servers run as the `postgres` user.
 
+pub mod linearizability;
+pub mod proxy;
+
 use std::fs;
 use std::io::Write;
 use std::net::TcpListener;
@@ -124,6 +127,9 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// Lines added to every node's configuration.
     extra_conf: String,
+    /// Per-link proxies, when the cluster was built with `proxied()`. Declared after the
+    /// nodes so it is dropped after the servers are stopped.
+    pub net: Option<proxy::Net>,
 }
 
 pub struct Builder {
@@ -131,6 +137,7 @@ pub struct Builder {
     extra_conf: String,
     conf: Option<ConfFn>,
     create_extension: bool,
+    proxied: bool,
 }
 
 impl Builder {
@@ -149,6 +156,11 @@ impl Builder {
         self.create_extension = false;
         self
     }
+    /// Routes every link between nodes through a proxy the test can cut (`Cluster::net`).
+    pub fn proxied(mut self) -> Self {
+        self.proxied = true;
+        self
+    }
 
     pub fn start(self) -> Cluster {
         let root = std::env::temp_dir().join(format!(
@@ -161,6 +173,24 @@ impl Builder {
         let specs: Vec<NodeSpec> =
             (1..=self.n as u64).map(|id| NodeSpec { id, pg_port: free_port(), raft_port: free_port() }).collect();
         let peers = specs.iter().map(|s| format!("{}=127.0.0.1:{}", s.id, s.raft_port)).collect::<Vec<_>>().join(",");
+        let net = self.proxied.then(|| {
+            proxy::Net::start(&specs.iter().map(|s| (s.id, format!("127.0.0.1:{}", s.raft_port).parse().unwrap())).collect())
+        });
+        // With proxies, each node reaches every other through its own link.
+        let peers_for = |me: &NodeSpec| match &net {
+            None => peers.clone(),
+            Some(net) => specs
+                .iter()
+                .map(|s| {
+                    if s.id == me.id {
+                        format!("{}=127.0.0.1:{}", s.id, s.raft_port)
+                    } else {
+                        format!("{}={}", s.id, net.addr(me.id, s.id))
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+        };
         let mut nodes = Vec::new();
         for spec in &specs {
             let dir = root.join(format!("node{}", spec.id));
@@ -168,8 +198,8 @@ impl Builder {
             let st = Command::new("cp").arg("-a").arg(template()).arg(dir.join("data")).status().unwrap();
             assert!(st.success(), "copying the template data directory");
             let raft = match &self.conf {
-                Some(f) => f(spec, &peers),
-                None => default_raft_conf(spec, &peers),
+                Some(f) => f(spec, &peers_for(spec)),
+                None => default_raft_conf(spec, &peers_for(spec)),
             };
             let mut f = fs::OpenOptions::new().append(true).open(dir.join("data/postgresql.conf")).unwrap();
             write!(
@@ -185,7 +215,7 @@ impl Builder {
             nodes.push(Node { spec: spec.clone(), dir });
         }
         chown_to_postgres(&root);
-        let c = Cluster { root, nodes, extra_conf: self.extra_conf };
+        let c = Cluster { root, nodes, extra_conf: self.extra_conf, net };
         for i in 1..=c.nodes.len() {
             c.start_node(i);
         }
@@ -215,7 +245,7 @@ pub enum Stop {
 
 impl Cluster {
     pub fn builder(n: usize) -> Builder {
-        Builder { n, extra_conf: String::new(), conf: None, create_extension: true }
+        Builder { n, extra_conf: String::new(), conf: None, create_extension: true, proxied: false }
     }
 
     pub fn start(n: usize) -> Cluster {
@@ -262,6 +292,41 @@ impl Cluster {
     pub fn signal(&self, i: usize, sig: i32) {
         let pid = self.node(i).postmaster_pid().expect("node is running");
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    }
+
+    /// Every process of node `i`'s server: the postmaster and its children.
+    pub fn pids(&self, i: usize) -> Vec<i32> {
+        let Some(pm) = self.node(i).postmaster_pid() else { return Vec::new() };
+        let out = Command::new("pgrep").args(["-P", &pm.to_string()]).output().unwrap();
+        let mut pids: Vec<i32> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect();
+        pids.insert(0, pm);
+        pids
+    }
+
+    /// Pauses (SIGSTOP) or resumes (SIGCONT) every process of node `i`'s server.
+    pub fn pause(&self, i: usize, paused: bool) {
+        let sig = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        for pid in self.pids(i) {
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+
+    /// `kill -9` of node `i`'s whole server, as a machine crash would end it; waits until
+    /// every process is gone so it can be started again.
+    pub fn kill9(&self, i: usize) {
+        let pids = self.pids(i);
+        for &pid in &pids {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // Zombies count as gone: whoever inherited them may never reap them.
+        let alive = |p: i32| {
+            fs::read_to_string(format!("/proc/{p}/stat"))
+                .map(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
+                .unwrap_or(false)
+        };
+        wait_for(Duration::from_secs(30), "the killed processes to exit", || {
+            pids.iter().all(|&p| !alive(p)).then_some(())
+        });
     }
 
     /// Appends a line to node `i`'s postgresql.conf (takes effect at the next start).
@@ -321,9 +386,9 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 1..=self.nodes.len() {
             let n = self.node(i);
-            if let Some(pid) = n.postmaster_pid() {
+            if n.postmaster_pid().is_some() {
                 // A paused server cannot stop.
-                unsafe { libc::kill(pid, libc::SIGCONT) };
+                self.pause(i, false);
                 let mut c = pg_command(&format!("{PG_BIN}/pg_ctl"));
                 c.arg("-D").arg(n.data()).args(["-m", "immediate", "-w", "-t", "30", "stop"]);
                 let _ = run(c, "pg_ctl stop");
