@@ -42,7 +42,7 @@ rm -rf "$pgdata"
 
 # `cargo pgrx test` installed its test build; the cluster tests run the release build.
 stage install scripts/setup.sh
-stage cluster cargo test -p raft_kv_tests --test '*' -- --test-threads=1
+stage cluster cargo test -p raft_kv_tests --tests -- --test-threads=1
 
 # Nothing may outlive the tests: no server, no data directory.
 rm -rf /tmp/raft_kv-test-template-*

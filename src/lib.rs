@@ -154,6 +154,30 @@ mod tests {
         assert_eq!(applied, Some(60));
     }
 
+    #[pg_test]
+    fn table_backend_applies_a_retried_request_once() {
+        use raft_kv_core::command::{Command, Proposal, RequestId};
+        use raft_kv_core::eraftpb::Entry;
+        use raft_kv_core::storage::contract;
+        scratch_schema();
+        let entry = |index: u64, seq: u64, value: &str| {
+            let mut e = Entry::default();
+            e.index = index;
+            e.term = 1;
+            let cmd = Command::Put { key: "k".into(), value: value.into() };
+            e.data = Proposal { id: RequestId { node: 2, nonce: 9, seq }, cmd }.encode().into();
+            e
+        };
+        let mut pg = crate::storage::PgBackend::new("contract");
+        let res =
+            contract::apply_log(&mut pg, &[entry(1, 42, "first"), entry(2, 43, "second"), entry(3, 42, "first")], 2);
+        assert!(!res[0].duplicate && !res[1].duplicate);
+        assert!(res[2].duplicate);
+        assert_eq!(res[2].revision, 1);
+        let row = Spi::get_two::<String, i64>("SELECT value, revision FROM contract.kv WHERE key = 'k'").unwrap();
+        assert_eq!(row, (Some("second".to_string()), Some(2)));
+    }
+
     #[pg_test(error = "raft_kv key must not be NULL")]
     fn null_key_is_rejected() {
         Spi::run("SELECT raft_get(NULL)").unwrap();

@@ -206,7 +206,7 @@ async fn peer_writer(
             }
         };
         let _ = stream.set_nodelay(true);
-        backoff = BACKOFF_MIN;
+        let connected_at = tokio::time::Instant::now();
         emit(&events, &wake, Event::Connected { peer: id, addr });
         let mut sink = FramedWrite::new(stream, codec());
         let error = loop {
@@ -232,6 +232,14 @@ async fn peer_writer(
             }
         };
         emit(&events, &wake, Event::Disconnected { peer: id, addr, error });
+        // A connection that dies at once (say, a proxy that accepts and then resets) must not
+        // turn into a reconnect loop: back off unless it had lived a while.
+        if connected_at.elapsed() >= Duration::from_secs(1) {
+            backoff = BACKOFF_MIN;
+        } else {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
     }
 }
 

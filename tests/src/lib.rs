@@ -174,7 +174,9 @@ impl Builder {
             (1..=self.n as u64).map(|id| NodeSpec { id, pg_port: free_port(), raft_port: free_port() }).collect();
         let peers = specs.iter().map(|s| format!("{}=127.0.0.1:{}", s.id, s.raft_port)).collect::<Vec<_>>().join(",");
         let net = self.proxied.then(|| {
-            proxy::Net::start(&specs.iter().map(|s| (s.id, format!("127.0.0.1:{}", s.raft_port).parse().unwrap())).collect())
+            proxy::Net::start(
+                &specs.iter().map(|s| (s.id, format!("127.0.0.1:{}", s.raft_port).parse().unwrap())).collect(),
+            )
         });
         // With proxies, each node reaches every other through its own link.
         let peers_for = |me: &NodeSpec| match &net {
@@ -298,7 +300,8 @@ impl Cluster {
     pub fn pids(&self, i: usize) -> Vec<i32> {
         let Some(pm) = self.node(i).postmaster_pid() else { return Vec::new() };
         let out = Command::new("pgrep").args(["-P", &pm.to_string()]).output().unwrap();
-        let mut pids: Vec<i32> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let mut pids: Vec<i32> =
+            String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect();
         pids.insert(0, pm);
         pids
     }
@@ -327,6 +330,8 @@ impl Cluster {
         wait_for(Duration::from_secs(30), "the killed processes to exit", || {
             pids.iter().all(|&p| !alive(p)).then_some(())
         });
+        // As after a reboot: an unreaped zombie would otherwise look like a live postmaster.
+        let _ = fs::remove_file(self.node(i).data().join("postmaster.pid"));
     }
 
     /// Appends a line to node `i`'s postgresql.conf (takes effect at the next start).

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use raft_kv_tests::linearizability::{self, Kind, Op, Outcome};
 use raft_kv_tests::{wait_for, Client, Cluster};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 const KEYS: [&str; 3] = ["x", "y", "z"];
 const CLIENTS: usize = 4;
@@ -84,10 +84,7 @@ fn client_loop(c: &Cluster, id: usize, seed: u64, stop: &AtomicBool, h: &History
         let choice = rng.gen_range(0..100);
         let invoke = h.now();
         let (kind, res): (Kind, Result<Outcome, postgres::Error>) = match choice {
-            0..=34 => (
-                Kind::Read,
-                cl.query_one("SELECT raft_get($1)", &[&key]).map(|r| Outcome::Read(r.get(0))),
-            ),
+            0..=34 => (Kind::Read, cl.query_one("SELECT raft_get($1)", &[&key]).map(|r| Outcome::Read(r.get(0)))),
             35..=44 => {
                 // Local reads may be stale by design: exercised, not checked.
                 if cl.query_one("SELECT raft_get($1, 'local')", &[&key]).is_ok() {
@@ -109,7 +106,8 @@ fn client_loop(c: &Cluster, id: usize, seed: u64, stop: &AtomicBool, h: &History
             }
         };
         let complete = h.now();
-        let op = |outcome, complete| Op { client: id, key: key.to_string(), kind: kind.clone(), outcome, invoke, complete };
+        let op =
+            |outcome, complete| Op { client: id, key: key.to_string(), kind: kind.clone(), outcome, invoke, complete };
         match res {
             Ok(outcome) => {
                 match &outcome {
@@ -162,11 +160,19 @@ fn run(fault: Fault) {
     let stop = AtomicBool::new(false);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut faults = 0;
+    /// Stops the clients however the nemesis loop ends (a panic included).
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     std::thread::scope(|s| {
         for id in 0..CLIENTS {
             let (c, stop, h) = (&c, &stop, &h);
             s.spawn(move || client_loop(c, id, seed, stop, h));
         }
+        let _stop = StopOnDrop(&stop);
         let end = Instant::now() + dur;
         while Instant::now() < end {
             // Quiet period, then a fault for a while.
