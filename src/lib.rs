@@ -47,15 +47,15 @@ CREATE TABLE raft_kv.kv (
 );
 
 COMMENT ON SCHEMA raft_kv IS 'raft_kv internal state: the Raft log, hard state and the key-value table';
--- Applied request ids, so a retried proposal is answered instead of applied twice.
--- Forgotten after raft_kv_core's DEDUP_WINDOW log entries.
+-- Applied request ids (nonce, seq), so a retried proposal is answered instead of applied
+-- twice. node is the node that proposed it. Forgotten after DEDUP_WINDOW log entries.
 CREATE TABLE raft_kv.requests (
-    node     bigint  NOT NULL,
     nonce    bigint  NOT NULL,
     seq      bigint  NOT NULL,
+    node     bigint  NOT NULL,
     revision bigint  NOT NULL,
     flag     boolean NOT NULL,
-    PRIMARY KEY (node, nonce, seq)
+    PRIMARY KEY (nonce, seq)
 );
 CREATE INDEX requests_revision ON raft_kv.requests (revision);
 

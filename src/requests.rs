@@ -36,11 +36,24 @@ pub enum RequestError {
     ReadFailed(String),
 }
 
-/// Submits a request and waits for its outcome. `expected` is for `Op::Cas` only.
-pub fn submit(op: Op, key: &str, value: &str, expected: Option<&str>) -> Result<Reply, RequestError> {
+/// What a backend asks of the worker.
+pub struct Request<'a> {
+    pub op: Op,
+    pub key: &'a str,
+    pub value: &'a str,
+    /// `Op::Cas` only.
+    pub expected: Option<&'a str>,
+    /// Writes only: the client's name for the request, making retries idempotent.
+    pub request_id: Option<&'a str>,
+}
+
+/// Submits a request and waits for its outcome.
+pub fn submit(req: &Request) -> Result<Reply, RequestError> {
+    let Request { op, key, value, expected, request_id } = *req;
     let timeout_ms = guc::APPLY_TIMEOUT_MS.get().max(1) as u32;
     let exp = expected.unwrap_or("");
-    let payload = [key.as_bytes(), value.as_bytes(), exp.as_bytes()];
+    let rid = request_id.unwrap_or("");
+    let payload = [key.as_bytes(), value.as_bytes(), exp.as_bytes(), rid.as_bytes()];
     let payload_len: usize = payload.iter().map(|p| p.len()).sum();
     let mut seg: *mut pg_sys::dsm_segment = std::ptr::null_mut();
     if payload_len > INLINE_BYTES {
@@ -74,6 +87,7 @@ pub fn submit(op: Op, key: &str, value: &str, expected: Option<&str>) -> Result<
             s.val_len = value.len() as u32;
             s.has_expected = expected.is_some();
             s.exp_len = exp.len() as u32;
+            s.rid_len = rid.len() as u32;
             s.outcome = 0;
             if seg.is_null() {
                 s.dsm = 0;
@@ -164,6 +178,7 @@ pub struct Taken {
     pub key: String,
     pub value: String,
     pub expected: Option<String>,
+    pub request_id: Option<String>,
     pub deadline: Instant,
 }
 
@@ -185,7 +200,7 @@ pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u6
             finish(s, Outcome::NotCommitted, 0, false, "the raft_kv worker restarted before taking the request");
             continue;
         }
-        let (Some(op), Some((key, value, expected))) = (Op::from_u8(s.op), read_payload(s)) else {
+        let (Some(op), Some((key, value, expected, request_id))) = (Op::from_u8(s.op), read_payload(s)) else {
             // The backend is gone and took its segment with it.
             s.state = SlotState::Free as u8;
             continue;
@@ -198,15 +213,18 @@ pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u6
             key,
             value,
             expected,
+            request_id,
             deadline: now + Duration::from_millis(s.timeout_ms as u64),
         });
     }
 }
 
-fn read_payload(s: &Slot) -> Option<(String, String, Option<String>)> {
-    let (k, v, e) = (s.key_len as usize, s.val_len as usize, s.exp_len as usize);
+type Payload = (String, String, Option<String>, Option<String>);
+
+fn read_payload(s: &Slot) -> Option<Payload> {
+    let (k, v, e, r) = (s.key_len as usize, s.val_len as usize, s.exp_len as usize, s.rid_len as usize);
     let bytes: Vec<u8> = if s.dsm == 0 {
-        s.data[..k + v + e].to_vec()
+        s.data[..k + v + e + r].to_vec()
     } else {
         unsafe {
             let seg = pg_sys::dsm_attach(s.dsm);
@@ -214,15 +232,17 @@ fn read_payload(s: &Slot) -> Option<(String, String, Option<String>)> {
                 return None;
             }
             let p = pg_sys::dsm_segment_address(seg) as *const u8;
-            let b = std::slice::from_raw_parts(p, k + v + e).to_vec();
+            let b = std::slice::from_raw_parts(p, k + v + e + r).to_vec();
             pg_sys::dsm_detach(seg);
             b
         }
     };
     let key = String::from_utf8(bytes[..k].to_vec()).ok()?;
     let value = String::from_utf8(bytes[k..k + v].to_vec()).ok()?;
-    let expected = if s.has_expected { Some(String::from_utf8(bytes[k + v..].to_vec()).ok()?) } else { None };
-    Some((key, value, expected))
+    let text = |range: std::ops::Range<usize>| String::from_utf8(bytes[range].to_vec()).ok();
+    let expected = if s.has_expected { Some(text(k + v..k + v + e)?) } else { None };
+    let request_id = if r > 0 { Some(text(k + v + e..k + v + e + r)?) } else { None };
+    Some((key, value, expected, request_id))
 }
 
 fn finish(s: &mut Slot, outcome: Outcome, revision: i64, flag: bool, message: &str) {

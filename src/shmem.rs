@@ -135,6 +135,8 @@ pub struct Slot {
     /// Cas only: the expected value follows key and value; absent means "key must not exist".
     pub has_expected: bool,
     pub exp_len: u32,
+    /// A client-chosen request id follows the expected value; 0 bytes when none.
+    pub rid_len: u32,
     /// DSM handle holding key and value when they do not fit inline; 0 when inline.
     pub dsm: u32,
     pub data: [u8; INLINE_BYTES],

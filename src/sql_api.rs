@@ -5,7 +5,7 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode as Code;
-use raft_kv_core::command::MAX_KEY_BYTES;
+use raft_kv_core::command::{MAX_KEY_BYTES, MAX_REQUEST_ID_BYTES};
 
 use crate::guc;
 use crate::requests::{self, RequestError};
@@ -74,8 +74,9 @@ fn check_value(value: Option<&str>) -> &str {
     value
 }
 
-fn request(op: Op, key: &str, value: &str, expected: Option<&str>) -> requests::Reply {
-    requests::submit(op, key, value, expected).unwrap_or_else(|e| match e {
+fn request(op: Op, key: &str, value: &str, expected: Option<&str>, request_id: Option<&str>) -> requests::Reply {
+    let req = requests::Request { op, key, value, expected, request_id };
+    requests::submit(&req).unwrap_or_else(|e| match e {
         RequestError::NotRunning(state) => raise(
             Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("raft_kv is not running on this node: {state}"),
@@ -147,7 +148,7 @@ fn read_barrier(c: Consistency) {
                 Some("Use consistency => 'local' inside such transactions, or read outside them."),
             )
         }
-        request(Op::Read, "", "", None);
+        request(Op::Read, "", "", None, None);
     }
 }
 
@@ -164,34 +165,55 @@ fn fresh_select<R>(
     })
 }
 
+fn check_request_id(id: Option<&str>) -> Option<&str> {
+    if let Some(id) = id {
+        if id.is_empty() || id.len() > MAX_REQUEST_ID_BYTES {
+            raise(
+                Code::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("raft_kv request_id must be 1 to {MAX_REQUEST_ID_BYTES} bytes, got {}", id.len()),
+                None,
+                None,
+            )
+        }
+    }
+    id
+}
+
 /// Writes `key = value` through the Raft log; returns the revision at which it applied.
+/// A `request_id` makes retries safe: calling again with the same id (on any node, after an
+/// "outcome unknown" error, say) returns the first call's revision without writing again.
 #[pg_extern(volatile, parallel_unsafe)]
-fn raft_set(key: Option<&str>, value: Option<&str>) -> i64 {
+fn raft_set(key: Option<&str>, value: Option<&str>, request_id: default!(Option<&str>, "NULL")) -> i64 {
     require_preload();
     let key = check_key(key);
     let value = check_value(value);
-    request(Op::Set, key, value, None).revision
+    request(Op::Set, key, value, None, check_request_id(request_id)).revision
 }
 
 /// Writes `new` only if the key's current value equals `expected` (NULL: the key is absent),
 /// decided when the entry applies, so it is atomic cluster-wide. Returns whether it wrote.
 #[pg_extern(volatile, parallel_unsafe)]
-fn raft_cas(key: Option<&str>, expected: Option<&str>, new: Option<&str>) -> bool {
+fn raft_cas(
+    key: Option<&str>,
+    expected: Option<&str>,
+    new: Option<&str>,
+    request_id: default!(Option<&str>, "NULL"),
+) -> bool {
     require_preload();
     let key = check_key(key);
     let new = check_value(new);
     if let Some(e) = expected {
         check_value(Some(e));
     }
-    request(Op::Cas, key, new, expected).flag
+    request(Op::Cas, key, new, expected, check_request_id(request_id)).flag
 }
 
 /// Deletes `key` through the Raft log; returns whether it existed.
 #[pg_extern(volatile, parallel_unsafe)]
-fn raft_delete(key: Option<&str>) -> bool {
+fn raft_delete(key: Option<&str>, request_id: default!(Option<&str>, "NULL")) -> bool {
     require_preload();
     let key = check_key(key);
-    request(Op::Delete, key, "", None).flag
+    request(Op::Delete, key, "", None, check_request_id(request_id)).flag
 }
 
 /// The value of `key`, NULL when absent. `'linearizable'` (the default) reflects every write

@@ -227,13 +227,9 @@ fn write_batch(
     }
     let mut results = Vec::with_capacity(b.ops.len());
     for o in &b.ops {
-        let id: [DatumWithOid; 3] = [(o.id.node as i64).into(), (o.id.nonce as i64).into(), (o.id.seq as i64).into()];
+        let id: [DatumWithOid; 2] = [(o.id.nonce as i64).into(), (o.id.seq as i64).into()];
         let seen = c
-            .select(
-                &q("SELECT revision, flag FROM raft_kv.requests WHERE node = $1 AND nonce = $2 AND seq = $3"),
-                None,
-                &id,
-            )
+            .select(&q("SELECT revision, flag FROM raft_kv.requests WHERE nonce = $1 AND seq = $2"), None, &id)
             .map_err(spi_err)?;
         if !seen.is_empty() {
             let seen = seen.first();
@@ -281,11 +277,11 @@ fn write_batch(
                 t.len() > 0
             }
         };
-        let [n, nonce, seq] = id;
+        let [nonce, seq] = id;
         c.update(
-            &q("INSERT INTO raft_kv.requests (node, nonce, seq, revision, flag) VALUES ($1, $2, $3, $4, $5)"),
+            &q("INSERT INTO raft_kv.requests (nonce, seq, node, revision, flag) VALUES ($1, $2, $3, $4, $5)"),
             None,
-            &[n, nonce, seq, rev.into(), flag.into()],
+            &[nonce, seq, (o.id.node as i64).into(), rev.into(), flag.into()],
         )
         .map_err(spi_err)?;
         results.push(ApplyResult { revision: o.index, flag, duplicate: false });

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use raft_kv_core::command::Command;
+use raft_kv_core::command::{Command, RequestId};
 use raft_kv_core::config::{format_peers, ClusterConfig};
 use raft_kv_core::node::{role_name, Node, NodeOptions, NodeStatus, Output};
 use raft_kv_core::pending::{Answer, Pending};
@@ -219,7 +219,7 @@ fn run(settings: Settings, epoch: u64) {
 
     // Reads ask again for a read index after about a heartbeat without an answer.
     let read_retry = settings.tick * settings.opts.heartbeat_ticks as u32 * 2;
-    let mut pending: Pending<(usize, u64)> = Pending::new(me, rand_nonce(), read_retry);
+    let mut pending: Pending<(usize, u64)> = Pending::new(me, RequestId::worker_nonce(rand_nonce()), read_retry);
     let mut taken: Vec<Taken> = Vec::new();
     let mut abandoned: Vec<(usize, u64)> = Vec::new();
     let mut answers: Vec<((usize, u64), Answer)> = Vec::new();
@@ -291,7 +291,7 @@ fn run(settings: Settings, epoch: u64) {
                     continue;
                 }
             };
-            pending.add_write(client, cmd, t.deadline);
+            pending.add_write(client, cmd, t.deadline, t.request_id.as_deref(), &mut answers);
         }
         pending.drive(&mut node, now);
 

@@ -11,13 +11,34 @@ pub const MAX_KEY_BYTES: usize = 1024;
 
 /// Identifies one client request cluster-wide.
 ///
-/// `nonce` is drawn at random when a worker starts, so a restarted worker never reuses the id
-/// of a request an earlier incarnation proposed (whose entry might still be applied later).
+/// `(nonce, seq)` is the identity the state machine deduplicates on; `node` only says which
+/// node waits for the answer. A worker draws `nonce` at random when it starts (top bit clear),
+/// so a restarted worker never reuses the id of a request an earlier incarnation proposed.
+/// A request id chosen by the client ([`RequestId::for_client_key`]) hashes into `(nonce,
+/// seq)` with the top bit set, so the same key retried on any node is the same request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RequestId {
     pub node: u64,
     pub nonce: u64,
     pub seq: u64,
+}
+
+/// Longest client-chosen request id accepted, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
+
+impl RequestId {
+    /// The id of a request whose client named it `key`, proposed on `node`.
+    pub fn for_client_key(node: u64, key: &str) -> RequestId {
+        // FNV-1a, twice with different offsets: stable across builds and platforms, which a
+        // cluster of mixed binaries needs (std's hasher promises neither).
+        let fnv = |offset: u64| key.bytes().fold(offset, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3));
+        RequestId { node, nonce: fnv(0xcbf2_9ce4_8422_2325) | 1 << 63, seq: fnv(0x6c62_272e_07bb_0142) }
+    }
+
+    /// A worker incarnation's random nonce, kept apart from client-key hashes.
+    pub fn worker_nonce(random: u64) -> u64 {
+        random & !(1 << 63)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +111,17 @@ mod tests {
         assert_eq!(Proposal::decode(&p.encode()).unwrap(), p);
         let d = Proposal { id: p.id, cmd: Command::Delete { key: "k".into() } };
         assert_eq!(Proposal::decode(&d.encode()).unwrap(), d);
+    }
+
+    #[test]
+    fn client_keys_name_the_same_request_on_every_node() {
+        let a = RequestId::for_client_key(1, "order-17");
+        let b = RequestId::for_client_key(3, "order-17");
+        assert_eq!((a.nonce, a.seq), (b.nonce, b.seq));
+        assert_ne!(a.node, b.node);
+        let c = RequestId::for_client_key(1, "order-18");
+        assert_ne!((a.nonce, a.seq), (c.nonce, c.seq));
+        assert_ne!(a.nonce & 1 << 63, RequestId::worker_nonce(u64::MAX) & 1 << 63);
     }
 
     #[test]

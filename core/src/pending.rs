@@ -88,9 +88,30 @@ impl<T: Copy + PartialEq> Pending<T> {
         self.writes.is_empty() && self.reads.is_empty()
     }
 
-    pub fn add_write(&mut self, client: T, cmd: Command, deadline: Instant) {
-        self.seq += 1;
-        let id = RequestId { node: self.me, nonce: self.nonce, seq: self.seq };
+    /// Tracks a write. With `client_key`, the client named the request: a retry of it, on
+    /// any node, is answered with the first result instead of applied again.
+    pub fn add_write(
+        &mut self,
+        client: T,
+        cmd: Command,
+        deadline: Instant,
+        client_key: Option<&str>,
+        answers: &mut Vec<(T, Answer)>,
+    ) {
+        let id = match client_key {
+            Some(k) => RequestId::for_client_key(self.me, k),
+            None => {
+                self.seq += 1;
+                RequestId { node: self.me, nonce: self.nonce, seq: self.seq }
+            }
+        };
+        if self.writes.contains_key(&id) {
+            answers.push((
+                client,
+                Answer::NotCommitted("a call with the same request_id is already in flight on this node"),
+            ));
+            return;
+        }
         self.writes.insert(id, Write { client, cmd, deadline, live: 0 });
         self.unproposed.push_back(id);
     }
@@ -260,10 +281,16 @@ mod tests {
         let mut n = single_node();
         let mut p = Pending::new(1, 7, Duration::from_millis(100));
         let far = Instant::now() + Duration::from_secs(60);
-        p.add_write(1u32, Command::Put { key: "k".into(), value: "v".into() }, far);
-        p.add_write(2, Command::Cas { key: "k".into(), expected: Some("v".into()), value: "w".into() }, far);
-        p.add_read(3, far);
         let mut answers = Vec::new();
+        p.add_write(1u32, Command::Put { key: "k".into(), value: "v".into() }, far, None, &mut answers);
+        p.add_write(
+            2,
+            Command::Cas { key: "k".into(), expected: Some("v".into()), value: "w".into() },
+            far,
+            None,
+            &mut answers,
+        );
+        p.add_read(3, far);
         for _ in 0..5 {
             step(&mut n, &mut p, &mut answers);
         }
@@ -284,15 +311,41 @@ mod tests {
         let mut n = Node::open(MemBackend::new(), &NodeOptions::new(1), &[1, 2, 3], &logger).unwrap();
         let mut p = Pending::new(1, 7, Duration::from_millis(1));
         let past = Instant::now();
-        p.add_write(1u32, Command::Delete { key: "k".into() }, past);
-        p.add_read(2, past);
         let mut answers = Vec::new();
+        p.add_write(1u32, Command::Delete { key: "k".into() }, past, None, &mut answers);
+        p.add_read(2, past);
         step(&mut n, &mut p, &mut answers);
         answers.sort_by_key(|a| a.0);
         assert!(matches!(answers[0].1, Answer::NotCommitted(_)), "{answers:?}");
         assert!(matches!(answers[1].1, Answer::ReadFailed(_)), "{answers:?}");
-        p.add_write(3, Command::Delete { key: "k".into() }, past);
+        p.add_write(3, Command::Delete { key: "k".into() }, past, None, &mut answers);
         p.forget(3);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn client_named_requests_apply_once_and_collide_while_in_flight() {
+        let mut n = single_node();
+        let mut p = Pending::new(1, 7, Duration::from_millis(100));
+        let far = Instant::now() + Duration::from_secs(60);
+        let mut answers = Vec::new();
+        let put = |v: &str| Command::Put { key: "k".into(), value: v.into() };
+        p.add_write(1u32, put("a"), far, Some("op-1"), &mut answers);
+        p.add_write(2, put("a"), far, Some("op-1"), &mut answers);
+        assert!(matches!(answers.pop(), Some((2, Answer::NotCommitted(_)))));
+        for _ in 0..5 {
+            step(&mut n, &mut p, &mut answers);
+        }
+        let Some((1, Answer::Done { revision: first, .. })) = answers.pop() else { panic!("{answers:?}") };
+        p.add_write(3, put("b"), far, None, &mut answers);
+        p.add_write(4, put("a"), far, Some("op-1"), &mut answers);
+        for _ in 0..5 {
+            step(&mut n, &mut p, &mut answers);
+        }
+        answers.sort_by_key(|a| a.0);
+        // The retry answers with the first application's revision; the later write stands.
+        assert_eq!(answers[1], (4, Answer::Done { revision: first, flag: true }));
+        let Answer::Done { revision: later, .. } = answers[0].1 else { panic!() };
+        assert!(later > first);
     }
 }

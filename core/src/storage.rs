@@ -371,8 +371,8 @@ pub struct MemState {
     pub state: PersistedState,
     pub log: BTreeMap<u64, Entry>,
     pub kv: BTreeMap<String, (String, u64)>,
-    /// Applied request ids → (revision, flag).
-    pub requests: BTreeMap<(u64, u64, u64), (u64, bool)>,
+    /// Applied request ids (nonce, seq) → (revision, flag).
+    pub requests: BTreeMap<(u64, u64), (u64, bool)>,
 }
 
 /// Bugs the simulation can inject into [`MemBackend`] to show it would catch them.
@@ -454,7 +454,7 @@ impl Backend for MemBackend {
         }
         let mut out = Vec::with_capacity(b.ops.len());
         for o in &b.ops {
-            let rid = (o.id.node, o.id.nonce, o.id.seq);
+            let rid = (o.id.nonce, o.id.seq);
             if let Some(&(revision, flag)) = s.requests.get(&rid) {
                 out.push(ApplyResult { revision, flag, duplicate: true });
                 continue;

@@ -48,9 +48,20 @@ fn chown_to_postgres(p: &Path) {
     }
 }
 
-/// A loopback port nothing listens on right now.
+/// A loopback port nothing listens on right now, never handed out before by this process.
+///
+/// Drawn below the kernel's ephemeral range (32768 and up), so sockets that bind port 0 (the
+/// proxies, outgoing connections) cannot take it between now and the server's start.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let p: u16 = rand::random::<u16>() % 12000 + 20000;
+        if !given.contains(&p) && TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            given.push(p);
+            return p;
+        }
+    }
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.

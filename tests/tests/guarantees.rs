@@ -202,3 +202,36 @@ fn a_write_retried_across_a_forced_leader_change_applies_once() {
         assert_eq!(n, 1, "node {i}");
     }
 }
+
+#[test]
+fn a_client_request_id_makes_retries_idempotent_on_any_node() {
+    let c = Cluster::start(3);
+    c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    let first: i64 = c.client(1).query_one("SELECT raft_set('acct', 'v1', request_id => 'op-1')", &[]).unwrap().get(0);
+    let later: i64 = c.client(2).query_one("SELECT raft_set('acct', 'v2')", &[]).unwrap().get(0);
+    assert!(later > first);
+    // The client, unsure whether op-1 happened, retries it on another node: it is answered
+    // with the first revision and does not overwrite the later write.
+    let retry: i64 = c.client(3).query_one("SELECT raft_set('acct', 'v1', request_id => 'op-1')", &[]).unwrap().get(0);
+    assert_eq!(retry, first);
+    assert_eq!(
+        c.client(3).query_one("SELECT raft_get('acct')", &[]).unwrap().get::<_, Option<String>>(0).as_deref(),
+        Some("v2")
+    );
+    // The same holds for compare-and-set and delete: the first outcome is returned again.
+    let mut cl = c.client(2);
+    assert!(cl.query_one("SELECT raft_cas('lock', NULL, 'me', request_id => 'cas-1')", &[]).unwrap().get::<_, bool>(0));
+    assert!(cl.query_one("SELECT raft_delete('lock')", &[]).unwrap().get::<_, bool>(0));
+    assert!(c
+        .client(1)
+        .query_one("SELECT raft_cas('lock', NULL, 'me', request_id => 'cas-1')", &[])
+        .unwrap()
+        .get::<_, bool>(0));
+    assert_eq!(
+        cl.query_one("SELECT raft_get('lock')", &[]).unwrap().get::<_, Option<String>>(0),
+        None,
+        "the retried CAS must not write"
+    );
+    let err = cl.query("SELECT raft_set('k', 'v', request_id => '')", &[]).unwrap_err();
+    assert!(err.as_db_error().unwrap().message().contains("request_id must be 1 to 256 bytes"));
+}
