@@ -4,8 +4,9 @@
 #   bench/run.sh                 1, 8 and 32 clients, 10 s per run
 #   BENCH_SECONDS=30 BENCH_CLIENTS="1 8 32 64" bench/run.sh
 #
-# Operations: raft_set on the leader, raft_set on a follower (forwarded), raft_get (local read),
-# and, for comparison, a plain upsert into an ordinary table on the same server (no consensus).
+# Operations: raft_set on the leader, raft_set on a follower (forwarded), raft_get on a follower
+# (linearizable: a ReadIndex round trip to the leader; and local), and, for comparison, a plain
+# upsert into an ordinary table on the same server (no consensus).
 # The extension must be installed (scripts/demo.sh or scripts/setup.sh do it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +51,7 @@ run() { # run LABEL NODE SCRIPT CLIENTS
 for c in $CLIENTS; do
   run "raft_set on the leader" "$leader" set.sql "$c"
   run "raft_set on a follower" "$follower" set.sql "$c"
-  run "raft_get (local read)" "$follower" get.sql "$c"
+  run "raft_get, linearizable" "$follower" get.sql "$c"
+  run "raft_get, local" "$follower" get_local.sql "$c"
   run "plain upsert, no consensus" "$leader" upsert.sql "$c"
 done
