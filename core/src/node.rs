@@ -7,13 +7,23 @@
 use std::collections::HashMap;
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message, Snapshot};
+use raft::eraftpb::{ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, EntryType, Message, Snapshot};
 use raft::{Config, RawNode, StateRole, Storage as _, INVALID_ID};
 use slog::Logger;
 
 use crate::command::{ApplyResult, Proposal, RequestId};
-use crate::state_machine::{self, Planned};
-use crate::storage::{Backend, RaftStorage, StoreError, WriteBatch};
+use crate::state_machine::{self, ConfChangeContext, Member, Planned, SnapshotData};
+use crate::storage::{Backend, MemberOp, RaftStorage, StoreError, WriteBatch};
+
+/// A membership change a client asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Add a learner; with `promote`, the leader makes it a voter once it has caught up.
+    AddLearner { id: u64, address: String, promote: bool },
+    /// Make a caught-up learner a voter.
+    Promote { id: u64 },
+    Remove { id: u64 },
+}
 
 /// Raft timing and sizing, in ticks and bytes.
 #[derive(Debug, Clone)]
@@ -93,6 +103,11 @@ pub struct MemberStatus {
 pub struct NodeStatus {
     pub id: u64,
     pub role: StateRole,
+    /// This node is no longer in the configuration.
+    pub removed: bool,
+    /// A membership change is proposed but not yet applied here (or the cluster is in a joint
+    /// configuration): another change must wait.
+    pub change_pending: bool,
     pub term: u64,
     pub leader_id: u64,
     pub commit: u64,
@@ -114,13 +129,17 @@ pub struct Node<B: Backend> {
     /// Leader-side proposals by log index, to detect an entry replaced after a leader change.
     appended: HashMap<u64, RequestId>,
     last_soft: (StateRole, u64, u64),
+    /// Member addresses as applied (kept in step with the backend's).
+    members: std::collections::BTreeMap<u64, Member>,
 }
 
 impl<B: Backend> Node<B> {
-    /// Opens the node on its durable state. A blank node whose id is in `bootstrap_voters`
-    /// first writes the bootstrap snapshot; a blank node outside it waits to be contacted.
-    pub fn open(backend: B, opts: &NodeOptions, bootstrap_voters: &[u64], logger: &Logger) -> Result<Self, NodeError> {
-        let storage = RaftStorage::open(backend, opts.cache_bytes)?;
+    /// Opens the node on its durable state. A blank node listed in `bootstrap` (the initial
+    /// members and their addresses) first writes the bootstrap snapshot; a blank node not
+    /// listed waits to be added by a leader.
+    pub fn open(backend: B, opts: &NodeOptions, bootstrap: &[Member], logger: &Logger) -> Result<Self, NodeError> {
+        let mut storage = RaftStorage::open(backend, opts.cache_bytes)?;
+        let bootstrap_voters: Vec<u64> = bootstrap.iter().map(|m| m.id).collect();
         let blank = storage.last() == 0 && {
             let cs = storage.conf_state();
             cs.voters.is_empty() && cs.learners.is_empty()
@@ -130,7 +149,8 @@ impl<B: Backend> Node<B> {
             let m = snap.mut_metadata();
             m.index = BOOTSTRAP_INDEX;
             m.term = BOOTSTRAP_TERM;
-            m.mut_conf_state().voters = bootstrap_voters.to_vec();
+            m.mut_conf_state().voters = bootstrap_voters.clone();
+            snap.set_data(SnapshotData { members: bootstrap.to_vec(), ..Default::default() }.encode().into());
             let mut hs = storage.hard_state();
             hs.term = BOOTSTRAP_TERM;
             hs.commit = BOOTSTRAP_INDEX;
@@ -155,9 +175,95 @@ impl<B: Backend> Node<B> {
             max_committed_size_per_ready: 16 << 20,
             ..Default::default()
         };
+        let members = storage.backend_mut().members()?.into_iter().map(|m| (m.id, m)).collect();
         let raw = RawNode::new(&cfg, storage, logger)?;
         let last_soft = (raw.raft.state, raw.raft.leader_id, raw.raft.term);
-        Ok(Node { raw, appended: HashMap::new(), last_soft })
+        Ok(Node { raw, appended: HashMap::new(), last_soft, members })
+    }
+
+    /// Member addresses as applied on this node.
+    pub fn members(&self) -> &std::collections::BTreeMap<u64, Member> {
+        &self.members
+    }
+
+    /// Whether `id` is a voter or learner in the applied configuration.
+    pub fn is_member(&self, id: u64) -> bool {
+        let cs = self.raw.store().conf_state();
+        cs.voters.contains(&id) || cs.learners.contains(&id) || cs.voters_outgoing.contains(&id)
+    }
+
+    /// Proposes a membership change (forwarded to the leader by raft when this node follows).
+    pub fn propose_change(&mut self, id: RequestId, change: &MemberChange) -> Result<(), ProposeError> {
+        if self.raw.raft.leader_id == INVALID_ID {
+            return Err(ProposeError::NoLeader);
+        }
+        let (node, kind, address, promote) = match change {
+            MemberChange::AddLearner { id, address, promote } => {
+                (*id, ConfChangeType::AddLearnerNode, Some(address.clone()), *promote)
+            }
+            MemberChange::Promote { id } => (*id, ConfChangeType::AddNode, None, false),
+            MemberChange::Remove { id } => (*id, ConfChangeType::RemoveNode, None, false),
+        };
+        let mut single = ConfChangeSingle::default();
+        single.node_id = node;
+        single.set_change_type(kind);
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        let ctx = ConfChangeContext { id, address, promote }.encode();
+        let before = self.raw.raft.raft_log.last_index();
+        self.raw.propose_conf_change(ctx, cc).map_err(|_| ProposeError::Dropped)?;
+        if self.is_leader() {
+            let idx = self.raw.raft.raft_log.last_index();
+            if idx > before {
+                self.appended.insert(idx, id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the leader to hand leadership to `target` (forwarded when this node follows).
+    pub fn transfer_leader(&mut self, target: u64) {
+        self.raw.transfer_leader(target);
+    }
+
+    /// On the leader: learners marked for promotion whose log is within `lag` entries of ours.
+    pub fn learners_to_promote(&self, lag: u64) -> Vec<u64> {
+        if !self.is_leader() || self.change_pending() {
+            return Vec::new();
+        }
+        let last = self.raw.raft.raft_log.last_index();
+        let cs = self.raw.store().conf_state();
+        cs.learners
+            .iter()
+            .copied()
+            .filter(|id| self.members.get(id).is_some_and(|m| m.promote))
+            .filter(|id| self.raw.raft.prs().get(*id).is_some_and(|p| p.matched + lag >= last))
+            .collect()
+    }
+
+    fn change_pending(&self) -> bool {
+        let cs = self.raw.store().conf_state();
+        !cs.voters_outgoing.is_empty()
+            || self.raw.store().unapplied_conf_change()
+            || (self.is_leader() && self.raw.raft.has_pending_conf())
+    }
+
+    /// If more than `threshold` entries follow the snapshot point, moves it to `margin`
+    /// entries before the applied index and drops the log before it.
+    pub fn maybe_compact(&mut self, threshold: u64, margin: u64) -> Result<bool, NodeError> {
+        let store = self.raw.store();
+        let (snap_index, _) = store.snapshot_meta();
+        let applied = store.applied();
+        if applied.saturating_sub(snap_index) <= threshold {
+            return Ok(false);
+        }
+        let to = applied.saturating_sub(margin);
+        if to <= snap_index {
+            return Ok(false);
+        }
+        let term = raft::Storage::term(store, to)?;
+        store.write(&WriteBatch { compact_to: Some((to, term)), ..Default::default() })?;
+        Ok(true)
     }
 
     pub fn id(&self) -> u64 {
@@ -243,6 +349,9 @@ impl<B: Backend> Node<B> {
             if !rd.snapshot().is_empty() {
                 batch.snapshot = Some(rd.snapshot().clone());
                 self.appended.clear();
+                let data = SnapshotData::decode(rd.snapshot().get_data())
+                    .map_err(|e| StoreError::Corrupt(format!("snapshot data: {e}")))?;
+                self.members = data.members.into_iter().map(|m| (m.id, m)).collect();
             }
             batch.entries = rd.entries().to_vec();
             if let Some(hs) = rd.hs() {
@@ -270,6 +379,7 @@ impl<B: Backend> Node<B> {
             self.write_and_apply(batch, &committed, out)?;
             self.raw.advance_apply();
         }
+        self.step_down_if_removed();
         let soft = (self.raw.raft.state, self.raw.raft.leader_id, self.raw.raft.term);
         if soft != self.last_soft {
             self.last_soft = soft;
@@ -283,6 +393,24 @@ impl<B: Backend> Node<B> {
         Ok(())
     }
 
+    /// raft-rs keeps a leader that removed itself in charge (its TODO); hand leadership to the
+    /// most caught-up voter instead, so the rest of the cluster does not wait for a timeout.
+    fn step_down_if_removed(&mut self) {
+        let r = &self.raw.raft;
+        if r.state != StateRole::Leader || r.prs().conf().voters().contains(r.id) {
+            return;
+        }
+        let best = r
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != r.id && r.prs().conf().voters().contains(**id))
+            .max_by_key(|(_, p)| p.matched)
+            .map(|(id, _)| *id);
+        if let Some(target) = best {
+            self.raw.transfer_leader(target);
+        }
+    }
+
     /// Plans the committed entries into `batch`, writes it atomically, and reports results.
     fn write_and_apply(
         &mut self,
@@ -291,11 +419,16 @@ impl<B: Backend> Node<B> {
         out: &mut Output,
     ) -> Result<(), NodeError> {
         let mut plans = Vec::with_capacity(committed.len());
+        let mut changes: Vec<(u64, RequestId, bool)> = Vec::new();
         for e in committed {
             let plan = state_machine::plan(e, &mut batch.ops);
             if plan == Planned::ConfChange {
-                if let Some(cs) = self.apply_conf_change(e) {
-                    batch.conf_state = Some(cs);
+                let applied = self.apply_conf_change(e, &mut batch.members);
+                if let Some(cs) = &applied.0 {
+                    batch.conf_state = Some(cs.clone());
+                }
+                if let Some(id) = applied.1 {
+                    changes.push((e.index, id, applied.0.is_some()));
                 }
             }
             plans.push((e.index, plan));
@@ -304,7 +437,24 @@ impl<B: Backend> Node<B> {
             batch.applied = Some(last.index);
         }
         let results = self.raw.store().write(&batch)?;
+        for op in &batch.members {
+            match op {
+                MemberOp::Upsert(m) => {
+                    self.members.insert(m.id, m.clone());
+                }
+                MemberOp::Remove(id) => {
+                    self.members.remove(id);
+                }
+            }
+        }
         let me = self.id();
+        for (index, id, ok) in changes {
+            if id.node == me {
+                let result = ApplyResult { revision: index, flag: ok, duplicate: false };
+                out.completed.push(Completion { id, index, result });
+            }
+            self.appended.remove(&index);
+        }
         for (index, plan) in plans {
             let applied_id = match plan {
                 Planned::Kv { id, op_index } => {
@@ -324,17 +474,46 @@ impl<B: Backend> Node<B> {
         Ok(())
     }
 
-    fn apply_conf_change(&mut self, e: &raft::eraftpb::Entry) -> Option<raft::eraftpb::ConfState> {
-        let r = if e.get_entry_type() == EntryType::EntryConfChange {
+    /// Applies a membership entry to raft; returns the new conf state (None if raft refused
+    /// it) and the request that proposed it, and records address changes in `members`.
+    fn apply_conf_change(
+        &mut self,
+        e: &raft::eraftpb::Entry,
+        members: &mut Vec<MemberOp>,
+    ) -> (Option<raft::eraftpb::ConfState>, Option<RequestId>) {
+        let ctx = ConfChangeContext::decode(&e.context);
+        let (cs, singles) = if e.get_entry_type() == EntryType::EntryConfChange {
             let mut cc = ConfChange::default();
-            cc.merge_from_bytes(&e.data).ok()?;
-            self.raw.apply_conf_change(&cc)
+            if cc.merge_from_bytes(&e.data).is_err() {
+                return (None, ctx.map(|c| c.id));
+            }
+            let single = (cc.node_id, cc.get_change_type());
+            (self.raw.apply_conf_change(&cc).ok(), vec![single])
         } else {
             let mut cc = ConfChangeV2::default();
-            cc.merge_from_bytes(&e.data).ok()?;
-            self.raw.apply_conf_change(&cc)
+            if cc.merge_from_bytes(&e.data).is_err() {
+                return (None, ctx.map(|c| c.id));
+            }
+            let singles = cc.get_changes().iter().map(|s| (s.node_id, s.get_change_type())).collect();
+            (self.raw.apply_conf_change(&cc).ok(), singles)
         };
-        r.ok()
+        if cs.is_some() {
+            for (node, kind) in singles {
+                match kind {
+                    ConfChangeType::RemoveNode => members.push(MemberOp::Remove(node)),
+                    ConfChangeType::AddLearnerNode | ConfChangeType::AddNode => {
+                        let address = ctx
+                            .as_ref()
+                            .and_then(|c| c.address.clone())
+                            .or_else(|| self.members.get(&node).map(|m| m.address.clone()))
+                            .unwrap_or_default();
+                        let promote = kind == ConfChangeType::AddLearnerNode && ctx.as_ref().is_some_and(|c| c.promote);
+                        members.push(MemberOp::Upsert(Member { id: node, address, promote }));
+                    }
+                }
+            }
+        }
+        (cs, ctx.map(|c| c.id))
     }
 
     pub fn status(&self) -> NodeStatus {
@@ -356,9 +535,12 @@ impl<B: Backend> Node<B> {
         }
         members.sort_by_key(|m| m.id);
         let (snapshot_index, snapshot_term) = store.snapshot_meta();
+        let configured = !cs.voters.is_empty() || !cs.learners.is_empty();
         NodeStatus {
             id: r.id,
             role: r.state,
+            removed: configured && !self.is_member(r.id),
+            change_pending: self.change_pending(),
             term: r.term,
             leader_id: r.leader_id,
             commit: r.raft_log.committed,

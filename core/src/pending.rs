@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::command::{Command, Proposal, RequestId};
-use crate::node::{Node, Output};
+use crate::node::{MemberChange, Node, Output};
 use crate::storage::Backend;
 
 /// How a request ended.
@@ -29,13 +29,26 @@ pub enum Answer {
     ReadFailed(&'static str),
 }
 
+#[derive(Debug, Clone)]
+enum WriteKind {
+    Kv(Command),
+    Member(MemberChange),
+}
+
 struct Write<T> {
     client: T,
-    cmd: Command,
+    kind: WriteKind,
     deadline: Instant,
     /// Proposals of this write that may still be in some log (forwarded ones, or appended and
     /// not yet superseded). Zero means it certainly has not applied.
     live: u32,
+}
+
+struct Transfer<T> {
+    client: T,
+    target: u64,
+    deadline: Instant,
+    asked: Option<Instant>,
 }
 
 struct Read<T> {
@@ -53,6 +66,7 @@ pub struct Pending<T> {
     writes: HashMap<RequestId, Write<T>>,
     unproposed: VecDeque<RequestId>,
     reads: HashMap<u64, Read<T>>,
+    transfers: Vec<Transfer<T>>,
     read_retry: Duration,
     last_leader: u64,
 }
@@ -79,13 +93,14 @@ impl<T: Copy + PartialEq> Pending<T> {
             writes: HashMap::new(),
             unproposed: VecDeque::new(),
             reads: HashMap::new(),
+            transfers: Vec::new(),
             read_retry,
             last_leader: 0,
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.writes.is_empty() && self.reads.is_empty()
+        self.writes.is_empty() && self.reads.is_empty() && self.transfers.is_empty()
     }
 
     /// Tracks a write. With `client_key`, the client named the request: a retry of it, on
@@ -112,8 +127,21 @@ impl<T: Copy + PartialEq> Pending<T> {
             ));
             return;
         }
-        self.writes.insert(id, Write { client, cmd, deadline, live: 0 });
+        self.writes.insert(id, Write { client, kind: WriteKind::Kv(cmd), deadline, live: 0 });
         self.unproposed.push_back(id);
+    }
+
+    /// Tracks a membership change; answered when it applies on this node.
+    pub fn add_change(&mut self, client: T, change: MemberChange, deadline: Instant) {
+        self.seq += 1;
+        let id = RequestId { node: self.me, nonce: self.nonce, seq: self.seq };
+        self.writes.insert(id, Write { client, kind: WriteKind::Member(change), deadline, live: 0 });
+        self.unproposed.push_back(id);
+    }
+
+    /// Tracks a leadership transfer; answered once `target` is the leader this node follows.
+    pub fn add_transfer(&mut self, client: T, target: u64, deadline: Instant) {
+        self.transfers.push(Transfer { client, target, deadline, asked: None });
     }
 
     pub fn add_read(&mut self, client: T, deadline: Instant) {
@@ -125,6 +153,7 @@ impl<T: Copy + PartialEq> Pending<T> {
     pub fn forget(&mut self, client: T) {
         self.writes.retain(|_, w| w.client != client);
         self.reads.retain(|_, r| r.client != client);
+        self.transfers.retain(|t| t.client != client);
     }
 
     /// Proposes what can be proposed and (re)asks for read indexes.
@@ -134,7 +163,8 @@ impl<T: Copy + PartialEq> Pending<T> {
             // A new leader: anything forwarded to the old one may be lost. Propose again;
             // the state machine applies each request id once.
             for (id, w) in &self.writes {
-                if w.live > 0 && !self.unproposed.contains(id) {
+                // Membership changes are not deduplicated by the state machine: never twice.
+                if w.live > 0 && matches!(w.kind, WriteKind::Kv(_)) && !self.unproposed.contains(id) {
                     self.unproposed.push_back(*id);
                 }
             }
@@ -152,7 +182,11 @@ impl<T: Copy + PartialEq> Pending<T> {
                 self.unproposed.pop_front();
                 continue;
             };
-            match node.propose(&Proposal { id, cmd: w.cmd.clone() }) {
+            let proposed = match &w.kind {
+                WriteKind::Kv(cmd) => node.propose(&Proposal { id, cmd: cmd.clone() }),
+                WriteKind::Member(change) => node.propose_change(id, change),
+            };
+            match proposed {
                 Ok(()) => {
                     w.live += 1;
                     self.unproposed.pop_front();
@@ -163,6 +197,16 @@ impl<T: Copy + PartialEq> Pending<T> {
         }
         if leader == 0 {
             return;
+        }
+        for t in self.transfers.iter_mut() {
+            let ask = match t.asked {
+                Some(at) => now.duration_since(at) >= self.read_retry * 4,
+                None => true,
+            };
+            if ask && leader != t.target {
+                node.transfer_leader(t.target);
+                t.asked = Some(now);
+            }
         }
         for (&id, r) in self.reads.iter_mut() {
             if r.index.is_some() {
@@ -187,11 +231,17 @@ impl<T: Copy + PartialEq> Pending<T> {
         }
         // Certainly not applied: propose again while time is left.
         for id in out.superseded.drain(..) {
-            if let Some(w) = self.writes.get_mut(&id) {
-                w.live = w.live.saturating_sub(1);
-                if !self.unproposed.contains(&id) {
-                    self.unproposed.push_back(id);
+            let Some(w) = self.writes.get_mut(&id) else { continue };
+            w.live = w.live.saturating_sub(1);
+            if matches!(w.kind, WriteKind::Member(_)) {
+                // The leader turns a change proposed while another is pending into an empty
+                // entry: report it rather than retry.
+                if w.live == 0 {
+                    let w = self.writes.remove(&id).unwrap();
+                    answers.push((w.client, Answer::NotCommitted("another membership change was in progress")));
                 }
+            } else if !self.unproposed.contains(&id) {
+                self.unproposed.push_back(id);
             }
         }
         for (ctx, index) in out.read_states.drain(..) {
@@ -208,8 +258,27 @@ impl<T: Copy + PartialEq> Pending<T> {
         });
     }
 
+    /// Answers transfers whose target now leads.
+    pub fn check_transfers(&mut self, leader: u64, answers: &mut Vec<(T, Answer)>) {
+        self.transfers.retain(|t| {
+            if t.target == leader {
+                answers.push((t.client, Answer::Done { revision: 0, flag: true }));
+                false
+            } else {
+                true
+            }
+        });
+    }
+
     /// Fails every request whose deadline has passed.
     pub fn expire(&mut self, now: Instant, answers: &mut Vec<(T, Answer)>) {
+        self.transfers.retain(|t| {
+            if now < t.deadline {
+                return true;
+            }
+            answers.push((t.client, Answer::NotCommitted("leadership did not move before raft_kv.apply_timeout")));
+            false
+        });
         self.writes.retain(|_, w| {
             if now < w.deadline {
                 return true;
@@ -245,6 +314,9 @@ impl<T: Copy + PartialEq> Pending<T> {
         for (_, r) in self.reads.drain() {
             answers.push((r.client, Answer::ReadFailed(why)));
         }
+        for t in self.transfers.drain(..) {
+            answers.push((t.client, Answer::NotCommitted(why)));
+        }
         self.unproposed.clear();
     }
 }
@@ -257,7 +329,8 @@ mod tests {
 
     fn single_node() -> Node<MemBackend> {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let mut n = Node::open(MemBackend::new(), &NodeOptions::new(1), &[1], &logger).unwrap();
+        let one = crate::state_machine::Member { id: 1, address: "a".into(), promote: false };
+        let mut n = Node::open(MemBackend::new(), &NodeOptions::new(1), &[one], &logger).unwrap();
         for _ in 0..30 {
             n.tick();
             let mut out = Output::default();
@@ -308,7 +381,8 @@ mod tests {
     fn deadlines_fail_with_the_right_certainty() {
         // A node with two unreachable peers never has a leader.
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let mut n = Node::open(MemBackend::new(), &NodeOptions::new(1), &[1, 2, 3], &logger).unwrap();
+        let three: Vec<_> = (1..=3).map(|id| crate::state_machine::Member { id, address: "a".into(), promote: false }).collect();
+        let mut n = Node::open(MemBackend::new(), &NodeOptions::new(1), &three, &logger).unwrap();
         let mut p = Pending::new(1, 7, Duration::from_millis(1));
         let past = Instant::now();
         let mut answers = Vec::new();

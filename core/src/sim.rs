@@ -89,6 +89,10 @@ fn logger() -> slog::Logger {
     slog::Logger::root(slog::Discard, slog::o!())
 }
 
+fn members(ids: &[u64]) -> Vec<crate::state_machine::Member> {
+    ids.iter().map(|&id| crate::state_machine::Member { id, address: format!("sim:{id}"), promote: false }).collect()
+}
+
 fn opts(id: u64) -> NodeOptions {
     let mut o = NodeOptions::new(id);
     o.election_ticks = 10;
@@ -104,7 +108,7 @@ impl Sim {
         for &id in &ids {
             let mut b = MemBackend::new();
             b.bug = cfg.bug;
-            let n = Node::open(b.clone(), &opts(id), &ids, &logger()).expect("open node");
+            let n = Node::open(b.clone(), &opts(id), &members(&ids), &logger()).expect("open node");
             backends.insert(id, b);
             nodes.insert(id, Some(n));
         }
@@ -230,9 +234,29 @@ impl Sim {
         }
     }
 
+    /// Adds a blank node (not bootstrapped) that waits to be added by the leader.
+    pub fn add_blank(&mut self, id: u64) {
+        let b = MemBackend::new();
+        let n = Node::open(b.clone(), &opts(id), &[], &logger()).expect("open blank node");
+        self.backends.insert(id, b);
+        self.nodes.insert(id, Some(n));
+    }
+
+    /// Runs `steps` steps without new chaos.
+    pub fn settle(&mut self, steps: usize) -> Result<(), String> {
+        for _ in 0..steps {
+            self.tick_all()?;
+        }
+        Ok(())
+    }
+
+    pub fn node_mut(&mut self, id: u64) -> &mut Node<MemBackend> {
+        self.nodes.get_mut(&id).unwrap().as_mut().unwrap()
+    }
+
     fn restart(&mut self, id: u64) {
-        let ids: Vec<u64> = (1..=self.cfg.nodes).collect();
-        let n = Node::open(self.backends[&id].clone(), &opts(id), &ids, &logger()).expect("reopen");
+        let ids: Vec<u64> = (1..=self.cfg.nodes).filter(|i| *i == id || self.cfg.nodes >= *i).collect();
+        let n = Node::open(self.backends[&id].clone(), &opts(id), &members(&ids), &logger()).expect("reopen");
         self.nodes.insert(id, Some(n));
     }
 
@@ -427,6 +451,51 @@ pub fn run_seeds(seeds: impl Iterator<Item = u64>, cfg: &SimConfig) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn membership_grows_and_shrinks_through_snapshots() {
+        use crate::node::MemberChange;
+        let quiet = SimConfig { drop_rate: 0.0, dup_rate: 0.0, crash_rate: 0.0, partition_rate: 0.0, propose_rate: 0.0, ..Default::default() };
+        let mut sim = Sim::new(11, quiet);
+        sim.settle(100).unwrap();
+        let leader = sim.leader().unwrap();
+        for i in 0..50 {
+            sim.propose_on(leader, &format!("k{i}"), "v");
+        }
+        sim.settle(50).unwrap();
+        // Compact everywhere, so a new node can only catch up by snapshot.
+        for id in 1..=3 {
+            assert!(sim.node_mut(id).maybe_compact(10, 2).unwrap(), "node {id} compacts");
+        }
+        sim.add_blank(4);
+        let rid = RequestId { node: leader, nonce: 99, seq: 1 };
+        let add = MemberChange::AddLearner { id: 4, address: "sim:4".into(), promote: true };
+        sim.node_mut(leader).propose_change(rid, &add).unwrap();
+        sim.settle(100).unwrap();
+        assert!(sim.node_mut(4).is_member(4), "node 4 was added and installed a snapshot");
+        let promote = sim.node_mut(leader).learners_to_promote(5);
+        assert_eq!(promote, vec![4]);
+        let rid = RequestId { node: leader, nonce: 99, seq: 2 };
+        sim.node_mut(leader).propose_change(rid, &MemberChange::Promote { id: 4 }).unwrap();
+        sim.settle(100).unwrap();
+        let st = sim.node_mut(4).status();
+        assert!(st.members.iter().any(|m| m.id == 4 && m.voter), "{st:?}");
+        assert_eq!(sim.backends[&4].kv(), sim.backends[&leader].kv());
+        assert_eq!(sim.node_mut(4).members().get(&4).map(|m| m.address.as_str()), Some("sim:4"));
+        assert!(sim.node_mut(4).members().contains_key(&1), "addresses travel in the snapshot");
+        // Remove the leader itself; the rest elect a new one and keep working.
+        let rid = RequestId { node: leader, nonce: 99, seq: 3 };
+        sim.node_mut(leader).propose_change(rid, &MemberChange::Remove { id: leader }).unwrap();
+        sim.settle(300).unwrap();
+        assert!(sim.node_mut(leader).status().removed);
+        let new_leader = sim.leader().unwrap();
+        assert_ne!(new_leader, leader);
+        sim.propose_on(new_leader, "after", "x");
+        sim.settle(50).unwrap();
+        for id in (1..=4).filter(|&i| i != leader) {
+            assert!(sim.backends[&id].kv().contains_key("after"), "node {id}");
+        }
+    }
 
     fn seeds() -> std::ops::Range<u64> {
         let base: u64 = std::env::var("RAFT_KV_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);

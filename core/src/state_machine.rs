@@ -52,16 +52,55 @@ pub fn dedup_prune_below(before: u64, after: u64) -> Option<u64> {
     (after / DEDUP_PRUNE_EVERY > before / DEDUP_PRUNE_EVERY && after > DEDUP_WINDOW).then(|| after - DEDUP_WINDOW)
 }
 
-/// Snapshot payload: the whole key-value map. Used by the in-memory backend and bootstrap.
-pub fn encode_snapshot_data(kv: &BTreeMap<String, (String, u64)>) -> Vec<u8> {
-    bincode::serialize(kv).expect("serializing a map cannot fail")
+/// A member's address as the state machine records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    pub id: u64,
+    pub address: String,
+    /// A learner to be promoted to voter once it has caught up.
+    pub promote: bool,
 }
 
-pub fn decode_snapshot_data(b: &[u8]) -> Result<BTreeMap<String, (String, u64)>, bincode::Error> {
-    if b.is_empty() {
-        return Ok(BTreeMap::new());
+/// Everything a snapshot carries besides the conf state (which travels in its metadata):
+/// the key-value table, the remembered request ids and the member addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotData {
+    pub kv: BTreeMap<String, (String, u64)>,
+    /// (nonce, seq) → (node, revision, flag)
+    pub requests: BTreeMap<(u64, u64), (u64, u64, bool)>,
+    pub members: Vec<Member>,
+}
+
+impl SnapshotData {
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).expect("serializing snapshot data cannot fail")
     }
-    bincode::deserialize(b)
+
+    pub fn decode(b: &[u8]) -> Result<Self, bincode::Error> {
+        if b.is_empty() {
+            return Ok(Self::default());
+        }
+        bincode::deserialize(b)
+    }
+}
+
+/// Payload of a membership change entry (the `context` of the ConfChangeV2).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConfChangeContext {
+    pub id: RequestId,
+    /// Address of the node being added.
+    pub address: Option<String>,
+    /// Add as a learner and promote automatically once caught up.
+    pub promote: bool,
+}
+
+impl ConfChangeContext {
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).expect("serializing a context cannot fail")
+    }
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        bincode::deserialize(b).ok()
+    }
 }
 
 #[cfg(test)]
@@ -174,9 +213,11 @@ mod tests {
 
     #[test]
     fn snapshot_data_round_trip() {
-        let mut kv = BTreeMap::new();
-        kv.insert("a".to_string(), ("1".to_string(), 4));
-        assert_eq!(decode_snapshot_data(&encode_snapshot_data(&kv)).unwrap(), kv);
-        assert!(decode_snapshot_data(&[]).unwrap().is_empty());
+        let mut d = SnapshotData::default();
+        d.kv.insert("a".to_string(), ("1".to_string(), 4));
+        d.requests.insert((1, 2), (3, 4, true));
+        d.members.push(Member { id: 1, address: "127.0.0.1:7001".into(), promote: false });
+        assert_eq!(SnapshotData::decode(&d.encode()).unwrap(), d);
+        assert_eq!(SnapshotData::decode(&[]).unwrap(), SnapshotData::default());
     }
 }

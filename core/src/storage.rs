@@ -17,6 +17,7 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
 use crate::command::ApplyResult;
+use crate::state_machine::{Member, SnapshotData};
 
 /// Failure of the durable store. The node cannot continue past one: the worker restarts and
 /// resumes from what was committed.
@@ -70,6 +71,12 @@ pub struct OpAt {
     pub op: KvOp,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberOp {
+    Upsert(Member),
+    Remove(u64),
+}
+
 /// How many log entries a request id is remembered for duplicate detection.
 pub const DEDUP_WINDOW: u64 = 100_000;
 /// Forgetting old request ids happens when the applied index crosses a multiple of this.
@@ -87,6 +94,10 @@ pub struct WriteBatch {
     pub ops: Vec<OpAt>,
     pub applied: Option<u64>,
     pub conf_state: Option<ConfState>,
+    /// Member address changes from applied membership entries.
+    pub members: Vec<MemberOp>,
+    /// Drop the log up to and including this (index, term); it becomes the new snapshot point.
+    pub compact_to: Option<(u64, u64)>,
     /// Must be durable before the call returns (log entries, snapshot, term or vote). Without
     /// it the backend may commit asynchronously: a crash then loses at most applied state and
     /// commit index, which raft re-derives from the durable log on restart.
@@ -101,6 +112,8 @@ impl WriteBatch {
             && self.ops.is_empty()
             && self.applied.is_none()
             && self.conf_state.is_none()
+            && self.members.is_empty()
+            && self.compact_to.is_none()
     }
 }
 
@@ -113,6 +126,10 @@ pub trait Backend {
     fn read_terms(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<u64>>;
     /// Writes the batch atomically; returns the result of each op, in order.
     fn write(&mut self, batch: &WriteBatch) -> StoreResult<Vec<ApplyResult>>;
+    /// The state machine as of the applied index, for a snapshot.
+    fn snapshot_data(&mut self) -> StoreResult<SnapshotData>;
+    /// The recorded member addresses.
+    fn members(&mut self) -> StoreResult<Vec<Member>>;
 }
 
 /// Bytes of full entries kept in memory; older entries are read from the backend on demand.
@@ -255,6 +272,18 @@ impl<B: Backend> RaftStorage<B> {
         if let Some(cs) = &batch.conf_state {
             c.cs = cs.clone();
         }
+        if let Some((index, term)) = batch.compact_to {
+            if index > c.snapshot_index && index <= c.last_index() {
+                let drop = (index - c.snapshot_index) as usize;
+                c.terms.drain(..drop);
+                while c.tail.front().is_some_and(|e| e.index <= index) {
+                    let e = c.tail.pop_front().unwrap();
+                    c.tail_bytes -= entry_bytes(&e);
+                }
+                c.snapshot_index = index;
+                c.snapshot_term = term;
+            }
+        }
         Ok(results)
     }
 
@@ -279,6 +308,12 @@ impl<B: Backend> RaftStorage<B> {
     }
     pub fn backend_mut(&mut self) -> &mut B {
         self.backend.get_mut()
+    }
+
+    /// Whether an entry after the applied index changes the membership.
+    pub fn unapplied_conf_change(&self) -> bool {
+        let c = self.cache.borrow();
+        c.tail.iter().any(|e| e.index > c.applied && e.get_entry_type() != raft::eraftpb::EntryType::EntryNormal)
     }
 }
 
@@ -346,10 +381,24 @@ impl<B: Backend> raft::Storage for RaftStorage<B> {
         Ok(self.cache.borrow().last_index())
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Logs are not compacted yet, so a peer never needs a snapshot beyond the bootstrap
-        // one that every initial member creates for itself.
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    /// The state machine at the applied index, with the conf state as of that index.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let (index, cs) = {
+            let c = self.cache.borrow();
+            (c.applied, c.cs.clone())
+        };
+        if index < request_index || index == 0 {
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        let term = self.term(index)?;
+        let data = self.backend.borrow_mut().snapshot_data().map_err(store_err)?;
+        let mut snap = Snapshot::default();
+        snap.set_data(data.encode().into());
+        let m = snap.mut_metadata();
+        m.index = index;
+        m.term = term;
+        m.set_conf_state(cs);
+        Ok(snap)
     }
 }
 
@@ -371,8 +420,9 @@ pub struct MemState {
     pub state: PersistedState,
     pub log: BTreeMap<u64, Entry>,
     pub kv: BTreeMap<String, (String, u64)>,
-    /// Applied request ids (nonce, seq) → (revision, flag).
-    pub requests: BTreeMap<(u64, u64), (u64, bool)>,
+    /// Applied request ids (nonce, seq) → (node, revision, flag).
+    pub requests: BTreeMap<(u64, u64), (u64, u64, bool)>,
+    pub members: BTreeMap<u64, Member>,
 }
 
 /// Bugs the simulation can inject into [`MemBackend`] to show it would catch them.
@@ -432,8 +482,10 @@ impl Backend for MemBackend {
             s.state.applied = m.index;
             s.state.last_index = m.index;
             s.state.hard_state.commit = s.state.hard_state.commit.max(m.index);
-            s.kv = crate::state_machine::decode_snapshot_data(snap.get_data())
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let data = SnapshotData::decode(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            s.kv = data.kv;
+            s.requests = data.requests;
+            s.members = data.members.into_iter().map(|m| (m.id, m)).collect();
         }
         if let Some(first) = b.entries.first() {
             let _ = s.log.split_off(&first.index);
@@ -455,7 +507,7 @@ impl Backend for MemBackend {
         let mut out = Vec::with_capacity(b.ops.len());
         for o in &b.ops {
             let rid = (o.id.nonce, o.id.seq);
-            if let Some(&(revision, flag)) = s.requests.get(&rid) {
+            if let Some(&(_, revision, flag)) = s.requests.get(&rid) {
                 out.push(ApplyResult { revision, flag, duplicate: true });
                 continue;
             }
@@ -474,12 +526,12 @@ impl Backend for MemBackend {
                     matches
                 }
             };
-            s.requests.insert(rid, (o.index, flag));
+            s.requests.insert(rid, (o.id.node, o.index, flag));
             out.push(ApplyResult { revision: o.index, flag, duplicate: false });
         }
         if let Some(a) = b.applied {
             if let Some(cut) = crate::state_machine::dedup_prune_below(s.state.applied, a) {
-                s.requests.retain(|_, (rev, _)| *rev >= cut);
+                s.requests.retain(|_, (_, rev, _)| *rev >= cut);
             }
         }
         if let Some(a) = b.applied {
@@ -488,7 +540,33 @@ impl Backend for MemBackend {
         if let Some(cs) = &b.conf_state {
             s.state.conf_state = cs.clone();
         }
+        for op in &b.members {
+            match op {
+                MemberOp::Upsert(m) => {
+                    s.members.insert(m.id, m.clone());
+                }
+                MemberOp::Remove(id) => {
+                    s.members.remove(id);
+                }
+            }
+        }
+        if let Some((index, term)) = b.compact_to {
+            if index > s.state.snapshot_index {
+                s.log = s.log.split_off(&(index + 1));
+                s.state.snapshot_index = index;
+                s.state.snapshot_term = term;
+            }
+        }
         Ok(out)
+    }
+
+    fn snapshot_data(&mut self) -> StoreResult<SnapshotData> {
+        let s = self.inner.lock().unwrap();
+        Ok(SnapshotData { kv: s.kv.clone(), requests: s.requests.clone(), members: s.members.values().cloned().collect() })
+    }
+
+    fn members(&mut self) -> StoreResult<Vec<Member>> {
+        Ok(self.inner.lock().unwrap().members.values().cloned().collect())
     }
 }
 
@@ -514,7 +592,7 @@ pub mod contract {
         snap.mut_metadata().index = 3;
         snap.mut_metadata().term = 3;
         snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
-        snap.set_data(crate::state_machine::encode_snapshot_data(&BTreeMap::new()).into());
+        snap.set_data(SnapshotData::default().encode().into());
         let mut hs = HardState::default();
         hs.term = 5;
         hs.vote = 2;
