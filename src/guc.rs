@@ -14,6 +14,8 @@ pub static ELECTION_TICKS: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static HEARTBEAT_TICKS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static APPLY_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static MAX_VALUE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1 << 20);
+pub static SNAPSHOT_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static PROMOTE_LAG: GucSetting<i32> = GucSetting::<i32>::new(64);
 
 pub fn register() {
     GucRegistry::define_int_guc(
@@ -99,6 +101,26 @@ pub fn register() {
         64 << 20,
         GucContext::Sighup,
         GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"raft_kv.snapshot_threshold",
+        c"Log entries kept past the last snapshot point before the log is compacted.",
+        c"Compaction keeps a tenth of this as a margin for slightly lagging followers.",
+        &SNAPSHOT_THRESHOLD,
+        10,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"raft_kv.promote_lag",
+        c"A joining learner becomes a voter once its log is within this many entries of the leader's.",
+        c"",
+        &PROMOTE_LAG,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     unsafe { pg_sys::MarkGUCPrefixReserved(c"raft_kv".as_ptr()) };
 }

@@ -59,7 +59,15 @@ CREATE TABLE raft_kv.requests (
 );
 CREATE INDEX requests_revision ON raft_kv.requests (revision);
 
-REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv, raft_kv.requests FROM PUBLIC;
+-- Member addresses as the Raft log last set them, so a restarted node reaches members added
+-- after bootstrap. promote: a learner to make a voter once it has caught up.
+CREATE TABLE raft_kv.members (
+    id      bigint  PRIMARY KEY,
+    address text    NOT NULL,
+    promote boolean NOT NULL DEFAULT false
+);
+
+REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv, raft_kv.requests, raft_kv.members FROM PUBLIC;
 GRANT USAGE ON SCHEMA raft_kv TO PUBLIC;
 
 CREATE FUNCTION raft_kv.reject_direct_write() RETURNS trigger
@@ -82,6 +90,13 @@ CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE
     FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
 CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.requests
     FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
+CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.members
+    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
+
+-- Membership changes are for administrators.
+REVOKE EXECUTE ON FUNCTION raft_join(bigint, text, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION raft_remove(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION raft_transfer_leader(bigint) FROM PUBLIC;
 "#,
     name = "create_tables",
     finalize
@@ -116,7 +131,8 @@ mod tests {
              CREATE TABLE contract.state (LIKE raft_kv.state INCLUDING ALL);
              INSERT INTO contract.state (id) VALUES (1);
              CREATE TABLE contract.kv (LIKE raft_kv.kv INCLUDING ALL);
-             CREATE TABLE contract.requests (LIKE raft_kv.requests INCLUDING ALL);",
+             CREATE TABLE contract.requests (LIKE raft_kv.requests INCLUDING ALL);
+             CREATE TABLE contract.members (LIKE raft_kv.members INCLUDING ALL);",
         )
         .unwrap();
     }

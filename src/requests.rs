@@ -45,11 +45,14 @@ pub struct Request<'a> {
     pub expected: Option<&'a str>,
     /// Writes only: the client's name for the request, making retries idempotent.
     pub request_id: Option<&'a str>,
+    /// Membership requests: the node concerned.
+    pub target: u64,
+    pub as_learner: bool,
 }
 
 /// Submits a request and waits for its outcome.
 pub fn submit(req: &Request) -> Result<Reply, RequestError> {
-    let Request { op, key, value, expected, request_id } = *req;
+    let Request { op, key, value, expected, request_id, target, as_learner } = *req;
     let timeout_ms = guc::APPLY_TIMEOUT_MS.get().max(1) as u32;
     let exp = expected.unwrap_or("");
     let rid = request_id.unwrap_or("");
@@ -88,6 +91,8 @@ pub fn submit(req: &Request) -> Result<Reply, RequestError> {
             s.has_expected = expected.is_some();
             s.exp_len = exp.len() as u32;
             s.rid_len = rid.len() as u32;
+            s.target = target;
+            s.as_learner = as_learner;
             s.outcome = 0;
             if seg.is_null() {
                 s.dsm = 0;
@@ -179,6 +184,8 @@ pub struct Taken {
     pub value: String,
     pub expected: Option<String>,
     pub request_id: Option<String>,
+    pub target: u64,
+    pub as_learner: bool,
     pub deadline: Instant,
 }
 
@@ -214,6 +221,8 @@ pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u6
             value,
             expected,
             request_id,
+            target: s.target,
+            as_learner: s.as_learner,
             deadline: now + Duration::from_millis(s.timeout_ms as u64),
         });
     }

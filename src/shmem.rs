@@ -74,6 +74,8 @@ pub struct Status {
     pub last_index: u64,
     pub snapshot_index: u64,
     pub snapshot_term: u64,
+    /// A membership change is under way: another one must wait.
+    pub change_pending: bool,
     pub n_members: u32,
     pub members: [MemberRow; MAX_MEMBERS],
 }
@@ -98,11 +100,15 @@ pub enum Op {
     Cas = 3,
     /// A linearizable read: the worker answers with a read index it has applied.
     Read = 4,
+    /// Membership: `target` is the node id; for Join the key holds its address.
+    Join = 5,
+    Remove = 6,
+    Transfer = 7,
 }
 
 impl Op {
     pub fn from_u8(v: u8) -> Option<Op> {
-        [Op::Set, Op::Delete, Op::Cas, Op::Read].into_iter().find(|o| *o as u8 == v)
+        [Op::Set, Op::Delete, Op::Cas, Op::Read, Op::Join, Op::Remove, Op::Transfer].into_iter().find(|o| *o as u8 == v)
     }
 }
 
@@ -137,6 +143,9 @@ pub struct Slot {
     pub exp_len: u32,
     /// A client-chosen request id follows the expected value; 0 bytes when none.
     pub rid_len: u32,
+    /// Membership requests: the node concerned, and for Join whether it stays a learner.
+    pub target: u64,
+    pub as_learner: bool,
     /// DSM handle holding key and value when they do not fit inline; 0 when inline.
     pub dsm: u32,
     pub data: [u8; INLINE_BYTES],

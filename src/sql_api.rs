@@ -75,8 +75,12 @@ fn check_value(value: Option<&str>) -> &str {
 }
 
 fn request(op: Op, key: &str, value: &str, expected: Option<&str>, request_id: Option<&str>) -> requests::Reply {
-    let req = requests::Request { op, key, value, expected, request_id };
-    requests::submit(&req).unwrap_or_else(|e| match e {
+    let req = requests::Request { op, key, value, expected, request_id, target: 0, as_learner: false };
+    submit(&req)
+}
+
+fn submit(req: &requests::Request) -> requests::Reply {
+    requests::submit(req).unwrap_or_else(|e| match e {
         RequestError::NotRunning(state) => raise(
             Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("raft_kv is not running on this node: {state}"),
@@ -91,13 +95,13 @@ fn request(op: Op, key: &str, value: &str, expected: Option<&str>, request_id: O
         ),
         RequestError::NotCommitted(m) => raise(
             Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
-            format!("raft_kv write not committed: {m}"),
+            format!("raft_kv {} not committed: {m}", if req.target != 0 { "change" } else { "write" }),
             Some("The write certainly did not happen; it is safe to retry."),
             None,
         ),
         RequestError::Unknown(m) => raise(
             Code::ERRCODE_T_R_STATEMENT_COMPLETION_UNKNOWN,
-            format!("raft_kv write outcome unknown: {m}"),
+            format!("raft_kv {} outcome unknown: {m}", if req.target != 0 { "change" } else { "write" }),
             Some("The write may or may not have been applied; read the key to find out."),
             None,
         ),
@@ -261,6 +265,110 @@ fn raft_scan(
 
 fn nonzero(v: u64) -> Option<i64> {
     (v != 0).then_some(v as i64)
+}
+
+/// The membership as this node's worker last published it: (id, address, voter).
+fn membership() -> (Vec<(u64, String, bool)>, bool) {
+    let sh = SHARED.share();
+    let s = &sh.status;
+    let rows = s.members[..s.n_members as usize].iter().map(|m| (m.id, m.addr.get(), m.voter)).collect();
+    (rows, s.change_pending)
+}
+
+fn check_node_id(id: Option<i64>) -> u64 {
+    match id {
+        Some(id) if id >= 1 && id as u64 <= raft_kv_core::config::MAX_NODE_ID => id as u64,
+        Some(id) => raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid raft_kv node id {id}: expected 1 to {}", raft_kv_core::config::MAX_NODE_ID),
+            None,
+            None,
+        ),
+        None => raise(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "raft_kv node id must not be NULL".into(), None, None),
+    }
+}
+
+fn no_change_pending(pending: bool) {
+    if pending {
+        raise(
+            Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "a raft_kv membership change is already in progress".into(),
+            Some("Membership changes one at a time; nothing was changed."),
+            Some("Retry once raft_members() shows the previous change."),
+        )
+    }
+}
+
+fn admin(op: Op, target: u64, address: &str, as_learner: bool) -> requests::Reply {
+    let req = requests::Request { op, key: address, value: "", expected: None, request_id: None, target, as_learner };
+    submit(&req)
+}
+
+/// Adds node `node_id`, listening for Raft traffic at `address`, to the cluster: first as a
+/// learner that catches up (by snapshot), then, unless `as_learner`, promoted to voter
+/// automatically once within `raft_kv.promote_lag` entries. Returns once the learner is added.
+#[pg_extern(volatile, parallel_unsafe)]
+fn raft_join(node_id: Option<i64>, address: Option<&str>, as_learner: default!(Option<bool>, "false")) -> i64 {
+    require_preload();
+    let id = check_node_id(node_id);
+    let Some(address) = address else {
+        raise(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "raft_kv address must not be NULL".into(), None, None)
+    };
+    let parsed = raft_kv_core::config::parse_addr(address)
+        .unwrap_or_else(|e| raise(Code::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None, None));
+    let (members, pending) = membership();
+    if members.iter().any(|m| m.0 == id) {
+        raise(Code::ERRCODE_DUPLICATE_OBJECT, format!("raft_kv node {id} is already a member"), None, None)
+    }
+    if let Some(m) = members.iter().find(|m| m.1.parse().ok() == Some(parsed)) {
+        raise(
+            Code::ERRCODE_DUPLICATE_OBJECT,
+            format!("address {parsed} is already used by raft_kv node {}", m.0),
+            None,
+            None,
+        )
+    }
+    no_change_pending(pending);
+    admin(Op::Join, id, &parsed.to_string(), as_learner.unwrap_or(false)).revision
+}
+
+/// Removes node `node_id` (voter or learner) from the cluster. Returns once applied here.
+#[pg_extern(volatile, parallel_unsafe)]
+fn raft_remove(node_id: Option<i64>) -> i64 {
+    require_preload();
+    let id = check_node_id(node_id);
+    let (members, pending) = membership();
+    let Some(target) = members.iter().find(|m| m.0 == id) else {
+        raise(Code::ERRCODE_UNDEFINED_OBJECT, format!("raft_kv node {id} is not a member"), None, None)
+    };
+    if target.2 && members.iter().filter(|m| m.2).count() == 1 {
+        raise(
+            Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("raft_kv node {id} is the last voter and cannot be removed"),
+            None,
+            None,
+        )
+    }
+    no_change_pending(pending);
+    admin(Op::Remove, id, "", false).revision
+}
+
+/// Moves leadership to voter `node_id`; returns once this node sees it lead.
+#[pg_extern(volatile, parallel_unsafe)]
+fn raft_transfer_leader(node_id: Option<i64>) -> bool {
+    require_preload();
+    let id = check_node_id(node_id);
+    let (members, _) = membership();
+    match members.iter().find(|m| m.0 == id) {
+        None => raise(Code::ERRCODE_UNDEFINED_OBJECT, format!("raft_kv node {id} is not a member"), None, None),
+        Some(m) if !m.2 => raise(
+            Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("raft_kv node {id} is a learner; leadership can only move to a voter"),
+            None,
+            None,
+        ),
+        Some(_) => admin(Op::Transfer, id, "", false).flag,
+    }
 }
 
 /// One row describing this node: identity, worker state and Raft progress.

@@ -12,9 +12,9 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiError;
 use raft_kv_core::command::ApplyResult;
 use raft_kv_core::eraftpb::{Entry, EntryType};
-use raft_kv_core::state_machine::{decode_snapshot_data, dedup_prune_below};
+use raft_kv_core::state_machine::{dedup_prune_below, Member, SnapshotData};
 use raft_kv_core::storage::{
-    decode_conf_state, encode_conf_state, Backend, KvOp, PersistedState, StoreError, StoreResult, WriteBatch,
+    decode_conf_state, encode_conf_state, Backend, KvOp, MemberOp, PersistedState, StoreError, StoreResult, WriteBatch,
 };
 
 /// The Raft backend over the tables of one schema (`raft_kv` in production; tests point it at
@@ -28,6 +28,21 @@ pub struct PgBackend {
 impl PgBackend {
     pub fn new(schema: &'static str) -> Self {
         PgBackend { schema, applied: 0 }
+    }
+
+    fn read_members(&self, c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Vec<Member>> {
+        let mut out = Vec::new();
+        for r in c
+            .select(&self.q("SELECT id, address, promote FROM raft_kv.members ORDER BY id"), None, &[])
+            .map_err(spi_err)?
+        {
+            out.push(Member {
+                id: r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64,
+                address: r.get::<String>(2).map_err(spi_err)?.unwrap_or_default(),
+                promote: r.get::<bool>(3).map_err(spi_err)?.unwrap_or(false),
+            });
+        }
+        Ok(out)
     }
 
     /// `sql` with every `raft_kv.` table reference pointed at this backend's schema.
@@ -155,6 +170,34 @@ impl Backend for PgBackend {
         })
     }
 
+    /// Reads the whole state machine (the applied state: it is what the tables hold between
+    /// transactions). Held in memory while the snapshot is built and sent.
+    fn snapshot_data(&mut self) -> StoreResult<SnapshotData> {
+        in_txn(|| {
+            Spi::connect(|c| {
+                let mut d = SnapshotData::default();
+                for r in c.select(&self.q("SELECT key, value, revision FROM raft_kv.kv"), None, &[]).map_err(spi_err)? {
+                    let k: String = r.get(1).map_err(spi_err)?.unwrap_or_default();
+                    let v: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
+                    let rev: i64 = r.get(3).map_err(spi_err)?.unwrap_or(0);
+                    d.kv.insert(k, (v, rev as u64));
+                }
+                let sql = self.q("SELECT nonce, seq, node, revision, flag FROM raft_kv.requests");
+                for r in c.select(&sql, None, &[]).map_err(spi_err)? {
+                    let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+                    let flag = r.get::<bool>(5).map_err(spi_err)?.unwrap_or(false);
+                    d.requests.insert((g(1)?, g(2)?), (g(3)?, g(4)?, flag));
+                }
+                d.members = self.read_members(c)?;
+                Ok(d)
+            })
+        })
+    }
+
+    fn members(&mut self) -> StoreResult<Vec<Member>> {
+        in_txn(|| Spi::connect(|c| self.read_members(c)))
+    }
+
     fn write(&mut self, b: &WriteBatch) -> StoreResult<Vec<ApplyResult>> {
         in_txn(|| {
             Spi::connect_mut(|c| {
@@ -182,16 +225,42 @@ fn write_batch(
 ) -> StoreResult<Vec<ApplyResult>> {
     if let Some(snap) = &b.snapshot {
         let m = snap.get_metadata();
-        let kv = decode_snapshot_data(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        c.update(&q("DELETE FROM raft_kv.log"), None, &[]).map_err(spi_err)?;
-        c.update(&q("DELETE FROM raft_kv.kv"), None, &[]).map_err(spi_err)?;
-        for (k, (v, rev)) in kv {
+        let data = SnapshotData::decode(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        for table in ["log", "kv", "requests", "members"] {
+            c.update(&q(&format!("DELETE FROM raft_kv.{table}")), None, &[]).map_err(spi_err)?;
+        }
+        let kv: Vec<_> = data.kv.into_iter().collect();
+        for chunk in kv.chunks(1000) {
+            let keys: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
+            let values: Vec<&str> = chunk.iter().map(|(_, (v, _))| v.as_str()).collect();
+            let revs: Vec<i64> = chunk.iter().map(|(_, (_, r))| *r as i64).collect();
             c.update(
-                &q("INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3)"),
+                &q("INSERT INTO raft_kv.kv (key, value, revision) SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"),
                 None,
-                &[k.into(), v.into(), (rev as i64).into()],
+                &[keys.into(), values.into(), revs.into()],
             )
             .map_err(spi_err)?;
+        }
+        let reqs: Vec<_> = data.requests.into_iter().collect();
+        for chunk in reqs.chunks(1000) {
+            let col = |f: &dyn Fn(&((u64, u64), (u64, u64, bool))) -> i64| chunk.iter().map(f).collect::<Vec<i64>>();
+            let flags: Vec<bool> = chunk.iter().map(|(_, (_, _, f))| *f).collect();
+            c.update(
+                &q("INSERT INTO raft_kv.requests (nonce, seq, node, revision, flag) \
+                    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::boolean[])"),
+                None,
+                &[
+                    col(&|r| r.0 .0 as i64).into(),
+                    col(&|r| r.0 .1 as i64).into(),
+                    col(&|r| r.1 .0 as i64).into(),
+                    col(&|r| r.1 .1 as i64).into(),
+                    flags.into(),
+                ],
+            )
+            .map_err(spi_err)?;
+        }
+        for mem in &data.members {
+            upsert_member(c, q, mem)?;
         }
         c.update(
             &q("UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2, conf_state = $3, \
@@ -292,6 +361,24 @@ fn write_batch(
                 .map_err(spi_err)?;
         }
     }
+    for op in &b.members {
+        match op {
+            MemberOp::Upsert(m) => upsert_member(c, q, m)?,
+            MemberOp::Remove(id) => {
+                c.update(&q("DELETE FROM raft_kv.members WHERE id = $1"), None, &[(*id as i64).into()])
+                    .map_err(spi_err)?;
+            }
+        }
+    }
+    if let Some((index, term)) = b.compact_to {
+        c.update(&q("DELETE FROM raft_kv.log WHERE idx <= $1"), None, &[(index as i64).into()]).map_err(spi_err)?;
+        c.update(
+            &q("UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2 WHERE id = 1 AND snapshot_index < $1"),
+            None,
+            &[(index as i64).into(), (term as i64).into()],
+        )
+        .map_err(spi_err)?;
+    }
     if b.applied.is_some() || b.conf_state.is_some() {
         let cs = b.conf_state.as_ref().map(encode_conf_state);
         c.update(
@@ -303,4 +390,15 @@ fn write_batch(
         .map_err(spi_err)?;
     }
     Ok(results)
+}
+
+fn upsert_member(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String, m: &Member) -> StoreResult<()> {
+    c.update(
+        &q("INSERT INTO raft_kv.members (id, address, promote) VALUES ($1, $2, $3) \
+            ON CONFLICT (id) DO UPDATE SET address = EXCLUDED.address, promote = EXCLUDED.promote"),
+        None,
+        &[(m.id as i64).into(), m.address.as_str().into(), m.promote.into()],
+    )
+    .map_err(spi_err)?;
+    Ok(())
 }

@@ -15,9 +15,10 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use raft_kv_core::command::{Command, RequestId};
 use raft_kv_core::config::{format_peers, ClusterConfig};
-use raft_kv_core::node::{role_name, Node, NodeOptions, NodeStatus, Output};
+use raft_kv_core::node::{role_name, MemberChange, Node, NodeOptions, NodeStatus, Output};
 use raft_kv_core::pending::{Answer, Pending};
 use raft_kv_core::raft::StateRole;
+use raft_kv_core::state_machine::Member;
 use raft_kv_core::transport::{Event, Transport, Waker};
 
 use crate::guc;
@@ -192,7 +193,7 @@ fn run(settings: Settings, epoch: u64) {
     let me = settings.cluster.node_id;
     let efd = EventFd::new();
     let mut transport = loop {
-        match Transport::start(runtime(), settings.cluster.listen_addr, efd.waker()) {
+        match Transport::start(runtime(), me, settings.cluster.listen_addr, efd.waker()) {
             Ok(t) => break t,
             Err(e) => {
                 let state = format!("cannot listen on {}: {e}", settings.cluster.listen_addr);
@@ -204,18 +205,24 @@ fn run(settings: Settings, epoch: u64) {
             }
         }
     };
-    let addrs: BTreeMap<u64, SocketAddr> = settings.cluster.peers.clone();
-    for (&id, &addr) in &addrs {
-        if id != me {
-            transport.set_peer(id, addr);
-        }
-    }
-    let bootstrap: Vec<u64> =
-        if settings.cluster.bootstraps() { settings.cluster.peers.keys().copied().collect() } else { Vec::new() };
+    let bootstrap: Vec<Member> = if settings.cluster.bootstraps() {
+        settings.cluster.peers.iter().map(|(&id, a)| Member { id, address: a.to_string(), promote: false }).collect()
+    } else {
+        Vec::new()
+    };
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     let mut node = in_txn(|| Node::open(PgBackend::new("raft_kv"), &settings.opts, &bootstrap, &logger))
         .unwrap_or_else(|e| pgrx::error!("raft_kv: cannot open the raft node: {e}"));
-    pgrx::log!("raft_kv: node {me} listening on {} with peers {}", transport.local_addr(), format_peers(&addrs));
+    let mut peers =
+        Peers { me, configured: settings.cluster.peers.clone(), learned: BTreeMap::new(), addrs: BTreeMap::new() };
+    peers.sync(&node, &mut transport);
+    pgrx::log!("raft_kv: node {me} listening on {} with peers {}", transport.local_addr(), format_peers(&peers.addrs));
+    if node.members().is_empty() && !node.is_member(me) {
+        pgrx::log!("raft_kv: node {me} is not a member yet; it waits to be added with raft_join() on the cluster");
+    }
+    let mut promoting: BTreeMap<u64, Instant> = BTreeMap::new();
+    let internal_nonce = RequestId::worker_nonce(rand_nonce());
+    let mut internal_seq = 0u64;
 
     // Reads ask again for a read index after about a heartbeat without an answer.
     let read_retry = settings.tick * settings.opts.heartbeat_ticks as u32 * 2;
@@ -254,8 +261,17 @@ fn run(settings: Settings, epoch: u64) {
         while let Ok(ev) = transport.events().try_recv() {
             match ev {
                 Event::Message(m) => {
-                    if addrs.contains_key(&m.from) {
+                    // Only members and configured peers speak to us, except to a node that
+                    // belongs to no cluster yet (it waits for a leader to add it).
+                    let blank = !node.is_member(me) && node.members().is_empty();
+                    if blank || peers.addrs.contains_key(&m.from) || node.is_member(m.from) {
                         node.step(m);
+                    }
+                }
+                Event::Hello { peer, addr } => {
+                    if peer != me && !peers.addrs.contains_key(&peer) {
+                        peers.learned.insert(peer, addr);
+                        peers.sync(&node, &mut transport);
                     }
                 }
                 Event::Unreachable { peer, .. } => node.report_unreachable(peer),
@@ -290,6 +306,19 @@ fn run(settings: Settings, epoch: u64) {
                     pending.add_read(client, t.deadline);
                     continue;
                 }
+                Op::Join => {
+                    let change = MemberChange::AddLearner { id: t.target, address: t.key, promote: !t.as_learner };
+                    pending.add_change(client, change, t.deadline);
+                    continue;
+                }
+                Op::Remove => {
+                    pending.add_change(client, MemberChange::Remove { id: t.target }, t.deadline);
+                    continue;
+                }
+                Op::Transfer => {
+                    pending.add_transfer(client, t.target, t.deadline);
+                    continue;
+                }
             };
             pending.add_write(client, cmd, t.deadline, t.request_id.as_deref(), &mut answers);
         }
@@ -307,7 +336,28 @@ fn run(settings: Settings, epoch: u64) {
             node.report_unreachable(to);
         }
         pending.on_output(&mut out, node.storage().applied(), &mut answers);
+        pending.check_transfers(node.leader_id(), &mut answers);
         pending.expire(Instant::now(), &mut answers);
+        peers.sync(&node, &mut transport);
+        // The leader promotes caught-up learners that joined to become voters.
+        for id in node.learners_to_promote(guc::PROMOTE_LAG.get() as u64) {
+            if promoting.get(&id).is_some_and(|at| at.elapsed() < settings.tick * settings.opts.election_ticks as u32) {
+                continue;
+            }
+            internal_seq += 1;
+            let rid = RequestId { node: me, nonce: internal_nonce, seq: internal_seq };
+            if node.propose_change(rid, &MemberChange::Promote { id }).is_ok() {
+                pgrx::log!("raft_kv: promoting learner {id} to voter");
+                promoting.insert(id, Instant::now());
+            }
+        }
+        let threshold = guc::SNAPSHOT_THRESHOLD.get() as u64;
+        if node
+            .maybe_compact(threshold, (threshold / 10).max(10))
+            .unwrap_or_else(|e| pgrx::error!("raft_kv: compaction failed: {e}"))
+        {
+            pgrx::debug1!("raft_kv: compacted the log");
+        }
         for ((slot, gen), answer) in answers.drain(..) {
             let (outcome, rev, flag, msg) = match answer {
                 Answer::Done { revision, flag } => (Outcome::Ok, revision as i64, flag, ""),
@@ -333,7 +383,7 @@ fn run(settings: Settings, epoch: u64) {
 
         let st = node.status();
         if published.as_ref() != Some(&st) {
-            publish(&st, &addrs);
+            publish(&st, &peers.addrs, transport.local_addr());
             published = Some(st);
         }
     }
@@ -347,10 +397,51 @@ fn rand_nonce() -> u64 {
     u64::from_le_bytes(b) ^ (unsafe { pg_sys::MyProcPid } as u64)
 }
 
-fn publish(st: &NodeStatus, addrs: &BTreeMap<u64, SocketAddr>) {
+/// Where each other node is reached: the addresses raft_kv.peers gives win (an operator's
+/// word, and the tests' proxies), then those the log recorded, then those learned from a
+/// peer's hello. Keeps the transport's peers in step.
+struct Peers {
+    me: u64,
+    configured: BTreeMap<u64, SocketAddr>,
+    learned: BTreeMap<u64, SocketAddr>,
+    addrs: BTreeMap<u64, SocketAddr>,
+}
+
+impl Peers {
+    fn sync<B: raft_kv_core::storage::Backend>(&mut self, node: &Node<B>, transport: &mut Transport) {
+        let mut want = self.learned.clone();
+        for m in node.members().values() {
+            if let Ok(a) = m.address.parse() {
+                want.insert(m.id, a);
+            }
+        }
+        want.extend(self.configured.iter().map(|(k, v)| (*k, *v)));
+        want.remove(&self.me);
+        if want == self.addrs {
+            return;
+        }
+        for (&id, &addr) in &want {
+            transport.set_peer(id, addr);
+        }
+        for id in self.addrs.keys().filter(|id| !want.contains_key(id)) {
+            transport.remove_peer(*id);
+        }
+        self.addrs = want;
+    }
+}
+
+fn publish(st: &NodeStatus, addrs: &BTreeMap<u64, SocketAddr>, mine: SocketAddr) {
     let mut sh = SHARED.exclusive();
     let s = &mut sh.status;
-    s.role.set(role_name(st.role));
+    let role = if st.removed {
+        "removed"
+    } else if st.members.is_empty() {
+        "joining"
+    } else {
+        role_name(st.role)
+    };
+    s.role.set(role);
+    s.change_pending = st.change_pending;
     s.term = st.term;
     s.leader_id = st.leader_id;
     s.commit = st.commit;
@@ -363,7 +454,8 @@ fn publish(st: &NodeStatus, addrs: &BTreeMap<u64, SocketAddr>) {
     s.n_members = n as u32;
     for (row, m) in s.members.iter_mut().zip(st.members.iter()) {
         row.id = m.id;
-        row.addr.set(&addrs.get(&m.id).map(|a| a.to_string()).unwrap_or_default());
+        let addr = if m.id == st.id { Some(mine) } else { addrs.get(&m.id).copied() };
+        row.addr.set(&addr.map(|a| a.to_string()).unwrap_or_default());
         row.voter = m.voter;
         row.has_progress = m.matched.is_some();
         row.matched = m.matched.unwrap_or(0);

@@ -29,8 +29,6 @@ pub enum ConfigError {
     DuplicateId(u64),
     #[error("address {0} is used by more than one node in raft_kv.peers")]
     DuplicateAddress(SocketAddr),
-    #[error("raft_kv.node_id {0} is not listed in raft_kv.peers")]
-    SelfNotInPeers(u64),
     #[error("raft_kv.listen_addr {listen} differs from the address {listed} given for node {id} in raft_kv.peers")]
     ListenMismatch { id: u64, listen: SocketAddr, listed: SocketAddr },
     #[error("raft_kv.peers lists {0} members; at most {MAX_MEMBERS} are supported")]
@@ -79,8 +77,9 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, SocketAddr>, ConfigError> {
 pub struct ClusterConfig {
     pub node_id: u64,
     pub listen_addr: SocketAddr,
-    /// The initial members (including this node when it bootstraps); empty for a node that
-    /// waits to be added to an existing cluster.
+    /// The initial members, including this node when it bootstraps. A node not listed (or
+    /// with no peers at all) waits to be added to an existing cluster with `raft_join`; the
+    /// peers it does list only tell it addresses.
     pub peers: BTreeMap<u64, SocketAddr>,
 }
 
@@ -99,13 +98,9 @@ impl ClusterConfig {
             Some(s) => parse_addr(s)?,
         };
         let peers = parse_peers(peers.unwrap_or(""))?;
-        if !peers.is_empty() {
-            match peers.get(&node_id) {
-                None => return Err(ConfigError::SelfNotInPeers(node_id)),
-                Some(listed) if *listed != listen => {
-                    return Err(ConfigError::ListenMismatch { id: node_id, listen, listed: *listed })
-                }
-                Some(_) => {}
+        if let Some(listed) = peers.get(&node_id) {
+            if *listed != listen {
+                return Err(ConfigError::ListenMismatch { id: node_id, listen, listed: *listed });
             }
         }
         Ok(ClusterConfig { node_id, listen_addr: listen, peers })
@@ -160,7 +155,6 @@ mod tests {
         let e = |id, l: &str, p: &str| ClusterConfig::from_settings(id, Some(l), Some(p)).unwrap_err();
         assert_eq!(e(0, "127.0.0.1:7001", PEERS), MissingNodeId);
         assert_eq!(ClusterConfig::from_settings(1, None, Some(PEERS)).unwrap_err(), MissingListenAddr);
-        assert_eq!(e(4, "127.0.0.1:7004", PEERS), SelfNotInPeers(4));
         assert_eq!(e(1, "127.0.0.1:7001", "1=127.0.0.1:7001,1=127.0.0.1:7002"), DuplicateId(1));
         assert!(matches!(e(1, "127.0.0.1:7001", "1=127.0.0.1:7001,2=127.0.0.1:7001"), DuplicateAddress(_)));
         assert_eq!(e(1, "127.0.0.1:7001", "1=127.0.0.1:7001,garbage"), BadPeerEntry("garbage".into()));
@@ -175,7 +169,14 @@ mod tests {
     }
 
     #[test]
+    fn a_node_outside_the_peers_joins_instead_of_bootstrapping() {
+        let c = ClusterConfig::from_settings(4, Some("127.0.0.1:7004"), Some(PEERS)).unwrap();
+        assert!(!c.bootstraps());
+        assert_eq!(c.peers.len(), 3);
+    }
+
+    #[test]
     fn messages_are_readable() {
-        assert_eq!(ConfigError::SelfNotInPeers(4).to_string(), "raft_kv.node_id 4 is not listed in raft_kv.peers");
+        assert_eq!(ConfigError::DuplicateId(4).to_string(), "node id 4 appears more than once in raft_kv.peers");
     }
 }

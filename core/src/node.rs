@@ -19,10 +19,18 @@ use crate::storage::{Backend, MemberOp, RaftStorage, StoreError, WriteBatch};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberChange {
     /// Add a learner; with `promote`, the leader makes it a voter once it has caught up.
-    AddLearner { id: u64, address: String, promote: bool },
+    AddLearner {
+        id: u64,
+        address: String,
+        promote: bool,
+    },
     /// Make a caught-up learner a voter.
-    Promote { id: u64 },
-    Remove { id: u64 },
+    Promote {
+        id: u64,
+    },
+    Remove {
+        id: u64,
+    },
 }
 
 /// Raft timing and sizing, in ticks and bytes.
@@ -237,7 +245,15 @@ impl<B: Backend> Node<B> {
             .iter()
             .copied()
             .filter(|id| self.members.get(id).is_some_and(|m| m.promote))
-            .filter(|id| self.raw.raft.prs().get(*id).is_some_and(|p| p.matched + lag >= last))
+            .filter(|id| {
+                // Caught up: it has acknowledged entries (a new learner's match is 0 until its
+                // snapshot or first append is acknowledged), recently, within `lag` entries.
+                self.raw
+                    .raft
+                    .prs()
+                    .get(*id)
+                    .is_some_and(|p| p.recent_active && p.matched > 0 && p.matched + lag >= last)
+            })
             .collect()
     }
 

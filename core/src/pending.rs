@@ -381,7 +381,8 @@ mod tests {
     fn deadlines_fail_with_the_right_certainty() {
         // A node with two unreachable peers never has a leader.
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let three: Vec<_> = (1..=3).map(|id| crate::state_machine::Member { id, address: "a".into(), promote: false }).collect();
+        let three: Vec<_> =
+            (1..=3).map(|id| crate::state_machine::Member { id, address: "a".into(), promote: false }).collect();
         let mut n = Node::open(MemBackend::new(), &NodeOptions::new(1), &three, &logger).unwrap();
         let mut p = Pending::new(1, 7, Duration::from_millis(1));
         let past = Instant::now();

@@ -455,7 +455,14 @@ mod tests {
     #[test]
     fn membership_grows_and_shrinks_through_snapshots() {
         use crate::node::MemberChange;
-        let quiet = SimConfig { drop_rate: 0.0, dup_rate: 0.0, crash_rate: 0.0, partition_rate: 0.0, propose_rate: 0.0, ..Default::default() };
+        let quiet = SimConfig {
+            drop_rate: 0.0,
+            dup_rate: 0.0,
+            crash_rate: 0.0,
+            partition_rate: 0.0,
+            propose_rate: 0.0,
+            ..Default::default()
+        };
         let mut sim = Sim::new(11, quiet);
         sim.settle(100).unwrap();
         let leader = sim.leader().unwrap();

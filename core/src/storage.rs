@@ -562,7 +562,11 @@ impl Backend for MemBackend {
 
     fn snapshot_data(&mut self) -> StoreResult<SnapshotData> {
         let s = self.inner.lock().unwrap();
-        Ok(SnapshotData { kv: s.kv.clone(), requests: s.requests.clone(), members: s.members.values().cloned().collect() })
+        Ok(SnapshotData {
+            kv: s.kv.clone(),
+            requests: s.requests.clone(),
+            members: s.members.values().cloned().collect(),
+        })
     }
 
     fn members(&mut self) -> StoreResult<Vec<Member>> {

@@ -46,6 +46,12 @@ pub enum Event {
         peer: u64,
         addr: SocketAddr,
     },
+    /// A peer opened a connection and said who it is and where it listens: how a node that
+    /// was never told its peers' addresses (one waiting to be added) learns where to answer.
+    Hello {
+        peer: u64,
+        addr: SocketAddr,
+    },
     Disconnected {
         peer: u64,
         addr: SocketAddr,
@@ -60,8 +66,26 @@ struct Peer {
     tx: mpsc::Sender<Message>,
 }
 
+/// First frame on every connection: magic, the sender's id, its listen address.
+const HELLO_MAGIC: &[u8; 4] = b"RKVH";
+
+fn hello_frame(id: u64, addr: SocketAddr) -> Bytes {
+    let mut v = HELLO_MAGIC.to_vec();
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(addr.to_string().as_bytes());
+    v.into()
+}
+
+fn parse_hello(frame: &[u8]) -> Option<(u64, SocketAddr)> {
+    let rest = frame.strip_prefix(HELLO_MAGIC.as_slice())?;
+    let id = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+    let addr = std::str::from_utf8(&rest[8..]).ok()?.parse().ok()?;
+    Some((id, addr))
+}
+
 pub struct Transport {
     rt: Option<Runtime>,
+    me: u64,
     peers: HashMap<u64, Peer>,
     events_tx: cb::Sender<Event>,
     events_rx: cb::Receiver<Event>,
@@ -77,7 +101,7 @@ impl Transport {
     /// Binds `listen` (synchronously, so a bad address is reported at once) and starts
     /// accepting on `rt`. The caller builds the runtime so it controls its threads (the
     /// Postgres worker blocks signals in them).
-    pub fn start(rt: Runtime, listen: SocketAddr, wake: Waker) -> std::io::Result<Self> {
+    pub fn start(rt: Runtime, me: u64, listen: SocketAddr, wake: Waker) -> std::io::Result<Self> {
         let std_listener = std::net::TcpListener::bind(listen)?;
         std_listener.set_nonblocking(true)?;
         let local_addr = std_listener.local_addr()?;
@@ -87,7 +111,7 @@ impl Transport {
             TcpListener::from_std(std_listener)?
         };
         rt.spawn(accept_loop(listener, events_tx.clone(), wake.clone()));
-        Ok(Transport { rt: Some(rt), peers: HashMap::new(), events_tx, events_rx, wake, local_addr })
+        Ok(Transport { rt: Some(rt), me, peers: HashMap::new(), events_tx, events_rx, wake, local_addr })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -105,7 +129,8 @@ impl Transport {
         }
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
         let rt = self.rt.as_ref().expect("transport is running");
-        rt.spawn(peer_writer(id, addr, rx, self.events_tx.clone(), self.wake.clone()));
+        let hello = hello_frame(self.me, self.local_addr);
+        rt.spawn(peer_writer(id, addr, hello, rx, self.events_tx.clone(), self.wake.clone()));
         // Replacing the sender ends the old writer task (its receiver sees the channel close).
         self.peers.insert(id, Peer { addr, tx });
     }
@@ -157,7 +182,14 @@ async fn accept_loop(listener: TcpListener, events: cb::Sender<Event>, wake: Wak
 
 async fn read_conn(stream: TcpStream, events: cb::Sender<Event>, wake: Waker) {
     let mut frames = FramedRead::new(stream, codec());
+    let mut first = true;
     while let Some(Ok(frame)) = frames.next().await {
+        if std::mem::take(&mut first) {
+            if let Some((peer, addr)) = parse_hello(&frame) {
+                emit(&events, &wake, Event::Hello { peer, addr });
+                continue;
+            }
+        }
         let Ok(m) = Message::parse_from_bytes(&frame) else {
             // A peer speaking something else: drop the connection.
             return;
@@ -178,6 +210,7 @@ fn emit(events: &cb::Sender<Event>, wake: &Waker, e: Event) {
 async fn peer_writer(
     id: u64,
     addr: SocketAddr,
+    hello: Bytes,
     mut rx: mpsc::Receiver<Message>,
     events: cb::Sender<Event>,
     wake: Waker,
@@ -209,7 +242,12 @@ async fn peer_writer(
         let connected_at = tokio::time::Instant::now();
         emit(&events, &wake, Event::Connected { peer: id, addr });
         let mut sink = FramedWrite::new(stream, codec());
+        // The hello goes out with the first batch of messages.
+        let mut greeting = sink.feed(hello.clone()).await.err();
         let error = loop {
+            if let Some(e) = greeting.take() {
+                break e.to_string();
+            }
             let Some(first) = rx.recv().await else { return };
             let mut snapshot = first.get_msg_type() == MessageType::MsgSnapshot;
             let mut res = sink.feed(Bytes::from(first.write_to_bytes().unwrap_or_default())).await;
@@ -262,11 +300,18 @@ mod tests {
     }
 
     fn next_message(t: &Transport) -> Message {
+        next_message_and_hellos(t).0
+    }
+
+    /// The next message, and the hellos received before it.
+    fn next_message_and_hellos(t: &Transport) -> (Message, Vec<(u64, SocketAddr)>) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut hellos = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match t.events().recv_timeout(left).expect("no message within 10 s") {
-                Event::Message(m) => return m,
+                Event::Message(m) => return (m, hellos),
+                Event::Hello { peer, addr } => hellos.push((peer, addr)),
                 _ => continue,
             }
         }
@@ -279,8 +324,8 @@ mod tests {
         let wake: Waker = Arc::new(move || {
             w.fetch_add(1, Ordering::Relaxed);
         });
-        let mut a = Transport::start(rt(), "127.0.0.1:0".parse().unwrap(), wake.clone()).unwrap();
-        let mut b = Transport::start(rt(), "127.0.0.1:0".parse().unwrap(), wake).unwrap();
+        let mut a = Transport::start(rt(), 1, "127.0.0.1:0".parse().unwrap(), wake.clone()).unwrap();
+        let mut b = Transport::start(rt(), 2, "127.0.0.1:0".parse().unwrap(), wake).unwrap();
         a.set_peer(2, b.local_addr());
         b.set_peer(1, a.local_addr());
         for term in 1..=100 {
@@ -290,7 +335,10 @@ mod tests {
             assert_eq!(next_message(&b).term, term);
         }
         assert!(b.send(msg(2, 1, 7)));
-        assert_eq!(next_message(&a).term, 7);
+        // The connection opens with a hello: who connected and where it listens.
+        let (m, hellos) = next_message_and_hellos(&a);
+        assert_eq!(m.term, 7);
+        assert_eq!(hellos, vec![(2, b.local_addr())]);
         assert!(wakes.load(Ordering::Relaxed) >= 101);
         assert!(!a.send(msg(1, 9, 1)), "unknown peer must be refused");
         a.shutdown();
@@ -302,7 +350,7 @@ mod tests {
         let wake: Waker = Arc::new(|| {});
         // A port that was bound and released: nothing listens there.
         let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let mut a = Transport::start(rt(), "127.0.0.1:0".parse().unwrap(), wake).unwrap();
+        let mut a = Transport::start(rt(), 1, "127.0.0.1:0".parse().unwrap(), wake).unwrap();
         a.set_peer(2, dead);
         for t in 0..10 {
             a.send(msg(1, 2, t));
@@ -321,7 +369,7 @@ mod tests {
         let wake: Waker = Arc::new(|| {});
         // Listens (the kernel accepts) but never reads: like a SIGSTOPped node.
         let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut a = Transport::start(rt(), "127.0.0.1:0".parse().unwrap(), wake).unwrap();
+        let mut a = Transport::start(rt(), 1, "127.0.0.1:0".parse().unwrap(), wake).unwrap();
         a.set_peer(2, stalled.local_addr().unwrap());
         let mut big = msg(1, 2, 1);
         big.set_context(vec![7u8; 64 << 10].into());
@@ -337,6 +385,6 @@ mod tests {
     fn bind_conflict_is_an_error() {
         let wake: Waker = Arc::new(|| {});
         let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        assert!(Transport::start(rt(), held.local_addr().unwrap(), wake).is_err());
+        assert!(Transport::start(rt(), 1, held.local_addr().unwrap(), wake).is_err());
     }
 }

@@ -274,6 +274,33 @@ impl Cluster {
         &self.extra_conf
     }
 
+    /// Creates and starts one more server, with `raft_lines` as its raft_kv settings (given
+    /// its spec), and creates the extension on it. Returns its index.
+    pub fn add_node(&mut self, raft_lines: impl Fn(&NodeSpec) -> String) -> usize {
+        let id = self.nodes.len() as u64 + 1;
+        let spec = NodeSpec { id, pg_port: free_port(), raft_port: free_port() };
+        let dir = self.root.join(format!("node{id}"));
+        fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("cp").arg("-a").arg(template()).arg(dir.join("data")).status().unwrap();
+        assert!(st.success(), "copying the template data directory");
+        let mut f = fs::OpenOptions::new().append(true).open(dir.join("data/postgresql.conf")).unwrap();
+        write!(
+            f,
+            "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nlogging_collector = off\n{}\n{}\n",
+            spec.pg_port,
+            dir.display(),
+            raft_lines(&spec),
+            self.extra_conf
+        )
+        .unwrap();
+        chown_to_postgres(&dir);
+        self.nodes.push(Node { spec, dir });
+        let i = self.nodes.len();
+        self.start_node(i);
+        self.client(i).batch_execute("CREATE EXTENSION raft_kv").unwrap();
+        i
+    }
+
     pub fn start_node(&self, i: usize) {
         let n = self.node(i);
         let mut c = pg_command(&format!("{PG_BIN}/pg_ctl"));
@@ -341,8 +368,12 @@ impl Cluster {
         wait_for(Duration::from_secs(30), "the killed processes to exit", || {
             pids.iter().all(|&p| !alive(p)).then_some(())
         });
-        // As after a reboot: an unreaped zombie would otherwise look like a live postmaster.
-        let _ = fs::remove_file(self.node(i).data().join("postmaster.pid"));
+        // As after a reboot: an unreaped zombie would otherwise look like a live postmaster
+        // to the next start's checks of its lock files.
+        let n = self.node(i);
+        let _ = fs::remove_file(n.data().join("postmaster.pid"));
+        let _ = fs::remove_file(n.dir.join(format!(".s.PGSQL.{}.lock", n.spec.pg_port)));
+        let _ = fs::remove_file(n.dir.join(format!(".s.PGSQL.{}", n.spec.pg_port)));
     }
 
     /// Appends a line to node `i`'s postgresql.conf (takes effect at the next start).

@@ -1,0 +1,251 @@
+//! Issue 4: membership changes from SQL, snapshots and log compaction.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raft_kv_tests::{wait_for, Client, Cluster, NodeSpec, Stop};
+
+fn joiner(spec: &NodeSpec) -> String {
+    format!(
+        "shared_preload_libraries = 'raft_kv'\nraft_kv.node_id = {}\nraft_kv.listen_addr = '127.0.0.1:{}'\nraft_kv.peers = ''\n",
+        spec.id, spec.raft_port
+    )
+}
+
+/// (id, voter) of every member, as node `i` sees them.
+fn members(c: &Cluster, i: usize) -> Vec<(i64, bool)> {
+    c.client(i)
+        .query("SELECT id, voter FROM raft_members() ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+fn leader_among(c: &Cluster, nodes: &[usize]) -> usize {
+    wait_for(Duration::from_secs(15), "a leader", || {
+        nodes.iter().copied().find(|&i| c.raft_view(i).is_some_and(|(r, _, _)| r == "leader"))
+    })
+}
+
+fn converged(c: &Cluster, nodes: &[usize]) {
+    wait_for(Duration::from_secs(30), "nodes to converge", || {
+        let idx: Vec<_> = nodes.iter().map(|&i| c.applied_index(i)).collect::<Option<Vec<_>>>()?;
+        idx.windows(2).all(|w| w[0] == w[1]).then_some(())
+    });
+    let hashes: Vec<_> = nodes.iter().map(|&i| c.kv_hash(i)).collect();
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "tables differ: {hashes:?}");
+}
+
+/// A writer on node `i` until `stop`; returns every acknowledged key → value.
+fn writer(c: &Cluster, nodes: Vec<usize>, stop: &AtomicBool, acked: &Mutex<HashMap<String, String>>) {
+    let mut n = 0;
+    let mut conns: Vec<Client> = nodes.iter().map(|&i| c.client(i)).collect();
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let (k, v) = (format!("w/{n}"), format!("{n}"));
+        let cl = &mut conns[n % nodes.len()];
+        if cl.query_one("SELECT raft_set($1, $2)", &[&k, &v]).is_ok() {
+            acked.lock().unwrap().insert(k, v);
+        }
+    }
+}
+
+#[test]
+fn grow_to_five_and_shrink_to_three_under_writes() {
+    let mut c = Cluster::start(3);
+    c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    let n4 = c.add_node(joiner);
+    let n5 = c.add_node(joiner);
+    wait_for(Duration::from_secs(10), "the new node to wait as 'joining'", || {
+        let r: Option<String> = c.client(n4).query_one("SELECT role FROM raft_status()", &[]).ok()?.get(0);
+        (r.as_deref() == Some("joining")).then_some(())
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(HashMap::new()));
+    /// Stops the writer however the test body ends (a failed assertion included).
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|s| {
+        {
+            let (c, stop, acked) = (&c, stop.clone(), acked.clone());
+            s.spawn(move || writer(c, vec![1, 2], &stop, &acked));
+        }
+        let _stop = StopOnDrop(stop.clone());
+        for (i, n) in [(n4, 4i64), (n5, 5)] {
+            let addr = c.node(i).raft_addr();
+            let rev: i64 = c.client(2).query_one("SELECT raft_join($1, $2)", &[&n, &addr]).unwrap().get(0);
+            assert!(rev > 0);
+            wait_for(Duration::from_secs(30), "the new node to be promoted to voter", || {
+                members(&c, 1).contains(&(n, true)).then_some(())
+            });
+            let role: String = c.client(i).query_one("SELECT role FROM raft_status()", &[]).unwrap().get(0);
+            assert_eq!(role, "follower");
+        }
+        assert_eq!(members(&c, 3).iter().filter(|m| m.1).count(), 5);
+        // Shrink back to three, removing the leader among them.
+        let leader = leader_among(&c, &[1, 2, 3, n4, n5]);
+        let via = [1, 2].into_iter().find(|&i| i != leader).unwrap();
+        c.client(via).query_one("SELECT raft_remove($1)", &[&(leader as i64)]).unwrap();
+        let rest: Vec<usize> = [1, 2, 3, n4, n5].into_iter().filter(|&i| i != leader).collect();
+        let other = rest.iter().copied().find(|&i| i != via && i != 1 && i != 2).unwrap();
+        wait_for(Duration::from_secs(15), "the removal to apply", || {
+            let ok = c.client(via).query_one("SELECT raft_remove($1)", &[&(other as i64)]).is_ok();
+            ok.then_some(())
+        });
+        wait_for(Duration::from_secs(10), "the removed nodes to report it", || {
+            let r: String = c.client(leader).query_one("SELECT role FROM raft_status()", &[]).ok()?.get(0);
+            (r == "removed").then_some(())
+        });
+        std::thread::sleep(Duration::from_millis(500)); // let the writer keep going after the changes
+        stop.store(true, Ordering::Relaxed);
+    });
+    let remaining: Vec<usize> = [1, 2, 3, n4, n5]
+        .into_iter()
+        .filter(|&i| {
+            c.client(i).query_one("SELECT role FROM raft_status()", &[]).unwrap().get::<_, String>(0) != "removed"
+        })
+        .collect();
+    assert_eq!(remaining.len(), 3, "{remaining:?}");
+    let mut cl = c.client(remaining[0]);
+    cl.query_one("SELECT raft_set('barrier', 'x')", &[]).unwrap();
+    converged(&c, &remaining);
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 50, "the writer made progress: {}", acked.len());
+    for (k, v) in &acked {
+        let got: Option<String> = cl.query_one("SELECT raft_get($1, 'local')", &[k]).unwrap().get(0);
+        assert_eq!(got.as_deref(), Some(v.as_str()), "acknowledged {k} lost");
+    }
+}
+
+#[test]
+fn a_lagging_node_catches_up_by_snapshot_after_compaction() {
+    let c = Cluster::builder(3).conf("raft_kv.snapshot_threshold = 1000").start();
+    c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    c.stop_node(3, Stop::Fast);
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let c = &c;
+            s.spawn(move || {
+                let mut cl = c.client(t % 2 + 1);
+                let n: i64 = cl
+                    .query_one(
+                        "SELECT count(raft_set('c/' || ($1 * 10000 + g), 'v')) FROM generate_series(1, 7500) g",
+                        &[&(t as i32)],
+                    )
+                    .unwrap()
+                    .get(0);
+                assert_eq!(n, 7500);
+            });
+        }
+    });
+    println!("30,000 writes in {:?}", t0.elapsed());
+    for i in 1..=2 {
+        let (rows, first, snap): (i64, i64, i64) = {
+            let mut cl = c.client(i);
+            let rows: i64 = cl.query_one("SELECT count(*) FROM raft_kv.log", &[]).unwrap().get(0);
+            let r = cl.query_one("SELECT first_index, snapshot_index FROM raft_status()", &[]).unwrap();
+            (rows, r.get(0), r.get(1))
+        };
+        println!("node {i}: {rows} log rows, first index {first}, snapshot index {snap}");
+        assert!(rows <= 1000 + 100, "node {i} keeps {rows} log rows");
+        assert!(snap > 20_000);
+    }
+    c.start_node(3);
+    wait_for(Duration::from_secs(60), "node 3 to catch up", || {
+        let a = c.applied_index(3)?;
+        (a >= c.applied_index(1)?).then_some(())
+    });
+    let snap: i64 = c.client(3).query_one("SELECT snapshot_index FROM raft_status()", &[]).unwrap().get(0);
+    assert!(snap > 20_000, "node 3 installed a snapshot (snapshot index {snap})");
+    converged(&c, &[1, 2, 3]);
+    assert_eq!(c.kv_hash(3).0, 30_000);
+}
+
+#[test]
+fn leadership_moves_on_request() {
+    let c = Cluster::start(3);
+    let (l, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    let target = (1..=3).find(|&i| i != l).unwrap() as i64;
+    let via = (1..=3).find(|&i| i != l && i as i64 != target).unwrap();
+    let t0 = Instant::now();
+    let ok: bool = c.client(via).query_one("SELECT raft_transfer_leader($1)", &[&target]).unwrap().get(0);
+    let took = t0.elapsed();
+    println!("leadership moved to {target} in {took:?}");
+    assert!(ok && took < Duration::from_secs(2));
+    let (now, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(5));
+    assert_eq!(now as i64, target);
+    c.client(l).query_one("SELECT raft_set('after-transfer', 'x')", &[]).unwrap();
+}
+
+#[test]
+fn a_node_added_after_bootstrap_restarts_from_persisted_addresses() {
+    let mut c = Cluster::start(3);
+    c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    let n4 = c.add_node(joiner);
+    let addr = c.node(n4).raft_addr();
+    c.client(1).query_one("SELECT raft_join(4, $1)", &[&addr]).unwrap();
+    wait_for(Duration::from_secs(30), "node 4 to become a voter", || members(&c, 1).contains(&(4, true)).then_some(()));
+    // Its postgresql.conf names no peers: after a restart it reaches them through raft_kv.members.
+    c.stop_node(n4, Stop::Immediate);
+    c.client(2).query_one("SELECT raft_set('while-down', 'x')", &[]).unwrap();
+    c.start_node(n4);
+    wait_for(Duration::from_secs(20), "node 4 to catch up", || {
+        let v: Option<String> = c.client(n4).query_one("SELECT raft_get('while-down', 'local')", &[]).ok()?.get(0);
+        (v.as_deref() == Some("x")).then_some(())
+    });
+    let n: i64 = c.client(n4).query_one("SELECT count(*) FROM raft_kv.members", &[]).unwrap().get(0);
+    assert_eq!(n, 4);
+    // And all four members serve linearizable reads.
+    let v: Option<String> = c.client(n4).query_one("SELECT raft_get('while-down')", &[]).unwrap().get(0);
+    assert_eq!(v.as_deref(), Some("x"));
+}
+
+#[test]
+fn bad_membership_requests_change_nothing() {
+    let mut c = Cluster::start(3);
+    c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    let n4 = c.add_node(joiner);
+    let a4 = c.node(n4).raft_addr();
+    c.client(1).query_one("SELECT raft_join(4, $1, as_learner => true)", &[&a4]).unwrap();
+    wait_for(Duration::from_secs(10), "node 4 as a learner", || members(&c, 2).contains(&(4, false)).then_some(()));
+    let before = members(&c, 1);
+    let a1 = c.node(1).raft_addr();
+    let cases: Vec<(String, &str)> = vec![
+        (format!("SELECT raft_join(2, '127.0.0.1:1')"), "raft_kv node 2 is already a member"),
+        (format!("SELECT raft_join(9, '{a1}')"), "is already used by raft_kv node 1"),
+        ("SELECT raft_join(9, 'not-an-address')".into(), "invalid address \"not-an-address\""),
+        ("SELECT raft_join(0, '127.0.0.1:1')".into(), "invalid raft_kv node id 0"),
+        ("SELECT raft_join(NULL, '127.0.0.1:1')".into(), "raft_kv node id must not be NULL"),
+        ("SELECT raft_remove(9)".into(), "raft_kv node 9 is not a member"),
+        ("SELECT raft_transfer_leader(4)".into(), "raft_kv node 4 is a learner"),
+        ("SELECT raft_transfer_leader(9)".into(), "raft_kv node 9 is not a member"),
+    ];
+    let mut cl = c.client(2);
+    for (q, msg) in &cases {
+        let err = cl.query(q.as_str(), &[]).unwrap_err();
+        let m = err.as_db_error().unwrap_or_else(|| panic!("{q}: {err}")).message().to_string();
+        assert!(m.contains(msg), "{q}: got {m:?}, want {msg:?}");
+        assert_eq!(members(&c, 1), before, "{q} changed the membership");
+    }
+    // Stays a learner: as_learner keeps it from promotion.
+    std::thread::sleep(Duration::from_secs(2)); // longer than promotion would take
+    assert!(members(&c, 1).contains(&(4, false)));
+    // Removing the last voter is refused, on a single-node cluster.
+    let single = Cluster::start(1);
+    single.wait_leader(&[1], Duration::from_secs(10));
+    let err = single.client(1).query("SELECT raft_remove(1)", &[]).unwrap_err();
+    assert!(err.as_db_error().unwrap().message().contains("last voter"));
+    // Admin functions are not for PUBLIC.
+    let mut cl = c.client(1);
+    cl.batch_execute("CREATE ROLE app LOGIN; SET ROLE app").unwrap();
+    let err = cl.query("SELECT raft_remove(4)", &[]).unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
+}
