@@ -6,6 +6,8 @@
 #   scripts/cluster.sh status [--dir DIR]   raft_status() of every node
 #   scripts/cluster.sh psql I [--dir DIR] [psql args]   psql on node I
 #   scripts/cluster.sh stop I | start I | kill I        one node (fast stop, start, immediate stop)
+#   scripts/cluster.sh add [--dir DIR]      start one more node and raft_join it to the cluster
+#   scripts/cluster.sh remove I [--dir DIR] raft_remove node I, stop it and delete its data
 #
 # The extension must be installed (scripts/demo.sh does it). When run as root the servers run
 # as the postgres user. Settings for every node can be appended with RAFT_KV_EXTRA_CONF.
@@ -57,6 +59,59 @@ start_node() {
     || { tail -n 20 "$d/server.log" >&2; die "node $i did not start"; }
 }
 
+create_node() { # create_node I PEERS: initdb, configure and start node I
+  local i=$1 peers=$2 d="$DIR/node$1"
+  as_pg mkdir -p "$d"
+  as_pg "$PG_BIN/initdb" -D "$d/data" -A trust -U postgres --no-sync >"$d/initdb.log" 2>&1 \
+    || { cat "$d/initdb.log" >&2; die "initdb failed for node $i"; }
+  as_pg tee -a "$d/data/postgresql.conf" >/dev/null <<EOF
+# raft_kv local cluster node $i
+port = $(node_field "$i" 2)
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$d'
+shared_preload_libraries = 'raft_kv'
+raft_kv.node_id = $i
+raft_kv.listen_addr = '127.0.0.1:$(node_field "$i" 3)'
+raft_kv.peers = '$peers'
+${RAFT_KV_EXTRA_CONF:-}
+EOF
+  start_node "$i"
+}
+
+# A running node other than $1, to send membership changes through.
+other_node() {
+  for j in $(node_ids); do
+    [ "$j" != "${1:-}" ] && psql_node "$j" -Atqc "SELECT 1" >/dev/null 2>&1 && { echo "$j"; return; }
+  done
+  die "no other running node"
+}
+
+cmd_add() {
+  require_cluster
+  local i pg raft via
+  i=$(( $(node_ids | sort -n | tail -1) + 1 ))
+  for p in $(awk '{ print $2, $3 }' "$(nodes_file)"); do USED_PORTS="$USED_PORTS$p "; done
+  pg=$(free_port); raft=$(free_port)
+  echo "$i $pg $raft" >> "$(nodes_file)"
+  create_node "$i" ""
+  psql_node "$i" -qc "CREATE EXTENSION IF NOT EXISTS raft_kv" >/dev/null
+  via=$(other_node "$i")
+  psql_node "$via" -Atqc "SELECT raft_join($i, '127.0.0.1:$raft')" >/dev/null
+  echo "node $i: postgresql://postgres@127.0.0.1:$pg/postgres  (raft 127.0.0.1:$raft), joined through node $via"
+}
+
+cmd_remove() {
+  require_cluster
+  local i=$1 via
+  [ -n "$(node_field "$i" 2)" ] || die "no node $i"
+  via=$(other_node "$i")
+  psql_node "$via" -Atqc "SELECT raft_remove($i)" >/dev/null
+  as_pg "$PG_BIN/pg_ctl" -D "$DIR/node$i/data" -m fast -w stop >/dev/null 2>&1 || true
+  rm -rf "$DIR/node$i"
+  awk -v i="$i" '$1 != i' "$(nodes_file)" > "$(nodes_file).tmp" && mv "$(nodes_file).tmp" "$(nodes_file)"
+  echo "node $i removed (through node $via)"
+}
+
 cmd_up() {
   local n=$1
   [ "$n" -ge 1 ] 2>/dev/null || die "node count must be a positive integer, got '$n'"
@@ -80,22 +135,7 @@ cmd_up() {
   done
   mv "$DIR/nodes.tmp" "$(nodes_file)"
   for i in $(seq 1 "$n"); do
-    local d="$DIR/node$i"
-    as_pg mkdir -p "$d"
-    as_pg "$PG_BIN/initdb" -D "$d/data" -A trust -U postgres --no-sync >"$d/initdb.log" 2>&1 \
-      || { cat "$d/initdb.log" >&2; die "initdb failed for node $i"; }
-    as_pg tee -a "$d/data/postgresql.conf" >/dev/null <<EOF
-# raft_kv local cluster node $i
-port = $(node_field "$i" 2)
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$d'
-shared_preload_libraries = 'raft_kv'
-raft_kv.node_id = $i
-raft_kv.listen_addr = '127.0.0.1:$(node_field "$i" 3)'
-raft_kv.peers = '$peers'
-${RAFT_KV_EXTRA_CONF:-}
-EOF
-    start_node "$i"
+    create_node "$i" "$peers"
   done
   for i in $(seq 1 "$n"); do
     psql_node "$i" -qc "CREATE EXTENSION IF NOT EXISTS raft_kv" >/dev/null
@@ -151,5 +191,7 @@ case "$cmd" in
   start) require_cluster; start_node "${1:?node number}" ;;
   stop) require_cluster; as_pg "$PG_BIN/pg_ctl" -D "$DIR/node${1:?node number}/data" -m fast -w stop >/dev/null ;;
   kill) require_cluster; as_pg "$PG_BIN/pg_ctl" -D "$DIR/node${1:?node number}/data" -m immediate -w stop >/dev/null ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
+  add) cmd_add ;;
+  remove) cmd_remove "${1:?node number}" ;;
+  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
 esac

@@ -54,17 +54,27 @@ fn missing_node_id() {
     );
 }
 
+/// A node not listed in raft_kv.peers does not bootstrap: it waits to be added (issue 4).
 #[test]
-fn node_id_absent_from_peers() {
-    assert_config_error(
-        |s| {
+fn node_id_absent_from_peers_waits_to_join() {
+    let c = Cluster::builder(1)
+        .raft_conf(|s, _| {
             format!(
-                "raft_kv.node_id = 7\nraft_kv.listen_addr = '127.0.0.1:{0}'\nraft_kv.peers = '1=127.0.0.1:{0}'",
-                s.raft_port
+                "shared_preload_libraries = 'raft_kv'\nraft_kv.node_id = 7\nraft_kv.listen_addr = '127.0.0.1:{0}'\n\
+                 raft_kv.peers = '1=127.0.0.1:{1}'",
+                s.raft_port,
+                s.raft_port + 1
             )
-        },
-        "raft_kv.node_id 7 is not listed in raft_kv.peers",
-    );
+        })
+        .start();
+    let role = wait_for(Duration::from_secs(20), "the node to wait as 'joining'", || {
+        let r = c.try_client(1)?.query_one("SELECT state, role FROM raft_status()", &[]).ok()?;
+        let (state, role): (String, Option<String>) = (r.get(0), r.get(1));
+        (state == "running").then_some(role).flatten()
+    });
+    assert_eq!(role, "joining");
+    let log = c.node(1).log();
+    assert!(log.contains("node 7 is not a member yet; it waits to be added with raft_join()"), "{log}");
 }
 
 #[test]
