@@ -424,6 +424,17 @@ impl Cluster {
         (r.get(0), r.get(1))
     }
 
+    /// Waits until the listed nodes have applied the same index, then asserts their tables
+    /// are identical.
+    pub fn assert_converged(&self, nodes: &[usize]) {
+        wait_for(Duration::from_secs(30), "nodes to converge", || {
+            let idx: Vec<_> = nodes.iter().map(|&i| self.applied_index(i)).collect::<Option<Vec<_>>>()?;
+            idx.windows(2).all(|w| w[0] == w[1]).then_some(())
+        });
+        let hashes: Vec<_> = nodes.iter().map(|&i| self.kv_hash(i)).collect();
+        assert!(hashes.windows(2).all(|w| w[0] == w[1]), "kv tables differ: {hashes:?}");
+    }
+
     pub fn applied_index(&self, i: usize) -> Option<i64> {
         self.try_client(i)?.query_one("SELECT applied_index FROM raft_status()", &[]).ok()?.get(0)
     }
@@ -452,5 +463,15 @@ impl Drop for Cluster {
 pub fn remove_template() {
     if let Some(t) = template().parent() {
         let _ = fs::remove_dir_all(t);
+    }
+}
+
+/// Sets a flag when dropped: stops worker threads however a test body ends (a failed
+/// assertion included), so a scoped thread never outlives its test.
+pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }

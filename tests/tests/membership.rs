@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use raft_kv_tests::{wait_for, Client, Cluster, NodeSpec, Stop};
+use raft_kv_tests::{wait_for, Client, Cluster, NodeSpec, Stop, StopOnDrop};
 
 fn joiner(spec: &NodeSpec) -> String {
     format!(
@@ -28,15 +28,6 @@ fn leader_among(c: &Cluster, nodes: &[usize]) -> usize {
     wait_for(Duration::from_secs(15), "a leader", || {
         nodes.iter().copied().find(|&i| c.raft_view(i).is_some_and(|(r, _, _)| r == "leader"))
     })
-}
-
-fn converged(c: &Cluster, nodes: &[usize]) {
-    wait_for(Duration::from_secs(30), "nodes to converge", || {
-        let idx: Vec<_> = nodes.iter().map(|&i| c.applied_index(i)).collect::<Option<Vec<_>>>()?;
-        idx.windows(2).all(|w| w[0] == w[1]).then_some(())
-    });
-    let hashes: Vec<_> = nodes.iter().map(|&i| c.kv_hash(i)).collect();
-    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "tables differ: {hashes:?}");
 }
 
 /// A writer on node `i` until `stop`; returns every acknowledged key → value.
@@ -65,19 +56,12 @@ fn grow_to_five_and_shrink_to_three_under_writes() {
     });
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(Mutex::new(HashMap::new()));
-    /// Stops the writer however the test body ends (a failed assertion included).
-    struct StopOnDrop(Arc<AtomicBool>);
-    impl Drop for StopOnDrop {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
     std::thread::scope(|s| {
         {
             let (c, stop, acked) = (&c, stop.clone(), acked.clone());
             s.spawn(move || writer(c, vec![1, 2], &stop, &acked));
         }
-        let _stop = StopOnDrop(stop.clone());
+        let _stop = StopOnDrop(&stop);
         for (i, n) in [(n4, 4i64), (n5, 5)] {
             let addr = c.node(i).raft_addr();
             let rev: i64 = c.client(2).query_one("SELECT raft_join($1, $2)", &[&n, &addr]).unwrap().get(0);
@@ -115,7 +99,7 @@ fn grow_to_five_and_shrink_to_three_under_writes() {
     assert_eq!(remaining.len(), 3, "{remaining:?}");
     let mut cl = c.client(remaining[0]);
     cl.query_one("SELECT raft_set('barrier', 'x')", &[]).unwrap();
-    converged(&c, &remaining);
+    c.assert_converged(&remaining);
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() > 50, "the writer made progress: {}", acked.len());
     for (k, v) in &acked {
@@ -165,7 +149,7 @@ fn a_lagging_node_catches_up_by_snapshot_after_compaction() {
     });
     let snap: i64 = c.client(3).query_one("SELECT snapshot_index FROM raft_status()", &[]).unwrap().get(0);
     assert!(snap > 20_000, "node 3 installed a snapshot (snapshot index {snap})");
-    converged(&c, &[1, 2, 3]);
+    c.assert_converged(&[1, 2, 3]);
     assert_eq!(c.kv_hash(3).0, 30_000);
 }
 

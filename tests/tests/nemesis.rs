@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use raft_kv_tests::linearizability::{self, Kind, Op, Outcome};
-use raft_kv_tests::{wait_for, Client, Cluster};
+use raft_kv_tests::{wait_for, Client, Cluster, StopOnDrop};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -160,13 +160,6 @@ fn run(fault: Fault) {
     let stop = AtomicBool::new(false);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut faults = 0;
-    /// Stops the clients however the nemesis loop ends (a panic included).
-    struct StopOnDrop<'a>(&'a AtomicBool);
-    impl Drop for StopOnDrop<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
     std::thread::scope(|s| {
         for id in 0..CLIENTS {
             let (c, stop, h) = (&c, &stop, &h);

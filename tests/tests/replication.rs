@@ -23,16 +23,6 @@ fn followers(leader: usize) -> Vec<usize> {
     (1..=3).filter(|&i| i != leader).collect()
 }
 
-/// Waits until all listed nodes have applied the same index and hold identical tables.
-fn assert_converged(c: &Cluster, nodes: &[usize]) {
-    wait_for(Duration::from_secs(10), "nodes to converge", || {
-        let idx: Vec<_> = nodes.iter().map(|&i| c.applied_index(i)).collect::<Option<Vec<_>>>()?;
-        idx.windows(2).all(|w| w[0] == w[1]).then_some(())
-    });
-    let hashes: Vec<_> = nodes.iter().map(|&i| c.kv_hash(i)).collect();
-    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "kv tables differ: {hashes:?}");
-}
-
 #[test]
 fn one_leader_within_five_seconds() {
     let c = Cluster::start(3);
@@ -103,7 +93,7 @@ fn concurrent_writers_converge() {
     assert_eq!(revs.len(), 2000);
     let unique: HashSet<_> = revs.iter().collect();
     assert_eq!(unique.len(), 2000, "revisions repeat");
-    assert_converged(&c, &[1, 2, 3]);
+    c.assert_converged(&[1, 2, 3]);
     let (count, _) = c.kv_hash(1);
     assert_eq!(count, 200);
     // Each key holds the last value its writer wrote.
@@ -133,7 +123,7 @@ fn leader_failover_and_rejoin() {
     let (leader, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
     assert_ne!(leader, 0);
     assert_eq!(c.raft_view(old).unwrap().0, "follower");
-    assert_converged(&c, &[1, 2, 3]);
+    c.assert_converged(&[1, 2, 3]);
     assert_eq!(get(&mut c.client(old), "after").as_deref(), Some("2"));
 }
 
@@ -179,7 +169,7 @@ fn crash_all_mid_load_loses_no_acknowledged_write() {
     c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
     // Apply everything committed (a no-op write through the log forces it).
     set(&mut c.client(1), "barrier", "x").unwrap();
-    assert_converged(&c, &[1, 2, 3]);
+    c.assert_converged(&[1, 2, 3]);
     for i in 1..=3 {
         let mut cl = c.client(i);
         for (k, (rev, val)) in &acked {
