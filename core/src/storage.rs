@@ -310,10 +310,12 @@ impl<B: Backend> RaftStorage<B> {
         self.backend.get_mut()
     }
 
-    /// Whether an entry after the applied index changes the membership.
+    /// Whether an entry after the applied index changes the membership. Looks only at the
+    /// unapplied entries (always cached), not the whole cached history.
     pub fn unapplied_conf_change(&self) -> bool {
         let c = self.cache.borrow();
-        c.tail.iter().any(|e| e.index > c.applied && e.get_entry_type() != raft::eraftpb::EntryType::EntryNormal)
+        let start = ((c.applied + 1).saturating_sub(c.tail_first()) as usize).min(c.tail.len());
+        c.tail.range(start..).any(|e| e.get_entry_type() != raft::eraftpb::EntryType::EntryNormal)
     }
 }
 
