@@ -218,8 +218,14 @@ fn run(fault: Fault) {
 
     // Heal everything; every node must agree, and final reads join the history.
     net.heal();
-    c.wait_leader(&[1, 2, 3], Duration::from_secs(20));
-    for i in 1..=3 {
+    check_history(&c, &[1, 2, 3], h, &format!("{fault:?}"), seed, faults);
+}
+
+/// Final linearizable reads on `members` join the history; the members must hold identical
+/// tables; the checker must accept the history.
+fn check_history(c: &Cluster, members: &[usize], h: History, label: &str, seed: u64, faults: usize) {
+    c.wait_leader(members, Duration::from_secs(20));
+    for &i in members {
         let mut cl = c.client(i);
         for key in KEYS {
             let invoke = h.now();
@@ -237,13 +243,12 @@ fn run(fault: Fault) {
             });
         }
     }
-    let hashes: Vec<_> = (1..=3).map(|i| c.kv_hash(i)).collect();
-    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "nodes differ after healing: {hashes:?}");
+    c.assert_converged(members);
 
     let ops = h.ops.into_inner().unwrap();
     let count = |f: &dyn Fn(&Op) -> bool| ops.iter().filter(|o| f(o)).count();
     println!(
-        "nemesis {fault:?}: {faults} faults, {} operations ({} reads, {} writes, {} cas, {} unknown), {} local reads",
+        "nemesis {label}: {faults} faults, {} operations ({} reads, {} writes, {} cas, {} unknown), {} local reads",
         ops.len(),
         count(&|o| o.kind == Kind::Read),
         count(&|o| matches!(o.kind, Kind::Write(_))),
@@ -262,7 +267,69 @@ fn run(fault: Fault) {
         }
         panic!("seed {seed}: {v}");
     }
-    println!("nemesis {fault:?}: history linearizable (checked in {:?})", t0.elapsed());
+    println!("nemesis {label}: history linearizable (checked in {:?})", t0.elapsed());
+}
+
+/// Membership changes as the fault: a member (often the leader) is removed and stopped, and a
+/// fresh node joins in its place, while the clients run; twice.
+fn run_membership() {
+    let seed = seed();
+    let dur = duration();
+    println!("nemesis Membership: seed {seed} (rerun with RAFT_KV_NEMESIS_SEED={seed}), {dur:?}");
+    let mut c = Cluster::start(3);
+    c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    let joiner = |s: &raft_kv_tests::NodeSpec| {
+        format!(
+            "shared_preload_libraries = 'raft_kv'\nraft_kv.node_id = {}\nraft_kv.listen_addr = '127.0.0.1:{}'\nraft_kv.peers = ''\n",
+            s.id, s.raft_port
+        )
+    };
+    let spares = [c.add_node(joiner), c.add_node(joiner)];
+    let h = History { start: Instant::now(), ops: Mutex::new(Vec::new()), local_reads: AtomicUsize::new(0) };
+    let stop = AtomicBool::new(false);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut members: Vec<usize> = vec![1, 2, 3];
+    let mut faults = 0;
+    std::thread::scope(|s| {
+        for id in 0..CLIENTS {
+            let (c, stop, h) = (&c, &stop, &h);
+            s.spawn(move || client_loop(c, id, seed, stop, h));
+        }
+        let _stop = StopOnDrop(&stop);
+        let end = Instant::now() + dur;
+        for &spare in &spares {
+            std::thread::sleep(Duration::from_millis(rng.gen_range(1000..3000)));
+            let victim = if rng.gen_bool(0.5) {
+                leader_of(&c).filter(|l| members.contains(l)).unwrap_or(members[0])
+            } else {
+                members[rng.gen_range(0..members.len())]
+            };
+            members.retain(|&m| m != victim);
+            let via = members[0];
+            wait_for(Duration::from_secs(20), "the removal to be accepted", || {
+                c.client(via).query_one("SELECT raft_remove($1)", &[&(victim as i64)]).ok()
+            });
+            c.stop_node(victim, raft_kv_tests::Stop::Fast);
+            let addr = c.node(spare).raft_addr();
+            wait_for(Duration::from_secs(20), "the join to be accepted", || {
+                c.client(via).query_one("SELECT raft_join($1, $2)", &[&(spare as i64), &addr]).ok()
+            });
+            wait_for(Duration::from_secs(30), "the new node to become a voter", || {
+                let voter: Option<bool> = c
+                    .client(via)
+                    .query_one("SELECT voter FROM raft_members() WHERE id = $1", &[&(spare as i64)])
+                    .ok()?
+                    .get(0);
+                voter.filter(|v| *v)
+            });
+            members.push(spare);
+            faults += 1;
+        }
+        while Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    check_history(&c, &members, h, "Membership", seed, faults);
 }
 
 #[test]
@@ -291,5 +358,6 @@ fn kill_and_restart() {
 }
 
 #[test]
-#[ignore = "membership changes need raft_join/raft_remove (issue 4), not built yet"]
-fn membership_changes() {}
+fn membership_changes() {
+    run_membership();
+}
