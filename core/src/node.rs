@@ -572,10 +572,6 @@ impl<B: Backend> Node<B> {
     pub fn storage(&self) -> &RaftStorage<B> {
         self.raw.store()
     }
-
-    pub fn storage_mut(&mut self) -> &mut RaftStorage<B> {
-        self.raw.mut_store()
-    }
 }
 
 /// The text name of a role, as `raft_status()` shows it.

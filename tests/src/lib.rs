@@ -147,7 +147,6 @@ pub struct Builder {
     n: usize,
     extra_conf: String,
     conf: Option<ConfFn>,
-    create_extension: bool,
     proxied: bool,
 }
 
@@ -161,10 +160,6 @@ impl Builder {
     /// Replaces the raft_kv lines of each node's configuration.
     pub fn raft_conf(mut self, f: impl Fn(&NodeSpec, &str) -> String + 'static) -> Self {
         self.conf = Some(Box::new(f));
-        self
-    }
-    pub fn no_extension(mut self) -> Self {
-        self.create_extension = false;
         self
     }
     /// Routes every link between nodes through a proxy the test can cut (`Cluster::net`).
@@ -232,16 +227,19 @@ impl Builder {
         for i in 1..=c.nodes.len() {
             c.start_node(i);
         }
-        if self.create_extension {
-            for i in 1..=c.nodes.len() {
-                c.client(i).batch_execute("CREATE EXTENSION raft_kv").unwrap();
-            }
+        for i in 1..=c.nodes.len() {
+            c.client(i).batch_execute("CREATE EXTENSION raft_kv").unwrap();
         }
         c
     }
 }
 
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// raft_kv lines for a new node that does not bootstrap: it waits to be added with raft_join.
+pub fn joiner_conf(spec: &NodeSpec) -> String {
+    default_raft_conf(spec, "")
+}
 
 pub fn default_raft_conf(spec: &NodeSpec, peers: &str) -> String {
     format!(
@@ -258,7 +256,7 @@ pub enum Stop {
 
 impl Cluster {
     pub fn builder(n: usize) -> Builder {
-        Builder { n, extra_conf: String::new(), conf: None, create_extension: true, proxied: false }
+        Builder { n, extra_conf: String::new(), conf: None, proxied: false }
     }
 
     pub fn start(n: usize) -> Cluster {
@@ -268,10 +266,6 @@ impl Cluster {
     /// Node `i` (1-based).
     pub fn node(&self, i: usize) -> &Node {
         &self.nodes[i - 1]
-    }
-
-    pub fn extra_conf(&self) -> &str {
-        &self.extra_conf
     }
 
     /// Creates and starts one more server, with `raft_lines` as its raft_kv settings (given
@@ -321,19 +315,6 @@ impl Cluster {
         assert!(out.status.success(), "stopping node {i}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
-    /// Whether node `i`'s server is up (pg_ctl status).
-    pub fn is_running(&self, i: usize) -> bool {
-        let mut c = pg_command(&format!("{PG_BIN}/pg_ctl"));
-        c.arg("-D").arg(self.node(i).data()).arg("status");
-        run(c, "pg_ctl status").status.success()
-    }
-
-    /// Sends a signal to node `i`'s postmaster.
-    pub fn signal(&self, i: usize, sig: i32) {
-        let pid = self.node(i).postmaster_pid().expect("node is running");
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
-    }
-
     /// Every process of node `i`'s server: the postmaster and its children.
     pub fn pids(&self, i: usize) -> Vec<i32> {
         let Some(pm) = self.node(i).postmaster_pid() else { return Vec::new() };
@@ -374,13 +355,6 @@ impl Cluster {
         let _ = fs::remove_file(n.data().join("postmaster.pid"));
         let _ = fs::remove_file(n.dir.join(format!(".s.PGSQL.{}.lock", n.spec.pg_port)));
         let _ = fs::remove_file(n.dir.join(format!(".s.PGSQL.{}", n.spec.pg_port)));
-    }
-
-    /// Appends a line to node `i`'s postgresql.conf (takes effect at the next start).
-    pub fn append_conf(&self, i: usize, line: &str) {
-        let p = self.node(i).data().join("postgresql.conf");
-        let mut f = fs::OpenOptions::new().append(true).open(p).unwrap();
-        writeln!(f, "{line}").unwrap();
     }
 
     pub fn client(&self, i: usize) -> Client {
@@ -455,14 +429,6 @@ impl Drop for Cluster {
         if std::env::var_os("RAFT_KV_KEEP_TEST_DIRS").is_none() {
             let _ = fs::remove_dir_all(&self.root);
         }
-    }
-}
-
-/// Removes the per-process template data directory; call from a test binary's last test or
-/// rely on `scripts/test.sh`, which removes `raft_kv-test-template-*` after the run.
-pub fn remove_template() {
-    if let Some(t) = template().parent() {
-        let _ = fs::remove_dir_all(t);
     }
 }
 

@@ -5,14 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use raft_kv_tests::{wait_for, Client, Cluster, NodeSpec, Stop, StopOnDrop};
-
-fn joiner(spec: &NodeSpec) -> String {
-    format!(
-        "shared_preload_libraries = 'raft_kv'\nraft_kv.node_id = {}\nraft_kv.listen_addr = '127.0.0.1:{}'\nraft_kv.peers = ''\n",
-        spec.id, spec.raft_port
-    )
-}
+use raft_kv_tests::{joiner_conf, wait_for, Client, Cluster, Stop, StopOnDrop};
 
 /// (id, voter) of every member, as node `i` sees them.
 fn members(c: &Cluster, i: usize) -> Vec<(i64, bool)> {
@@ -48,8 +41,8 @@ fn writer(c: &Cluster, nodes: Vec<usize>, stop: &AtomicBool, acked: &Mutex<HashM
 fn grow_to_five_and_shrink_to_three_under_writes() {
     let mut c = Cluster::start(3);
     c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
-    let n4 = c.add_node(joiner);
-    let n5 = c.add_node(joiner);
+    let n4 = c.add_node(joiner_conf);
+    let n5 = c.add_node(joiner_conf);
     wait_for(Duration::from_secs(10), "the new node to wait as 'joining'", || {
         let r: Option<String> = c.client(n4).query_one("SELECT role FROM raft_status()", &[]).ok()?.get(0);
         (r.as_deref() == Some("joining")).then_some(())
@@ -87,7 +80,12 @@ fn grow_to_five_and_shrink_to_three_under_writes() {
             let r: String = c.client(leader).query_one("SELECT role FROM raft_status()", &[]).ok()?.get(0);
             (r == "removed").then_some(())
         });
-        std::thread::sleep(Duration::from_millis(500)); // let the writer keep going after the changes
+        // The writer keeps succeeding after the changes (through the node still a member; one
+        // of its two nodes may have been removed, where writes time out).
+        let before = acked.lock().unwrap().len();
+        wait_for(Duration::from_secs(20), "writes after the membership changes", || {
+            (acked.lock().unwrap().len() > before).then_some(())
+        });
         stop.store(true, Ordering::Relaxed);
     });
     let remaining: Vec<usize> = [1, 2, 3, n4, n5]
@@ -173,7 +171,7 @@ fn leadership_moves_on_request() {
 fn a_node_added_after_bootstrap_restarts_from_persisted_addresses() {
     let mut c = Cluster::start(3);
     c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
-    let n4 = c.add_node(joiner);
+    let n4 = c.add_node(joiner_conf);
     let addr = c.node(n4).raft_addr();
     c.client(1).query_one("SELECT raft_join(4, $1)", &[&addr]).unwrap();
     wait_for(Duration::from_secs(30), "node 4 to become a voter", || members(&c, 1).contains(&(4, true)).then_some(()));
@@ -196,7 +194,7 @@ fn a_node_added_after_bootstrap_restarts_from_persisted_addresses() {
 fn bad_membership_requests_change_nothing() {
     let mut c = Cluster::start(3);
     c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
-    let n4 = c.add_node(joiner);
+    let n4 = c.add_node(joiner_conf);
     let a4 = c.node(n4).raft_addr();
     c.client(1).query_one("SELECT raft_join(4, $1, as_learner => true)", &[&a4]).unwrap();
     wait_for(Duration::from_secs(10), "node 4 as a learner", || members(&c, 2).contains(&(4, false)).then_some(()));
@@ -219,8 +217,16 @@ fn bad_membership_requests_change_nothing() {
         assert!(m.contains(msg), "{q}: got {m:?}, want {msg:?}");
         assert_eq!(members(&c, 1), before, "{q} changed the membership");
     }
-    // Stays a learner: as_learner keeps it from promotion.
-    std::thread::sleep(Duration::from_secs(2)); // longer than promotion would take
+    // Stays a learner once caught up (when a joiner would be promoted): as_learner keeps it so.
+    c.client(1).query_one("SELECT raft_set('caught-up', 'x')", &[]).unwrap();
+    wait_for(Duration::from_secs(10), "node 4 to catch up", || {
+        let v: Option<String> = c.client(n4).query_one("SELECT raft_get('caught-up', 'local')", &[]).ok()?.get(0);
+        v.map(|_| ())
+    });
+    let leader = leader_among(&c, &[1, 2, 3]);
+    let matched: Option<i64> =
+        c.client(leader).query_one("SELECT match_index FROM raft_members() WHERE id = 4", &[]).unwrap().get(0);
+    assert!(matched.is_some_and(|m| m > 0), "the leader sees node 4 caught up");
     assert!(members(&c, 1).contains(&(4, false)));
     // Removing the last voter is refused, on a single-node cluster.
     let single = Cluster::start(1);

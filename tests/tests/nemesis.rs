@@ -278,13 +278,7 @@ fn run_membership() {
     println!("nemesis Membership: seed {seed} (rerun with RAFT_KV_NEMESIS_SEED={seed}), {dur:?}");
     let mut c = Cluster::start(3);
     c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
-    let joiner = |s: &raft_kv_tests::NodeSpec| {
-        format!(
-            "shared_preload_libraries = 'raft_kv'\nraft_kv.node_id = {}\nraft_kv.listen_addr = '127.0.0.1:{}'\nraft_kv.peers = ''\n",
-            s.id, s.raft_port
-        )
-    };
-    let spares = [c.add_node(joiner), c.add_node(joiner)];
+    let spares = [c.add_node(raft_kv_tests::joiner_conf), c.add_node(raft_kv_tests::joiner_conf)];
     let h = History { start: Instant::now(), ops: Mutex::new(Vec::new()), local_reads: AtomicUsize::new(0) };
     let stop = AtomicBool::new(false);
     let mut rng = StdRng::seed_from_u64(seed);
