@@ -67,7 +67,26 @@ CREATE TABLE raft_kv.members (
     promote boolean NOT NULL DEFAULT false
 );
 
-REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv, raft_kv.requests, raft_kv.members FROM PUBLIC;
+-- The snapshot store: on the leader, a frozen copy of kv and requests at one applied index,
+-- streamed to followers that need a snapshot; on a follower, the rows being received, which
+-- are installed into kv and requests in one transaction. Unlogged: after a crash a transfer
+-- simply starts over.
+CREATE UNLOGGED TABLE raft_kv.snapshot_kv (
+    key      text   PRIMARY KEY,
+    value    text   NOT NULL,
+    revision bigint NOT NULL
+);
+CREATE UNLOGGED TABLE raft_kv.snapshot_requests (
+    nonce    bigint  NOT NULL,
+    seq      bigint  NOT NULL,
+    node     bigint  NOT NULL,
+    revision bigint  NOT NULL,
+    flag     boolean NOT NULL,
+    PRIMARY KEY (nonce, seq)
+);
+
+REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv, raft_kv.requests, raft_kv.members,
+    raft_kv.snapshot_kv, raft_kv.snapshot_requests FROM PUBLIC;
 GRANT USAGE ON SCHEMA raft_kv TO PUBLIC;
 
 CREATE FUNCTION raft_kv.reject_direct_write() RETURNS trigger
@@ -91,6 +110,10 @@ CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE
 CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.requests
     FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
 CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.members
+    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
+CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.snapshot_kv
+    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
+CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.snapshot_requests
     FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
 
 -- Membership changes are for administrators.
@@ -132,7 +155,9 @@ mod tests {
              INSERT INTO contract.state (id) VALUES (1);
              CREATE TABLE contract.kv (LIKE raft_kv.kv INCLUDING ALL);
              CREATE TABLE contract.requests (LIKE raft_kv.requests INCLUDING ALL);
-             CREATE TABLE contract.members (LIKE raft_kv.members INCLUDING ALL);",
+             CREATE TABLE contract.members (LIKE raft_kv.members INCLUDING ALL);
+             CREATE TABLE contract.snapshot_kv (LIKE raft_kv.snapshot_kv INCLUDING ALL);
+             CREATE TABLE contract.snapshot_requests (LIKE raft_kv.snapshot_requests INCLUDING ALL);",
         )
         .unwrap();
     }
@@ -141,6 +166,12 @@ mod tests {
     fn table_backend_meets_the_storage_contract() {
         scratch_schema();
         raft_kv_core::storage::contract::check(crate::storage::PgBackend::new("contract"), 64 << 20);
+    }
+
+    #[pg_test]
+    fn table_backend_snapshot_store() {
+        scratch_schema();
+        raft_kv_core::storage::contract::check_snapshot_store(crate::storage::PgBackend::new("contract"));
     }
 
     #[pg_test]

@@ -12,6 +12,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiError;
 use raft_kv_core::command::ApplyResult;
 use raft_kv_core::eraftpb::{Entry, EntryType};
+use raft_kv_core::snapshot::{Cursor, Frozen, Row};
 use raft_kv_core::state_machine::{dedup_prune_below, Member, SnapshotData};
 use raft_kv_core::storage::{
     decode_conf_state, encode_conf_state, Backend, KvOp, MemberOp, PersistedState, StoreError, StoreResult, WriteBatch,
@@ -170,26 +171,161 @@ impl Backend for PgBackend {
         })
     }
 
-    /// Reads the whole state machine (the applied state: it is what the tables hold between
-    /// transactions). Held in memory while the snapshot is built and sent.
-    fn snapshot_data(&mut self) -> StoreResult<SnapshotData> {
+    /// A server-side copy into the unlogged snapshot tables: no row passes through the worker.
+    /// The tables hold the applied state between transactions, so the copy is at `applied`.
+    fn freeze_snapshot(&mut self) -> StoreResult<Frozen> {
         in_txn(|| {
-            Spi::connect(|c| {
-                let mut d = SnapshotData::default();
-                for r in c.select(&self.q("SELECT key, value, revision FROM raft_kv.kv"), None, &[]).map_err(spi_err)? {
-                    let k: String = r.get(1).map_err(spi_err)?.unwrap_or_default();
-                    let v: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
-                    let rev: i64 = r.get(3).map_err(spi_err)?.unwrap_or(0);
-                    d.kv.insert(k, (v, rev as u64));
+            Spi::connect_mut(|c| {
+                c.update(&self.q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests"), None, &[])
+                    .map_err(spi_err)?;
+                let kv = c
+                    .update(
+                        &self.q("INSERT INTO raft_kv.snapshot_kv SELECT key, value, revision FROM raft_kv.kv"),
+                        None,
+                        &[],
+                    )
+                    .map_err(spi_err)?
+                    .len();
+                let requests = c
+                    .update(
+                        &self.q("INSERT INTO raft_kv.snapshot_requests \
+                                 SELECT nonce, seq, node, revision, flag FROM raft_kv.requests"),
+                        None,
+                        &[],
+                    )
+                    .map_err(spi_err)?
+                    .len();
+                let applied = c
+                    .select(&self.q("SELECT applied_index FROM raft_kv.state WHERE id = 1"), None, &[])
+                    .map_err(spi_err)?
+                    .first()
+                    .get::<i64>(1)
+                    .map_err(spi_err)?
+                    .unwrap_or(0);
+                Ok(Frozen { index: applied as u64, kv_rows: kv as u64, request_rows: requests as u64 })
+            })
+        })
+    }
+
+    /// Key-set pagination over the snapshot tables; a running sum stops a chunk at
+    /// `max_bytes`, so large values never arrive in bulk.
+    fn read_snapshot(&mut self, cursor: &Cursor, max_bytes: usize) -> StoreResult<(Vec<Row>, Cursor)> {
+        in_txn(|| {
+            Spi::connect(|c| match cursor {
+                Cursor::Kv(after) => {
+                    let filter = if after.is_some() { "WHERE key > $2" } else { "WHERE $2::text IS NULL" };
+                    let sql = self.q(&format!(
+                        "SELECT key, value, revision FROM ( \
+                           SELECT key, value, revision, octet_length(key) + octet_length(value) + 16 AS size, \
+                                  sum(octet_length(key) + octet_length(value) + 16) \
+                                    OVER (ORDER BY key ROWS UNBOUNDED PRECEDING) AS upto \
+                           FROM raft_kv.snapshot_kv {filter} ORDER BY key LIMIT 10000) s \
+                         WHERE upto - size < $1 ORDER BY key"
+                    ));
+                    let t =
+                        c.select(&sql, None, &[(max_bytes as i64).into(), after.as_deref().into()]).map_err(spi_err)?;
+                    let mut rows = Vec::with_capacity(t.len());
+                    for r in t {
+                        rows.push(Row::Kv {
+                            key: r.get::<String>(1).map_err(spi_err)?.unwrap_or_default(),
+                            value: r.get::<String>(2).map_err(spi_err)?.unwrap_or_default(),
+                            revision: r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0) as u64,
+                        });
+                    }
+                    let next = match rows.last() {
+                        Some(Row::Kv { key, .. }) => Cursor::Kv(Some(key.clone())),
+                        _ => Cursor::Requests(None),
+                    };
+                    Ok((rows, next))
                 }
-                let sql = self.q("SELECT nonce, seq, node, revision, flag FROM raft_kv.requests");
-                for r in c.select(&sql, None, &[]).map_err(spi_err)? {
-                    let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
-                    let flag = r.get::<bool>(5).map_err(spi_err)?.unwrap_or(false);
-                    d.requests.insert((g(1)?, g(2)?), (g(3)?, g(4)?, flag));
+                Cursor::Requests(after) => {
+                    let (n, s) = after.map_or((i64::MIN, i64::MIN), |(n, s)| (n as i64, s as i64));
+                    // From the start: everything at or above the smallest key.
+                    let op = if after.is_some() { ">" } else { ">=" };
+                    let sql = self.q(&format!(
+                        "SELECT nonce, seq, node, revision, flag FROM raft_kv.snapshot_requests \
+                         WHERE (nonce, seq) {op} ($1, $2) ORDER BY nonce, seq LIMIT $3"
+                    ));
+                    let limit = (max_bytes / 40).max(1) as i64;
+                    let t = c.select(&sql, None, &[n.into(), s.into(), limit.into()]).map_err(spi_err)?;
+                    let mut rows = Vec::with_capacity(t.len());
+                    for r in t {
+                        let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+                        rows.push(Row::Request {
+                            nonce: g(1)?,
+                            seq: g(2)?,
+                            node: g(3)?,
+                            revision: g(4)?,
+                            flag: r.get::<bool>(5).map_err(spi_err)?.unwrap_or(false),
+                        });
+                    }
+                    let next = match rows.last() {
+                        Some(&Row::Request { nonce, seq, .. }) => Cursor::Requests(Some((nonce, seq))),
+                        _ => Cursor::Done,
+                    };
+                    Ok((rows, next))
                 }
-                d.members = self.read_members(c)?;
-                Ok(d)
+                Cursor::Done => Ok((Vec::new(), Cursor::Done)),
+            })
+        })
+    }
+
+    fn clear_snapshot_store(&mut self) -> StoreResult<()> {
+        in_txn(|| {
+            Spi::connect_mut(|c| {
+                c.update(&self.q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests"), None, &[])
+                    .map_err(spi_err)
+                    .map(|_| ())
+            })
+        })
+    }
+
+    /// Received rows go to the unlogged snapshot tables; a chunk sent again overwrites itself.
+    fn stage_snapshot(&mut self, rows: &[Row]) -> StoreResult<()> {
+        let (mut keys, mut values, mut revs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut req: [Vec<i64>; 4] = Default::default();
+        let mut flags = Vec::new();
+        for r in rows {
+            match r {
+                Row::Kv { key, value, revision } => {
+                    keys.push(key.as_str());
+                    values.push(value.as_str());
+                    revs.push(*revision as i64);
+                }
+                Row::Request { nonce, seq, node, revision, flag } => {
+                    for (col, v) in req.iter_mut().zip([nonce, seq, node, revision]) {
+                        col.push(*v as i64);
+                    }
+                    flags.push(*flag);
+                }
+            }
+        }
+        in_txn(|| {
+            Spi::connect_mut(|c| {
+                // Staged rows need not survive a crash: a transfer starts over.
+                c.update("SET LOCAL synchronous_commit = off", None, &[]).map_err(spi_err)?;
+                if !keys.is_empty() {
+                    c.update(
+                        &self.q("INSERT INTO raft_kv.snapshot_kv (key, value, revision) \
+                                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
+                                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision"),
+                        None,
+                        &[keys.into(), values.into(), revs.into()],
+                    )
+                    .map_err(spi_err)?;
+                }
+                if !flags.is_empty() {
+                    let [nonce, seq, node, revision] = req;
+                    c.update(
+                        &self.q("INSERT INTO raft_kv.snapshot_requests (nonce, seq, node, revision, flag) \
+                                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::boolean[]) \
+                                 ON CONFLICT (nonce, seq) DO NOTHING"),
+                        None,
+                        &[nonce.into(), seq.into(), node.into(), revision.into(), flags.into()],
+                    )
+                    .map_err(spi_err)?;
+                }
+                Ok(())
             })
         })
     }
@@ -226,38 +362,39 @@ fn write_batch(
     if let Some(snap) = &b.snapshot {
         let m = snap.get_metadata();
         let data = SnapshotData::decode(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let staged = data.kv_rows > 0 || data.request_rows > 0;
+        if staged {
+            // Check before changing anything: a short or stale staging must not be installed.
+            let t = c
+                .select(
+                    &q("SELECT (SELECT count(*) FROM raft_kv.snapshot_kv), (SELECT count(*) FROM raft_kv.snapshot_requests)"),
+                    None,
+                    &[],
+                )
+                .map_err(spi_err)?;
+            let t = t.first();
+            let kv = t.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64;
+            let requests = t.get::<i64>(2).map_err(spi_err)?.unwrap_or(0) as u64;
+            if (kv, requests) != (data.kv_rows, data.request_rows) {
+                return Err(StoreError::Corrupt(format!(
+                    "snapshot {} needs {} rows and {} request ids, {kv} and {requests} are staged",
+                    m.index, data.kv_rows, data.request_rows
+                )));
+            }
+        }
         for table in ["log", "kv", "requests", "members"] {
             c.update(&q(&format!("DELETE FROM raft_kv.{table}")), None, &[]).map_err(spi_err)?;
         }
-        let kv: Vec<_> = data.kv.into_iter().collect();
-        for chunk in kv.chunks(1000) {
-            let keys: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
-            let values: Vec<&str> = chunk.iter().map(|(_, (v, _))| v.as_str()).collect();
-            let revs: Vec<i64> = chunk.iter().map(|(_, (_, r))| *r as i64).collect();
+        if staged {
+            c.update(&q("INSERT INTO raft_kv.kv SELECT key, value, revision FROM raft_kv.snapshot_kv"), None, &[])
+                .map_err(spi_err)?;
             c.update(
-                &q("INSERT INTO raft_kv.kv (key, value, revision) SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"),
+                &q("INSERT INTO raft_kv.requests SELECT nonce, seq, node, revision, flag FROM raft_kv.snapshot_requests"),
                 None,
-                &[keys.into(), values.into(), revs.into()],
+                &[],
             )
             .map_err(spi_err)?;
-        }
-        let reqs: Vec<_> = data.requests.into_iter().collect();
-        for chunk in reqs.chunks(1000) {
-            let col = |f: &dyn Fn(&((u64, u64), (u64, u64, bool))) -> i64| chunk.iter().map(f).collect::<Vec<i64>>();
-            let flags: Vec<bool> = chunk.iter().map(|(_, (_, _, f))| *f).collect();
-            c.update(
-                &q("INSERT INTO raft_kv.requests (nonce, seq, node, revision, flag) \
-                    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::boolean[])"),
-                None,
-                &[
-                    col(&|r| r.0 .0 as i64).into(),
-                    col(&|r| r.0 .1 as i64).into(),
-                    col(&|r| r.1 .0 as i64).into(),
-                    col(&|r| r.1 .1 as i64).into(),
-                    flags.into(),
-                ],
-            )
-            .map_err(spi_err)?;
+            c.update(&q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests"), None, &[]).map_err(spi_err)?;
         }
         for mem in &data.members {
             upsert_member(c, q, mem)?;

@@ -15,7 +15,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use raft_kv_core::command::{Command, RequestId};
 use raft_kv_core::config::{format_peers, ClusterConfig};
-use raft_kv_core::node::{role_name, MemberChange, Node, NodeOptions, NodeStatus, Output};
+use raft_kv_core::node::{role_name, MemberChange, Node, NodeOptions, NodeStatus, Outbound, Output};
 use raft_kv_core::pending::{Answer, Pending};
 use raft_kv_core::raft::StateRole;
 use raft_kv_core::state_machine::Member;
@@ -234,6 +234,7 @@ fn run(settings: Settings, epoch: u64) {
     let mut next_tick = Instant::now() + settings.tick;
     let mut out = Output::default();
     let mut last_role = (StateRole::Follower, 0u64);
+    let mut sending: Vec<(u64, u64)> = Vec::new();
 
     set_state(true, "running");
     loop {
@@ -274,7 +275,19 @@ fn run(settings: Settings, epoch: u64) {
                         peers.sync(&node, &mut transport);
                     }
                 }
-                Event::Unreachable { peer, .. } => node.report_unreachable(peer),
+                Event::Snap { from, frame } => {
+                    let blank = !node.is_member(me) && node.members().is_empty();
+                    if blank || peers.addrs.contains_key(&from) || node.is_member(from) {
+                        node.receive_snap(from, frame)
+                            .unwrap_or_else(|e| pgrx::error!("raft_kv: storing a snapshot chunk failed: {e}"));
+                    }
+                }
+                Event::Unreachable { peer, snapshot_failed } => {
+                    node.report_unreachable(peer);
+                    if snapshot_failed {
+                        node.send_failed(peer);
+                    }
+                }
                 Event::Connected { peer, addr } => pgrx::log!("raft_kv: connected to node {peer} at {addr}"),
                 Event::Disconnected { peer, addr, error } => {
                     pgrx::log!("raft_kv: lost connection to node {peer} at {addr}: {error}")
@@ -325,15 +338,28 @@ fn run(settings: Settings, epoch: u64) {
         pending.drive(&mut node, now);
 
         let mut unreachable = Vec::new();
-        node.handle_ready(&mut out, &mut |m| {
-            let to = m.to;
+        node.handle_ready(&mut out, &mut |m: Outbound| {
+            let (to, snap) = (m.to(), matches!(m, Outbound::Snap { .. }));
             if !transport.send(m) {
-                unreachable.push(to);
+                unreachable.push((to, snap));
             }
         })
         .unwrap_or_else(|e| pgrx::error!("raft_kv: storage failure: {e}"));
-        for to in unreachable {
+        for (to, snap) in unreachable {
             node.report_unreachable(to);
+            if snap {
+                node.send_failed(to);
+            }
+        }
+        if let Some(index) = out.snapshot_installed.take() {
+            pgrx::log!("raft_kv: node {me} installed the snapshot at index {index}");
+        }
+        let transfers = node.snapshot_transfers();
+        if transfers != sending {
+            for (to, index) in transfers.iter().filter(|t| !sending.contains(t)) {
+                pgrx::log!("raft_kv: sending the snapshot at index {index} to node {to}");
+            }
+            sending = transfers;
         }
         pending.on_output(&mut out, node.storage().applied(), &mut answers);
         pending.check_transfers(node.leader_id(), &mut answers);

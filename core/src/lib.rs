@@ -9,6 +9,7 @@ pub mod node;
 pub mod pending;
 #[doc(hidden)]
 pub mod sim;
+pub mod snapshot;
 pub mod state_machine;
 pub mod storage;
 pub mod transport;

@@ -7,11 +7,14 @@
 use std::collections::HashMap;
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, EntryType, Message, Snapshot};
-use raft::{Config, RawNode, StateRole, Storage as _, INVALID_ID};
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, EntryType, Message, MessageType, Snapshot,
+};
+use raft::{Config, ProgressState, RawNode, SnapshotStatus, StateRole, Storage as _, INVALID_ID};
 use slog::Logger;
 
 use crate::command::{ApplyResult, Proposal, RequestId};
+use crate::snapshot::{Cursor, SnapFrame, DEFAULT_CHUNK_BYTES, WINDOW};
 use crate::state_machine::{self, ConfChangeContext, Member, Planned, SnapshotData};
 use crate::storage::{Backend, MemberOp, RaftStorage, StoreError, WriteBatch};
 
@@ -42,6 +45,10 @@ pub struct NodeOptions {
     pub max_size_per_msg: u64,
     pub max_inflight_msgs: usize,
     pub cache_bytes: usize,
+    /// Rows per snapshot chunk, in bytes.
+    pub snapshot_chunk_bytes: usize,
+    /// A snapshot transfer with no progress for this many ticks has failed.
+    pub snapshot_timeout_ticks: u32,
 }
 
 impl NodeOptions {
@@ -53,6 +60,8 @@ impl NodeOptions {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             cache_bytes: crate::storage::DEFAULT_CACHE_BYTES,
+            snapshot_chunk_bytes: DEFAULT_CHUNK_BYTES,
+            snapshot_timeout_ticks: 100,
         }
     }
 }
@@ -82,6 +91,54 @@ pub struct Completion {
     pub result: ApplyResult,
 }
 
+/// Something to send to a peer: a raft message, or a frame of a snapshot transfer.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Raft(Message),
+    Snap { to: u64, frame: SnapFrame },
+}
+
+impl Outbound {
+    pub fn to(&self) -> u64 {
+        match self {
+            Outbound::Raft(m) => m.to,
+            Outbound::Snap { to, .. } => *to,
+        }
+    }
+}
+
+/// A snapshot this leader is streaming to one follower.
+#[derive(Debug)]
+struct OutStream {
+    stream: u64,
+    index: u64,
+    term: u64,
+    /// raft's `MsgSnapshot`, held back until every chunk is acknowledged.
+    msg: Option<Message>,
+    cursor: Cursor,
+    /// Where each sent, unacknowledged chunk started (front: chunk `acked`), to send again.
+    starts: std::collections::VecDeque<Cursor>,
+    next_seq: u32,
+    acked: u32,
+    sent_last: bool,
+    /// Ticks since the transfer last made progress; it fails past the timeout.
+    idle_ticks: u32,
+}
+
+/// Ticks without an acknowledgement after which unacknowledged chunks are sent again.
+const RESEND_TICKS: u32 = 5;
+
+/// A snapshot being staged from a leader.
+#[derive(Debug)]
+struct InStream {
+    from: u64,
+    stream: u64,
+    index: u64,
+    term: u64,
+    next_seq: u32,
+    complete: bool,
+}
+
 /// What the caller must do after [`Node::handle_ready`] (messages go through its `send`).
 #[derive(Debug, Default)]
 pub struct Output {
@@ -94,6 +151,8 @@ pub struct Output {
     /// Answers to `read_index` calls: (context, read index). A read with that context may be
     /// served once this node has applied the index.
     pub read_states: Vec<(Vec<u8>, u64)>,
+    /// This node installed a snapshot at this index.
+    pub snapshot_installed: Option<u64>,
 }
 
 /// A member as the status sees it.
@@ -139,6 +198,18 @@ pub struct Node<B: Backend> {
     last_soft: (StateRole, u64, u64),
     /// Member addresses as applied (kept in step with the backend's).
     members: std::collections::BTreeMap<u64, Member>,
+    /// Snapshot transfers this leader is sending, by recipient.
+    streams: HashMap<u64, OutStream>,
+    streams_started: u64,
+    /// The snapshot being received into the snapshot store.
+    incoming: Option<InStream>,
+    /// A snapshot was stepped into raft and awaits its install: the staged rows must stay.
+    install_pending: bool,
+    /// Messages produced outside a Ready (snapshot frames, the held-back `MsgSnapshot`),
+    /// sent at the next `handle_ready`.
+    outbox: Vec<Outbound>,
+    chunk_bytes: usize,
+    snapshot_timeout_ticks: u32,
 }
 
 impl<B: Backend> Node<B> {
@@ -186,7 +257,19 @@ impl<B: Backend> Node<B> {
         let members = storage.backend_mut().members()?.into_iter().map(|m| (m.id, m)).collect();
         let raw = RawNode::new(&cfg, storage, logger)?;
         let last_soft = (raw.raft.state, raw.raft.leader_id, raw.raft.term);
-        Ok(Node { raw, appended: HashMap::new(), last_soft, members })
+        Ok(Node {
+            raw,
+            appended: HashMap::new(),
+            last_soft,
+            members,
+            streams: HashMap::new(),
+            streams_started: 0,
+            incoming: None,
+            install_pending: false,
+            outbox: Vec::new(),
+            chunk_bytes: opts.snapshot_chunk_bytes.max(1),
+            snapshot_timeout_ticks: opts.snapshot_timeout_ticks.max(1),
+        })
     }
 
     /// Member addresses as applied on this node.
@@ -267,6 +350,10 @@ impl<B: Backend> Node<B> {
     /// If more than `threshold` entries follow the snapshot point, moves it to `margin`
     /// entries before the applied index and drops the log before it.
     pub fn maybe_compact(&mut self, threshold: u64, margin: u64) -> Result<bool, NodeError> {
+        if !self.streams.is_empty() {
+            // Compacting past a snapshot being sent would make it useless on arrival.
+            return Ok(false);
+        }
         let store = self.raw.store();
         let (snap_index, _) = store.snapshot_meta();
         let applied = store.applied();
@@ -288,12 +375,211 @@ impl<B: Backend> Node<B> {
 
     pub fn tick(&mut self) {
         self.raw.tick();
+        let mut failed = Vec::new();
+        let mut resend = Vec::new();
+        for (&to, s) in self.streams.iter_mut() {
+            s.idle_ticks += 1;
+            if s.idle_ticks > self.snapshot_timeout_ticks {
+                failed.push(to);
+            } else if s.idle_ticks % RESEND_TICKS == 0 && s.acked < s.next_seq {
+                // A chunk or its acknowledgement was lost: go back to the first unacknowledged.
+                s.cursor = s.starts.front().cloned().unwrap_or_else(|| s.cursor.clone());
+                s.starts.clear();
+                s.next_seq = s.acked;
+                s.sent_last = false;
+                resend.push(to);
+            }
+        }
+        for to in failed {
+            self.end_stream(to, true);
+        }
+        for to in resend {
+            if let Err(e) = self.pump(to) {
+                // Reading the store failed; the transfer cannot go on.
+                let _ = e;
+                self.end_stream(to, true);
+            }
+        }
     }
 
     /// Feeds a message from a peer. Messages raft cannot use (stale, from unknown peers) are
-    /// ignored, as raft intends.
+    /// ignored, as raft intends. A snapshot message is taken only when its rows have been
+    /// staged; otherwise the sender is told the transfer failed.
     pub fn step(&mut self, m: Message) {
+        if m.get_msg_type() == MessageType::MsgSnapshot {
+            let md = m.get_snapshot().get_metadata();
+            let staged = self
+                .incoming
+                .as_ref()
+                .is_some_and(|s| s.complete && s.from == m.from && (s.index, s.term) == (md.index, md.term));
+            if !staged {
+                let frame = SnapFrame::Abort {
+                    stream: 0,
+                    index: md.index,
+                    term: md.term,
+                    reason: "the snapshot's rows were not received".into(),
+                };
+                self.outbox.push(Outbound::Snap { to: m.from, frame });
+                return;
+            }
+            self.install_pending = true;
+        }
         let _ = self.raw.step(m);
+    }
+
+    /// Handles a frame of a snapshot transfer from `from`.
+    pub fn receive_snap(&mut self, from: u64, frame: SnapFrame) -> Result<(), NodeError> {
+        match frame {
+            SnapFrame::Chunk { stream, index, term, seq, rows, last } => {
+                let reply = |node: &mut Self, frame| node.outbox.push(Outbound::Snap { to: from, frame });
+                if self.is_leader() {
+                    let reason = "a leader takes no snapshot".to_string();
+                    reply(self, SnapFrame::Abort { stream, index, term, reason });
+                    return Ok(());
+                }
+                let same = |s: &InStream| (s.from, s.stream, s.index, s.term) == (from, stream, index, term);
+                if !self.incoming.as_ref().is_some_and(same) {
+                    if seq != 0 || self.install_pending {
+                        // Part of a transfer this node is not (or no longer) staging: the
+                        // leader's wait for acknowledgements times out and it starts over.
+                        return Ok(());
+                    }
+                    self.raw.store().forget_frozen();
+                    self.raw.store().with_backend(|b| b.clear_snapshot_store())?;
+                    self.incoming = Some(InStream { from, stream, index, term, next_seq: 0, complete: false });
+                }
+                let inc = self.incoming.as_mut().expect("set above");
+                if seq < inc.next_seq {
+                    reply(self, SnapFrame::Ack { stream, index, term, seq });
+                } else if seq == inc.next_seq && !inc.complete {
+                    inc.next_seq += 1;
+                    inc.complete = last;
+                    self.raw.store().with_backend(|b| b.stage_snapshot(&rows))?;
+                    reply(self, SnapFrame::Ack { stream, index, term, seq });
+                }
+                Ok(())
+            }
+            SnapFrame::Ack { stream, seq, .. } => {
+                let Some(s) = self.streams.get_mut(&from).filter(|s| s.stream == stream) else {
+                    return Ok(());
+                };
+                if seq < s.acked || seq >= s.next_seq {
+                    return Ok(());
+                }
+                while s.acked <= seq {
+                    s.acked += 1;
+                    s.starts.pop_front();
+                }
+                s.idle_ticks = 0;
+                self.pump(from)
+            }
+            SnapFrame::Abort { index, term, .. } => {
+                if self.streams.get(&from).is_some_and(|s| (s.index, s.term) == (index, term)) {
+                    self.end_stream(from, true);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The transport could not take a frame or message for `to`: a transfer to it failed.
+    pub fn send_failed(&mut self, to: u64) {
+        if self.streams.contains_key(&to) {
+            self.end_stream(to, true);
+        }
+    }
+
+    /// Snapshot transfers in progress from this node, as (recipient, snapshot index).
+    pub fn snapshot_transfers(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<_> = self.streams.iter().map(|(to, s)| (*to, s.index)).collect();
+        v.sort();
+        v
+    }
+
+    fn start_stream(&mut self, m: Message) -> Result<(), NodeError> {
+        let to = m.to;
+        let md = m.get_snapshot().get_metadata();
+        self.streams_started += 1;
+        let stream = (self.raw.raft.term << 32) | (self.streams_started & 0xffff_ffff);
+        let s = OutStream {
+            stream,
+            index: md.index,
+            term: md.term,
+            msg: Some(m),
+            cursor: Cursor::start(),
+            starts: Default::default(),
+            next_seq: 0,
+            acked: 0,
+            sent_last: false,
+            idle_ticks: 0,
+        };
+        self.streams.insert(to, s);
+        self.raw.store().set_streaming(true);
+        self.pump(to)
+    }
+
+    /// Sends chunks to `to` while the window allows; after the last is acknowledged, the
+    /// snapshot message itself. The stream then waits until raft sees the follower caught up.
+    fn pump(&mut self, to: u64) -> Result<(), NodeError> {
+        loop {
+            let Some(s) = self.streams.get_mut(&to) else { return Ok(()) };
+            if s.sent_last {
+                if s.acked == s.next_seq {
+                    if let Some(m) = s.msg.take() {
+                        s.idle_ticks = 0;
+                        self.outbox.push(Outbound::Raft(m));
+                    }
+                }
+                return Ok(());
+            }
+            if s.next_seq - s.acked >= WINDOW {
+                return Ok(());
+            }
+            s.starts.push_back(s.cursor.clone());
+            let mut rows = Vec::new();
+            while rows.is_empty() && s.cursor != Cursor::Done {
+                let (r, next) = self.raw.store().with_backend(|b| b.read_snapshot(&s.cursor, self.chunk_bytes))?;
+                rows = r;
+                s.cursor = next;
+            }
+            let last = s.cursor == Cursor::Done;
+            let frame =
+                SnapFrame::Chunk { stream: s.stream, index: s.index, term: s.term, seq: s.next_seq, rows, last };
+            s.next_seq += 1;
+            s.sent_last = last;
+            self.outbox.push(Outbound::Snap { to, frame });
+        }
+    }
+
+    fn end_stream(&mut self, to: u64, failed: bool) {
+        self.streams.remove(&to);
+        self.raw.store().set_streaming(!self.streams.is_empty());
+        if failed {
+            self.raw.report_snapshot(to, SnapshotStatus::Failure);
+        }
+    }
+
+    /// Ends the transfers whose snapshot the follower has taken (raft has left the snapshot
+    /// state for it) and all of them once this node no longer leads.
+    fn finish_streams(&mut self) {
+        if !self.is_leader() {
+            self.streams.clear();
+            self.raw.store().set_streaming(false);
+            return;
+        }
+        let prs = self.raw.raft.prs();
+        let done: Vec<u64> = self
+            .streams
+            .iter()
+            .filter(|(to, s)| {
+                s.msg.is_none()
+                    && prs.get(**to).is_none_or(|p| p.state != ProgressState::Snapshot || p.pending_snapshot != s.index)
+            })
+            .map(|(to, _)| *to)
+            .collect();
+        for to in done {
+            self.end_stream(to, false);
+        }
     }
 
     pub fn leader_id(&self) -> u64 {
@@ -355,15 +641,27 @@ impl<B: Backend> Node<B> {
     /// Runs every pending Ready: persist (one backend write per stage), apply, advance.
     /// `send` is called for each message as soon as it may leave, so the leader's appends go
     /// out before its own log write, in parallel with it.
-    pub fn handle_ready(&mut self, out: &mut Output, send: &mut dyn FnMut(Message)) -> Result<(), NodeError> {
+    pub fn handle_ready(&mut self, out: &mut Output, send: &mut dyn FnMut(Outbound)) -> Result<(), NodeError> {
+        // Frames and messages from steps first: a held-back snapshot message must precede
+        // the appends raft sends after it.
+        self.outbox.drain(..).for_each(&mut *send);
         while self.raw.has_ready() {
             let mut rd = self.raw.ready();
             // Leader messages may go out before the write; raft tolerates their loss.
-            rd.take_messages().into_iter().for_each(&mut *send);
+            for m in rd.take_messages() {
+                self.route(m, send)?;
+            }
 
             let mut batch = WriteBatch::default();
             if !rd.snapshot().is_empty() {
+                let md = rd.snapshot().get_metadata();
+                let staged =
+                    self.incoming.take().is_some_and(|s| s.complete && (s.index, s.term) == (md.index, md.term));
+                if !staged {
+                    return Err(StoreError::Corrupt(format!("snapshot {} arrived without its rows", md.index)).into());
+                }
                 batch.snapshot = Some(rd.snapshot().clone());
+                out.snapshot_installed = Some(md.index);
                 self.appended.clear();
                 let data = SnapshotData::decode(rd.snapshot().get_data())
                     .map_err(|e| StoreError::Corrupt(format!("snapshot data: {e}")))?;
@@ -378,7 +676,7 @@ impl<B: Backend> Node<B> {
             self.write_and_apply(batch, &committed, out)?;
 
             // Only now, with the entries and vote durable, may votes and acks leave.
-            rd.take_persisted_messages().into_iter().for_each(&mut *send);
+            rd.take_persisted_messages().into_iter().for_each(|m| send(Outbound::Raft(m)));
             for rs in rd.take_read_states() {
                 out.read_states.push((rs.request_ctx, rs.index));
             }
@@ -390,12 +688,17 @@ impl<B: Backend> Node<B> {
                 hs.commit = commit;
                 batch.hard_state = Some(hs);
             }
-            light.take_messages().into_iter().for_each(&mut *send);
+            for m in light.take_messages() {
+                self.route(m, send)?;
+            }
             let committed = light.take_committed_entries();
             self.write_and_apply(batch, &committed, out)?;
             self.raw.advance_apply();
         }
+        self.install_pending = false;
         self.step_down_if_removed();
+        self.finish_streams();
+        self.outbox.drain(..).for_each(&mut *send);
         let soft = (self.raw.raft.state, self.raw.raft.leader_id, self.raw.raft.term);
         if soft != self.last_soft {
             self.last_soft = soft;
@@ -405,6 +708,17 @@ impl<B: Backend> Node<B> {
                 // tell that they will not: leave them to the caller's timeout.
                 self.appended.clear();
             }
+        }
+        Ok(())
+    }
+
+    /// Sends `m`, except a snapshot message, which starts a chunked transfer instead.
+    fn route(&mut self, m: Message, send: &mut dyn FnMut(Outbound)) -> Result<(), NodeError> {
+        if m.get_msg_type() == MessageType::MsgSnapshot {
+            self.start_stream(m)?;
+            self.outbox.drain(..).for_each(&mut *send);
+        } else {
+            send(Outbound::Raft(m));
         }
         Ok(())
     }

@@ -9,13 +9,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use raft::eraftpb::Message;
 use raft::StateRole;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::command::{Command, Proposal, RequestId};
-use crate::node::{Node, NodeOptions, Output};
+use crate::node::{Node, NodeOptions, Outbound, Output};
 use crate::storage::{Backend, InjectedBug, MemBackend};
 
 #[derive(Debug, Clone)]
@@ -31,6 +30,9 @@ pub struct SimConfig {
     pub propose_rate: f64,
     /// A durability bug to inject into every backend.
     pub bug: InjectedBug,
+    /// Compact each node's log past this many entries, so nodes back from a crash or a
+    /// partition catch up by (streamed) snapshot.
+    pub compact_threshold: Option<u64>,
 }
 
 impl Default for SimConfig {
@@ -45,6 +47,7 @@ impl Default for SimConfig {
             partition_rate: 0.004,
             propose_rate: 0.3,
             bug: InjectedBug::None,
+            compact_threshold: Some(40),
         }
     }
 }
@@ -57,6 +60,8 @@ pub struct SimReport {
     pub crashes: usize,
     pub partitions: usize,
     pub final_applied: u64,
+    /// Snapshot messages delivered (each after its streamed rows).
+    pub snapshots: usize,
 }
 
 pub struct Sim {
@@ -65,8 +70,8 @@ pub struct Sim {
     step: u64,
     backends: BTreeMap<u64, MemBackend>,
     nodes: BTreeMap<u64, Option<Node<MemBackend>>>,
-    /// (deliver at step, message)
-    in_flight: Vec<(u64, Message)>,
+    /// (deliver at step, sender, message or snapshot frame)
+    in_flight: Vec<(u64, u64, Outbound)>,
     /// Nodes on each side of a partition; empty when healed.
     partition: Option<BTreeSet<u64>>,
     leaders: HashMap<u64, u64>,
@@ -97,6 +102,8 @@ fn opts(id: u64) -> NodeOptions {
     let mut o = NodeOptions::new(id);
     o.election_ticks = 10;
     o.heartbeat_ticks = 2;
+    // Tiny chunks, so every snapshot transfer takes several, under the network's faults.
+    o.snapshot_chunk_bytes = 512;
     o
 }
 
@@ -189,7 +196,18 @@ impl Sim {
         }
         let kvs: Vec<_> = self.backends.values().map(|b| b.kv()).collect();
         if kvs.windows(2).any(|w| w[0] != w[1]) {
-            return Err("state machines differ after healing".into());
+            let st: Vec<_> = self
+                .nodes
+                .values()
+                .map(|n| {
+                    let s = n.as_ref().unwrap().status();
+                    format!(
+                        "{}:{:?} applied {} last {} snap {}",
+                        s.id, s.role, s.applied, s.last_index, s.snapshot_index
+                    )
+                })
+                .collect();
+            return Err(format!("state machines differ after healing: {st:?}"));
         }
         // Every acknowledged put is there, or overwritten by a later revision.
         for (rid, (key, rev)) in &self.acked {
@@ -266,7 +284,7 @@ impl Sim {
             let id = ids[self.rng.gen_range(0..ids.len())];
             if self.nodes[&id].is_some() {
                 self.nodes.insert(id, None);
-                self.in_flight.retain(|(_, m)| m.to != id);
+                self.in_flight.retain(|(_, _, m)| m.to() != id);
                 self.report.crashes += 1;
             } else {
                 self.restart(id);
@@ -303,10 +321,10 @@ impl Sim {
         self.step += 1;
         // Deliver due messages in a random order.
         let now = self.step;
-        let mut due: Vec<Message> = Vec::new();
-        self.in_flight.retain(|(at, m)| {
+        let mut due: Vec<(u64, Outbound)> = Vec::new();
+        self.in_flight.retain(|(at, from, m)| {
             if *at <= now {
-                due.push(m.clone());
+                due.push((*from, m.clone()));
                 false
             } else {
                 true
@@ -316,12 +334,22 @@ impl Sim {
             let j = self.rng.gen_range(0..=i);
             due.swap(i, j);
         }
-        for m in due {
-            if !self.connected(m.from, m.to) {
+        for (from, m) in due {
+            if !self.connected(from, m.to()) {
                 continue;
             }
-            if let Some(Some(n)) = self.nodes.get_mut(&m.to) {
-                n.step(m);
+            if let Some(Some(n)) = self.nodes.get_mut(&m.to()) {
+                match m {
+                    Outbound::Raft(m) => {
+                        if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                            self.report.snapshots += 1;
+                        }
+                        n.step(m)
+                    }
+                    Outbound::Snap { frame, .. } => {
+                        n.receive_snap(from, frame).map_err(|e| format!("step {}: {e}", self.step))?
+                    }
+                }
             }
         }
         let ids: Vec<u64> = self.nodes.keys().copied().collect();
@@ -357,6 +385,10 @@ impl Sim {
                     self.acked.insert(c.id, (key, c.result.revision));
                 }
             }
+            if let Some(t) = self.cfg.compact_threshold {
+                let n = self.nodes.get_mut(&id).unwrap().as_mut().unwrap();
+                n.maybe_compact(t, t / 10).map_err(|e| format!("node {id}: {e}"))?;
+            }
             for m in msgs {
                 if self.rng.gen_bool(self.cfg.drop_rate) {
                     continue;
@@ -364,7 +396,7 @@ impl Sim {
                 let copies = if self.rng.gen_bool(self.cfg.dup_rate) { 2 } else { 1 };
                 for _ in 0..copies {
                     let at = self.step + self.rng.gen_range(1..=self.cfg.max_delay);
-                    self.in_flight.push((at, m.clone()));
+                    self.in_flight.push((at, id, m.clone()));
                 }
             }
         }
@@ -461,6 +493,7 @@ mod tests {
             crash_rate: 0.0,
             partition_rate: 0.0,
             propose_rate: 0.0,
+            compact_threshold: None,
             ..Default::default()
         };
         let mut sim = Sim::new(11, quiet);
@@ -518,12 +551,15 @@ mod tests {
                 let acked: usize = reports.iter().map(|r| r.acknowledged).sum();
                 let crashes: usize = reports.iter().map(|r| r.crashes).sum();
                 let parts: usize = reports.iter().map(|r| r.partitions).sum();
+                let snaps: usize = reports.iter().map(|r| r.snapshots).sum();
                 println!(
-                    "{} seeds x {} steps: {acked} writes acknowledged, {crashes} crashes, {parts} partitions",
+                    "{} seeds x {} steps: {acked} writes acknowledged, {crashes} crashes, {parts} partitions, \
+                     {snaps} streamed snapshots",
                     reports.len(),
                     cfg.steps
                 );
                 assert!(acked > 0 && crashes > 0 && parts > 0, "the faults and workload must actually happen");
+                assert!(snaps > 0, "compaction must force snapshot transfers");
             }
             Err((seed, e)) => panic!("seed {seed} failed (replay: RAFT_KV_SIM_SEED={seed} RAFT_KV_SIM_SEEDS=1): {e}"),
         }

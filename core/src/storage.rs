@@ -8,7 +8,7 @@
 //! [`RaftStorage`] puts an in-memory cache in front of the backend: the term of every live
 //! index and a tail of full entries, so that raft's hot reads never reach the backend.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +17,7 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
 use crate::command::ApplyResult;
+use crate::snapshot::{Cursor, Frozen, Row};
 use crate::state_machine::{Member, SnapshotData};
 
 /// Failure of the durable store. The node cannot continue past one: the worker restarts and
@@ -86,7 +87,8 @@ pub const DEDUP_PRUNE_EVERY: u64 = 1024;
 /// state-machine operations, applied index and conf state.
 #[derive(Debug, Default)]
 pub struct WriteBatch {
-    /// Replace all state by this snapshot (its metadata; the data is installed by the backend).
+    /// Replace all state by this snapshot: its metadata and [`SnapshotData`]; the rows come from
+    /// the backend's snapshot store, where they were staged (and are checked against the counts).
     pub snapshot: Option<Snapshot>,
     /// Entries to append; stored entries at or after `entries[0].index` are removed first.
     pub entries: Vec<Entry>,
@@ -126,8 +128,16 @@ pub trait Backend {
     fn read_terms(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<u64>>;
     /// Writes the batch atomically; returns the result of each op, in order.
     fn write(&mut self, batch: &WriteBatch) -> StoreResult<Vec<ApplyResult>>;
-    /// The state machine as of the applied index, for a snapshot.
-    fn snapshot_data(&mut self) -> StoreResult<SnapshotData>;
+    /// Copies the state machine as of the applied index into the snapshot store, replacing
+    /// what it held. Rows should not pass through this process's memory.
+    fn freeze_snapshot(&mut self) -> StoreResult<Frozen>;
+    /// Rows of the snapshot store after `cursor`, about `max_bytes` of them (at least one row
+    /// while any remain), and where to continue.
+    fn read_snapshot(&mut self, cursor: &Cursor, max_bytes: usize) -> StoreResult<(Vec<Row>, Cursor)>;
+    /// Empties the snapshot store, to stage a snapshot being received.
+    fn clear_snapshot_store(&mut self) -> StoreResult<()>;
+    /// Adds received rows to the snapshot store.
+    fn stage_snapshot(&mut self, rows: &[Row]) -> StoreResult<()>;
     /// The recorded member addresses.
     fn members(&mut self) -> StoreResult<Vec<Member>>;
 }
@@ -194,10 +204,22 @@ fn entry_bytes(e: &Entry) -> usize {
     e.data.len() + e.context.len() + 32
 }
 
+/// The snapshot the backend's store holds, frozen on this node for sending.
+#[derive(Debug, Clone)]
+struct FrozenSnap {
+    frozen: Frozen,
+    term: u64,
+    conf_state: ConfState,
+    members: Vec<Member>,
+}
+
 /// `raft::Storage` over a [`Backend`], with the cache described in the module docs.
 pub struct RaftStorage<B: Backend> {
     backend: RefCell<B>,
     cache: RefCell<Cache>,
+    frozen: RefCell<Option<FrozenSnap>>,
+    /// A stream is reading the frozen snapshot: it must not be replaced.
+    streaming: Cell<bool>,
 }
 
 impl<B: Backend> RaftStorage<B> {
@@ -236,7 +258,12 @@ impl<B: Backend> RaftStorage<B> {
             cache.tail = entries.into();
             cache.tail_bytes = cache.tail.iter().map(entry_bytes).sum();
         }
-        Ok(RaftStorage { backend: RefCell::new(backend), cache: RefCell::new(cache) })
+        Ok(RaftStorage {
+            backend: RefCell::new(backend),
+            cache: RefCell::new(cache),
+            frozen: RefCell::new(None),
+            streaming: Cell::new(false),
+        })
     }
 
     /// Makes `batch` durable and then updates the cache to match.
@@ -308,6 +335,26 @@ impl<B: Backend> RaftStorage<B> {
     }
     pub fn backend_mut(&mut self) -> &mut B {
         self.backend.get_mut()
+    }
+
+    /// The backend, for the snapshot streams (reads and staging happen between Readies).
+    pub(crate) fn with_backend<R>(&self, f: impl FnOnce(&mut B) -> R) -> R {
+        f(&mut self.backend.borrow_mut())
+    }
+
+    /// While set, the frozen snapshot is being read and is not replaced.
+    pub(crate) fn set_streaming(&self, on: bool) {
+        self.streaming.set(on);
+    }
+
+    /// The snapshot store is about to be reused for staging: what it held is gone.
+    pub(crate) fn forget_frozen(&self) {
+        self.frozen.borrow_mut().take();
+    }
+
+    /// Index of the frozen snapshot, if one is held.
+    pub fn frozen_index(&self) -> Option<u64> {
+        self.frozen.borrow().as_ref().map(|f| f.frozen.index)
     }
 
     /// Whether an entry after the applied index changes the membership. Looks only at the
@@ -383,23 +430,48 @@ impl<B: Backend> raft::Storage for RaftStorage<B> {
         Ok(self.cache.borrow().last_index())
     }
 
-    /// The state machine at the applied index, with the conf state as of that index.
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let (index, cs) = {
+    /// The frozen snapshot, frozen anew at the applied index when there is none that covers
+    /// the compacted log and includes the recipient (raft-rs rejects a snapshot whose conf
+    /// state lacks it). The data is metadata only; the rows are streamed separately.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let (floor, applied, cs) = {
             let c = self.cache.borrow();
-            (c.applied, c.cs.clone())
+            (request_index.max(c.snapshot_index).max(1), c.applied, c.cs.clone())
         };
-        if index < request_index || index == 0 {
+        let usable = |f: &FrozenSnap| {
+            let cs = &f.conf_state;
+            f.frozen.index >= floor
+                && (cs.voters.contains(&to) || cs.learners.contains(&to) || cs.learners_next.contains(&to))
+        };
+        let mut frozen = self.frozen.borrow_mut();
+        if !frozen.as_ref().is_some_and(usable) {
+            if self.streaming.get() || applied < floor {
+                return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+            }
+            let term = self.term(applied)?;
+            let mut b = self.backend.borrow_mut();
+            let f = b.freeze_snapshot().map_err(store_err)?;
+            if f.index != applied {
+                return Err(store_err(StoreError::Corrupt(format!(
+                    "froze the state machine at index {} but {applied} is applied",
+                    f.index
+                ))));
+            }
+            let members = b.members().map_err(store_err)?;
+            *frozen = Some(FrozenSnap { frozen: f, term, conf_state: cs, members });
+        }
+        let f = frozen.as_ref().expect("frozen above");
+        if !usable(f) {
             return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
-        let term = self.term(index)?;
-        let data = self.backend.borrow_mut().snapshot_data().map_err(store_err)?;
+        let data =
+            SnapshotData { members: f.members.clone(), kv_rows: f.frozen.kv_rows, request_rows: f.frozen.request_rows };
         let mut snap = Snapshot::default();
         snap.set_data(data.encode().into());
         let m = snap.mut_metadata();
-        m.index = index;
-        m.term = term;
-        m.set_conf_state(cs);
+        m.index = f.frozen.index;
+        m.term = f.term;
+        m.set_conf_state(f.conf_state.clone());
         Ok(snap)
     }
 }
@@ -425,6 +497,9 @@ pub struct MemState {
     /// Applied request ids (nonce, seq) → (node, revision, flag).
     pub requests: BTreeMap<(u64, u64), (u64, u64, bool)>,
     pub members: BTreeMap<u64, Member>,
+    /// The snapshot store: a frozen copy to send, or rows being received.
+    pub snap_kv: BTreeMap<String, (String, u64)>,
+    pub snap_requests: BTreeMap<(u64, u64), (u64, u64, bool)>,
 }
 
 /// Bugs the simulation can inject into [`MemBackend`] to show it would catch them.
@@ -485,8 +560,18 @@ impl Backend for MemBackend {
             s.state.last_index = m.index;
             s.state.hard_state.commit = s.state.hard_state.commit.max(m.index);
             let data = SnapshotData::decode(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            s.kv = data.kv;
-            s.requests = data.requests;
+            if (s.snap_kv.len() as u64, s.snap_requests.len() as u64) != (data.kv_rows, data.request_rows) {
+                return Err(StoreError::Corrupt(format!(
+                    "snapshot {} needs {} rows and {} request ids, {} and {} are staged",
+                    m.index,
+                    data.kv_rows,
+                    data.request_rows,
+                    s.snap_kv.len(),
+                    s.snap_requests.len()
+                )));
+            }
+            s.kv = std::mem::take(&mut s.snap_kv);
+            s.requests = std::mem::take(&mut s.snap_requests);
             s.members = data.members.into_iter().map(|m| (m.id, m)).collect();
         }
         if let Some(first) = b.entries.first() {
@@ -562,17 +647,85 @@ impl Backend for MemBackend {
         Ok(out)
     }
 
-    fn snapshot_data(&mut self) -> StoreResult<SnapshotData> {
-        let s = self.inner.lock().unwrap();
-        Ok(SnapshotData {
-            kv: s.kv.clone(),
-            requests: s.requests.clone(),
-            members: s.members.values().cloned().collect(),
+    fn freeze_snapshot(&mut self) -> StoreResult<Frozen> {
+        let mut s = self.inner.lock().unwrap();
+        s.snap_kv = s.kv.clone();
+        s.snap_requests = s.requests.clone();
+        Ok(Frozen {
+            index: s.state.applied,
+            kv_rows: s.snap_kv.len() as u64,
+            request_rows: s.snap_requests.len() as u64,
         })
+    }
+
+    fn read_snapshot(&mut self, cursor: &Cursor, max_bytes: usize) -> StoreResult<(Vec<Row>, Cursor)> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let s = self.inner.lock().unwrap();
+        let mut rows = Vec::new();
+        let mut bytes = 0;
+        let full = |bytes: usize, rows: &Vec<Row>| !rows.is_empty() && bytes >= max_bytes;
+        match cursor {
+            Cursor::Kv(after) => {
+                let lo = after.as_ref().map_or(Unbounded, |k| Excluded(k.clone()));
+                for (k, (v, r)) in s.snap_kv.range((lo, Unbounded)) {
+                    if full(bytes, &rows) {
+                        let last = k_last(&rows);
+                        return Ok((rows, Cursor::Kv(Some(last))));
+                    }
+                    let row = Row::Kv { key: k.clone(), value: v.clone(), revision: *r };
+                    bytes += row.bytes();
+                    rows.push(row);
+                }
+                Ok((rows, Cursor::Requests(None)))
+            }
+            Cursor::Requests(after) => {
+                let lo = after.map_or(Unbounded, Excluded);
+                for (&(nonce, seq), &(node, revision, flag)) in s.snap_requests.range((lo, Unbounded)) {
+                    if full(bytes, &rows) {
+                        let Some(&Row::Request { nonce, seq, .. }) = rows.last() else { unreachable!() };
+                        return Ok((rows, Cursor::Requests(Some((nonce, seq)))));
+                    }
+                    let row = Row::Request { nonce, seq, node, revision, flag };
+                    bytes += row.bytes();
+                    rows.push(row);
+                }
+                Ok((rows, Cursor::Done))
+            }
+            Cursor::Done => Ok((rows, Cursor::Done)),
+        }
+    }
+
+    fn clear_snapshot_store(&mut self) -> StoreResult<()> {
+        let mut s = self.inner.lock().unwrap();
+        s.snap_kv.clear();
+        s.snap_requests.clear();
+        Ok(())
+    }
+
+    fn stage_snapshot(&mut self, rows: &[Row]) -> StoreResult<()> {
+        let mut s = self.inner.lock().unwrap();
+        for r in rows {
+            match r.clone() {
+                Row::Kv { key, value, revision } => {
+                    s.snap_kv.insert(key, (value, revision));
+                }
+                Row::Request { nonce, seq, node, revision, flag } => {
+                    s.snap_requests.insert((nonce, seq), (node, revision, flag));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn members(&mut self) -> StoreResult<Vec<Member>> {
         Ok(self.inner.lock().unwrap().members.values().cloned().collect())
+    }
+}
+
+fn k_last(rows: &[Row]) -> String {
+    match rows.last() {
+        Some(Row::Kv { key, .. }) => key.clone(),
+        _ => String::new(),
     }
 }
 
@@ -650,6 +803,72 @@ pub mod contract {
         assert_eq!(backend.read_terms(4, 8).unwrap(), vec![3, 6, 6, 6]);
     }
 
+    /// Freezes an applied state, reads it back in small chunks, stages it again after the
+    /// state moved on, installs it, and checks the install refuses a wrong row count.
+    pub fn check_snapshot_store<B: Backend>(mut b: B) {
+        let log = sample_log(40);
+        apply_log(&mut b, &log, 40);
+        let frozen = b.freeze_snapshot().unwrap();
+        assert_eq!(frozen.index, 40);
+        // Later writes do not change the frozen copy.
+        let mut more = sample_log(50);
+        for e in more.iter_mut() {
+            e.index += 40;
+        }
+        apply_log(&mut b, &more[..10], 10);
+        let read_all = |b: &mut B, max_bytes| {
+            let mut rows = Vec::new();
+            let mut cursor = Cursor::start();
+            let mut chunks = 0;
+            while cursor != Cursor::Done {
+                let (mut r, next) = b.read_snapshot(&cursor, max_bytes).unwrap();
+                rows.append(&mut r);
+                cursor = next;
+                chunks += 1;
+            }
+            (rows, chunks)
+        };
+        let (rows, chunks) = read_all(&mut b, 50);
+        assert!(chunks > 3, "50-byte chunks must split the snapshot ({chunks} reads)");
+        let kv_rows = rows.iter().filter(|r| matches!(r, Row::Kv { .. })).count() as u64;
+        let request_rows = rows.len() as u64 - kv_rows;
+        assert_eq!((kv_rows, request_rows), (frozen.kv_rows, frozen.request_rows));
+        let mut replay = MemBackend::new();
+        apply_log(&mut replay, &log, 40);
+        let want_kv: Vec<Row> =
+            replay.kv().into_iter().map(|(key, (value, revision))| Row::Kv { key, value, revision }).collect();
+        assert_eq!(rows[..kv_rows as usize].to_vec(), want_kv, "kv rows in key order, as of index 40");
+        assert_eq!(request_rows, replay.inner.lock().unwrap().requests.len() as u64);
+
+        // Stage the rows (in two parts, one repeated) and install them over the newer state.
+        b.clear_snapshot_store().unwrap();
+        let (a, z) = rows.split_at(rows.len() / 2);
+        b.stage_snapshot(a).unwrap();
+        b.stage_snapshot(a).unwrap();
+        b.stage_snapshot(z).unwrap();
+        let snapshot = |kv_rows, request_rows| {
+            let mut snap = Snapshot::default();
+            snap.mut_metadata().index = 40;
+            snap.mut_metadata().term = 2;
+            snap.mut_metadata().mut_conf_state().voters = vec![1];
+            snap.set_data(SnapshotData { members: Vec::new(), kv_rows, request_rows }.encode().into());
+            snap
+        };
+        let wrong =
+            WriteBatch { snapshot: Some(snapshot(kv_rows + 1, request_rows)), sync: true, ..Default::default() };
+        assert!(b.write(&wrong).is_err(), "a row count that does not match the staged rows is refused");
+        let right = WriteBatch { snapshot: Some(snapshot(kv_rows, request_rows)), sync: true, ..Default::default() };
+        b.write(&right).unwrap();
+        let st = b.load().unwrap();
+        assert_eq!((st.snapshot_index, st.applied, st.last_index), (40, 40, 40));
+        // What was installed is exactly what was frozen.
+        assert_eq!(b.freeze_snapshot().unwrap(), Frozen { index: 40, kv_rows, request_rows });
+        assert_eq!(read_all(&mut b, 1 << 20).0, rows);
+        // The installed state behaves like the replayed one: a retried request is a duplicate.
+        let again = apply_log(&mut b, &log[..1], 1);
+        assert!(again[0].duplicate);
+    }
+
     /// A log of puts and deletes over a few keys, with no-op entries mixed in.
     pub fn sample_log(n: u64) -> Vec<Entry> {
         use crate::command::{Command, Proposal, RequestId};
@@ -693,6 +912,11 @@ mod tests {
     #[test]
     fn mem_backend_meets_the_storage_contract() {
         contract::check(MemBackend::new(), DEFAULT_CACHE_BYTES);
+    }
+
+    #[test]
+    fn mem_backend_snapshot_store() {
+        contract::check_snapshot_store(MemBackend::new());
     }
 
     #[test]

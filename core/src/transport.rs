@@ -5,7 +5,8 @@
 //! caller reports the peer unreachable to raft, which retries on its own schedule.
 //! Inbound: every accepted connection is read frame by frame; decoded messages go to one
 //! bounded channel and the `wake` callback tells the owning loop to look.
-//! Frames are tokio-util length-delimited protobuf `eraftpb::Message`s.
+//! Frames are tokio-util length-delimited: a hello first, then each frame a kind byte and a
+//! body — `M` and a protobuf `eraftpb::Message`, or `S` and a bincode snapshot frame.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,6 +18,9 @@ use crossbeam_channel as cb;
 use futures::{SinkExt, StreamExt};
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
+
+use crate::node::Outbound;
+use crate::snapshot::SnapFrame;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
@@ -37,6 +41,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 #[derive(Debug)]
 pub enum Event {
     Message(Message),
+    /// A frame of a snapshot transfer, from the peer that said hello on its connection.
+    Snap {
+        from: u64,
+        frame: SnapFrame,
+    },
     /// Sending to this peer failed; raft should be told (`report_unreachable`).
     Unreachable {
         peer: u64,
@@ -63,7 +72,33 @@ pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
 struct Peer {
     addr: SocketAddr,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Outbound>,
+}
+
+const KIND_RAFT: u8 = b'M';
+const KIND_SNAP: u8 = b'S';
+
+fn encode(o: &Outbound) -> Bytes {
+    let mut v = Vec::new();
+    match o {
+        Outbound::Raft(m) => {
+            v.push(KIND_RAFT);
+            v.extend_from_slice(&m.write_to_bytes().unwrap_or_default());
+        }
+        Outbound::Snap { frame, .. } => {
+            v.push(KIND_SNAP);
+            v.extend_from_slice(&frame.encode());
+        }
+    }
+    v.into()
+}
+
+/// Whether losing this frame fails a snapshot transfer.
+fn is_snapshot(o: &Outbound) -> bool {
+    match o {
+        Outbound::Raft(m) => m.get_msg_type() == MessageType::MsgSnapshot,
+        Outbound::Snap { .. } => true,
+    }
 }
 
 /// First frame on every connection: magic, the sender's id, its listen address.
@@ -144,8 +179,8 @@ impl Transport {
     }
 
     /// Queues `m` for its recipient; false when it was dropped (unknown peer or full queue).
-    pub fn send(&self, m: Message) -> bool {
-        match self.peers.get(&m.to) {
+    pub fn send(&self, m: Outbound) -> bool {
+        match self.peers.get(&m.to()) {
             Some(p) => p.tx.try_send(m).is_ok(),
             None => false,
         }
@@ -183,19 +218,26 @@ async fn accept_loop(listener: TcpListener, events: cb::Sender<Event>, wake: Wak
 async fn read_conn(stream: TcpStream, events: cb::Sender<Event>, wake: Waker) {
     let mut frames = FramedRead::new(stream, codec());
     let mut first = true;
+    let mut sender = None;
     while let Some(Ok(frame)) = frames.next().await {
         if std::mem::take(&mut first) {
             if let Some((peer, addr)) = parse_hello(&frame) {
+                sender = Some(peer);
                 emit(&events, &wake, Event::Hello { peer, addr });
                 continue;
             }
         }
-        let Ok(m) = Message::parse_from_bytes(&frame) else {
+        let event = match (frame.first(), sender) {
+            (Some(&KIND_RAFT), _) => Message::parse_from_bytes(&frame[1..]).ok().map(Event::Message),
+            (Some(&KIND_SNAP), Some(from)) => SnapFrame::decode(&frame[1..]).map(|frame| Event::Snap { from, frame }),
+            _ => None,
+        };
+        let Some(event) = event else {
             // A peer speaking something else: drop the connection.
             return;
         };
-        // A full inbound queue drops the message; raft recovers from loss.
-        if events.try_send(Event::Message(m)).is_ok() {
+        // A full inbound queue drops the message; raft and the snapshot transfer recover.
+        if events.try_send(event).is_ok() {
             wake();
         }
     }
@@ -211,7 +253,7 @@ async fn peer_writer(
     id: u64,
     addr: SocketAddr,
     hello: Bytes,
-    mut rx: mpsc::Receiver<Message>,
+    mut rx: mpsc::Receiver<Outbound>,
     events: cb::Sender<Event>,
     wake: Waker,
 ) {
@@ -224,7 +266,7 @@ async fn peer_writer(
                 let mut snapshot_failed = false;
                 loop {
                     match rx.try_recv() {
-                        Ok(m) => snapshot_failed |= m.get_msg_type() == MessageType::MsgSnapshot,
+                        Ok(m) => snapshot_failed |= is_snapshot(&m),
                         Err(mpsc::error::TryRecvError::Empty) => break,
                         Err(mpsc::error::TryRecvError::Disconnected) => return,
                     }
@@ -249,14 +291,14 @@ async fn peer_writer(
                 break e.to_string();
             }
             let Some(first) = rx.recv().await else { return };
-            let mut snapshot = first.get_msg_type() == MessageType::MsgSnapshot;
-            let mut res = sink.feed(Bytes::from(first.write_to_bytes().unwrap_or_default())).await;
+            let mut snapshot = is_snapshot(&first);
+            let mut res = sink.feed(encode(&first)).await;
             // Batch whatever else is queued into the same flush.
             while res.is_ok() {
                 match rx.try_recv() {
                     Ok(m) => {
-                        snapshot |= m.get_msg_type() == MessageType::MsgSnapshot;
-                        res = sink.feed(Bytes::from(m.write_to_bytes().unwrap_or_default())).await;
+                        snapshot |= is_snapshot(&m);
+                        res = sink.feed(encode(&m)).await;
                     }
                     Err(_) => break,
                 }
@@ -290,13 +332,13 @@ mod tests {
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
     }
 
-    fn msg(from: u64, to: u64, term: u64) -> Message {
+    fn msg(from: u64, to: u64, term: u64) -> Outbound {
         let mut m = Message::default();
         m.from = from;
         m.to = to;
         m.term = term;
         m.set_msg_type(MessageType::MsgHeartbeat);
-        m
+        Outbound::Raft(m)
     }
 
     fn next_message(t: &Transport) -> Message {
@@ -334,6 +376,19 @@ mod tests {
         for term in 1..=100 {
             assert_eq!(next_message(&b).term, term);
         }
+        // Snapshot frames share the connection and its order, and name their sender.
+        let frame = SnapFrame::Ack { stream: 3, index: 9, term: 2, seq: 4 };
+        assert!(a.send(Outbound::Snap { to: 2, frame: frame.clone() }));
+        assert!(a.send(msg(1, 2, 101)));
+        let got = loop {
+            match b.events().recv_timeout(Duration::from_secs(10)).expect("snapshot frame") {
+                Event::Snap { from, frame } => break (from, frame),
+                Event::Message(m) => panic!("message {} overtook the frame", m.term),
+                _ => continue,
+            }
+        };
+        assert_eq!(got, (1, frame));
+        assert_eq!(next_message(&b).term, 101);
         assert!(b.send(msg(2, 1, 7)));
         // The connection opens with a hello: who connected and where it listens.
         let (m, hellos) = next_message_and_hellos(&a);
@@ -371,8 +426,9 @@ mod tests {
         let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut a = Transport::start(rt(), 1, "127.0.0.1:0".parse().unwrap(), wake).unwrap();
         a.set_peer(2, stalled.local_addr().unwrap());
-        let mut big = msg(1, 2, 1);
+        let Outbound::Raft(mut big) = msg(1, 2, 1) else { unreachable!() };
         big.set_context(vec![7u8; 64 << 10].into());
+        let big = Outbound::Raft(big);
         let start = std::time::Instant::now();
         let refused = (0..20_000).filter(|_| !a.send(big.clone())).count();
         assert!(start.elapsed() < Duration::from_secs(5), "send must not block");

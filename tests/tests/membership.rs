@@ -239,3 +239,89 @@ fn bad_membership_requests_change_nothing() {
     let err = cl.query("SELECT raft_remove(4)", &[]).unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
 }
+
+/// Resident memory of a process from /proc: (anonymous, total) in KiB.
+fn rss_kib(pid: i32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field =
+        |name: &str| status.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse::<u64>().ok();
+    Some((field("RssAnon:")?, field("VmRSS:")?))
+}
+
+/// The joiner's worker may use at most this much private (anonymous) memory while it receives
+/// a snapshot. It is a constant: the table below is several times larger, and the bound does
+/// not depend on the table's size (chunks of 256 KiB, four in flight).
+const SNAPSHOT_RSS_BOUND_KIB: u64 = 32 << 10;
+
+#[test]
+fn a_new_node_joins_a_cluster_of_100k_keys_by_streamed_snapshot() {
+    const KEYS: i64 = 100_000;
+    let mut c = Cluster::builder(1).conf("raft_kv.snapshot_threshold = 5000").start();
+    c.wait_leader(&[1], Duration::from_secs(10));
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..4i64 {
+            let c = &c;
+            s.spawn(move || {
+                let n: i64 = c
+                    .client(1)
+                    .query_one(
+                        "SELECT count(raft_set('big/' || g, repeat(md5(g::text), 16))) \
+                         FROM generate_series($1::bigint, $2::bigint) g",
+                        &[&(t * KEYS / 4 + 1), &((t + 1) * KEYS / 4)],
+                    )
+                    .unwrap()
+                    .get(0);
+                assert_eq!(n, KEYS / 4);
+            });
+        }
+    });
+    let table: i64 = c.client(1).query_one("SELECT pg_table_size('raft_kv.kv')", &[]).unwrap().get(0);
+    println!("{KEYS} keys written in {:?}; raft_kv.kv is {} KiB", t0.elapsed(), table / 1024);
+    assert!(table / 1024 > SNAPSHOT_RSS_BOUND_KIB as i64, "the table must be larger than the bound");
+
+    let n2 = c.add_node(joiner_conf);
+    let pid: i32 = wait_for(Duration::from_secs(10), "the joiner's worker", || {
+        c.client(n2).query_one("SELECT worker_pid FROM raft_status()", &[]).ok()?.get(0)
+    });
+    let (idle_anon, _) = rss_kib(pid).unwrap();
+    let done = AtomicBool::new(false);
+    let (peak_anon, peak_total) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peak = (0, 0);
+            while !done.load(Ordering::Relaxed) {
+                if let Some((a, t)) = rss_kib(pid) {
+                    peak = (peak.0.max(a), peak.1.max(t));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        });
+        let _stop = StopOnDrop(&done);
+        let t1 = Instant::now();
+        let addr = c.node(n2).raft_addr();
+        c.client(1).query_one("SELECT raft_join(2, $1)", &[&addr]).unwrap();
+        wait_for(Duration::from_secs(120), "the new node to be promoted to voter", || {
+            members(&c, 1).contains(&(2, true)).then_some(())
+        });
+        println!("joined, caught up and promoted in {:?}", t1.elapsed());
+        done.store(true, Ordering::Relaxed);
+        sampler.join().unwrap()
+    });
+    println!(
+        "joiner worker memory: idle {idle_anon} KiB anonymous; peak during the transfer {peak_anon} KiB \
+         anonymous, {peak_total} KiB resident with shared buffers (bound: {SNAPSHOT_RSS_BOUND_KIB} KiB anonymous)"
+    );
+    assert!(peak_anon < SNAPSHOT_RSS_BOUND_KIB, "peak anonymous memory {peak_anon} KiB");
+    // It caught up by a snapshot, streamed: no log replay from the start.
+    let snap: i64 = c.client(n2).query_one("SELECT snapshot_index FROM raft_status()", &[]).unwrap().get(0);
+    assert!(snap > KEYS / 2, "snapshot index {snap}");
+    assert!(c.node(1).log().contains("raft_kv: sending the snapshot at index"));
+    assert!(c.node(n2).log().contains(&format!("raft_kv: node 2 installed the snapshot at index {snap}")));
+    c.client(1).query_one("SELECT raft_set('after-join', 'x')", &[]).unwrap();
+    c.assert_converged(&[1, n2]);
+    assert_eq!(c.kv_hash(n2).0, KEYS + 1);
+    // The snapshot store was emptied by the install.
+    let staged: i64 = c.client(n2).query_one("SELECT count(*) FROM raft_kv.snapshot_kv", &[]).unwrap().get(0);
+    assert_eq!(staged, 0);
+}

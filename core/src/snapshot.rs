@@ -1,0 +1,114 @@
+//! Snapshots that stream in bounded chunks, so neither side holds the state machine in memory.
+//!
+//! raft-rs sends a snapshot as one message. Here that message carries only the metadata and
+//! the member addresses ([`crate::state_machine::SnapshotData`]); the rows travel beforehand
+//! as [`SnapFrame::Chunk`]s on the peer connection:
+//!
+//! 1. The leader *freezes* the state machine at its applied index into the backend's snapshot
+//!    store (a server-side copy in Postgres) when raft first asks for a snapshot, and reuses
+//!    it while it still covers the compacted log.
+//! 2. When raft emits `MsgSnapshot` to a follower, the node holds the message back and streams
+//!    the frozen rows to it, a few chunks in flight at a time, each acknowledged once the
+//!    follower has staged it in its own snapshot store.
+//! 3. After the last acknowledgement the `MsgSnapshot` itself goes out. The follower steps it
+//!    into raft only if it has staged that very snapshot completely, and then installs the
+//!    staged rows in one transaction.
+//!
+//! A lost chunk, a refusal ([`SnapFrame::Abort`]) or a silent follower ends the stream and is
+//! reported to raft as a failed snapshot, which makes the leader try again later.
+
+use std::fmt;
+
+/// One frame of the snapshot side channel.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SnapFrame {
+    /// Leader → follower: rows of the snapshot `(index, term)`, numbered from 0 within one
+    /// transfer (`stream`, unique per leader term).
+    Chunk { stream: u64, index: u64, term: u64, seq: u32, rows: Vec<Row>, last: bool },
+    /// Follower → leader: chunk `seq` is staged.
+    Ack { stream: u64, index: u64, term: u64, seq: u32 },
+    /// Follower → leader: this transfer failed (`stream` 0: whichever sent that snapshot).
+    Abort { stream: u64, index: u64, term: u64, reason: String },
+}
+
+impl SnapFrame {
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).expect("serializing a snapshot frame cannot fail")
+    }
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        bincode::deserialize(b).ok()
+    }
+    pub fn id(&self) -> (u64, u64) {
+        match self {
+            SnapFrame::Chunk { index, term, .. }
+            | SnapFrame::Ack { index, term, .. }
+            | SnapFrame::Abort { index, term, .. } => (*index, *term),
+        }
+    }
+}
+
+/// A row of the state machine, as a snapshot carries it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Row {
+    Kv {
+        key: String,
+        value: String,
+        revision: u64,
+    },
+    /// A remembered request id, so retries stay deduplicated across a snapshot.
+    Request {
+        nonce: u64,
+        seq: u64,
+        node: u64,
+        revision: u64,
+        flag: bool,
+    },
+}
+
+impl Row {
+    /// Approximate wire size, for chunk limits.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Row::Kv { key, value, .. } => key.len() + value.len() + 16,
+            Row::Request { .. } => 40,
+        }
+    }
+}
+
+/// Where reading the snapshot store stopped: the kv rows in key order, then the request ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cursor {
+    Kv(Option<String>),
+    Requests(Option<(u64, u64)>),
+    Done,
+}
+
+impl Cursor {
+    pub fn start() -> Self {
+        Cursor::Kv(None)
+    }
+}
+
+/// What a freeze copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Frozen {
+    /// The applied index the copy was taken at.
+    pub index: u64,
+    pub kv_rows: u64,
+    pub request_rows: u64,
+}
+
+/// Chunks sent and not yet acknowledged, per stream.
+pub const WINDOW: u32 = 4;
+/// Default upper bound of one chunk's rows, in bytes (one row may exceed it alone).
+pub const DEFAULT_CHUNK_BYTES: usize = 256 << 10;
+
+/// Why an incoming snapshot message or chunk was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused(pub String);
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
