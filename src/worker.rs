@@ -354,6 +354,9 @@ fn run(settings: Settings, epoch: u64) {
         if let Some(index) = out.snapshot_installed.take() {
             pgrx::log!("raft_kv: node {me} installed the snapshot at index {index}");
         }
+        for (to, index) in node.take_failed_transfers() {
+            pgrx::log!("raft_kv: the snapshot transfer at index {index} to node {to} failed; it will be sent again");
+        }
         let transfers = node.snapshot_transfers();
         if transfers != sending {
             for (to, index) in transfers.iter().filter(|t| !sending.contains(t)) {

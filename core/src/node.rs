@@ -208,6 +208,8 @@ pub struct Node<B: Backend> {
     /// Messages produced outside a Ready (snapshot frames, the held-back `MsgSnapshot`),
     /// sent at the next `handle_ready`.
     outbox: Vec<Outbound>,
+    /// Transfers that failed since last asked: (recipient, snapshot index).
+    failed_transfers: Vec<(u64, u64)>,
     chunk_bytes: usize,
     snapshot_timeout_ticks: u32,
 }
@@ -267,6 +269,7 @@ impl<B: Backend> Node<B> {
             incoming: None,
             install_pending: false,
             outbox: Vec::new(),
+            failed_transfers: Vec::new(),
             chunk_bytes: opts.snapshot_chunk_bytes.max(1),
             snapshot_timeout_ticks: opts.snapshot_timeout_ticks.max(1),
         })
@@ -551,10 +554,19 @@ impl<B: Backend> Node<B> {
         }
     }
 
+    /// Snapshot transfers that failed since the last call, as (recipient, snapshot index);
+    /// raft has been told and sends a snapshot again once the follower responds.
+    pub fn take_failed_transfers(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.failed_transfers)
+    }
+
     fn end_stream(&mut self, to: u64, failed: bool) {
-        self.streams.remove(&to);
+        let s = self.streams.remove(&to);
         self.raw.store().set_streaming(!self.streams.is_empty());
         if failed {
+            if let Some(s) = s {
+                self.failed_transfers.push((to, s.index));
+            }
             self.raw.report_snapshot(to, SnapshotStatus::Failure);
         }
     }

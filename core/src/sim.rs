@@ -62,6 +62,8 @@ pub struct SimReport {
     pub final_applied: u64,
     /// Snapshot messages delivered (each after its streamed rows).
     pub snapshots: usize,
+    /// Snapshot transfers that failed (and were retried).
+    pub failed_transfers: usize,
 }
 
 pub struct Sim {
@@ -368,6 +370,7 @@ impl Sim {
             let mut out = Output::default();
             let mut msgs = Vec::new();
             n.handle_ready(&mut out, &mut |m| msgs.push(m)).map_err(|e| format!("node {id}: {e}"))?;
+            self.report.failed_transfers += n.take_failed_transfers().len();
             for (ctx, idx) in out.read_states {
                 self.read_states.push((id, ctx, idx));
             }
@@ -552,9 +555,10 @@ mod tests {
                 let crashes: usize = reports.iter().map(|r| r.crashes).sum();
                 let parts: usize = reports.iter().map(|r| r.partitions).sum();
                 let snaps: usize = reports.iter().map(|r| r.snapshots).sum();
+                let failed: usize = reports.iter().map(|r| r.failed_transfers).sum();
                 println!(
                     "{} seeds x {} steps: {acked} writes acknowledged, {crashes} crashes, {parts} partitions, \
-                     {snaps} streamed snapshots",
+                     {snaps} streamed snapshots ({failed} transfers failed and retried)",
                     reports.len(),
                     cfg.steps
                 );

@@ -281,6 +281,24 @@ fn a_new_node_joins_a_cluster_of_100k_keys_by_streamed_snapshot() {
     assert!(table / 1024 > SNAPSHOT_RSS_BOUND_KIB as i64, "the table must be larger than the bound");
 
     let n2 = c.add_node(joiner_conf);
+    let t1 = Instant::now();
+    let addr = c.node(n2).raft_addr();
+    c.client(1).query_one("SELECT raft_join(2, $1)", &[&addr]).unwrap();
+    // A transfer cut short: kill the joiner while it is half-way through staging the rows.
+    wait_for(Duration::from_secs(60), "the joiner to stage part of the snapshot", || {
+        let r = c
+            .client(n2)
+            .query_one("SELECT (SELECT count(*) FROM raft_kv.snapshot_kv), (SELECT count(*) FROM raft_kv.kv)", &[])
+            .ok()?;
+        let (staged, installed): (i64, i64) = (r.get(0), r.get(1));
+        assert_eq!(installed, 0, "the snapshot was installed before the test could interrupt it");
+        (staged > 0 && staged < KEYS / 2).then_some(())
+    });
+    c.kill9(n2);
+    wait_for(Duration::from_secs(30), "the leader to report the failed transfer", || {
+        c.node(1).log().contains("raft_kv: the snapshot transfer at index").then_some(())
+    });
+    c.start_node(n2);
     let pid: i32 = wait_for(Duration::from_secs(10), "the joiner's worker", || {
         c.client(n2).query_one("SELECT worker_pid FROM raft_status()", &[]).ok()?.get(0)
     });
@@ -298,13 +316,10 @@ fn a_new_node_joins_a_cluster_of_100k_keys_by_streamed_snapshot() {
             peak
         });
         let _stop = StopOnDrop(&done);
-        let t1 = Instant::now();
-        let addr = c.node(n2).raft_addr();
-        c.client(1).query_one("SELECT raft_join(2, $1)", &[&addr]).unwrap();
         wait_for(Duration::from_secs(120), "the new node to be promoted to voter", || {
             members(&c, 1).contains(&(2, true)).then_some(())
         });
-        println!("joined, caught up and promoted in {:?}", t1.elapsed());
+        println!("joined, caught up (after one interrupted transfer) and promoted in {:?}", t1.elapsed());
         done.store(true, Ordering::Relaxed);
         sampler.join().unwrap()
     });
@@ -316,7 +331,8 @@ fn a_new_node_joins_a_cluster_of_100k_keys_by_streamed_snapshot() {
     // It caught up by a snapshot, streamed: no log replay from the start.
     let snap: i64 = c.client(n2).query_one("SELECT snapshot_index FROM raft_status()", &[]).unwrap().get(0);
     assert!(snap > KEYS / 2, "snapshot index {snap}");
-    assert!(c.node(1).log().contains("raft_kv: sending the snapshot at index"));
+    let sent = c.node(1).log().matches("raft_kv: sending the snapshot at index").count();
+    assert!(sent >= 2, "the snapshot was sent again after the failed transfer ({sent} transfers)");
     assert!(c.node(n2).log().contains(&format!("raft_kv: node 2 installed the snapshot at index {snap}")));
     c.client(1).query_one("SELECT raft_set('after-join', 'x')", &[]).unwrap();
     c.assert_converged(&[1, n2]);
