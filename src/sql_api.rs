@@ -391,6 +391,7 @@ fn raft_status() -> TableIterator<
         name!(snapshot_index, Option<i64>),
         name!(snapshot_term, Option<i64>),
         name!(voters, Option<Vec<i64>>),
+        name!(change_pending, Option<bool>),
     ),
 > {
     require_preload();
@@ -415,6 +416,7 @@ fn raft_status() -> TableIterator<
         raft(s.snapshot_index),
         raft(s.snapshot_term),
         has_node.then_some(voters),
+        has_node.then_some(s.change_pending),
     );
     TableIterator::once(row)
 }

@@ -368,16 +368,23 @@ fn run(settings: Settings, epoch: u64) {
         pending.check_transfers(node.leader_id(), &mut answers);
         pending.expire(Instant::now(), &mut answers);
         peers.sync(&node, &mut transport);
-        // The leader promotes caught-up learners that joined to become voters.
-        for id in node.learners_to_promote(guc::PROMOTE_LAG.get() as u64) {
-            if promoting.get(&id).is_some_and(|at| at.elapsed() < settings.tick * settings.opts.election_ticks as u32) {
-                continue;
-            }
+        // The leader promotes caught-up learners that joined to become voters: together, in
+        // one joint change, when several are ready.
+        let ready: Vec<u64> = node
+            .learners_to_promote(guc::PROMOTE_LAG.get() as u64)
+            .into_iter()
+            .filter(|id| {
+                !promoting.get(id).is_some_and(|at| at.elapsed() < settings.tick * settings.opts.election_ticks as u32)
+            })
+            .collect();
+        if !ready.is_empty() {
             internal_seq += 1;
             let rid = RequestId { node: me, nonce: internal_nonce, seq: internal_seq };
-            if node.propose_change(rid, &MemberChange::Promote { id }).is_ok() {
-                pgrx::log!("raft_kv: promoting learner {id} to voter");
-                promoting.insert(id, Instant::now());
+            if node.propose_change(rid, &MemberChange::Promote { ids: ready.clone() }).is_ok() {
+                pgrx::log!("raft_kv: promoting learner(s) {ready:?} to voter");
+                for id in ready {
+                    promoting.insert(id, Instant::now());
+                }
             }
         }
         let threshold = guc::SNAPSHOT_THRESHOLD.get() as u64;

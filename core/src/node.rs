@@ -27,9 +27,10 @@ pub enum MemberChange {
         address: String,
         promote: bool,
     },
-    /// Make a caught-up learner a voter.
+    /// Make caught-up learners voters. Several at once change several voters, which raft
+    /// does through a joint configuration (left automatically once applied).
     Promote {
-        id: u64,
+        ids: Vec<u64>,
     },
     Remove {
         id: u64,
@@ -153,6 +154,8 @@ pub struct Output {
     pub read_states: Vec<(Vec<u8>, u64)>,
     /// This node installed a snapshot at this index.
     pub snapshot_installed: Option<u64>,
+    /// Membership changes proposed here that the leader refused (another was in progress).
+    pub refused: Vec<RequestId>,
 }
 
 /// A member as the status sees it.
@@ -291,18 +294,23 @@ impl<B: Backend> Node<B> {
         if self.raw.raft.leader_id == INVALID_ID {
             return Err(ProposeError::NoLeader);
         }
-        let (node, kind, address, promote) = match change {
+        let (nodes, kind, address, promote) = match change {
             MemberChange::AddLearner { id, address, promote } => {
-                (*id, ConfChangeType::AddLearnerNode, Some(address.clone()), *promote)
+                (vec![*id], ConfChangeType::AddLearnerNode, Some(address.clone()), *promote)
             }
-            MemberChange::Promote { id } => (*id, ConfChangeType::AddNode, None, false),
-            MemberChange::Remove { id } => (*id, ConfChangeType::RemoveNode, None, false),
+            MemberChange::Promote { ids } => (ids.clone(), ConfChangeType::AddNode, None, false),
+            MemberChange::Remove { id } => (vec![*id], ConfChangeType::RemoveNode, None, false),
         };
-        let mut single = ConfChangeSingle::default();
-        single.node_id = node;
-        single.set_change_type(kind);
+        let singles = nodes.into_iter().map(|node| {
+            let mut single = ConfChangeSingle::default();
+            single.node_id = node;
+            single.set_change_type(kind);
+            single
+        });
+        // One change is a simple one; more use joint consensus, with raft-rs proposing the
+        // leave of the joint configuration by itself once it applies (transition Auto).
         let mut cc = ConfChangeV2::default();
-        cc.set_changes(vec![single].into());
+        cc.set_changes(singles.collect::<Vec<_>>().into());
         let ctx = ConfChangeContext { id, address, promote }.encode();
         let before = self.raw.raft.raft_log.last_index();
         self.raw.propose_conf_change(ctx, cc).map_err(|_| ProposeError::Dropped)?;
@@ -427,7 +435,40 @@ impl<B: Backend> Node<B> {
             }
             self.install_pending = true;
         }
+        let mut m = m;
+        if m.get_msg_type() == MessageType::MsgPropose && self.is_leader() {
+            self.refuse_conf_changes_raft_would_blank(&mut m);
+        }
         let _ = self.raw.step(m);
+    }
+
+    /// raft-rs turns a membership change it cannot take now (another is pending, or the
+    /// joint state does not fit) into an empty entry, context and all, so a follower that
+    /// forwarded it would only ever time out. Under the same conditions, keep the context
+    /// (the request id) in a normal entry instead: when it applies, the proposer learns
+    /// that its change was refused and nothing changed.
+    fn refuse_conf_changes_raft_would_blank(&self, m: &mut Message) {
+        let mut pending = self.raw.raft.has_pending_conf();
+        let joint = !self.raw.store().conf_state().voters_outgoing.is_empty();
+        for e in m.mut_entries().iter_mut() {
+            let leave = match e.get_entry_type() {
+                EntryType::EntryNormal => continue,
+                EntryType::EntryConfChange => false,
+                EntryType::EntryConfChangeV2 => {
+                    let mut cc = ConfChangeV2::default();
+                    if cc.merge_from_bytes(&e.data).is_err() {
+                        continue;
+                    }
+                    cc.changes.is_empty()
+                }
+            };
+            if pending || joint != leave {
+                e.set_entry_type(EntryType::EntryNormal);
+                e.data = Default::default();
+            } else {
+                pending = true;
+            }
+        }
     }
 
     /// Handles a frame of a snapshot transfer from `from`.
@@ -763,6 +804,14 @@ impl<B: Backend> Node<B> {
         let mut plans = Vec::with_capacity(committed.len());
         let mut changes: Vec<(u64, RequestId, bool)> = Vec::new();
         for e in committed {
+            if e.get_entry_type() == EntryType::EntryNormal && e.data.is_empty() && !e.context.is_empty() {
+                // A membership change the leader refused (see refuse_conf_changes_raft_would_blank).
+                if let Some(ctx) = ConfChangeContext::decode(&e.context) {
+                    if ctx.id.node == self.id() {
+                        out.refused.push(ctx.id);
+                    }
+                }
+            }
             let plan = state_machine::plan(e, &mut batch.ops);
             if plan == Planned::ConfChange {
                 let applied = self.apply_conf_change(e, &mut batch.members);

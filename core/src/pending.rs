@@ -229,6 +229,12 @@ impl<T: Copy + PartialEq> Pending<T> {
                 answers.push((w.client, Answer::Done { revision: c.result.revision, flag: c.result.flag }));
             }
         }
+        for id in out.refused.drain(..) {
+            if self.writes.get(&id).is_some_and(|w| matches!(w.kind, WriteKind::Member(_))) {
+                let w = self.writes.remove(&id).unwrap();
+                answers.push((w.client, Answer::NotCommitted("another membership change was in progress")));
+            }
+        }
         // Certainly not applied: propose again while time is left.
         for id in out.superseded.drain(..) {
             let Some(w) = self.writes.get_mut(&id) else { continue };

@@ -90,6 +90,8 @@ pub struct Sim {
     read_states: Vec<(u64, Vec<u8>, u64)>,
     seq: u64,
     report: SimReport,
+    /// Membership changes reported refused, by the node that proposed them.
+    refused: Vec<RequestId>,
 }
 
 fn logger() -> slog::Logger {
@@ -138,6 +140,7 @@ impl Sim {
             read_states: Vec::new(),
             seq: 0,
             report: SimReport::default(),
+            refused: Vec::new(),
         }
     }
 
@@ -371,6 +374,7 @@ impl Sim {
             let mut msgs = Vec::new();
             n.handle_ready(&mut out, &mut |m| msgs.push(m)).map_err(|e| format!("node {id}: {e}"))?;
             self.report.failed_transfers += n.take_failed_transfers().len();
+            self.refused.extend(out.refused);
             for (ctx, idx) in out.read_states {
                 self.read_states.push((id, ctx, idx));
             }
@@ -519,7 +523,7 @@ mod tests {
         let promote = sim.node_mut(leader).learners_to_promote(5);
         assert_eq!(promote, vec![4]);
         let rid = RequestId { node: leader, nonce: 99, seq: 2 };
-        sim.node_mut(leader).propose_change(rid, &MemberChange::Promote { id: 4 }).unwrap();
+        sim.node_mut(leader).propose_change(rid, &MemberChange::Promote { ids: vec![4] }).unwrap();
         sim.settle(100).unwrap();
         let st = sim.node_mut(4).status();
         assert!(st.members.iter().any(|m| m.id == 4 && m.voter), "{st:?}");
@@ -538,6 +542,140 @@ mod tests {
         for id in (1..=4).filter(|&i| i != leader) {
             assert!(sim.backends[&id].kv().contains_key("after"), "node {id}");
         }
+    }
+
+    #[test]
+    fn a_change_forwarded_while_another_is_pending_is_refused_not_lost() {
+        use crate::node::MemberChange;
+        let quiet = SimConfig {
+            drop_rate: 0.0,
+            dup_rate: 0.0,
+            crash_rate: 0.0,
+            partition_rate: 0.0,
+            propose_rate: 0.0,
+            max_delay: 1,
+            compact_threshold: None,
+            ..Default::default()
+        };
+        let mut sim = Sim::new(5, quiet);
+        sim.settle(100).unwrap();
+        let leader = sim.leader().unwrap();
+        let follower = (1..=3).find(|&i| i != leader).unwrap();
+        sim.add_blank(4);
+        sim.add_blank(5);
+        let first = RequestId { node: leader, nonce: 7, seq: 1 };
+        let second = RequestId { node: follower, nonce: 8, seq: 1 };
+        let add = |id| MemberChange::AddLearner { id, address: format!("sim:{id}"), promote: false };
+        // Both in the same step: the follower's arrives while the leader's is pending.
+        sim.node_mut(leader).propose_change(first, &add(4)).unwrap();
+        sim.node_mut(follower).propose_change(second, &add(5)).unwrap();
+        sim.settle(50).unwrap();
+        assert_eq!(sim.refused, vec![second], "the follower learns its change was refused");
+        assert!(sim.node_mut(follower).is_member(4));
+        assert!(!sim.node_mut(follower).is_member(5), "the refused change changed nothing");
+        // Once the first has applied, the same change goes through.
+        let again = RequestId { node: follower, nonce: 8, seq: 2 };
+        sim.node_mut(follower).propose_change(again, &add(5)).unwrap();
+        sim.settle(50).unwrap();
+        assert!(sim.node_mut(leader).is_member(5));
+        assert_eq!(sim.refused, vec![second]);
+    }
+
+    #[test]
+    fn two_learners_are_promoted_together_through_a_joint_configuration() {
+        use crate::node::MemberChange;
+        let quiet = SimConfig {
+            drop_rate: 0.0,
+            dup_rate: 0.0,
+            crash_rate: 0.0,
+            partition_rate: 0.0,
+            propose_rate: 0.0,
+            compact_threshold: None,
+            ..Default::default()
+        };
+        let mut sim = Sim::new(3, quiet);
+        sim.settle(100).unwrap();
+        let leader = sim.leader().unwrap();
+        for (seq, id) in [(1, 4), (2, 5)] {
+            sim.add_blank(id);
+            let add = MemberChange::AddLearner { id, address: format!("sim:{id}"), promote: true };
+            sim.node_mut(leader).propose_change(RequestId { node: leader, nonce: 9, seq }, &add).unwrap();
+            sim.settle(60).unwrap();
+        }
+        sim.propose_on(leader, "k", "v");
+        sim.settle(30).unwrap();
+        let ready = sim.node_mut(leader).learners_to_promote(5);
+        assert_eq!(ready, vec![4, 5]);
+        let promote = MemberChange::Promote { ids: ready };
+        sim.node_mut(leader).propose_change(RequestId { node: leader, nonce: 9, seq: 3 }, &promote).unwrap();
+        // Watch every node pass through the joint configuration and leave it.
+        let mut saw_joint = false;
+        for _ in 0..100 {
+            sim.settle(1).unwrap();
+            saw_joint |= !sim.backends[&leader].inner.lock().unwrap().state.conf_state.voters_outgoing.is_empty();
+        }
+        assert!(saw_joint, "two voters changed through a joint configuration");
+        for id in 1..=5 {
+            let mut cs = sim.backends[&id].inner.lock().unwrap().state.conf_state.clone();
+            cs.voters.sort();
+            assert_eq!(cs.voters, vec![1, 2, 3, 4, 5], "node {id}");
+            assert!(cs.voters_outgoing.is_empty() && cs.learners.is_empty(), "node {id} left the joint state");
+        }
+    }
+
+    #[test]
+    fn a_leader_crash_during_a_joint_change_still_leaves_the_joint_configuration() {
+        use crate::node::MemberChange;
+        let quiet = SimConfig {
+            drop_rate: 0.0,
+            dup_rate: 0.0,
+            crash_rate: 0.0,
+            partition_rate: 0.0,
+            propose_rate: 0.0,
+            compact_threshold: None,
+            ..Default::default()
+        };
+        let mut sim = Sim::new(4, quiet);
+        sim.settle(100).unwrap();
+        let leader = sim.leader().unwrap();
+        for (seq, id) in [(1, 4), (2, 5)] {
+            sim.add_blank(id);
+            let add = MemberChange::AddLearner { id, address: format!("sim:{id}"), promote: true };
+            sim.node_mut(leader).propose_change(RequestId { node: leader, nonce: 9, seq }, &add).unwrap();
+            sim.settle(60).unwrap();
+        }
+        let promote = MemberChange::Promote { ids: vec![4, 5] };
+        sim.node_mut(leader).propose_change(RequestId { node: leader, nonce: 9, seq: 3 }, &promote).unwrap();
+        // Crash the leader as soon as a follower holds the joint entry, before the leader can
+        // apply it and propose the leave: raft-rs (0.7) has the next leader leave it instead.
+        let follower = (1..=3).find(|&i| i != leader).unwrap();
+        let holds_joint_entry = |sim: &Sim| {
+            let b = sim.backends[&follower].inner.lock().unwrap();
+            b.log.values().any(|e| {
+                let mut cc = raft::eraftpb::ConfChangeV2::default();
+                e.get_entry_type() == raft::eraftpb::EntryType::EntryConfChangeV2
+                    && protobuf::Message::merge_from_bytes(&mut cc, &e.data).is_ok()
+                    && cc.changes.len() == 2
+            })
+        };
+        let mut steps = 0;
+        while !holds_joint_entry(&sim) {
+            sim.settle(1).unwrap();
+            steps += 1;
+            assert!(steps < 20, "the joint entry never reached node {follower}");
+        }
+        sim.nodes.insert(leader, None);
+        let mut left = false;
+        for _ in 0..400 {
+            sim.settle(1).unwrap();
+            let cs = sim.backends[&follower].inner.lock().unwrap().state.conf_state.clone();
+            if cs.voters.len() == 5 && cs.voters_outgoing.is_empty() {
+                left = true;
+                break;
+            }
+        }
+        let cs = sim.backends[&follower].inner.lock().unwrap().state.conf_state.clone();
+        assert!(left, "the cluster left the joint configuration under a new leader: {cs:?} leader {:?}", sim.leader());
     }
 
     fn seeds() -> std::ops::Range<u64> {

@@ -341,3 +341,40 @@ fn a_new_node_joins_a_cluster_of_100k_keys_by_streamed_snapshot() {
     let staged: i64 = c.client(n2).query_one("SELECT count(*) FROM raft_kv.snapshot_kv", &[]).unwrap().get(0);
     assert_eq!(staged, 0);
 }
+
+#[test]
+fn a_second_change_while_one_is_pending_is_refused() {
+    let mut c = Cluster::builder(3).conf("raft_kv.apply_timeout = 20000").start();
+    let (leader, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    let n4 = c.add_node(joiner_conf);
+    let addr = c.node(n4).raft_addr();
+    let others: Vec<usize> = (1..=3).filter(|&i| i != leader).collect();
+    // Without a quorum the first change stays pending on the leader.
+    for &i in &others {
+        c.pause(i, true);
+    }
+    std::thread::scope(|s| {
+        let first =
+            s.spawn(|| c.client(leader).query_one("SELECT raft_join(4, $1)", &[&addr]).map(|r| r.get::<_, i64>(0)));
+        let mut cl = c.client(leader);
+        wait_for(Duration::from_secs(10), "the first change to be pending", || {
+            cl.query_one("SELECT change_pending FROM raft_status()", &[]).unwrap().get::<_, bool>(0).then_some(())
+        });
+        // The second request fails at once, clearly, and changes nothing.
+        let err = cl.query("SELECT raft_remove($1)", &[&(others[0] as i64)]).unwrap_err();
+        let db = err.as_db_error().expect("a database error");
+        assert!(db.message().contains("a raft_kv membership change is already in progress"), "{}", db.message());
+        assert_eq!(db.code().code(), "55000");
+        for &i in &others {
+            c.pause(i, false);
+        }
+        let rev = first.join().unwrap().expect("the first change completes once the quorum is back");
+        assert!(rev > 0);
+    });
+    wait_for(Duration::from_secs(20), "node 4 to be a member everywhere", || {
+        (1..=3).all(|i| members(&c, i).iter().any(|m| m.0 == 4)).then_some(())
+    });
+    for i in 1..=3 {
+        assert_eq!(members(&c, i).iter().filter(|m| m.1).count(), 3, "no voter was removed (node {i})");
+    }
+}
