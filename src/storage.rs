@@ -174,7 +174,8 @@ impl Backend for PgBackend {
     /// A server-side copy into the unlogged snapshot tables: no row passes through the worker.
     /// The tables hold the applied state between transactions, so the copy is at `applied`.
     fn freeze_snapshot(&mut self) -> StoreResult<Frozen> {
-        in_txn(|| {
+        let t0 = std::time::Instant::now();
+        let frozen = in_txn(|| {
             Spi::connect_mut(|c| {
                 c.update(&self.q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests"), None, &[])
                     .map_err(spi_err)?;
@@ -204,7 +205,15 @@ impl Backend for PgBackend {
                     .unwrap_or(0);
                 Ok(Frozen { index: applied as u64, kv_rows: kv as u64, request_rows: requests as u64 })
             })
-        })
+        })?;
+        pgrx::log!(
+            "raft_kv: froze the state machine at index {} for snapshots ({} rows, {} request ids) in {} ms",
+            frozen.index,
+            frozen.kv_rows,
+            frozen.request_rows,
+            t0.elapsed().as_millis()
+        );
+        Ok(frozen)
     }
 
     /// Key-set pagination over the snapshot tables; a running sum stops a chunk at

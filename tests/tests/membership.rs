@@ -331,7 +331,11 @@ fn a_new_node_joins_a_cluster_of_100k_keys_by_streamed_snapshot() {
     // It caught up by a snapshot, streamed: no log replay from the start.
     let snap: i64 = c.client(n2).query_one("SELECT snapshot_index FROM raft_status()", &[]).unwrap().get(0);
     assert!(snap > KEYS / 2, "snapshot index {snap}");
-    let sent = c.node(1).log().matches("raft_kv: sending the snapshot at index").count();
+    let log = c.node(1).log();
+    for line in log.lines().filter(|l| l.contains("froze the state machine")) {
+        println!("leader: {}", line.split("LOG:").nth(1).unwrap_or(line).trim());
+    }
+    let sent = log.matches("raft_kv: sending the snapshot at index").count();
     assert!(sent >= 2, "the snapshot was sent again after the failed transfer ({sent} transfers)");
     assert!(c.node(n2).log().contains(&format!("raft_kv: node 2 installed the snapshot at index {snap}")));
     c.client(1).query_one("SELECT raft_set('after-join', 'x')", &[]).unwrap();
