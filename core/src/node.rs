@@ -377,6 +377,11 @@ impl<B: Backend> Node<B> {
         }
         let term = raft::Storage::term(store, to)?;
         store.write(&WriteBatch { compact_to: Some((to, term)), ..Default::default() })?;
+        if store.frozen_index().is_some_and(|f| f < to) {
+            // The frozen copy no longer covers the log: free its space until one is needed.
+            store.forget_frozen();
+            store.with_backend(|b| b.clear_snapshot_store())?;
+        }
         Ok(true)
     }
 

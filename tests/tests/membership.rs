@@ -149,6 +149,16 @@ fn a_lagging_node_catches_up_by_snapshot_after_compaction() {
     assert!(snap > 20_000, "node 3 installed a snapshot (snapshot index {snap})");
     c.assert_converged(&[1, 2, 3]);
     assert_eq!(c.kv_hash(3).0, 30_000);
+    // The leader's frozen copy is dropped once compaction moves past it.
+    let (leader, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    let frozen = |c: &Cluster| -> i64 {
+        c.client(leader).query_one("SELECT count(*) FROM raft_kv.snapshot_kv", &[]).unwrap().get(0)
+    };
+    assert_eq!(frozen(&c), 30_000, "the leader froze its state for node 3");
+    c.client(leader)
+        .query_one("SELECT count(raft_set('more/' || g, 'v')) FROM generate_series(1, 1200) g", &[])
+        .unwrap();
+    wait_for(Duration::from_secs(10), "the frozen copy to be dropped", || (frozen(&c) == 0).then_some(()));
 }
 
 #[test]
