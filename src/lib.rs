@@ -71,19 +71,8 @@ CREATE TABLE raft_kv.members (
 -- streamed to followers that need a snapshot; on a follower, the rows being received, which
 -- are installed into kv and requests in one transaction. Unlogged: after a crash a transfer
 -- simply starts over.
-CREATE UNLOGGED TABLE raft_kv.snapshot_kv (
-    key      text   PRIMARY KEY,
-    value    text   NOT NULL,
-    revision bigint NOT NULL
-);
-CREATE UNLOGGED TABLE raft_kv.snapshot_requests (
-    nonce    bigint  NOT NULL,
-    seq      bigint  NOT NULL,
-    node     bigint  NOT NULL,
-    revision bigint  NOT NULL,
-    flag     boolean NOT NULL,
-    PRIMARY KEY (nonce, seq)
-);
+CREATE UNLOGGED TABLE raft_kv.snapshot_kv (LIKE raft_kv.kv INCLUDING ALL);
+CREATE UNLOGGED TABLE raft_kv.snapshot_requests (LIKE raft_kv.requests INCLUDING ALL);
 
 REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv, raft_kv.requests, raft_kv.members,
     raft_kv.snapshot_kv, raft_kv.snapshot_requests FROM PUBLIC;

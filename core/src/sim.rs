@@ -490,11 +490,11 @@ pub fn run_seeds(seeds: impl Iterator<Item = u64>, cfg: &SimConfig) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::MemberChange;
 
-    #[test]
-    fn membership_grows_and_shrinks_through_snapshots() {
-        use crate::node::MemberChange;
-        let quiet = SimConfig {
+    /// A perfect network with no crashes, proposals or compaction of its own.
+    fn quiet() -> SimConfig {
+        SimConfig {
             drop_rate: 0.0,
             dup_rate: 0.0,
             crash_rate: 0.0,
@@ -502,8 +502,24 @@ mod tests {
             propose_rate: 0.0,
             compact_threshold: None,
             ..Default::default()
-        };
-        let mut sim = Sim::new(11, quiet);
+        }
+    }
+
+    /// Adds blank nodes `ids` as learners marked for promotion, one after the other.
+    fn join_learners(sim: &mut Sim, leader: u64, ids: &[u64]) {
+        for (seq, &id) in ids.iter().enumerate() {
+            sim.add_blank(id);
+            let add = MemberChange::AddLearner { id, address: format!("sim:{id}"), promote: true };
+            sim.node_mut(leader)
+                .propose_change(RequestId { node: leader, nonce: 9, seq: seq as u64 + 1 }, &add)
+                .unwrap();
+            sim.settle(60).unwrap();
+        }
+    }
+
+    #[test]
+    fn membership_grows_and_shrinks_through_snapshots() {
+        let mut sim = Sim::new(11, quiet());
         sim.settle(100).unwrap();
         let leader = sim.leader().unwrap();
         for i in 0..50 {
@@ -546,18 +562,7 @@ mod tests {
 
     #[test]
     fn a_change_forwarded_while_another_is_pending_is_refused_not_lost() {
-        use crate::node::MemberChange;
-        let quiet = SimConfig {
-            drop_rate: 0.0,
-            dup_rate: 0.0,
-            crash_rate: 0.0,
-            partition_rate: 0.0,
-            propose_rate: 0.0,
-            max_delay: 1,
-            compact_threshold: None,
-            ..Default::default()
-        };
-        let mut sim = Sim::new(5, quiet);
+        let mut sim = Sim::new(5, SimConfig { max_delay: 1, ..quiet() });
         sim.settle(100).unwrap();
         let leader = sim.leader().unwrap();
         let follower = (1..=3).find(|&i| i != leader).unwrap();
@@ -583,25 +588,10 @@ mod tests {
 
     #[test]
     fn two_learners_are_promoted_together_through_a_joint_configuration() {
-        use crate::node::MemberChange;
-        let quiet = SimConfig {
-            drop_rate: 0.0,
-            dup_rate: 0.0,
-            crash_rate: 0.0,
-            partition_rate: 0.0,
-            propose_rate: 0.0,
-            compact_threshold: None,
-            ..Default::default()
-        };
-        let mut sim = Sim::new(3, quiet);
+        let mut sim = Sim::new(3, quiet());
         sim.settle(100).unwrap();
         let leader = sim.leader().unwrap();
-        for (seq, id) in [(1, 4), (2, 5)] {
-            sim.add_blank(id);
-            let add = MemberChange::AddLearner { id, address: format!("sim:{id}"), promote: true };
-            sim.node_mut(leader).propose_change(RequestId { node: leader, nonce: 9, seq }, &add).unwrap();
-            sim.settle(60).unwrap();
-        }
+        join_learners(&mut sim, leader, &[4, 5]);
         sim.propose_on(leader, "k", "v");
         sim.settle(30).unwrap();
         let ready = sim.node_mut(leader).learners_to_promote(5);
@@ -625,25 +615,10 @@ mod tests {
 
     #[test]
     fn a_leader_crash_during_a_joint_change_still_leaves_the_joint_configuration() {
-        use crate::node::MemberChange;
-        let quiet = SimConfig {
-            drop_rate: 0.0,
-            dup_rate: 0.0,
-            crash_rate: 0.0,
-            partition_rate: 0.0,
-            propose_rate: 0.0,
-            compact_threshold: None,
-            ..Default::default()
-        };
-        let mut sim = Sim::new(4, quiet);
+        let mut sim = Sim::new(4, quiet());
         sim.settle(100).unwrap();
         let leader = sim.leader().unwrap();
-        for (seq, id) in [(1, 4), (2, 5)] {
-            sim.add_blank(id);
-            let add = MemberChange::AddLearner { id, address: format!("sim:{id}"), promote: true };
-            sim.node_mut(leader).propose_change(RequestId { node: leader, nonce: 9, seq }, &add).unwrap();
-            sim.settle(60).unwrap();
-        }
+        join_learners(&mut sim, leader, &[4, 5]);
         let promote = MemberChange::Promote { ids: vec![4, 5] };
         sim.node_mut(leader).propose_change(RequestId { node: leader, nonce: 9, seq: 3 }, &promote).unwrap();
         // Crash the leader as soon as a follower holds the joint entry, before the leader can
