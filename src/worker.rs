@@ -297,7 +297,7 @@ fn run(settings: Settings, epoch: u64) {
 
         let now = Instant::now();
         if now >= next_tick {
-            node.tick();
+            node.tick().unwrap_or_else(|e| pgrx::error!("raft_kv: storage failure: {e}"));
             next_tick += settings.tick;
             if next_tick <= now {
                 next_tick = now + settings.tick;

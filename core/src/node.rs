@@ -389,7 +389,9 @@ impl<B: Backend> Node<B> {
         self.raw.raft.id
     }
 
-    pub fn tick(&mut self) {
+    /// Advances raft's clock and the snapshot transfers' timers. Fails only if the backend
+    /// cannot be read to send chunks again.
+    pub fn tick(&mut self) -> Result<(), NodeError> {
         self.raw.tick();
         let mut failed = Vec::new();
         let mut resend = Vec::new();
@@ -410,12 +412,9 @@ impl<B: Backend> Node<B> {
             self.end_stream(to, true);
         }
         for to in resend {
-            if let Err(e) = self.pump(to) {
-                // Reading the store failed; the transfer cannot go on.
-                let _ = e;
-                self.end_stream(to, true);
-            }
+            self.pump(to)?;
         }
+        Ok(())
     }
 
     /// Feeds a message from a peer. Messages raft cannot use (stale, from unknown peers) are

@@ -338,7 +338,7 @@ mod tests {
         let one = crate::state_machine::Member { id: 1, address: "a".into(), promote: false };
         let mut n = Node::open(MemBackend::new(), &NodeOptions::new(1), &[one], &logger).unwrap();
         for _ in 0..30 {
-            n.tick();
+            n.tick().unwrap();
             let mut out = Output::default();
             n.handle_ready(&mut out, &mut |_| {}).unwrap();
         }

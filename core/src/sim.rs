@@ -366,7 +366,7 @@ impl Sim {
             if n.election_timer_just_reset() {
                 n.set_election_timeout(|lo, hi| rng.gen_range(lo..hi));
             }
-            n.tick();
+            n.tick().map_err(|e| format!("node {id}: {e}"))?;
             if n.election_timer_just_reset() {
                 n.set_election_timeout(|lo, hi| rng.gen_range(lo..hi));
             }
