@@ -469,7 +469,7 @@ fn write_batch(
                 let t = c
                     .update(&q("DELETE FROM raft_kv.kv WHERE key = $1"), None, &[key.as_str().into()])
                     .map_err(spi_err)?;
-                t.len() > 0
+                !t.is_empty()
             }
             KvOp::Cas { key, expected: None, value } => {
                 let t = c
@@ -479,7 +479,7 @@ fn write_batch(
                         &[key.as_str().into(), value.as_str().into(), rev.into()],
                     )
                     .map_err(spi_err)?;
-                t.len() > 0
+                !t.is_empty()
             }
             KvOp::Cas { key, expected: Some(expected), value } => {
                 let t = c
@@ -489,7 +489,7 @@ fn write_batch(
                         &[key.as_str().into(), value.as_str().into(), rev.into(), expected.as_str().into()],
                     )
                     .map_err(spi_err)?;
-                t.len() > 0
+                !t.is_empty()
             }
         };
         let [nonce, seq] = id;

@@ -374,7 +374,7 @@ fn run(settings: Settings, epoch: u64) {
             .learners_to_promote(guc::PROMOTE_LAG.get() as u64)
             .into_iter()
             .filter(|id| {
-                !promoting.get(id).is_some_and(|at| at.elapsed() < settings.tick * settings.opts.election_ticks as u32)
+                promoting.get(id).is_none_or(|at| at.elapsed() >= settings.tick * settings.opts.election_ticks as u32)
             })
             .collect();
         if !ready.is_empty() {

@@ -3,6 +3,9 @@
 //! The extension crate wires these pieces to SPI, shared memory and the background worker;
 //! here they run in plain `cargo test` with in-memory storage and a simulated network.
 
+// raft's protobuf messages are built by setting fields on a default value, as raft-rs does.
+#![allow(clippy::field_reassign_with_default)]
+
 pub mod command;
 pub mod config;
 pub mod node;

@@ -33,7 +33,7 @@ impl Net {
         let stop = Arc::new(AtomicBool::new(false));
         let mut links = BTreeMap::new();
         let mut threads = Vec::new();
-        for (&from, _) in nodes {
+        for &from in nodes.keys() {
             for (&to, &target) in nodes {
                 if from == to {
                     continue;
@@ -86,7 +86,7 @@ impl Net {
     }
 
     pub fn heal(&self) {
-        for (&(a, b), _) in &self.links {
+        for &(a, b) in self.links.keys() {
             self.set_cut(a, b, false);
         }
     }

@@ -211,7 +211,7 @@ fn bad_membership_requests_change_nothing() {
     let before = members(&c, 1);
     let a1 = c.node(1).raft_addr();
     let cases: Vec<(String, &str)> = vec![
-        (format!("SELECT raft_join(2, '127.0.0.1:1')"), "raft_kv node 2 is already a member"),
+        ("SELECT raft_join(2, '127.0.0.1:1')".to_string(), "raft_kv node 2 is already a member"),
         (format!("SELECT raft_join(9, '{a1}')"), "is already used by raft_kv node 1"),
         ("SELECT raft_join(9, 'not-an-address')".into(), "invalid address \"not-an-address\""),
         ("SELECT raft_join(0, '127.0.0.1:1')".into(), "invalid raft_kv node id 0"),

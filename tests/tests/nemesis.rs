@@ -63,7 +63,7 @@ fn classify(e: &postgres::Error) -> Failure {
 }
 
 fn client_loop(c: &Cluster, id: usize, seed: u64, stop: &AtomicBool, h: &History) {
-    let mut rng = StdRng::seed_from_u64(seed ^ (id as u64 + 1) * 0x9e37_79b9);
+    let mut rng = StdRng::seed_from_u64(seed ^ ((id as u64 + 1) * 0x9e37_79b9));
     let nodes = c.nodes.len();
     let mut node = id % nodes + 1;
     let mut conn: Option<Client> = None;
@@ -174,7 +174,7 @@ fn run(fault: Fault) {
             faults += 1;
             match fault {
                 Fault::PartitionHalves => {
-                    let mut ids = vec![1u64, 2, 3];
+                    let mut ids = [1u64, 2, 3];
                     let k = rng.gen_range(1..3);
                     for i in (1..ids.len()).rev() {
                         ids.swap(i, rng.gen_range(0..=i));
