@@ -10,6 +10,7 @@
 
 use pgrx::prelude::*;
 
+mod freeze;
 mod guc;
 mod requests;
 mod shmem;
@@ -77,9 +78,17 @@ CREATE TABLE raft_kv.members (
 -- simply starts over.
 CREATE UNLOGGED TABLE raft_kv.snapshot_kv (LIKE raft_kv.kv INCLUDING ALL);
 CREATE UNLOGGED TABLE raft_kv.snapshot_requests (LIKE raft_kv.requests INCLUDING ALL);
+-- What the snapshot tables hold: written by the freeze worker with the copy.
+CREATE UNLOGGED TABLE raft_kv.snapshot_meta (
+    applied_index bigint NOT NULL,
+    kv_rows       bigint NOT NULL,
+    request_rows  bigint NOT NULL,
+    conf_state    bytea  NOT NULL,
+    members       bytea  NOT NULL
+);
 
 REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv, raft_kv.requests, raft_kv.members,
-    raft_kv.snapshot_kv, raft_kv.snapshot_requests FROM PUBLIC;
+    raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_meta FROM PUBLIC;
 GRANT USAGE ON SCHEMA raft_kv TO PUBLIC;
 
 CREATE FUNCTION raft_kv.reject_direct_write() RETURNS trigger
@@ -107,6 +116,8 @@ CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE
 CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.snapshot_kv
     FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
 CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.snapshot_requests
+    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
+CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.snapshot_meta
     FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
 
 -- Membership changes are for administrators.

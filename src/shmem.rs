@@ -55,6 +55,8 @@ pub struct MemberRow {
 #[derive(Copy, Clone)]
 pub struct Status {
     pub worker_pid: i32,
+    /// The snapshot freeze worker's pid while one runs (see `freeze.rs`), else 0.
+    pub freeze_pid: i32,
     /// PGPROC number to signal the worker's latch, -1 when no worker is running.
     pub worker_procno: i32,
     /// Incremented at each worker start, so waiters notice a restart.

@@ -455,10 +455,14 @@ fn raft_members() -> TableIterator<
 mod raft_kv {
     use pgrx::prelude::*;
 
-    /// True only in the raft_kv worker: the guard trigger lets nobody else write the tables.
+    /// True only in the raft_kv worker (and its snapshot freeze worker): the guard trigger
+    /// lets nobody else write the tables.
     #[pg_extern(stable, parallel_safe)]
     fn is_worker() -> bool {
-        crate::shmem::preloaded()
-            && crate::shmem::SHARED.share().status.worker_pid == unsafe { pgrx::pg_sys::MyProcPid }
+        let me = unsafe { pgrx::pg_sys::MyProcPid };
+        crate::shmem::preloaded() && {
+            let s = &crate::shmem::SHARED.share().status;
+            s.worker_pid == me || s.freeze_pid == me
+        }
     }
 }

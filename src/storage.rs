@@ -5,7 +5,7 @@
 
 use std::panic::AssertUnwindSafe;
 
-use pgrx::bgworkers::BackgroundWorker;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -24,26 +24,36 @@ pub struct PgBackend {
     schema: &'static str,
     /// The applied index as last loaded or written (pruning decisions depend on it).
     applied: u64,
+    /// Freeze snapshots in a background worker connected to this database.
+    background: Option<BackgroundFreeze>,
 }
 
+struct BackgroundFreeze {
+    database: String,
+    running: Option<(DynamicBackgroundWorker, std::time::Instant)>,
+    /// When the last freeze failed: the next waits a little.
+    failed_at: Option<std::time::Instant>,
+}
+
+/// Pause after a failed freeze before the next attempt.
+const FREEZE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl PgBackend {
+    /// Freezes snapshots synchronously, in the calling transaction (for the contract tests).
+    #[cfg(any(test, feature = "pg_test"))]
     pub fn new(schema: &'static str) -> Self {
-        PgBackend { schema, applied: 0 }
+        PgBackend { schema, applied: 0, background: None }
+    }
+
+    /// The worker's backend: snapshots are frozen by a background worker, so a large table
+    /// never stalls the Raft loop.
+    pub fn with_background_freeze(database: &str) -> Self {
+        let background = Some(BackgroundFreeze { database: database.to_string(), running: None, failed_at: None });
+        PgBackend { schema: "raft_kv", applied: 0, background }
     }
 
     fn read_members(&self, c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Vec<Member>> {
-        let mut out = Vec::new();
-        for r in c
-            .select(&self.q("SELECT id, address, promote FROM raft_kv.members ORDER BY id"), None, &[])
-            .map_err(spi_err)?
-        {
-            out.push(Member {
-                id: r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64,
-                address: r.get::<String>(2).map_err(spi_err)?.unwrap_or_default(),
-                promote: r.get::<bool>(3).map_err(spi_err)?.unwrap_or(false),
-            });
-        }
-        Ok(out)
+        select_members(c, &|sql| self.q(sql))
     }
 
     /// `sql` with every `raft_kv.` table reference pointed at this backend's schema.
@@ -171,49 +181,51 @@ impl Backend for PgBackend {
         })
     }
 
-    /// A server-side copy into the unlogged snapshot tables: no row passes through the worker.
-    /// The tables hold the applied state between transactions, so the copy is at `applied`.
-    fn freeze_snapshot(&mut self) -> StoreResult<Frozen> {
-        let t0 = std::time::Instant::now();
-        let frozen = in_txn(|| {
-            Spi::connect_mut(|c| {
-                c.update(&self.q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests"), None, &[])
-                    .map_err(spi_err)?;
-                let kv = c
-                    .update(
-                        &self.q("INSERT INTO raft_kv.snapshot_kv SELECT key, value, revision FROM raft_kv.kv"),
-                        None,
-                        &[],
-                    )
-                    .map_err(spi_err)?
-                    .len();
-                let requests = c
-                    .update(
-                        &self.q("INSERT INTO raft_kv.snapshot_requests \
-                                 SELECT nonce, seq, node, revision, flag FROM raft_kv.requests"),
-                        None,
-                        &[],
-                    )
-                    .map_err(spi_err)?
-                    .len();
-                let applied = c
-                    .select(&self.q("SELECT applied_index FROM raft_kv.state WHERE id = 1"), None, &[])
-                    .map_err(spi_err)?
-                    .first()
-                    .get::<i64>(1)
-                    .map_err(spi_err)?
-                    .unwrap_or(0);
-                Ok(Frozen { index: applied as u64, kv_rows: kv as u64, request_rows: requests as u64 })
-            })
-        })?;
-        pgrx::log!(
-            "raft_kv: froze the state machine at index {} for snapshots ({} rows, {} request ids) in {} ms",
-            frozen.index,
-            frozen.kv_rows,
-            frozen.request_rows,
-            t0.elapsed().as_millis()
-        );
-        Ok(frozen)
+    /// Synchronously (tests), or in a background worker of its own while this worker keeps
+    /// running Raft (production; see `freeze.rs`).
+    fn freeze_snapshot(&mut self) -> StoreResult<Option<Frozen>> {
+        let Some(bg) = self.background.as_mut() else {
+            let q = |sql: &str| self.q(sql);
+            return in_txn(|| Spi::connect_mut(|c| freeze_tables(c, &q))).map(Some);
+        };
+        if let Some((worker, started)) = bg.running.take() {
+            match worker.pid() {
+                Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted) => {
+                    bg.running = Some((worker, started));
+                    return Ok(None);
+                }
+                Err(_) => {}
+            }
+            match in_txn(|| Spi::connect(|c| read_frozen(c)))? {
+                Some(f) => {
+                    pgrx::log!(
+                        "raft_kv: froze the state machine at index {} for snapshots ({} rows, {} request ids) in {} ms, \
+                         in the background",
+                        f.index,
+                        f.kv_rows,
+                        f.request_rows,
+                        started.elapsed().as_millis()
+                    );
+                    return Ok(Some(f));
+                }
+                None => {
+                    pgrx::warning!("raft_kv: the snapshot freeze worker ended without a result; trying again");
+                    bg.failed_at = Some(std::time::Instant::now());
+                }
+            }
+        }
+        if bg.failed_at.is_some_and(|at| at.elapsed() < FREEZE_RETRY) {
+            return Ok(None);
+        }
+        in_txn(|| Spi::connect_mut(|c| c.update("TRUNCATE raft_kv.snapshot_meta", None, &[]).map(|_| ())))
+            .map_err(spi_err)?;
+        match crate::freeze::launch(&bg.database) {
+            Some(worker) => bg.running = Some((worker, std::time::Instant::now())),
+            None => {
+                pgrx::warning!("raft_kv: cannot start the snapshot freeze worker (max_worker_processes?); will retry")
+            }
+        }
+        Ok(None)
     }
 
     /// Key-set pagination over the snapshot tables; a running sum stops a chunk at
@@ -280,6 +292,10 @@ impl Backend for PgBackend {
     }
 
     fn clear_snapshot_store(&mut self) -> StoreResult<()> {
+        if let Some((worker, _)) = self.background.as_mut().and_then(|bg| bg.running.take()) {
+            // A copy still being written would land in the rows about to be staged.
+            let _ = worker.terminate().wait_for_shutdown();
+        }
         in_txn(|| {
             Spi::connect_mut(|c| {
                 c.update(&self.q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests"), None, &[])
@@ -536,6 +552,93 @@ fn write_batch(
         .map_err(spi_err)?;
     }
     Ok(results)
+}
+
+/// Copies kv and request ids into the snapshot tables, with the applied index, conf state and
+/// members they belong to, all read in the caller's transaction (which must see one snapshot:
+/// the worker's own, or a REPEATABLE READ one in the freeze worker).
+pub fn freeze_tables(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<Frozen> {
+    c.update(&q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests"), None, &[]).map_err(spi_err)?;
+    let kv = c
+        .update(&q("INSERT INTO raft_kv.snapshot_kv SELECT key, value, revision FROM raft_kv.kv"), None, &[])
+        .map_err(spi_err)?
+        .len();
+    let requests = c
+        .update(
+            &q("INSERT INTO raft_kv.snapshot_requests SELECT nonce, seq, node, revision, flag FROM raft_kv.requests"),
+            None,
+            &[],
+        )
+        .map_err(spi_err)?
+        .len();
+    let t =
+        c.select(&q("SELECT applied_index, conf_state FROM raft_kv.state WHERE id = 1"), None, &[]).map_err(spi_err)?;
+    let t = t.first();
+    let index = t.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64;
+    let conf_state = decode_conf_state(&t.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default())?;
+    let members = select_members(c, q)?;
+    Ok(Frozen { index, kv_rows: kv as u64, request_rows: requests as u64, conf_state, members })
+}
+
+fn select_members(c: &pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<Vec<Member>> {
+    let mut out = Vec::new();
+    for r in c.select(&q("SELECT id, address, promote FROM raft_kv.members ORDER BY id"), None, &[]).map_err(spi_err)? {
+        out.push(Member {
+            id: r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64,
+            address: r.get::<String>(2).map_err(spi_err)?.unwrap_or_default(),
+            promote: r.get::<bool>(3).map_err(spi_err)?.unwrap_or(false),
+        });
+    }
+    Ok(out)
+}
+
+/// Records what the freeze worker copied, for the Raft worker to pick up.
+pub fn write_frozen(c: &mut pgrx::spi::SpiClient<'_>, f: &Frozen) -> StoreResult<()> {
+    let members = bincode_members(&f.members);
+    c.update(
+        "INSERT INTO raft_kv.snapshot_meta (applied_index, kv_rows, request_rows, conf_state, members) \
+         VALUES ($1, $2, $3, $4, $5)",
+        None,
+        &[
+            (f.index as i64).into(),
+            (f.kv_rows as i64).into(),
+            (f.request_rows as i64).into(),
+            encode_conf_state(&f.conf_state).into(),
+            members.into(),
+        ],
+    )
+    .map_err(spi_err)?;
+    Ok(())
+}
+
+fn read_frozen(c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Option<Frozen>> {
+    let t = c
+        .select(
+            "SELECT applied_index, kv_rows, request_rows, conf_state, members FROM raft_kv.snapshot_meta",
+            None,
+            &[],
+        )
+        .map_err(spi_err)?;
+    if t.is_empty() {
+        return Ok(None);
+    }
+    let t = t.first();
+    let g = |i| t.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+    let members: Vec<u8> = t.get(5).map_err(spi_err)?.unwrap_or_default();
+    Ok(Some(Frozen {
+        index: g(1)?,
+        kv_rows: g(2)?,
+        request_rows: g(3)?,
+        conf_state: decode_conf_state(&t.get::<Vec<u8>>(4).map_err(spi_err)?.unwrap_or_default())?,
+        members: SnapshotData::decode(&members)
+            .map_err(|e| StoreError::Corrupt(format!("frozen members: {e}")))?
+            .members,
+    }))
+}
+
+/// Members in the encoding snapshots already use.
+fn bincode_members(members: &[Member]) -> Vec<u8> {
+    SnapshotData { members: members.to_vec(), ..Default::default() }.encode()
 }
 
 fn upsert_member(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String, m: &Member) -> StoreResult<()> {

@@ -211,8 +211,10 @@ fn run(settings: Settings, epoch: u64) {
         Vec::new()
     };
     let logger = slog::Logger::root(slog::Discard, slog::o!());
-    let mut node = in_txn(|| Node::open(PgBackend::new("raft_kv"), &settings.opts, &bootstrap, &logger))
-        .unwrap_or_else(|e| pgrx::error!("raft_kv: cannot open the raft node: {e}"));
+    let mut node = in_txn(|| {
+        Node::open(PgBackend::with_background_freeze(&settings.database), &settings.opts, &bootstrap, &logger)
+    })
+    .unwrap_or_else(|e| pgrx::error!("raft_kv: cannot open the raft node: {e}"));
     let mut peers =
         Peers { me, configured: settings.cluster.peers.clone(), learned: BTreeMap::new(), addrs: BTreeMap::new() };
     peers.sync(&node, &mut transport);

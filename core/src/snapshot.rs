@@ -89,13 +89,16 @@ impl Cursor {
     }
 }
 
-/// What a freeze copied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What a freeze copied: the state machine as of one applied index, with the configuration
+/// and member addresses as of that index.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Frozen {
     /// The applied index the copy was taken at.
     pub index: u64,
     pub kv_rows: u64,
     pub request_rows: u64,
+    pub conf_state: raft::eraftpb::ConfState,
+    pub members: Vec<crate::state_machine::Member>,
 }
 
 /// Chunks sent and not yet acknowledged, per stream.

@@ -128,9 +128,11 @@ pub trait Backend {
     fn read_terms(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<u64>>;
     /// Writes the batch atomically; returns the result of each op, in order.
     fn write(&mut self, batch: &WriteBatch) -> StoreResult<Vec<ApplyResult>>;
-    /// Copies the state machine as of the applied index into the snapshot store, replacing
-    /// what it held. Rows should not pass through this process's memory.
-    fn freeze_snapshot(&mut self) -> StoreResult<Frozen>;
+    /// Copies the state machine as of one applied index into the snapshot store, replacing
+    /// what it held; rows should not pass through this process's memory. A backend may do it
+    /// in the background: `None` means a copy is under way (started now or earlier) and the
+    /// caller asks again later; a finished copy is returned once.
+    fn freeze_snapshot(&mut self) -> StoreResult<Option<Frozen>>;
     /// Rows of the snapshot store after `cursor`, about `max_bytes` of them (at least one row
     /// while any remain), and where to continue.
     fn read_snapshot(&mut self, cursor: &Cursor, max_bytes: usize) -> StoreResult<(Vec<Row>, Cursor)>;
@@ -209,8 +211,6 @@ fn entry_bytes(e: &Entry) -> usize {
 struct FrozenSnap {
     frozen: Frozen,
     term: u64,
-    conf_state: ConfState,
-    members: Vec<Member>,
 }
 
 /// `raft::Storage` over a [`Backend`], with the cache described in the module docs.
@@ -434,44 +434,46 @@ impl<B: Backend> raft::Storage for RaftStorage<B> {
     /// the compacted log and includes the recipient (raft-rs rejects a snapshot whose conf
     /// state lacks it). The data is metadata only; the rows are streamed separately.
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        let (floor, applied, cs) = {
+        let unavailable = || raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable);
+        let floor = {
             let c = self.cache.borrow();
-            (request_index.max(c.snapshot_index).max(1), c.applied, c.cs.clone())
+            request_index.max(c.snapshot_index).max(1)
         };
         let usable = |f: &FrozenSnap| {
-            let cs = &f.conf_state;
+            let cs = &f.frozen.conf_state;
             f.frozen.index >= floor
                 && (cs.voters.contains(&to) || cs.learners.contains(&to) || cs.learners_next.contains(&to))
         };
         let mut frozen = self.frozen.borrow_mut();
-        if !frozen.as_ref().is_some_and(usable) {
-            if self.streaming.get() || applied < floor {
-                return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        // A stale copy is replaced; a copy that finishes stale starts another at once.
+        for _ in 0..2 {
+            if frozen.as_ref().is_some_and(usable) || self.streaming.get() {
+                break;
             }
-            let term = self.term(applied)?;
-            let mut b = self.backend.borrow_mut();
-            let f = b.freeze_snapshot().map_err(store_err)?;
-            if f.index != applied {
-                return Err(store_err(StoreError::Corrupt(format!(
-                    "froze the state machine at index {} but {applied} is applied",
-                    f.index
-                ))));
-            }
-            let members = b.members().map_err(store_err)?;
-            *frozen = Some(FrozenSnap { frozen: f, term, conf_state: cs, members });
+            // The backend rewrites its snapshot store: the copy it held is no longer there.
+            *frozen = None;
+            let Some(f) = self.backend.borrow_mut().freeze_snapshot().map_err(store_err)? else {
+                return Err(unavailable());
+            };
+            // The copy's index is at or after the snapshot point when it started; the log may
+            // have been compacted past it since, and then its term is gone: not usable.
+            *frozen = match self.term(f.index) {
+                Ok(term) => Some(FrozenSnap { frozen: f, term }),
+                Err(_) => None,
+            };
         }
-        let f = frozen.as_ref().expect("frozen above");
-        if !usable(f) {
-            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
-        }
-        let data =
-            SnapshotData { members: f.members.clone(), kv_rows: f.frozen.kv_rows, request_rows: f.frozen.request_rows };
+        let f = frozen.as_ref().filter(|f| usable(f)).ok_or_else(unavailable)?;
+        let data = SnapshotData {
+            members: f.frozen.members.clone(),
+            kv_rows: f.frozen.kv_rows,
+            request_rows: f.frozen.request_rows,
+        };
         let mut snap = Snapshot::default();
         snap.set_data(data.encode().into());
         let m = snap.mut_metadata();
         m.index = f.frozen.index;
         m.term = f.term;
-        m.set_conf_state(f.conf_state.clone());
+        m.set_conf_state(f.frozen.conf_state.clone());
         Ok(snap)
     }
 }
@@ -647,15 +649,17 @@ impl Backend for MemBackend {
         Ok(out)
     }
 
-    fn freeze_snapshot(&mut self) -> StoreResult<Frozen> {
+    fn freeze_snapshot(&mut self) -> StoreResult<Option<Frozen>> {
         let mut s = self.inner.lock().unwrap();
         s.snap_kv = s.kv.clone();
         s.snap_requests = s.requests.clone();
-        Ok(Frozen {
+        Ok(Some(Frozen {
             index: s.state.applied,
             kv_rows: s.snap_kv.len() as u64,
             request_rows: s.snap_requests.len() as u64,
-        })
+            conf_state: s.state.conf_state.clone(),
+            members: s.members.values().cloned().collect(),
+        }))
     }
 
     fn read_snapshot(&mut self, cursor: &Cursor, max_bytes: usize) -> StoreResult<(Vec<Row>, Cursor)> {
@@ -803,12 +807,23 @@ pub mod contract {
         assert_eq!(backend.read_terms(4, 8).unwrap(), vec![3, 6, 6, 6]);
     }
 
+    /// Freezes the state machine, waiting for a backend that does it in the background.
+    pub fn freeze_now<B: Backend>(b: &mut B) -> Frozen {
+        for _ in 0..3000 {
+            if let Some(f) = b.freeze_snapshot().unwrap() {
+                return f;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the snapshot store was not frozen within 30 s");
+    }
+
     /// Freezes an applied state, reads it back in small chunks, stages it again after the
     /// state moved on, installs it, and checks the install refuses a wrong row count.
     pub fn check_snapshot_store<B: Backend>(mut b: B) {
         let log = sample_log(40);
         apply_log(&mut b, &log, 40);
-        let frozen = b.freeze_snapshot().unwrap();
+        let frozen = freeze_now(&mut b);
         assert_eq!(frozen.index, 40);
         // Later writes do not change the frozen copy.
         let mut more = sample_log(50);
@@ -862,7 +877,9 @@ pub mod contract {
         let st = b.load().unwrap();
         assert_eq!((st.snapshot_index, st.applied, st.last_index), (40, 40, 40));
         // What was installed is exactly what was frozen.
-        assert_eq!(b.freeze_snapshot().unwrap(), Frozen { index: 40, kv_rows, request_rows });
+        let again = freeze_now(&mut b);
+        assert_eq!((again.index, again.kv_rows, again.request_rows), (40, kv_rows, request_rows));
+        assert_eq!(again.conf_state.voters, vec![1]);
         assert_eq!(read_all(&mut b, 1 << 20).0, rows);
         // The installed state behaves like the replayed one: a retried request is a duplicate.
         let again = apply_log(&mut b, &log[..1], 1);
