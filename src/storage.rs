@@ -196,7 +196,7 @@ impl Backend for PgBackend {
                 }
                 Err(_) => {}
             }
-            match in_txn(|| Spi::connect(|c| read_frozen(c)))? {
+            match in_txn(|| Spi::connect(read_frozen))? {
                 Some(f) => {
                     pgrx::log!(
                         "raft_kv: froze the state machine at index {} for snapshots ({} rows, {} request ids) in {} ms, \
