@@ -196,6 +196,9 @@ impl Backend for PgBackend {
                 }
                 Err(_) => {}
             }
+            // It may have died before clearing its pid (which would then let a later process
+            // with that pid past the guard triggers).
+            crate::shmem::SHARED.exclusive().status.freeze_pid = 0;
             match in_txn(|| Spi::connect(read_frozen))? {
                 Some(f) => {
                     pgrx::log!(
@@ -295,6 +298,7 @@ impl Backend for PgBackend {
         if let Some((worker, _)) = self.background.as_mut().and_then(|bg| bg.running.take()) {
             // A copy still being written would land in the rows about to be staged.
             let _ = worker.terminate().wait_for_shutdown();
+            crate::shmem::SHARED.exclusive().status.freeze_pid = 0;
         }
         in_txn(|| {
             Spi::connect_mut(|c| {
