@@ -392,3 +392,31 @@ fn a_second_change_while_one_is_pending_is_refused() {
         assert_eq!(members(&c, i).iter().filter(|m| m.1).count(), 3, "no voter was removed (node {i})");
     }
 }
+
+#[test]
+fn a_freeze_without_a_worker_slot_is_retried_and_writes_go_on() {
+    // Two worker slots: the raft_kv worker and the logical replication launcher take both.
+    let mut c = Cluster::builder(1).conf("max_worker_processes = 2").start();
+    c.wait_leader(&[1], Duration::from_secs(10));
+    c.client(1).query_one("SELECT count(raft_set('k/' || g, 'v')) FROM generate_series(1, 100) g", &[]).unwrap();
+    let n2 = c.add_node(joiner_conf);
+    let addr = c.node(n2).raft_addr();
+    c.client(1).query_one("SELECT raft_join(2, $1)", &[&addr]).unwrap();
+    wait_for(Duration::from_secs(20), "the leader to report it cannot start the freeze worker", || {
+        c.node(1).log().contains("raft_kv: cannot start the snapshot freeze worker").then_some(())
+    });
+    // The Raft loop is not held up by it.
+    c.client(1).query_one("SELECT raft_set('during', 'x')", &[]).unwrap();
+    assert!(!members(&c, 1).contains(&(2, true)));
+    // With a slot free again (after a restart with more), the freeze happens and node 2 joins.
+    let conf = c.node(1).data().join("postgresql.conf");
+    let mut f = std::fs::OpenOptions::new().append(true).open(conf).unwrap();
+    std::io::Write::write_all(&mut f, b"\nmax_worker_processes = 8\n").unwrap();
+    c.stop_node(1, Stop::Fast);
+    c.start_node(1);
+    wait_for(Duration::from_secs(60), "node 2 to be promoted to voter", || {
+        members(&c, 1).contains(&(2, true)).then_some(())
+    });
+    c.assert_converged(&[1, n2]);
+    assert_eq!(c.kv_hash(n2).0, 101);
+}
