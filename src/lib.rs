@@ -103,22 +103,16 @@ BEGIN
 END
 $$;
 
-CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.log
-    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
-CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.state
-    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
-CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.kv
-    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
-CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.requests
-    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
-CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.members
-    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
-CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.snapshot_kv
-    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
-CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.snapshot_requests
-    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
-CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.snapshot_meta
-    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
+DO $$
+DECLARE t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['log', 'state', 'kv', 'requests', 'members',
+                             'snapshot_kv', 'snapshot_requests', 'snapshot_meta'] LOOP
+        EXECUTE format('CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE '
+                       'ON raft_kv.%I FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write()', t);
+    END LOOP;
+END
+$$;
 
 -- Membership changes are for administrators.
 REVOKE EXECUTE ON FUNCTION raft_join(bigint, text, boolean) FROM PUBLIC;

@@ -264,10 +264,7 @@ fn run(settings: Settings, epoch: u64) {
         while let Ok(ev) = transport.events().try_recv() {
             match ev {
                 Event::Message(m) => {
-                    // Only members and configured peers speak to us, except to a node that
-                    // belongs to no cluster yet (it waits for a leader to add it).
-                    let blank = !node.is_member(me) && node.members().is_empty();
-                    if blank || peers.addrs.contains_key(&m.from) || node.is_member(m.from) {
+                    if peers.admits(&node, m.from) {
                         node.step(m);
                     }
                 }
@@ -278,8 +275,7 @@ fn run(settings: Settings, epoch: u64) {
                     }
                 }
                 Event::Snap { from, frame } => {
-                    let blank = !node.is_member(me) && node.members().is_empty();
-                    if blank || peers.addrs.contains_key(&from) || node.is_member(from) {
+                    if peers.admits(&node, from) {
                         node.receive_snap(from, frame)
                             .unwrap_or_else(|e| pgrx::error!("raft_kv: storing a snapshot chunk failed: {e}"));
                     }
@@ -446,6 +442,13 @@ struct Peers {
 }
 
 impl Peers {
+    /// Only members and configured peers speak to us, except to a node that belongs to no
+    /// cluster yet (it waits for a leader to add it).
+    fn admits<B: raft_kv_core::storage::Backend>(&self, node: &Node<B>, from: u64) -> bool {
+        let blank = !node.is_member(self.me) && node.members().is_empty();
+        blank || self.addrs.contains_key(&from) || node.is_member(from)
+    }
+
     fn sync<B: raft_kv_core::storage::Backend>(&mut self, node: &Node<B>, transport: &mut Transport) {
         let mut want = self.learned.clone();
         for m in node.members().values() {

@@ -420,7 +420,7 @@ impl<B: Backend> Node<B> {
     /// Feeds a message from a peer. Messages raft cannot use (stale, from unknown peers) are
     /// ignored, as raft intends. A snapshot message is taken only when its rows have been
     /// staged; otherwise the sender is told the transfer failed.
-    pub fn step(&mut self, m: Message) {
+    pub fn step(&mut self, mut m: Message) {
         if m.get_msg_type() == MessageType::MsgSnapshot {
             let md = m.get_snapshot().get_metadata();
             let staged = self
@@ -439,7 +439,6 @@ impl<B: Backend> Node<B> {
             }
             self.install_pending = true;
         }
-        let mut m = m;
         if m.get_msg_type() == MessageType::MsgPropose && self.is_leader() {
             self.refuse_conf_changes_raft_would_blank(&mut m);
         }
@@ -833,14 +832,7 @@ impl<B: Backend> Node<B> {
         }
         let results = self.raw.store().write(&batch)?;
         for op in &batch.members {
-            match op {
-                MemberOp::Upsert(m) => {
-                    self.members.insert(m.id, m.clone());
-                }
-                MemberOp::Remove(id) => {
-                    self.members.remove(id);
-                }
-            }
+            op.apply_to(&mut self.members);
         }
         let me = self.id();
         for (index, id, ok) in changes {

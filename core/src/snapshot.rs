@@ -17,8 +17,6 @@
 //! A lost chunk, a refusal ([`SnapFrame::Abort`]) or a silent follower ends the stream and is
 //! reported to raft as a failed snapshot, which makes the leader try again later.
 
-use std::fmt;
-
 /// One frame of the snapshot side channel.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SnapFrame {
@@ -37,13 +35,6 @@ impl SnapFrame {
     }
     pub fn decode(b: &[u8]) -> Option<Self> {
         bincode::deserialize(b).ok()
-    }
-    pub fn id(&self) -> (u64, u64) {
-        match self {
-            SnapFrame::Chunk { index, term, .. }
-            | SnapFrame::Ack { index, term, .. }
-            | SnapFrame::Abort { index, term, .. } => (*index, *term),
-        }
     }
 }
 
@@ -105,13 +96,3 @@ pub struct Frozen {
 pub const WINDOW: u32 = 4;
 /// Default upper bound of one chunk's rows, in bytes (one row may exceed it alone).
 pub const DEFAULT_CHUNK_BYTES: usize = 256 << 10;
-
-/// Why an incoming snapshot message or chunk was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refused(pub String);
-
-impl fmt::Display for Refused {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}

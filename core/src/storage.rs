@@ -78,6 +78,20 @@ pub enum MemberOp {
     Remove(u64),
 }
 
+impl MemberOp {
+    /// Applies the change to a map of members by id.
+    pub fn apply_to(&self, members: &mut BTreeMap<u64, Member>) {
+        match self {
+            MemberOp::Upsert(m) => {
+                members.insert(m.id, m.clone());
+            }
+            MemberOp::Remove(id) => {
+                members.remove(id);
+            }
+        }
+    }
+}
+
 /// How many log entries a request id is remembered for duplicate detection.
 pub const DEDUP_WINDOW: u64 = 100_000;
 /// Forgetting old request ids happens when the applied index crosses a multiple of this.
@@ -630,14 +644,7 @@ impl Backend for MemBackend {
             s.state.conf_state = cs.clone();
         }
         for op in &b.members {
-            match op {
-                MemberOp::Upsert(m) => {
-                    s.members.insert(m.id, m.clone());
-                }
-                MemberOp::Remove(id) => {
-                    s.members.remove(id);
-                }
-            }
+            op.apply_to(&mut s.members);
         }
         if let Some((index, term)) = b.compact_to {
             if index > s.state.snapshot_index {

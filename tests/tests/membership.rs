@@ -361,10 +361,7 @@ fn a_second_change_while_one_is_pending_is_refused() {
     // A long election timeout: the leader must not lose its leadership while the others are
     // stopped (else the pending change could be overwritten by a new leader, which is fine
     // for raft but not what this test is about).
-    let mut c = Cluster::builder(3)
-        .conf("raft_kv.apply_timeout = 20000")
-        .conf("raft_kv.election_ticks = 60")
-        .start();
+    let mut c = Cluster::builder(3).conf("raft_kv.apply_timeout = 20000").conf("raft_kv.election_ticks = 60").start();
     let (leader, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(30));
     let n4 = c.add_node(joiner_conf);
     let addr = c.node(n4).raft_addr();

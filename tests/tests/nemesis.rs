@@ -34,6 +34,10 @@ struct History {
 }
 
 impl History {
+    fn new() -> Self {
+        History { start: Instant::now(), ops: Mutex::new(Vec::new()), local_reads: AtomicUsize::new(0) }
+    }
+
     fn now(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
     }
@@ -59,6 +63,19 @@ fn classify(e: &postgres::Error) -> Failure {
         Some("40001") | Some("55000") | Some("53400") => Failure::Certain,
         // Outcome unknown, or the server went away mid-call.
         _ => Failure::Unknown,
+    }
+}
+
+/// The workload: CLIENTS threads of `client_loop`, until `stop`.
+fn spawn_clients<'s, 'e>(
+    s: &'s std::thread::Scope<'s, 'e>,
+    c: &'e Cluster,
+    seed: u64,
+    stop: &'e AtomicBool,
+    h: &'e History,
+) {
+    for id in 0..CLIENTS {
+        s.spawn(move || client_loop(c, id, seed, stop, h));
     }
 }
 
@@ -156,15 +173,12 @@ fn run(fault: Fault) {
     let c = Cluster::builder(3).proxied().start();
     c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
     let net = c.net.as_ref().unwrap();
-    let h = History { start: Instant::now(), ops: Mutex::new(Vec::new()), local_reads: AtomicUsize::new(0) };
+    let h = History::new();
     let stop = AtomicBool::new(false);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut faults = 0;
     std::thread::scope(|s| {
-        for id in 0..CLIENTS {
-            let (c, stop, h) = (&c, &stop, &h);
-            s.spawn(move || client_loop(c, id, seed, stop, h));
-        }
+        spawn_clients(s, &c, seed, &stop, &h);
         let _stop = StopOnDrop(&stop);
         let end = Instant::now() + dur;
         while Instant::now() < end {
@@ -279,16 +293,13 @@ fn run_membership() {
     let mut c = Cluster::start(3);
     c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
     let spares = [c.add_node(raft_kv_tests::joiner_conf), c.add_node(raft_kv_tests::joiner_conf)];
-    let h = History { start: Instant::now(), ops: Mutex::new(Vec::new()), local_reads: AtomicUsize::new(0) };
+    let h = History::new();
     let stop = AtomicBool::new(false);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut members: Vec<usize> = vec![1, 2, 3];
     let mut faults = 0;
     std::thread::scope(|s| {
-        for id in 0..CLIENTS {
-            let (c, stop, h) = (&c, &stop, &h);
-            s.spawn(move || client_loop(c, id, seed, stop, h));
-        }
+        spawn_clients(s, &c, seed, &stop, &h);
         let _stop = StopOnDrop(&stop);
         let end = Instant::now() + dur;
         for &spare in &spares {
