@@ -12,7 +12,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::shmem::SHARED;
-use crate::storage::{freeze_tables, write_frozen};
+use crate::storage::{freeze_tables, pin_search_path, write_frozen};
 
 /// Starts a freeze in `database`; `None` when no worker slot is free.
 pub fn launch(database: &str) -> Option<DynamicBackgroundWorker> {
@@ -34,6 +34,7 @@ pub extern "C-unwind" fn raft_kv_freeze_main(_arg: pg_sys::Datum) {
     // The guard triggers let this process write the snapshot tables.
     SHARED.exclusive().status.freeze_pid = unsafe { pg_sys::MyProcPid };
     BackgroundWorker::connect_worker_to_spi(Some(BackgroundWorker::get_extra()), None);
+    pin_search_path();
     // One snapshot for every statement of the copy (SPI takes one before any statement, so
     // SET TRANSACTION would come too late).
     unsafe { pg_sys::DefaultXactIsoLevel = pg_sys::XACT_REPEATABLE_READ as i32 };

@@ -12,6 +12,8 @@ pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 pub static TICK_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static ELECTION_TICKS: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static HEARTBEAT_TICKS: GucSetting<i32> = GucSetting::<i32>::new(2);
+/// A user may make a call wait at most this long (a waiting call holds its session's slot).
+const MAX_APPLY_TIMEOUT_MS: i32 = 60_000;
 pub static APPLY_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static MAX_VALUE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1 << 20);
 pub static SNAPSHOT_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10_000);
@@ -88,7 +90,7 @@ pub fn register() {
         c"",
         &APPLY_TIMEOUT_MS,
         100,
-        3_600_000,
+        MAX_APPLY_TIMEOUT_MS,
         GucContext::Userset,
         GucFlags::UNIT_MS,
     );

@@ -89,10 +89,11 @@ CREATE UNLOGGED TABLE raft_kv.snapshot_meta (
 
 REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv, raft_kv.requests, raft_kv.members,
     raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_meta FROM PUBLIC;
-GRANT USAGE ON SCHEMA raft_kv TO PUBLIC;
+REVOKE ALL ON SCHEMA raft_kv FROM PUBLIC;
 
+-- search_path is pinned: the trigger runs as whoever writes, with their search_path.
 CREATE FUNCTION raft_kv.reject_direct_write() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NOT raft_kv.is_worker() THEN
         RAISE EXCEPTION 'direct % on %.% is not allowed', TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME
@@ -108,16 +109,44 @@ DECLARE t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['log', 'state', 'kv', 'requests', 'members',
                              'snapshot_kv', 'snapshot_requests', 'snapshot_meta'] LOOP
-        EXECUTE format('CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE '
+        EXECUTE pg_catalog.format('CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE '
                        'ON raft_kv.%I FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write()', t);
     END LOOP;
 END
 $$;
 
--- Membership changes are for administrators.
-REVOKE EXECUTE ON FUNCTION raft_join(bigint, text, boolean) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION raft_remove(bigint) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION raft_transfer_leader(bigint) FROM PUBLIC;
+-- Least privilege: nothing is executable by PUBLIC. Three roles, each including the one
+-- before: reader (reads and status), writer (writes), admin (membership, peer addresses).
+-- Roles are cluster-wide, so they are created only if missing and survive DROP EXTENSION.
+DO $$
+DECLARE r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['raft_kv_reader', 'raft_kv_writer', 'raft_kv_admin'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) r) THEN
+            EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
+        END IF;
+    END LOOP;
+END
+$$;
+GRANT raft_kv_reader TO raft_kv_writer;
+GRANT raft_kv_writer TO raft_kv_admin;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA raft_kv FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION raft_get(text, text), raft_scan(text, text), raft_status(),
+    raft_set(text, text, text), raft_cas(text, text, text, text), raft_delete(text, text),
+    raft_join(bigint, text, boolean), raft_remove(bigint), raft_transfer_leader(bigint),
+    raft_members() FROM PUBLIC;
+
+-- Readers read raft_kv.kv with their own rights (the functions are not SECURITY DEFINER).
+GRANT USAGE ON SCHEMA raft_kv TO raft_kv_reader;
+GRANT SELECT ON raft_kv.kv TO raft_kv_reader;
+GRANT EXECUTE ON FUNCTION raft_get(text, text), raft_scan(text, text), raft_status() TO raft_kv_reader;
+GRANT EXECUTE ON FUNCTION raft_set(text, text, text), raft_cas(text, text, text, text), raft_delete(text, text)
+    TO raft_kv_writer;
+GRANT EXECUTE ON FUNCTION raft_join(bigint, text, boolean), raft_remove(bigint), raft_transfer_leader(bigint),
+    raft_members() TO raft_kv_admin;
+-- Monitoring sees the whole status, peer addresses included, and the members.
+GRANT EXECUTE ON FUNCTION raft_status(), raft_members() TO pg_monitor;
 "#,
     name = "create_tables",
     finalize

@@ -29,7 +29,7 @@ pub struct Reply {
 pub enum RequestError {
     /// The worker is not running (configuration error, starting, waiting for the extension).
     NotRunning(String),
-    /// Every slot is in use.
+    /// This server process has no request slot (its PGPROC number is past the slots).
     Busy,
     NotCommitted(String),
     Unknown(String),
@@ -69,46 +69,40 @@ pub fn submit(req: &Request) -> Result<Reply, RequestError> {
             }
         }
     }
-    let claimed = {
-        let mut sh = SHARED.exclusive();
-        if !sh.status.running {
-            Err(RequestError::NotRunning(sh.status.state.get()))
-        } else if let Some(idx) = sh.slots.iter().position(|s| s.state == SlotState::Free as u8) {
-            let gen = sh.next_gen;
-            sh.next_gen += 1;
-            let epoch = sh.status.epoch;
-            let worker = sh.status.worker_procno;
-            let s = &mut sh.slots[idx];
-            s.state = SlotState::Submitted as u8;
-            s.abandoned = false;
-            s.gen = gen;
-            s.epoch = epoch;
-            s.procno = shmem::my_procno();
-            s.op = op as u8;
-            s.timeout_ms = timeout_ms;
-            s.key_len = key.len() as u32;
-            s.val_len = value.len() as u32;
-            s.has_expected = expected.is_some();
-            s.exp_len = exp.len() as u32;
-            s.rid_len = rid.len() as u32;
-            s.target = target;
-            s.as_learner = as_learner;
-            s.outcome = 0;
-            if seg.is_null() {
-                s.dsm = 0;
-                let mut at = 0;
-                for part in payload {
-                    s.data[at..at + part.len()].copy_from_slice(part);
-                    at += part.len();
-                }
-            } else {
-                s.dsm = unsafe { pg_sys::dsm_segment_handle(seg) };
+    let claimed = claim(|sh, idx| {
+        let gen = sh.next_gen;
+        sh.next_gen += 1;
+        let epoch = sh.status.epoch;
+        let worker = sh.status.worker_procno;
+        let s = &mut sh.slots[idx];
+        s.state = SlotState::Submitted as u8;
+        s.abandoned = false;
+        s.gen = gen;
+        s.epoch = epoch;
+        s.procno = shmem::my_procno();
+        s.op = op as u8;
+        s.timeout_ms = timeout_ms;
+        s.key_len = key.len() as u32;
+        s.val_len = value.len() as u32;
+        s.has_expected = expected.is_some();
+        s.exp_len = exp.len() as u32;
+        s.rid_len = rid.len() as u32;
+        s.target = target;
+        s.as_learner = as_learner;
+        s.outcome = 0;
+        if seg.is_null() {
+            s.dsm = 0;
+            let mut at = 0;
+            for part in payload {
+                s.data[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
             }
-            Ok((idx, gen, epoch, worker))
         } else {
-            Err(RequestError::Busy)
+            // SAFETY: `seg` is the segment created above and still attached.
+            s.dsm = unsafe { pg_sys::dsm_segment_handle(seg) };
         }
-    };
+        (idx, gen, epoch, worker)
+    });
     let result = match claimed {
         Err(e) => Err(e),
         Ok((idx, gen, epoch, worker)) => {
@@ -121,6 +115,54 @@ pub fn submit(req: &Request) -> Result<Reply, RequestError> {
         unsafe { pg_sys::dsm_detach(seg) };
     }
     result
+}
+
+/// Claims this backend's own slot (one per server process, indexed by its PGPROC number, so
+/// no role can take another's) and fills it with `fill`, under the lock. A slot the worker
+/// still holds for this backend's previous, cancelled call is waited for: the worker frees
+/// it on its next pass and sets our latch.
+fn claim<R>(fill: impl FnOnce(&mut shmem::Shared, usize) -> R) -> Result<R, RequestError> {
+    let idx = shmem::my_procno();
+    if idx < 0 || idx as usize >= NSLOTS {
+        return Err(RequestError::Busy);
+    }
+    let idx = idx as usize;
+    let deadline = Instant::now() + VERDICT_GRACE;
+    let mut fill = Some(fill);
+    loop {
+        let worker = {
+            let mut sh = SHARED.exclusive();
+            if !sh.status.running {
+                return Err(RequestError::NotRunning(sh.status.state.get()));
+            }
+            if sh.slots[idx].state != SlotState::Taken as u8 {
+                let fill = fill.take().expect("filled once");
+                return Ok(fill(&mut sh, idx));
+            }
+            sh.status.worker_procno
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(RequestError::NotRunning("the raft_kv worker has not released this session's previous request".into()));
+        }
+        shmem::wake_proc(worker);
+        wait_latch(left.min(Duration::from_millis(100)));
+    }
+}
+
+/// Sleeps on this backend's latch for at most `d`, then serves interrupts (cancel, terminate).
+fn wait_latch(d: Duration) {
+    // SAFETY: MyLatch is this backend's own latch, valid for the life of the process.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            d.as_millis().max(1) as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pgrx::check_for_interrupts!();
 }
 
 fn wait(idx: usize, gen: u64, epoch: u64, deadline: Instant) -> Result<Reply, RequestError> {
@@ -147,16 +189,7 @@ fn wait(idx: usize, gen: u64, epoch: u64, deadline: Instant) -> Result<Reply, Re
         if left.is_zero() {
             return Err(RequestError::Unknown("the raft_kv worker did not answer in time".into()));
         }
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                left.as_millis().max(1) as std::ffi::c_long,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-        pgrx::check_for_interrupts!();
+        wait_latch(left);
     }
 }
 
@@ -198,6 +231,8 @@ pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u6
         if s.state == SlotState::Taken as u8 && s.abandoned {
             s.state = SlotState::Free as u8;
             abandoned.push((idx, s.gen));
+            // Its backend may be waiting to make its next call.
+            shmem::wake_proc(s.procno);
             continue;
         }
         if s.state != SlotState::Submitted as u8 {

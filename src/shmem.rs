@@ -11,7 +11,9 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 
-pub const NSLOTS: usize = 128;
+/// One request slot per server process (indexed by PGPROC number): a backend makes one call
+/// at a time, so no session, and no role, can take another's.
+pub const NSLOTS: usize = 512;
 /// Key, value and expected-value bytes carried inside a slot; larger requests travel in a DSM segment.
 pub const INLINE_BYTES: usize = 2048;
 pub const MAX_MEMBERS: usize = raft_kv_core::config::MAX_MEMBERS;

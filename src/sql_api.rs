@@ -5,7 +5,7 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode as Code;
-use raft_kv_core::command::{MAX_KEY_BYTES, MAX_REQUEST_ID_BYTES};
+use raft_kv_core::command::{scoped_request_key, MAX_KEY_BYTES, MAX_REQUEST_ID_BYTES};
 
 use crate::guc;
 use crate::requests::{self, RequestError};
@@ -75,7 +75,14 @@ fn check_value(value: Option<&str>) -> &str {
 }
 
 fn request(op: Op, key: &str, value: &str, expected: Option<&str>, request_id: Option<&str>) -> requests::Reply {
-    let req = requests::Request { op, key, value, expected, request_id, target: 0, as_learner: false };
+    // A client's request id names one command of one role: another role, or another command
+    // under the same id, is a new request and can neither read nor block the first one's
+    // outcome.
+    let scoped = request_id.map(|id| {
+        let role = unsafe { pg_sys::GetUserId() }.to_u32();
+        scoped_request_key(role, op as u8, &[Some(key), Some(value), expected], id)
+    });
+    let req = requests::Request { op, key, value, expected, request_id: scoped.as_deref(), target: 0, as_learner: false };
     submit(&req)
 }
 
@@ -89,9 +96,9 @@ fn submit(req: &requests::Request) -> requests::Reply {
         ),
         RequestError::Busy => raise(
             Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-            format!("all {} raft_kv request slots are in use", shmem::NSLOTS),
-            Some("The write was not attempted; it is safe to retry."),
-            None,
+            format!("raft_kv serves the first {} server processes; this session's process is past them", shmem::NSLOTS),
+            Some("The request was not attempted."),
+            Some("Lower max_connections (plus background workers) below that number."),
         ),
         RequestError::NotCommitted(m) => raise(
             Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
@@ -187,6 +194,7 @@ fn check_request_id(id: Option<&str>) -> Option<&str> {
 /// A `request_id` makes retries safe: calling again with the same id (on any node, after an
 /// "outcome unknown" error, say) returns the first call's revision without writing again.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn raft_set(key: Option<&str>, value: Option<&str>, request_id: default!(Option<&str>, "NULL")) -> i64 {
     require_preload();
     let key = check_key(key);
@@ -197,6 +205,7 @@ fn raft_set(key: Option<&str>, value: Option<&str>, request_id: default!(Option<
 /// Writes `new` only if the key's current value equals `expected` (NULL: the key is absent),
 /// decided when the entry applies, so it is atomic cluster-wide. Returns whether it wrote.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn raft_cas(
     key: Option<&str>,
     expected: Option<&str>,
@@ -214,6 +223,7 @@ fn raft_cas(
 
 /// Deletes `key` through the Raft log; returns whether it existed.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn raft_delete(key: Option<&str>, request_id: default!(Option<&str>, "NULL")) -> bool {
     require_preload();
     let key = check_key(key);
@@ -223,12 +233,13 @@ fn raft_delete(key: Option<&str>, request_id: default!(Option<&str>, "NULL")) ->
 /// The value of `key`, NULL when absent. `'linearizable'` (the default) reflects every write
 /// that completed before the call, on any node; `'local'` reads this node's applied state
 /// without contacting the leader (possibly stale).
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn raft_get(key: Option<&str>, consistency: default!(Option<&str>, "'linearizable'")) -> Option<String> {
     require_preload();
     let key = check_key(key);
     read_barrier(self::consistency(consistency));
-    fresh_select("SELECT value FROM raft_kv.kv WHERE key = $1", &[key.into()], |t| {
+    fresh_select("SELECT value FROM raft_kv.kv WHERE key OPERATOR(pg_catalog.=) $1", &[key.into()], |t| {
         if t.is_empty() {
             Ok(None)
         } else {
@@ -239,7 +250,8 @@ fn raft_get(key: Option<&str>, consistency: default!(Option<&str>, "'linearizabl
 
 /// Every key starting with `prefix` (all keys for ''), ordered by key, with the same
 /// consistency choices as `raft_get`.
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn raft_scan(
     prefix: Option<&str>,
     consistency: default!(Option<&str>, "'linearizable'"),
@@ -250,7 +262,7 @@ fn raft_scan(
     };
     read_barrier(self::consistency(consistency));
     let rows: Vec<(String, String, i64)> = fresh_select(
-        "SELECT key, value, revision FROM raft_kv.kv WHERE starts_with(key, $1) ORDER BY key",
+        "SELECT key, value, revision FROM raft_kv.kv WHERE pg_catalog.starts_with(key, $1) ORDER BY key",
         &[prefix.into()],
         |t| {
             let mut rows = Vec::with_capacity(t.len());
@@ -308,6 +320,7 @@ fn admin(op: Op, target: u64, address: &str, as_learner: bool) -> requests::Repl
 /// learner that catches up (by snapshot), then, unless `as_learner`, promoted to voter
 /// automatically once within `raft_kv.promote_lag` entries. Returns once the learner is added.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn raft_join(node_id: Option<i64>, address: Option<&str>, as_learner: default!(Option<bool>, "false")) -> i64 {
     require_preload();
     let id = check_node_id(node_id);
@@ -334,6 +347,7 @@ fn raft_join(node_id: Option<i64>, address: Option<&str>, as_learner: default!(O
 
 /// Removes node `node_id` (voter or learner) from the cluster. Returns once applied here.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn raft_remove(node_id: Option<i64>) -> i64 {
     require_preload();
     let id = check_node_id(node_id);
@@ -355,6 +369,7 @@ fn raft_remove(node_id: Option<i64>) -> i64 {
 
 /// Moves leadership to voter `node_id`; returns once this node sees it lead.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn raft_transfer_leader(node_id: Option<i64>) -> bool {
     require_preload();
     let id = check_node_id(node_id);
@@ -371,8 +386,21 @@ fn raft_transfer_leader(node_id: Option<i64>) -> bool {
     }
 }
 
-/// One row describing this node: identity, worker state and Raft progress.
+/// Whether the caller may see peer addresses: members of raft_kv_admin or pg_monitor
+/// (superusers have every role's privileges).
+fn sees_addresses() -> bool {
+    unsafe {
+        let me = pg_sys::GetUserId();
+        let admin = pg_sys::get_role_oid(c"raft_kv_admin".as_ptr(), true);
+        (admin != pg_sys::InvalidOid && pg_sys::has_privs_of_role(me, admin))
+            || pg_sys::has_privs_of_role(me, pg_sys::Oid::from(pg_sys::ROLE_PG_MONITOR))
+    }
+}
+
+/// One row describing this node: identity, worker state and Raft progress. `listen_addr` and
+/// `peers` are NULL unless the caller is in raft_kv_admin or pg_monitor.
 #[pg_extern(volatile, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
 fn raft_status() -> TableIterator<
     'static,
     (
@@ -395,6 +423,7 @@ fn raft_status() -> TableIterator<
     ),
 > {
     require_preload();
+    let privileged = sees_addresses();
     let sh = SHARED.share();
     let s = &sh.status;
     let has_node = !s.role.get().is_empty();
@@ -402,8 +431,8 @@ fn raft_status() -> TableIterator<
     let voters: Vec<i64> = s.members[..s.n_members as usize].iter().filter(|m| m.voter).map(|m| m.id as i64).collect();
     let row = (
         nonzero(s.node_id),
-        Some(s.listen_addr.get()).filter(|a| !a.is_empty()),
-        Some(s.peers.get()).filter(|a| !a.is_empty()),
+        Some(s.listen_addr.get()).filter(|a| privileged && !a.is_empty()),
+        Some(s.peers.get()).filter(|a| privileged && !a.is_empty()),
         (s.worker_pid != 0).then_some(s.worker_pid),
         s.state.get(),
         has_node.then(|| s.role.get()),
@@ -423,6 +452,7 @@ fn raft_status() -> TableIterator<
 
 /// One row per cluster member. match_index and active are known on the leader only.
 #[pg_extern(volatile, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
 fn raft_members() -> TableIterator<
     'static,
     (

@@ -24,7 +24,7 @@ use raft_kv_core::transport::{Event, Transport, Waker};
 use crate::guc;
 use crate::requests::{self, Taken};
 use crate::shmem::{Op, Outcome, SHARED};
-use crate::storage::{in_txn, PgBackend};
+use crate::storage::{in_txn, pin_search_path, PgBackend};
 
 pub fn register() {
     BackgroundWorkerBuilder::new("raft_kv worker")
@@ -107,6 +107,7 @@ pub extern "C-unwind" fn raft_kv_worker_main(_arg: pg_sys::Datum) {
     };
 
     BackgroundWorker::connect_worker_to_spi(Some(&settings.database), None);
+    pin_search_path();
     let mut announced = false;
     loop {
         let present = in_txn(|| {

@@ -27,18 +27,42 @@ pub struct RequestId {
 pub const MAX_REQUEST_ID_BYTES: usize = 256;
 
 impl RequestId {
-    /// The id of a request whose client named it `key`, proposed on `node`.
+    /// The id of a request whose client named it `key` (see [`scoped_request_key`]), proposed
+    /// on `node`. SHA-256, so the id is stable across builds and platforms (a cluster of mixed
+    /// binaries needs that) and nobody can make another key collide with a given one.
     pub fn for_client_key(node: u64, key: &str) -> RequestId {
-        // FNV-1a, twice with different offsets: stable across builds and platforms, which a
-        // cluster of mixed binaries needs (std's hasher promises neither).
-        let fnv = |offset: u64| key.bytes().fold(offset, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3));
-        RequestId { node, nonce: fnv(0xcbf2_9ce4_8422_2325) | 1 << 63, seq: fnv(0x6c62_272e_07bb_0142) }
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(key.as_bytes());
+        let word = |i: usize| u64::from_le_bytes(d[i..i + 8].try_into().expect("8 bytes"));
+        RequestId { node, nonce: word(0) | 1 << 63, seq: word(8) }
     }
 
     /// A worker incarnation's random nonce, kept apart from client-key hashes.
     pub fn worker_nonce(random: u64) -> u64 {
         random & !(1 << 63)
     }
+}
+
+/// What a client-chosen request id stands for: the id as the client wrote it, the role that
+/// called (its OID), the operation and every argument. A retry (same role, same command,
+/// same id) maps to the same key on every node; anything else is a different request.
+pub fn scoped_request_key(role: u32, op: u8, args: &[Option<&str>], id: &str) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"raft_kv request v1\0");
+    h.update(role.to_le_bytes());
+    h.update([op]);
+    for a in args.iter().chain(std::iter::once(&Some(id))) {
+        match a {
+            None => h.update([0u8]),
+            Some(a) => {
+                h.update([1u8]);
+                h.update((a.len() as u64).to_le_bytes());
+                h.update(a.as_bytes());
+            }
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,7 +114,49 @@ impl Proposal {
     }
 }
 
+/// Largest value any node accepts at apply time: the ceiling of `raft_kv.max_value_bytes`
+/// (that setting may differ between nodes, and applying must not).
+pub const MAX_VALUE_BYTES_CEILING: usize = 64 << 20;
+
+/// The rules every key obeys, checked by the SQL functions and again when an entry applies.
+pub fn check_key(key: &str) -> Result<(), &'static str> {
+    if key.is_empty() {
+        Err("an empty key")
+    } else if key.len() > MAX_KEY_BYTES {
+        Err("a key over the size limit")
+    } else if key.contains('\0') {
+        Err("a NUL character in a key")
+    } else {
+        Ok(())
+    }
+}
+
+/// The rules every value obeys at apply time (see [`MAX_VALUE_BYTES_CEILING`]).
+pub fn check_value(value: &str) -> Result<(), &'static str> {
+    if value.len() > MAX_VALUE_BYTES_CEILING {
+        Err("a value over the size limit")
+    } else if value.contains('\0') {
+        Err("a NUL character in a value")
+    } else {
+        Ok(())
+    }
+}
+
 impl Command {
+    /// Whether every node can apply this command (Postgres text holds no NUL, an index entry
+    /// has a size limit): a command that fails is skipped identically everywhere.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        check_key(self.key())?;
+        match self {
+            Command::Put { value, .. } => check_value(value),
+            Command::Delete { .. } => Ok(()),
+            Command::Cas { expected, value, .. } => {
+                check_value(value)?;
+                expected.as_deref().map_or(Ok(()), check_value)
+            }
+        }
+    }
+
     pub fn key(&self) -> &str {
         match self {
             Command::Put { key, .. } | Command::Delete { key } | Command::Cas { key, .. } => key,
@@ -122,6 +188,19 @@ mod tests {
         let c = RequestId::for_client_key(1, "order-18");
         assert_ne!((a.nonce, a.seq), (c.nonce, c.seq));
         assert_ne!(a.nonce & 1 << 63, RequestId::worker_nonce(u64::MAX) & 1 << 63);
+    }
+
+    #[test]
+    fn a_request_id_is_scoped_to_the_role_and_the_command() {
+        let k = |role, op, args: &[Option<&str>], id| scoped_request_key(role, op, args, id);
+        let base = k(10, 1, &[Some("key"), Some("v")], "op-1");
+        assert_eq!(base, k(10, 1, &[Some("key"), Some("v")], "op-1"), "a retry is the same request");
+        assert_ne!(base, k(11, 1, &[Some("key"), Some("v")], "op-1"), "another role");
+        assert_ne!(base, k(10, 2, &[Some("key"), Some("v")], "op-1"), "another operation");
+        assert_ne!(base, k(10, 1, &[Some("key"), Some("w")], "op-1"), "another value");
+        assert_ne!(base, k(10, 1, &[Some("ke"), Some("yv")], "op-1"), "arguments are delimited");
+        assert_ne!(k(10, 3, &[Some("k"), Some("v"), None], "x"), k(10, 3, &[Some("k"), Some("v"), Some("")], "x"));
+        assert_eq!(base.len(), 64);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 // raft's protobuf messages are built by setting fields on a default value, as raft-rs does.
 #![allow(clippy::field_reassign_with_default)]
 
+pub mod admission;
 pub mod command;
 pub mod config;
 pub mod node;
@@ -15,6 +16,7 @@ pub mod sim;
 pub mod snapshot;
 pub mod state_machine;
 pub mod storage;
+pub mod tls;
 pub mod transport;
 
 pub use raft;

@@ -156,6 +156,15 @@ pub struct Output {
     pub snapshot_installed: Option<u64>,
     /// Membership changes proposed here that the leader refused (another was in progress).
     pub refused: Vec<RequestId>,
+    /// Committed entries no node can apply, skipped: (index, why).
+    pub invalid: Vec<(u64, &'static str)>,
+}
+
+/// Messages dropped by admission since last asked: how many, and the latest (sender, type, why).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Dropped {
+    pub count: u64,
+    pub last: Option<(u64, MessageType, crate::admission::Reason)>,
 }
 
 /// A member as the status sees it.
@@ -215,6 +224,8 @@ pub struct Node<B: Backend> {
     failed_transfers: Vec<(u64, u64)>,
     chunk_bytes: usize,
     snapshot_timeout_ticks: u32,
+    dropped: Dropped,
+    step_errors: u64,
 }
 
 impl<B: Backend> Node<B> {
@@ -275,6 +286,8 @@ impl<B: Backend> Node<B> {
             failed_transfers: Vec::new(),
             chunk_bytes: opts.snapshot_chunk_bytes.max(1),
             snapshot_timeout_ticks: opts.snapshot_timeout_ticks.max(1),
+            dropped: Dropped::default(),
+            step_errors: 0,
         })
     }
 
@@ -421,6 +434,20 @@ impl<B: Backend> Node<B> {
     /// ignored, as raft intends. A snapshot message is taken only when its rows have been
     /// staged; otherwise the sender is told the transfer failed.
     pub fn step(&mut self, mut m: Message) {
+        let r = &self.raw.raft;
+        let term_at = |i| r.raft_log.term(i).ok();
+        let view = crate::admission::View {
+            id: r.id,
+            leader_id: r.leader_id,
+            committed: r.raft_log.committed,
+            last_index: r.raft_log.last_index(),
+            term_at: &term_at,
+        };
+        if let Err(reason) = crate::admission::check(&m, &view) {
+            self.dropped.count += 1;
+            self.dropped.last = Some((m.from, m.get_msg_type(), reason));
+            return;
+        }
         if m.get_msg_type() == MessageType::MsgSnapshot {
             let md = m.get_snapshot().get_metadata();
             let staged = self
@@ -442,7 +469,24 @@ impl<B: Backend> Node<B> {
         if m.get_msg_type() == MessageType::MsgPropose && self.is_leader() {
             self.refuse_conf_changes_raft_would_blank(&mut m);
         }
-        let _ = self.raw.step(m);
+        // raft refuses what it cannot use (stale or from an unknown peer) with StepPeerNotFound
+        // or StepLocalMsg; anything else is a storage failure, which raft-rs itself reports
+        // when the next Ready is built, so only count it here.
+        if let Err(e) = self.raw.step(m) {
+            if !matches!(e, raft::Error::StepPeerNotFound | raft::Error::StepLocalMsg) {
+                self.step_errors += 1;
+            }
+        }
+    }
+
+    /// Messages dropped by admission since the last call.
+    pub fn take_dropped(&mut self) -> Dropped {
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// Errors raft returned from `step` (other than refusing an unknown or local message).
+    pub fn step_errors(&self) -> u64 {
+        self.step_errors
     }
 
     /// raft-rs turns a membership change it cannot take now (another is pending, or the
@@ -484,9 +528,21 @@ impl<B: Backend> Node<B> {
                     reply(self, SnapFrame::Abort { stream, index, term, reason });
                     return Ok(());
                 }
+                let valid = |r: &crate::snapshot::Row| match r {
+                    crate::snapshot::Row::Kv { key, value, .. } => {
+                        crate::command::check_key(key).is_ok() && crate::command::check_value(value).is_ok()
+                    }
+                    crate::snapshot::Row::Request { .. } => true,
+                };
+                if !rows.iter().all(valid) {
+                    let reason = "the chunk holds rows no node can store".to_string();
+                    reply(self, SnapFrame::Abort { stream, index, term, reason });
+                    return Ok(());
+                }
                 let same = |s: &InStream| (s.from, s.stream, s.index, s.term) == (from, stream, index, term);
                 if !self.incoming.as_ref().is_some_and(same) {
-                    if seq != 0 || self.install_pending {
+                    // Only the leader this node follows starts a transfer.
+                    if seq != 0 || self.install_pending || from != self.raw.raft.leader_id {
                         // Part of a transfer this node is not (or no longer) staging: the
                         // leader's wait for acknowledgements times out and it starts over.
                         return Ok(());
@@ -850,6 +906,10 @@ impl<B: Backend> Node<B> {
                     }
                     Some(id)
                 }
+                Planned::Invalid { index, reason } => {
+                    out.invalid.push((index, reason));
+                    None
+                }
                 _ => None,
             };
             if let Some(expected) = self.appended.remove(&index) {
@@ -892,6 +952,8 @@ impl<B: Backend> Node<B> {
                         let address = ctx
                             .as_ref()
                             .and_then(|c| c.address.clone())
+                            // Never store what a status row or a text column cannot hold.
+                            .filter(|a| a.len() <= 64 && !a.contains('\0'))
                             .or_else(|| self.members.get(&node).map(|m| m.address.clone()))
                             .unwrap_or_default();
                         let promote = kind == ConfChangeType::AddLearnerNode && ctx.as_ref().is_some_and(|c| c.promote);

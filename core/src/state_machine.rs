@@ -12,12 +12,14 @@ use crate::storage::{KvOp, OpAt, DEDUP_PRUNE_EVERY, DEDUP_WINDOW};
 /// What one committed entry asks of the node.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Planned {
-    /// An empty entry (a new leader's no-op) or one that could not be decoded: nothing to do.
+    /// An empty entry (a new leader's no-op): nothing to do.
     Nothing,
     /// A key-value operation; `ops[op_index]` in the batch is its operation.
     Kv { id: RequestId, op_index: usize },
     /// A membership change the driver must hand to raft.
     ConfChange,
+    /// A command no node can apply (a forged or corrupt entry): skipped on every node alike.
+    Invalid { index: u64, reason: &'static str },
 }
 
 /// Appends the operation for `entry` (if any) to `ops` and says what the entry was.
@@ -29,7 +31,10 @@ pub fn plan(entry: &Entry, ops: &mut Vec<OpAt>) -> Planned {
         EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => Planned::ConfChange,
         EntryType::EntryNormal if entry.data.is_empty() => Planned::Nothing,
         EntryType::EntryNormal => match Proposal::decode(&entry.data) {
-            Err(_) => Planned::Nothing,
+            Err(_) => Planned::Invalid { index: entry.index, reason: "undecodable" },
+            Ok(p) if p.cmd.validate().is_err() => {
+                Planned::Invalid { index: entry.index, reason: p.cmd.validate().unwrap_err() }
+            }
             Ok(p) => {
                 let op = match p.cmd {
                     Command::Put { key, value } => KvOp::Put { key, value },
@@ -204,7 +209,7 @@ mod tests {
         e.index = 1;
         e.data = vec![0xff; 3].into();
         let mut ops = Vec::new();
-        assert_eq!(plan(&e, &mut ops), Planned::Nothing);
+        assert_eq!(plan(&e, &mut ops), Planned::Invalid { index: 1, reason: "undecodable" });
         assert!(ops.is_empty());
     }
 

@@ -1,47 +1,80 @@
-//! TCP transport for raft messages, run on tokio threads that never touch Postgres.
+//! The Raft port: mutually authenticated TLS connections to and from peers, run on tokio
+//! threads that never touch Postgres.
 //!
 //! Outbound: one connection and one bounded queue per peer. `send` never blocks: when a
 //! peer's queue is full (the peer is dead, paused or slow) the message is dropped and the
 //! caller reports the peer unreachable to raft, which retries on its own schedule.
-//! Inbound: every accepted connection is read frame by frame; decoded messages go to one
-//! bounded channel and the `wake` callback tells the owning loop to look.
-//! Frames are tokio-util length-delimited: a hello first, then each frame a kind byte and a
-//! body — `M` and a protobuf `eraftpb::Message`, or `S` and a bincode snapshot frame.
+//! Inbound: every accepted connection must finish the TLS handshake and say hello within
+//! [`HANDSHAKE_TIMEOUT`]; the identity its certificate proves must be the node its hello
+//! names and the `from` of every message it carries. Nothing is decoded before that. Frames
+//! are tokio-util length-delimited, the length checked against the limit before anything is
+//! allocated: a hello first, then each frame a kind byte and a body — `M` and a protobuf
+//! `eraftpb::Message`, `S` and a snapshot frame, `K` (keepalive, empty).
+//! Anything else ends the connection, and is reported as an [`Event::Refused`] at most once
+//! a second (with a count of what was not reported), so a flood cannot flood the log.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel as cb;
 use futures::{SinkExt, StreamExt};
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
-
-use crate::node::Outbound;
-use crate::snapshot::SnapFrame;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
+use crate::node::Outbound;
+use crate::snapshot::SnapFrame;
+use crate::tls::{identity_of, server_name, TlsSetup};
+
 /// Messages queued per peer before new ones are dropped.
 pub const PEER_QUEUE: usize = 1024;
 /// Inbound messages buffered for the main loop before new ones are dropped.
 pub const INBOUND_QUEUE: usize = 16384;
-/// Largest frame accepted or sent.
-pub const MAX_FRAME: usize = 256 << 20;
+/// Connections still in their handshake at once; more are closed at once.
+pub const MAX_HANDSHAKING: usize = 128;
+/// Authenticated connections from one peer at once.
+pub const MAX_CONNS_PER_PEER: usize = 4;
+/// Inbound messages one connection may have waiting for the main loop: a flooding peer fills
+/// its own share, never another peer's (`INBOUND_QUEUE` holds every peer's share).
+pub const PER_CONN_INFLIGHT: usize = 256;
+/// A new connection must finish TLS and say hello within this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// An inbound connection silent this long is closed; writers send keepalives well within it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const KEEPALIVE: Duration = Duration::from_secs(10);
 
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(1000);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 
+/// The largest frame for values up to `max_value_bytes`: one raft message carries up to 1 MiB
+/// of entries plus one entry of any size, and an entry (a CAS) holds up to two values.
+pub fn frame_limit(max_value_bytes: usize) -> usize {
+    (1 << 20) + 2 * max_value_bytes + (64 << 10)
+}
+
+/// How the port authenticates peers.
+#[derive(Clone, Debug)]
+pub enum Security {
+    Tls(Arc<TlsSetup>),
+    /// No authentication or encryption: development only, loopback only (the worker refuses
+    /// it elsewhere). A peer is whoever its hello says.
+    Plain,
+}
+
 /// What the transport reports to the loop that owns the raft node.
 #[derive(Debug)]
 pub enum Event {
     Message(Message),
-    /// A frame of a snapshot transfer, from the peer that said hello on its connection.
+    /// A frame of a snapshot transfer, from the peer authenticated on its connection.
     Snap {
         from: u64,
         frame: SnapFrame,
@@ -55,17 +88,40 @@ pub enum Event {
         peer: u64,
         addr: SocketAddr,
     },
-    /// A peer opened a connection and said who it is and where it listens: how a node that
+    /// An authenticated peer opened a connection and said where it listens: how a node that
     /// was never told its peers' addresses (one waiting to be added) learns where to answer.
     Hello {
         peer: u64,
         addr: SocketAddr,
+        cluster_id: u128,
     },
     Disconnected {
         peer: u64,
         addr: SocketAddr,
         error: String,
     },
+    /// A connection or frame was refused. `more`: refusals since the last one reported.
+    Refused {
+        addr: SocketAddr,
+        reason: String,
+        more: u64,
+    },
+}
+
+/// An event, holding its connection's share of the inbound queue until it is dropped.
+#[derive(Debug)]
+pub struct Delivery {
+    pub event: Event,
+    _permit: Option<Permit>,
+}
+
+#[derive(Debug)]
+struct Permit(Arc<AtomicUsize>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
@@ -77,20 +133,21 @@ struct Peer {
 
 const KIND_RAFT: u8 = b'M';
 const KIND_SNAP: u8 = b'S';
+const KIND_KEEPALIVE: u8 = b'K';
 
-fn encode(o: &Outbound) -> Bytes {
+fn encode(o: &Outbound) -> Result<Bytes, String> {
     let mut v = Vec::new();
     match o {
         Outbound::Raft(m) => {
             v.push(KIND_RAFT);
-            v.extend_from_slice(&m.write_to_bytes().unwrap_or_default());
+            m.write_to_vec(&mut v).map_err(|e| e.to_string())?;
         }
         Outbound::Snap { frame, .. } => {
             v.push(KIND_SNAP);
             v.extend_from_slice(&frame.encode());
         }
     }
-    v.into()
+    Ok(v.into())
 }
 
 /// Whether losing this frame fails a snapshot transfer.
@@ -101,60 +158,138 @@ fn is_snapshot(o: &Outbound) -> bool {
     }
 }
 
-/// First frame on every connection: magic, the sender's id, its listen address.
-const HELLO_MAGIC: &[u8; 4] = b"RKVH";
+/// First frame on every connection: magic, the sender's id, its cluster id (0 while it knows
+/// none), its listen address.
+const HELLO_MAGIC: &[u8; 4] = b"RKV2";
 
-fn hello_frame(id: u64, addr: SocketAddr) -> Bytes {
+fn hello_frame(id: u64, cluster_id: u128, addr: SocketAddr) -> Bytes {
     let mut v = HELLO_MAGIC.to_vec();
     v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&cluster_id.to_le_bytes());
     v.extend_from_slice(addr.to_string().as_bytes());
     v.into()
 }
 
-fn parse_hello(frame: &[u8]) -> Option<(u64, SocketAddr)> {
+fn parse_hello(frame: &[u8]) -> Option<(u64, u128, SocketAddr)> {
     let rest = frame.strip_prefix(HELLO_MAGIC.as_slice())?;
+    if rest.len() > 8 + 16 + 64 {
+        return None;
+    }
     let id = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
-    let addr = std::str::from_utf8(&rest[8..]).ok()?.parse().ok()?;
-    Some((id, addr))
+    let cluster_id = u128::from_le_bytes(rest.get(8..24)?.try_into().ok()?);
+    let addr = std::str::from_utf8(&rest[24..]).ok()?.parse().ok()?;
+    (id != 0).then_some((id, cluster_id, addr))
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// What every connection task shares.
+struct Shared {
+    me: u64,
+    security: Security,
+    events: cb::Sender<Delivery>,
+    wake: Waker,
+    max_frame: AtomicUsize,
+    /// This node's cluster id (0: not known yet), split in two halves.
+    cluster_id: [AtomicU64; 2],
+    handshaking: AtomicUsize,
+    per_peer: Mutex<HashMap<u64, usize>>,
+    refusals: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Shared {
+    fn emit(&self, event: Event, permit: Option<Permit>) -> bool {
+        let ok = self.events.try_send(Delivery { event, _permit: permit }).is_ok();
+        if ok {
+            (self.wake)();
+        }
+        ok
+    }
+
+    /// Reports a refusal, at most one a second.
+    fn refuse(&self, addr: SocketAddr, reason: impl FnOnce() -> String) {
+        let more = {
+            let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            if r.0.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                r.1 += 1;
+                return;
+            }
+            r.0 = Some(Instant::now());
+            std::mem::take(&mut r.1)
+        };
+        self.emit(Event::Refused { addr, reason: reason(), more }, None);
+    }
+
+    fn codec(&self) -> LengthDelimitedCodec {
+        LengthDelimitedCodec::builder().max_frame_length(self.max_frame.load(Ordering::Relaxed)).new_codec()
+    }
+
+    fn cluster_id(&self) -> u128 {
+        (self.cluster_id[0].load(Ordering::Relaxed) as u128) << 64 | self.cluster_id[1].load(Ordering::Relaxed) as u128
+    }
 }
 
 pub struct Transport {
     rt: Option<Runtime>,
-    me: u64,
     peers: HashMap<u64, Peer>,
-    events_tx: cb::Sender<Event>,
-    events_rx: cb::Receiver<Event>,
-    wake: Waker,
+    shared: Arc<Shared>,
+    events_rx: cb::Receiver<Delivery>,
     local_addr: SocketAddr,
-}
-
-fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME).new_codec()
 }
 
 impl Transport {
     /// Binds `listen` (synchronously, so a bad address is reported at once) and starts
     /// accepting on `rt`. The caller builds the runtime so it controls its threads (the
     /// Postgres worker blocks signals in them).
-    pub fn start(rt: Runtime, me: u64, listen: SocketAddr, wake: Waker) -> std::io::Result<Self> {
+    pub fn start(
+        rt: Runtime,
+        me: u64,
+        listen: SocketAddr,
+        security: Security,
+        max_frame: usize,
+        wake: Waker,
+    ) -> std::io::Result<Self> {
         let std_listener = std::net::TcpListener::bind(listen)?;
         std_listener.set_nonblocking(true)?;
         let local_addr = std_listener.local_addr()?;
-        let (events_tx, events_rx) = cb::bounded(INBOUND_QUEUE);
+        let (events, events_rx) = cb::bounded(INBOUND_QUEUE);
         let listener = {
             let _g = rt.enter();
             TcpListener::from_std(std_listener)?
         };
-        rt.spawn(accept_loop(listener, events_tx.clone(), wake.clone()));
-        Ok(Transport { rt: Some(rt), me, peers: HashMap::new(), events_tx, events_rx, wake, local_addr })
+        let shared = Arc::new(Shared {
+            me,
+            security,
+            events,
+            wake,
+            max_frame: AtomicUsize::new(max_frame),
+            cluster_id: [AtomicU64::new(0), AtomicU64::new(0)],
+            handshaking: AtomicUsize::new(0),
+            per_peer: Mutex::new(HashMap::new()),
+            refusals: Mutex::new((None, 0)),
+        });
+        rt.spawn(accept_loop(listener, shared.clone()));
+        Ok(Transport { rt: Some(rt), peers: HashMap::new(), shared, events_rx, local_addr })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
-    pub fn events(&self) -> &cb::Receiver<Event> {
+    pub fn events(&self) -> &cb::Receiver<Delivery> {
         &self.events_rx
+    }
+
+    /// Frames longer than this are refused (connections made from now on).
+    pub fn set_max_frame(&self, bytes: usize) {
+        self.shared.max_frame.store(bytes, Ordering::Relaxed);
+    }
+
+    /// This node's cluster id, said in every hello; a peer saying another is refused.
+    pub fn set_cluster_id(&self, id: u128) {
+        self.shared.cluster_id[0].store((id >> 64) as u64, Ordering::Relaxed);
+        self.shared.cluster_id[1].store(id as u64, Ordering::Relaxed);
     }
 
     /// Adds or re-addresses a peer. Unchanged peers keep their connection.
@@ -164,8 +299,7 @@ impl Transport {
         }
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
         let rt = self.rt.as_ref().expect("transport is running");
-        let hello = hello_frame(self.me, self.local_addr);
-        rt.spawn(peer_writer(id, addr, hello, rx, self.events_tx.clone(), self.wake.clone()));
+        rt.spawn(peer_writer(id, addr, self.local_addr, rx, self.shared.clone()));
         // Replacing the sender ends the old writer task (its receiver sees the channel close).
         self.peers.insert(id, Peer { addr, tx });
     }
@@ -203,65 +337,178 @@ impl Drop for Transport {
     }
 }
 
-async fn accept_loop(listener: TcpListener, events: cb::Sender<Event>, wake: Waker) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, addr)) => {
+                if shared.handshaking.fetch_add(1, Ordering::Relaxed) >= MAX_HANDSHAKING {
+                    shared.handshaking.fetch_sub(1, Ordering::Relaxed);
+                    shared.refuse(addr, || format!("more than {MAX_HANDSHAKING} connections are in their handshake"));
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(read_conn(stream, events.clone(), wake.clone()));
+                tokio::spawn(read_conn(stream, addr, shared.clone()));
             }
             Err(_) => tokio::time::sleep(BACKOFF_MIN).await,
         }
     }
 }
 
-async fn read_conn(stream: TcpStream, events: cb::Sender<Event>, wake: Waker) {
-    let mut frames = FramedRead::new(stream, codec());
-    let mut first = true;
-    let mut sender = None;
-    while let Some(Ok(frame)) = frames.next().await {
-        if std::mem::take(&mut first) {
-            if let Some((peer, addr)) = parse_hello(&frame) {
-                sender = Some(peer);
-                emit(&events, &wake, Event::Hello { peer, addr });
-                continue;
+/// Decrements a counter when dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection counted against its peer's [`MAX_CONNS_PER_PEER`].
+struct PeerSlot<'a>(&'a Shared, u64);
+
+impl Drop for PeerSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.0.per_peer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
             }
         }
-        let event = match (frame.first(), sender) {
-            (Some(&KIND_RAFT), _) => Message::parse_from_bytes(&frame[1..]).ok().map(Event::Message),
-            (Some(&KIND_SNAP), Some(from)) => SnapFrame::decode(&frame[1..]).map(|frame| Event::Snap { from, frame }),
-            _ => None,
+    }
+}
+
+type Frames = FramedRead<Box<dyn Io>, LengthDelimitedCodec>;
+
+/// The TLS handshake and the hello: who is on this connection.
+async fn authenticate(stream: TcpStream, shared: &Shared) -> Result<(Frames, u64, u128, SocketAddr), String> {
+    let (io, proven): (Box<dyn Io>, Option<u64>) = match &shared.security {
+        Security::Plain => (Box::new(stream), None),
+        Security::Tls(tls) => {
+            let s = tokio_rustls::TlsAcceptor::from(tls.server.clone())
+                .accept(stream)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            let certs = s.get_ref().1.peer_certificates().unwrap_or_default();
+            let who = identity_of(certs.first().ok_or("no client certificate")?).map_err(|e| e.to_string())?;
+            if who.cluster != tls.me.cluster {
+                return Err(format!("the certificate is for cluster \"{}\", not this one", who.cluster));
+            }
+            (Box::new(s), Some(who.node))
+        }
+    };
+    let mut frames = FramedRead::new(io, shared.codec());
+    let first = match frames.next().await {
+        Some(Ok(f)) => f,
+        Some(Err(e)) => return Err(format!("reading the hello: {e}")),
+        None => return Err("closed before saying hello".into()),
+    };
+    let (peer, cluster_id, addr) = parse_hello(&first).ok_or("the first frame is not a hello")?;
+    if let Some(proven) = proven {
+        if proven != peer {
+            return Err(format!("the hello claims node {peer} but the certificate names node {proven}"));
+        }
+    }
+    if peer == shared.me {
+        return Err(format!("the hello claims this node's own id {peer}"));
+    }
+    let ours = shared.cluster_id();
+    if ours != 0 && cluster_id != 0 && ours != cluster_id {
+        return Err(format!("node {peer} belongs to another cluster (cluster id {cluster_id:032x})"));
+    }
+    Ok((frames, peer, cluster_id, addr))
+}
+
+async fn read_conn(stream: TcpStream, remote: SocketAddr, shared: Arc<Shared>) {
+    let handshake = {
+        let _counted = Slot(&shared.handshaking);
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, authenticate(stream, &shared)).await
+    };
+    let (mut frames, peer, cluster_id, addr) = match handshake {
+        Ok(Ok(v)) => v,
+        Ok(Err(reason)) => return shared.refuse(remote, || reason),
+        Err(_) => return shared.refuse(remote, || "no TLS handshake and hello within the deadline".into()),
+    };
+    {
+        let mut m = shared.per_peer.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(peer).or_insert(0);
+        if *n >= MAX_CONNS_PER_PEER {
+            drop(m);
+            return shared.refuse(remote, || format!("node {peer} already has {MAX_CONNS_PER_PEER} connections"));
+        }
+        *n += 1;
+    }
+    let _counted = PeerSlot(&shared, peer);
+    shared.emit(Event::Hello { peer, addr, cluster_id }, None);
+    let inflight = Arc::new(AtomicUsize::new(0));
+    loop {
+        let frame = match tokio::time::timeout(IDLE_TIMEOUT, frames.next()).await {
+            Err(_) | Ok(None) => return,
+            Ok(Some(Err(e))) => return shared.refuse(remote, || format!("node {peer}: {e}")),
+            Ok(Some(Ok(f))) => f,
         };
-        let Some(event) = event else {
-            // A peer speaking something else: drop the connection.
-            return;
+        let event = match frame.first() {
+            Some(&KIND_KEEPALIVE) if frame.len() == 1 => continue,
+            Some(&KIND_RAFT) => match Message::parse_from_bytes(&frame[1..]) {
+                Ok(m) if m.from == peer => Event::Message(m),
+                Ok(m) => {
+                    return shared.refuse(remote, || format!("node {peer} sent a message from node {}", m.from))
+                }
+                Err(e) => return shared.refuse(remote, || format!("node {peer}: undecodable message: {e}")),
+            },
+            Some(&KIND_SNAP) => match SnapFrame::decode(&frame[1..]) {
+                Some(frame) => Event::Snap { from: peer, frame },
+                None => return shared.refuse(remote, || format!("node {peer}: undecodable snapshot frame")),
+            },
+            _ => return shared.refuse(remote, || format!("node {peer}: unknown frame kind")),
         };
-        // A full inbound queue drops the message; raft and the snapshot transfer recover.
-        if events.try_send(event).is_ok() {
-            wake();
+        // Over its share, or with the queue full, the message is dropped; raft and the
+        // snapshot transfer recover.
+        if inflight.fetch_add(1, Ordering::Relaxed) >= PER_CONN_INFLIGHT {
+            inflight.fetch_sub(1, Ordering::Relaxed);
+            continue;
+        }
+        shared.emit(event, Some(Permit(inflight.clone())));
+    }
+}
+
+/// Connects to peer `id` and proves it is that node.
+async fn connect(id: u64, addr: SocketAddr, shared: &Shared) -> Result<Box<dyn Io>, String> {
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("connect timed out".into()),
+    };
+    let _ = stream.set_nodelay(true);
+    match &shared.security {
+        Security::Plain => Ok(Box::new(stream)),
+        Security::Tls(tls) => {
+            let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+            let name = server_name(&tls.me.cluster, id);
+            let s = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
+                Err(_) => return Err("TLS handshake timed out".into()),
+            };
+            let certs = s.get_ref().1.peer_certificates().unwrap_or_default();
+            let who = identity_of(certs.first().ok_or("no server certificate")?).map_err(|e| e.to_string())?;
+            if who.node != id || who.cluster != tls.me.cluster {
+                return Err(format!("the certificate names node {} of cluster \"{}\"", who.node, who.cluster));
+            }
+            Ok(Box::new(s))
         }
     }
 }
 
-fn emit(events: &cb::Sender<Event>, wake: &Waker, e: Event) {
-    if events.try_send(e).is_ok() {
-        wake();
-    }
-}
-
-async fn peer_writer(
-    id: u64,
-    addr: SocketAddr,
-    hello: Bytes,
-    mut rx: mpsc::Receiver<Outbound>,
-    events: cb::Sender<Event>,
-    wake: Waker,
-) {
+async fn peer_writer(id: u64, addr: SocketAddr, me: SocketAddr, mut rx: mpsc::Receiver<Outbound>, shared: Arc<Shared>) {
     let mut backoff = BACKOFF_MIN;
     loop {
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            _ => {
+        let io = match connect(id, addr, &shared).await {
+            Ok(io) => io,
+            Err(reason) => {
+                if reason.starts_with("TLS") || reason.starts_with("the certificate") {
+                    shared.refuse(addr, || format!("node {id}: {reason}"));
+                }
                 // Messages queued for an unreachable peer are stale by the time it is back.
                 let mut snapshot_failed = false;
                 loop {
@@ -271,7 +518,7 @@ async fn peer_writer(
                         Err(mpsc::error::TryRecvError::Disconnected) => return,
                     }
                 }
-                emit(&events, &wake, Event::Unreachable { peer: id, snapshot_failed });
+                shared.emit(Event::Unreachable { peer: id, snapshot_failed }, None);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 if rx.is_closed() {
@@ -280,25 +527,32 @@ async fn peer_writer(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let connected_at = tokio::time::Instant::now();
-        emit(&events, &wake, Event::Connected { peer: id, addr });
-        let mut sink = FramedWrite::new(stream, codec());
+        shared.emit(Event::Connected { peer: id, addr }, None);
+        let mut sink = FramedWrite::new(io, shared.codec());
         // The hello goes out with the first batch of messages.
-        let mut greeting = sink.feed(hello.clone()).await.err();
+        let hello = hello_frame(shared.me, shared.cluster_id(), me);
+        let mut greeting = sink.feed(hello).await.err();
         let error = loop {
             if let Some(e) = greeting.take() {
                 break e.to_string();
             }
-            let Some(first) = rx.recv().await else { return };
-            let mut snapshot = is_snapshot(&first);
-            let mut res = sink.feed(encode(&first)).await;
+            let first = match tokio::time::timeout(KEEPALIVE, rx.recv()).await {
+                Ok(Some(m)) => Some(m),
+                Ok(None) => return,
+                Err(_) => None,
+            };
+            let mut snapshot = first.as_ref().is_some_and(is_snapshot);
+            let mut res = match &first {
+                None => sink.feed(Bytes::from_static(&[KIND_KEEPALIVE])).await,
+                Some(m) => feed(&mut sink, m, &shared).await,
+            };
             // Batch whatever else is queued into the same flush.
             while res.is_ok() {
                 match rx.try_recv() {
                     Ok(m) => {
                         snapshot |= is_snapshot(&m);
-                        res = sink.feed(encode(&m)).await;
+                        res = feed(&mut sink, &m, &shared).await;
                     }
                     Err(_) => break,
                 }
@@ -307,11 +561,11 @@ async fn peer_writer(
                 res = SinkExt::<Bytes>::flush(&mut sink).await;
             }
             if let Err(e) = res {
-                emit(&events, &wake, Event::Unreachable { peer: id, snapshot_failed: snapshot });
+                shared.emit(Event::Unreachable { peer: id, snapshot_failed: snapshot }, None);
                 break e.to_string();
             }
         };
-        emit(&events, &wake, Event::Disconnected { peer: id, addr, error });
+        shared.emit(Event::Disconnected { peer: id, addr, error }, None);
         // A connection that dies at once (say, a proxy that accepts and then resets) must not
         // turn into a reconnect loop: back off unless it had lived a while.
         if connected_at.elapsed() >= Duration::from_secs(1) {
@@ -323,6 +577,22 @@ async fn peer_writer(
     }
 }
 
+/// Queues one message on the connection; one that cannot be encoded is reported and skipped.
+async fn feed(
+    sink: &mut FramedWrite<Box<dyn Io>, LengthDelimitedCodec>,
+    m: &Outbound,
+    shared: &Shared,
+) -> Result<(), std::io::Error> {
+    match encode(m) {
+        Ok(b) => sink.feed(b).await,
+        Err(e) => {
+            let addr = SocketAddr::from(([0, 0, 0, 0], 0));
+            shared.refuse(addr, || format!("a message to node {} could not be encoded and was dropped: {e}", m.to()));
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +600,10 @@ mod tests {
 
     fn rt() -> Runtime {
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+    }
+
+    fn start(id: u64, wake: Waker) -> Transport {
+        Transport::start(rt(), id, "127.0.0.1:0".parse().unwrap(), Security::Plain, frame_limit(1 << 20), wake).unwrap()
     }
 
     fn msg(from: u64, to: u64, term: u64) -> Outbound {
@@ -351,9 +625,9 @@ mod tests {
         let mut hellos = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match t.events().recv_timeout(left).expect("no message within 10 s") {
+            match t.events().recv_timeout(left).expect("no message within 10 s").event {
                 Event::Message(m) => return (m, hellos),
-                Event::Hello { peer, addr } => hellos.push((peer, addr)),
+                Event::Hello { peer, addr, .. } => hellos.push((peer, addr)),
                 _ => continue,
             }
         }
@@ -366,8 +640,8 @@ mod tests {
         let wake: Waker = Arc::new(move || {
             w.fetch_add(1, Ordering::Relaxed);
         });
-        let mut a = Transport::start(rt(), 1, "127.0.0.1:0".parse().unwrap(), wake.clone()).unwrap();
-        let mut b = Transport::start(rt(), 2, "127.0.0.1:0".parse().unwrap(), wake).unwrap();
+        let mut a = start(1, wake.clone());
+        let mut b = start(2, wake);
         a.set_peer(2, b.local_addr());
         b.set_peer(1, a.local_addr());
         for term in 1..=100 {
@@ -381,7 +655,7 @@ mod tests {
         assert!(a.send(Outbound::Snap { to: 2, frame: frame.clone() }));
         assert!(a.send(msg(1, 2, 101)));
         let got = loop {
-            match b.events().recv_timeout(Duration::from_secs(10)).expect("snapshot frame") {
+            match b.events().recv_timeout(Duration::from_secs(10)).expect("snapshot frame").event {
                 Event::Snap { from, frame } => break (from, frame),
                 Event::Message(m) => panic!("message {} overtook the frame", m.term),
                 _ => continue,
@@ -405,13 +679,13 @@ mod tests {
         let wake: Waker = Arc::new(|| {});
         // A port that was bound and released: nothing listens there.
         let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let mut a = Transport::start(rt(), 1, "127.0.0.1:0".parse().unwrap(), wake).unwrap();
+        let mut a = start(1, wake);
         a.set_peer(2, dead);
         for t in 0..10 {
             a.send(msg(1, 2, t));
         }
         loop {
-            match a.events().recv_timeout(Duration::from_secs(10)).expect("unreachable reported") {
+            match a.events().recv_timeout(Duration::from_secs(10)).expect("unreachable reported").event {
                 Event::Unreachable { peer: 2, .. } => break,
                 _ => continue,
             }
@@ -424,7 +698,7 @@ mod tests {
         let wake: Waker = Arc::new(|| {});
         // Listens (the kernel accepts) but never reads: like a SIGSTOPped node.
         let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut a = Transport::start(rt(), 1, "127.0.0.1:0".parse().unwrap(), wake).unwrap();
+        let mut a = start(1, wake);
         a.set_peer(2, stalled.local_addr().unwrap());
         let Outbound::Raft(mut big) = msg(1, 2, 1) else { unreachable!() };
         big.set_context(vec![7u8; 64 << 10].into());
@@ -437,10 +711,132 @@ mod tests {
         a.shutdown();
     }
 
+    fn tls(ca: &crate::tls::testing::Ca, cluster: &str, id: u64) -> Security {
+        let n = ca.node(cluster, id);
+        Security::Tls(Arc::new(TlsSetup::from_pem(n.cert.as_bytes(), n.key.as_bytes(), ca.pem.as_bytes(), id).unwrap()))
+    }
+
+    fn start_with(id: u64, security: Security) -> Transport {
+        let wake: Waker = Arc::new(|| {});
+        Transport::start(rt(), id, "127.0.0.1:0".parse().unwrap(), security, frame_limit(1 << 20), wake).unwrap()
+    }
+
+    /// Waits for `t` to report a refusal saying `want` (refusals are reported at most once a
+    /// second, and refused peers retry); no message may arrive meanwhile.
+    fn refused(t: &Transport, want: &str) -> bool {
+        refused_while(t, want, &mut || {})
+    }
+
+    /// [`refused`], calling `poke` (another attempt) every 250 ms meanwhile.
+    fn refused_while(t: &Transport, want: &str, poke: &mut dyn FnMut()) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            let Ok(d) = t.events().recv_timeout(Duration::from_millis(250)) else {
+                poke();
+                continue;
+            };
+            match d.event {
+                Event::Refused { reason, .. } if reason.contains(want) => return true,
+                Event::Message(m) => panic!("a message from node {} got in", m.from),
+                Event::Snap { from, .. } => panic!("a snapshot frame from node {from} got in"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends one heartbeat "from" `from` through `t` to node 2 at `to`.
+    fn attack(t: &mut Transport, to: SocketAddr, from: u64) {
+        t.set_peer(2, to);
+        assert!(t.send(msg(from, 2, 5)));
+    }
+
+    #[test]
+    fn tls_peers_talk_and_nobody_else_gets_in() {
+        let ca = crate::tls::testing::Ca::new();
+        let mut a = start_with(1, tls(&ca, "c1", 1));
+        let b = start_with(2, tls(&ca, "c1", 2));
+        a.set_peer(2, b.local_addr());
+        assert!(a.send(msg(1, 2, 3)));
+        let (m, hellos) = next_message_and_hellos(&b);
+        assert_eq!((m.from, m.term), (1, 3));
+        assert_eq!(hellos, vec![(1, a.local_addr())]);
+
+        // No certificate at all.
+        let mut plain = start_with(1, Security::Plain);
+        attack(&mut plain, b.local_addr(), 1);
+        assert!(refused(&b, "TLS handshake failed"));
+        plain.shutdown();
+        // A certificate for node 1 from another CA.
+        let other_ca = crate::tls::testing::Ca::new();
+        let mut forged = start_with(1, tls(&other_ca, "c1", 1));
+        attack(&mut forged, b.local_addr(), 1);
+        assert!(refused(&b, "TLS handshake failed"));
+        forged.shutdown();
+        // The right CA, another cluster.
+        let mut stranger = start_with(1, tls(&ca, "c2", 1));
+        attack(&mut stranger, b.local_addr(), 1);
+        // (The stranger already refuses b's certificate, named for cluster c1.)
+        assert!(refused(&stranger, "TLS handshake failed"));
+        stranger.shutdown();
+        // A valid node-3 certificate whose hello claims node 1.
+        let mut liar = start_with(1, tls(&ca, "c1", 3));
+        attack(&mut liar, b.local_addr(), 1);
+        assert!(refused_while(&b, "claims node 1 but the certificate names node 3", &mut || {
+            liar.send(msg(1, 2, 5));
+        }));
+        liar.shutdown();
+        // ... and one that says hello as node 3 but sends a message from node 1.
+        let mut spoofer = start_with(3, tls(&ca, "c1", 3));
+        attack(&mut spoofer, b.local_addr(), 1);
+        assert!(refused_while(&b, "node 3 sent a message from node 1", &mut || {
+            spoofer.send(msg(1, 2, 5));
+        }));
+        spoofer.shutdown();
+        // A dialled node must prove it is the node dialled: node 1 reaching "node 2" at node 3.
+        let n3 = start_with(3, tls(&ca, "c1", 3));
+        a.set_peer(2, n3.local_addr());
+        assert!(a.send(msg(1, 2, 4)));
+        assert!(refused(&a, "TLS handshake failed"), "node 1 must refuse node 3's certificate");
+        for t in [a, b, n3] {
+            t.shutdown();
+        }
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_before_it_is_read() {
+        use std::io::Write;
+        let t = start_with(2, Security::Plain);
+        let mut c = std::net::TcpStream::connect(t.local_addr()).unwrap();
+        let hello = hello_frame(1, 0, "127.0.0.1:9".parse().unwrap());
+        c.write_all(&(hello.len() as u32).to_be_bytes()).unwrap();
+        c.write_all(&hello).unwrap();
+        // A 2 GiB frame announced: refused on its length alone (only 4 bytes were sent).
+        c.write_all(&0x7fff_fff0u32.to_be_bytes()).unwrap();
+        assert!(refused(&t, "node 1"), "refused, naming the peer");
+        t.shutdown();
+    }
+
+    #[test]
+    fn a_silent_connection_is_closed_after_the_handshake_deadline() {
+        use std::io::Read;
+        let t = start_with(2, Security::Plain);
+        let mut c = std::net::TcpStream::connect(t.local_addr()).unwrap();
+        c.set_read_timeout(Some(HANDSHAKE_TIMEOUT * 3)).unwrap();
+        let start = std::time::Instant::now();
+        let n = c.read(&mut [0u8; 16]).expect("the server closes the connection");
+        assert_eq!(n, 0);
+        assert!(start.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_millis(100));
+        assert!(refused(&t, "deadline"));
+        t.shutdown();
+    }
+
     #[test]
     fn bind_conflict_is_an_error() {
         let wake: Waker = Arc::new(|| {});
         let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        assert!(Transport::start(rt(), 1, held.local_addr().unwrap(), wake).is_err());
+        assert!(Transport::start(rt(), 1, held.local_addr().unwrap(), Security::Plain, frame_limit(1 << 20), wake).is_err());
     }
 }
