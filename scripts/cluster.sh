@@ -11,6 +11,8 @@
 #
 # The extension must be installed (scripts/demo.sh does it). When run as root the servers run
 # as the postgres user. Settings for every node can be appended with RAFT_KV_EXTRA_CONF.
+# Peers speak mutual TLS with certificates from a throw-away CA made in DIR/certs
+# (scripts/certs.sh); RAFT_KV_CLUSTER_NAME names the cluster in them (default "local").
 set -euo pipefail
 
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
@@ -59,9 +61,16 @@ start_node() {
     || { tail -n 20 "$d/server.log" >&2; die "node $i did not start"; }
 }
 
+# Every node gets a certificate from the cluster's own throw-away CA (in $DIR/certs), so the
+# Raft port runs mutual TLS as in production.
+CLUSTER_NAME=${RAFT_KV_CLUSTER_NAME:-local}
+
 create_node() { # create_node I PEERS: initdb, configure and start node I
   local i=$1 peers=$2 d="$DIR/node$1"
   as_pg mkdir -p "$d"
+  "$(dirname "$0")/certs.sh" "$DIR/certs" "$CLUSTER_NAME" "$i"
+  cp "$DIR/certs/ca.pem" "$DIR/certs/node$i.pem" "$DIR/certs/node$i.key" "$d/"
+  [ "$(id -u)" = 0 ] && chown postgres: "$d/ca.pem" "$d/node$i.pem" "$d/node$i.key"
   as_pg "$PG_BIN/initdb" -D "$d/data" -A trust -U postgres --no-sync >"$d/initdb.log" 2>&1 \
     || { cat "$d/initdb.log" >&2; die "initdb failed for node $i"; }
   as_pg tee -a "$d/data/postgresql.conf" >/dev/null <<EOF
@@ -73,6 +82,9 @@ shared_preload_libraries = 'raft_kv'
 raft_kv.node_id = $i
 raft_kv.listen_addr = '127.0.0.1:$(node_field "$i" 3)'
 raft_kv.peers = '$peers'
+raft_kv.ssl_cert_file = '$d/node$i.pem'
+raft_kv.ssl_key_file = '$d/node$i.key'
+raft_kv.ssl_ca_file = '$d/ca.pem'
 ${RAFT_KV_EXTRA_CONF:-}
 EOF
   start_node "$i"

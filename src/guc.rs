@@ -19,7 +19,34 @@ pub static MAX_VALUE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1 << 20);
 pub static SNAPSHOT_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static PROMOTE_LAG: GucSetting<i32> = GucSetting::<i32>::new(64);
 
+pub static PEER_TLS: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static SSL_CERT_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static SSL_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static SSL_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 pub fn register() {
+    GucRegistry::define_bool_guc(
+        c"raft_kv.peer_tls",
+        c"Authenticate and encrypt Raft traffic with mutual TLS.",
+        c"Off is for development only, and allowed only when raft_kv.listen_addr is a loopback address.",
+        &PEER_TLS,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    for (name, short, setting) in [
+        (c"raft_kv.ssl_cert_file", c"PEM certificate (chain) naming this node as raft-kv://<cluster>/node/<id>.", &SSL_CERT_FILE),
+        (c"raft_kv.ssl_key_file", c"PEM private key of raft_kv.ssl_cert_file.", &SSL_KEY_FILE),
+        (c"raft_kv.ssl_ca_file", c"PEM certificate(s) of the CA that signs every node's certificate.", &SSL_CA_FILE),
+    ] {
+        GucRegistry::define_string_guc(
+            name,
+            short,
+            c"A relative path is relative to the data directory.",
+            setting,
+            GucContext::Postmaster,
+            GucFlags::SUPERUSER_ONLY,
+        );
+    }
     GucRegistry::define_int_guc(
         c"raft_kv.node_id",
         c"This node's Raft id (a positive integer, unique in the cluster).",

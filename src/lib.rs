@@ -40,7 +40,10 @@ CREATE TABLE raft_kv.state (
     applied_index  bigint NOT NULL DEFAULT 0,
     conf_state     bytea  NOT NULL DEFAULT '',
     snapshot_index bigint NOT NULL DEFAULT 0,
-    snapshot_term  bigint NOT NULL DEFAULT 0
+    snapshot_term  bigint NOT NULL DEFAULT 0,
+    -- The cluster's random id (16 bytes), set by the first leader through the log; empty
+    -- until then. Every hello carries it: a peer of another cluster is refused.
+    cluster_id     bytea  NOT NULL DEFAULT ''
 );
 INSERT INTO raft_kv.state (id) VALUES (1);
 

@@ -67,6 +67,8 @@ pub struct Status {
     pub running: bool,
     pub state: FixedStr<512>,
     pub node_id: u64,
+    /// The cluster's id (0 until the first leader has set it).
+    pub cluster_id: u128,
     pub listen_addr: FixedStr<64>,
     pub peers: FixedStr<1200>,
     pub role: FixedStr<16>,

@@ -420,6 +420,7 @@ fn raft_status() -> TableIterator<
         name!(snapshot_term, Option<i64>),
         name!(voters, Option<Vec<i64>>),
         name!(change_pending, Option<bool>),
+        name!(cluster_id, Option<String>),
     ),
 > {
     require_preload();
@@ -446,6 +447,7 @@ fn raft_status() -> TableIterator<
         raft(s.snapshot_term),
         has_node.then_some(voters),
         has_node.then_some(s.change_pending),
+        (s.cluster_id != 0).then(|| format!("{:032x}", s.cluster_id)),
     );
     TableIterator::once(row)
 }

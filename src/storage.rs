@@ -117,7 +117,7 @@ impl Backend for PgBackend {
                     .select(
                         &self.q(
                             "SELECT term, vote, commit_index, applied_index, conf_state, snapshot_index, snapshot_term, \
-                             COALESCE((SELECT max(idx) FROM raft_kv.log), snapshot_index) \
+                             COALESCE((SELECT max(idx) FROM raft_kv.log), snapshot_index), cluster_id \
                              FROM raft_kv.state WHERE id = 1",
                         ),
                         None,
@@ -139,6 +139,12 @@ impl Backend for PgBackend {
                 st.snapshot_index = g(6)?;
                 st.snapshot_term = g(7)?;
                 st.last_index = g(8)?;
+                let id: Vec<u8> = t.get(9).map_err(spi_err)?.unwrap_or_default();
+                st.cluster_id = match <[u8; 16]>::try_from(id.as_slice()) {
+                    Ok(b) => u128::from_be_bytes(b),
+                    Err(_) if id.is_empty() => 0,
+                    Err(_) => return Err(StoreError::Corrupt("raft_kv.state.cluster_id is not 16 bytes".into())),
+                };
                 Ok(st)
             })
             .inspect(|st: &PersistedState| {
@@ -442,6 +448,9 @@ fn write_batch(
         for mem in &data.members {
             upsert_member(c, q, mem)?;
         }
+        if data.cluster_id != 0 {
+            write_cluster_id(c, q, data.cluster_id)?;
+        }
         c.update(
             &q("UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2, conf_state = $3, \
              applied_index = $1, commit_index = greatest(commit_index, $1) WHERE id = 1"),
@@ -465,6 +474,9 @@ fn write_batch(
             &[idx.into(), term.into(), kind.into(), data.into(), ctx.into()],
         )
         .map_err(spi_err)?;
+    }
+    if let Some(id) = b.cluster_id {
+        write_cluster_id(c, q, id)?;
     }
     if let Some(hs) = &b.hard_state {
         c.update(
@@ -596,6 +608,12 @@ pub fn freeze_tables(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> Strin
     let conf_state = decode_conf_state(&t.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default())?;
     let members = select_members(c, q)?;
     Ok(Frozen { index, kv_rows: kv as u64, request_rows: requests as u64, conf_state, members })
+}
+
+fn write_cluster_id(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String, id: u128) -> StoreResult<()> {
+    c.update(&q("UPDATE raft_kv.state SET cluster_id = $1 WHERE id = 1"), None, &[id.to_be_bytes().to_vec().into()])
+        .map_err(spi_err)?;
+    Ok(())
 }
 
 fn select_members(c: &pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<Vec<Member>> {

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,8 @@ use raft_kv_core::node::{role_name, MemberChange, Node, NodeOptions, NodeStatus,
 use raft_kv_core::pending::{Answer, Pending};
 use raft_kv_core::raft::StateRole;
 use raft_kv_core::state_machine::Member;
-use raft_kv_core::transport::{Event, Transport, Waker};
+use raft_kv_core::tls::TlsSetup;
+use raft_kv_core::transport::{frame_limit, Event, Security, Transport, Waker};
 
 use crate::guc;
 use crate::requests::{self, Taken};
@@ -42,6 +44,33 @@ struct Settings {
     database: String,
     tick: Duration,
     opts: NodeOptions,
+    security: Security,
+}
+
+/// A path setting, relative to the data directory unless absolute (as Postgres's own).
+fn path_setting(s: &pgrx::guc::GucSetting<Option<std::ffi::CString>>, name: &str) -> Result<PathBuf, String> {
+    let p = guc::string(s).filter(|p| !p.is_empty()).ok_or_else(|| format!("{name} is not set"))?;
+    // SAFETY: DataDir is set before any worker starts and never changes.
+    let data = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) }.to_string_lossy().into_owned();
+    Ok(Path::new(&data).join(p))
+}
+
+/// Mutual TLS from the certificate settings, or the development-only plain mode.
+fn security(cluster: &ClusterConfig) -> Result<Security, String> {
+    if !guc::PEER_TLS.get() {
+        if !cluster.listen_addr.ip().is_loopback() {
+            return Err(format!(
+                "raft_kv.peer_tls = off is for development only and needs a loopback raft_kv.listen_addr, not {}",
+                cluster.listen_addr
+            ));
+        }
+        return Ok(Security::Plain);
+    }
+    let cert = path_setting(&guc::SSL_CERT_FILE, "raft_kv.ssl_cert_file")?;
+    let key = path_setting(&guc::SSL_KEY_FILE, "raft_kv.ssl_key_file")?;
+    let ca = path_setting(&guc::SSL_CA_FILE, "raft_kv.ssl_ca_file")?;
+    let tls = TlsSetup::load(&cert, &key, &ca, cluster.node_id).map_err(|e| format!("raft_kv peer TLS: {e}"))?;
+    Ok(Security::Tls(Arc::new(tls)))
 }
 
 fn read_settings() -> Result<Settings, String> {
@@ -59,7 +88,8 @@ fn read_settings() -> Result<Settings, String> {
     let mut opts = NodeOptions::new(cluster.node_id);
     opts.election_ticks = election as usize;
     opts.heartbeat_ticks = heartbeat as usize;
-    Ok(Settings { cluster, database, tick: Duration::from_millis(guc::TICK_MS.get() as u64), opts })
+    let security = security(&cluster)?;
+    Ok(Settings { cluster, database, tick: Duration::from_millis(guc::TICK_MS.get() as u64), opts, security })
 }
 
 fn set_state(running: bool, state: &str) {
@@ -194,7 +224,9 @@ fn run(settings: Settings, epoch: u64) {
     let me = settings.cluster.node_id;
     let efd = EventFd::new();
     let mut transport = loop {
-        match Transport::start(runtime(), me, settings.cluster.listen_addr, efd.waker()) {
+        let max_frame = frame_limit(guc::MAX_VALUE_BYTES.get() as usize);
+        let security = settings.security.clone();
+        match Transport::start(runtime(), me, settings.cluster.listen_addr, security, max_frame, efd.waker()) {
             Ok(t) => break t,
             Err(e) => {
                 let state = format!("cannot listen on {}: {e}", settings.cluster.listen_addr);
@@ -219,7 +251,17 @@ fn run(settings: Settings, epoch: u64) {
     let mut peers =
         Peers { me, configured: settings.cluster.peers.clone(), learned: BTreeMap::new(), addrs: BTreeMap::new() };
     peers.sync(&node, &mut transport);
-    pgrx::log!("raft_kv: node {me} listening on {} with peers {}", transport.local_addr(), format_peers(&peers.addrs));
+    let (addr, peer_list) = (transport.local_addr(), format_peers(&peers.addrs));
+    match &settings.security {
+        Security::Tls(t) => pgrx::log!(
+            "raft_kv: node {me} listening on {addr} with peers {peer_list} (mutual TLS, cluster \"{}\")",
+            t.me.cluster
+        ),
+        Security::Plain => pgrx::warning!(
+            "raft_kv: node {me} listening on {addr} with peers {peer_list} WITHOUT TLS (raft_kv.peer_tls = off): \
+             Raft traffic is neither authenticated nor encrypted; for development only"
+        ),
+    }
     if node.members().is_empty() && !node.is_member(me) {
         pgrx::log!("raft_kv: node {me} is not a member yet; it waits to be added with raft_join() on the cluster");
     }
@@ -238,6 +280,12 @@ fn run(settings: Settings, epoch: u64) {
     let mut out = Output::default();
     let mut last_role = (StateRole::Follower, 0u64);
     let mut sending: Vec<(u64, u64)> = Vec::new();
+    let mut cluster_id = node.cluster_id();
+    transport.set_cluster_id(cluster_id);
+    let mut cluster_id_asked: Option<Instant> = None;
+    // Dropped messages are logged at most once a second.
+    let mut dropped_since_log = 0u64;
+    let mut last_drop_log: Option<Instant> = None;
 
     set_state(true, "running");
     loop {
@@ -258,22 +306,30 @@ fn run(settings: Settings, epoch: u64) {
             break;
         }
         if BackgroundWorker::sighup_received() {
+            // SAFETY: on the worker's main thread, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            transport.set_max_frame(frame_limit(guc::MAX_VALUE_BYTES.get() as usize));
         }
         efd.drain();
 
-        while let Ok(ev) = transport.events().try_recv() {
-            match ev {
+        while let Ok(delivery) = transport.events().try_recv() {
+            match delivery.event {
                 Event::Message(m) => {
                     if peers.admits(&node, m.from) {
                         node.step(m);
                     }
                 }
-                Event::Hello { peer, addr } => {
-                    if peer != me && !peers.addrs.contains_key(&peer) {
+                Event::Hello { peer, addr, .. } => {
+                    // Only a node waiting to be added learns addresses this way (from an
+                    // authenticated peer): members know theirs from the log.
+                    if node.members().is_empty() && !peers.addrs.contains_key(&peer) {
                         peers.learned.insert(peer, addr);
                         peers.sync(&node, &mut transport);
                     }
+                }
+                Event::Refused { addr, reason, more } => {
+                    let more = if more > 0 { format!(" ({more} more refused since the last report)") } else { String::new() };
+                    pgrx::log!("raft_kv: refused a peer connection from {addr}: {reason}{more}");
                 }
                 Event::Snap { from, frame } => {
                     if peers.admits(&node, from) {
@@ -350,6 +406,22 @@ fn run(settings: Settings, epoch: u64) {
                 node.send_failed(to);
             }
         }
+        for (index, reason) in out.invalid.drain(..) {
+            pgrx::warning!("raft_kv: skipped the log entry at index {index}: {reason}; every node skips it alike");
+        }
+        let dropped = node.take_dropped();
+        if dropped.count > 0 {
+            dropped_since_log += dropped.count;
+            if last_drop_log.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                if let Some((from, kind, reason)) = dropped.last {
+                    pgrx::log!(
+                        "raft_kv: dropped {dropped_since_log} malformed message(s) from peers; the latest, a {kind:?} from node {from}: {reason}"
+                    );
+                }
+                dropped_since_log = 0;
+                last_drop_log = Some(Instant::now());
+            }
+        }
         if let Some(index) = out.snapshot_installed.take() {
             pgrx::log!("raft_kv: node {me} installed the snapshot at index {index}");
         }
@@ -385,6 +457,24 @@ fn run(settings: Settings, epoch: u64) {
                     promoting.insert(id, Instant::now());
                 }
             }
+        }
+        // The first leader names the cluster with a random id; every hello carries it, so
+        // nodes of another cluster (say, pointed here by mistake) are refused.
+        if node.is_leader()
+            && node.cluster_id() == 0
+            && cluster_id_asked.is_none_or(|at| at.elapsed() >= settings.tick * settings.opts.election_ticks as u32)
+        {
+            internal_seq += 1;
+            let rid = RequestId { node: me, nonce: internal_nonce, seq: internal_seq };
+            let id = (rand_nonce() as u128) << 64 | rand_nonce() as u128 | 1;
+            if node.propose_cluster_id(rid, id).is_ok() {
+                cluster_id_asked = Some(Instant::now());
+            }
+        }
+        if node.cluster_id() != cluster_id {
+            cluster_id = node.cluster_id();
+            transport.set_cluster_id(cluster_id);
+            pgrx::log!("raft_kv: node {me} belongs to cluster id {cluster_id:032x}");
         }
         let threshold = guc::SNAPSHOT_THRESHOLD.get() as u64;
         if node
@@ -443,11 +533,11 @@ struct Peers {
 }
 
 impl Peers {
-    /// Only members and configured peers speak to us, except to a node that belongs to no
-    /// cluster yet (it waits for a leader to add it).
+    /// Only members speak to us (a removed node is no longer one), except to a node that
+    /// belongs to no cluster yet: it waits for a leader to add it.
     fn admits<B: raft_kv_core::storage::Backend>(&self, node: &Node<B>, from: u64) -> bool {
         let blank = !node.is_member(self.me) && node.members().is_empty();
-        blank || self.addrs.contains_key(&from) || node.is_member(from)
+        blank || node.is_member(from)
     }
 
     fn sync<B: raft_kv_core::storage::Backend>(&mut self, node: &Node<B>, transport: &mut Transport) {
@@ -483,6 +573,7 @@ fn publish(st: &NodeStatus, addrs: &BTreeMap<u64, SocketAddr>, mine: SocketAddr)
         role_name(st.role)
     };
     s.role.set(role);
+    s.cluster_id = st.cluster_id;
     s.change_pending = st.change_pending;
     s.term = st.term;
     s.leader_id = st.leader_id;

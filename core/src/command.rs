@@ -80,6 +80,11 @@ pub enum Command {
         expected: Option<String>,
         value: String,
     },
+    /// Names the cluster with a random id, which every hello then carries (the first leader
+    /// proposes it; once one is applied, later ones change nothing).
+    ClusterId {
+        id: u128,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,8 +151,12 @@ impl Command {
     /// Whether every node can apply this command (Postgres text holds no NUL, an index entry
     /// has a size limit): a command that fails is skipped identically everywhere.
     pub fn validate(&self) -> Result<(), &'static str> {
+        if let Command::ClusterId { id } = self {
+            return if *id == 0 { Err("a zero cluster id") } else { Ok(()) };
+        }
         check_key(self.key())?;
         match self {
+            Command::ClusterId { .. } => Ok(()),
             Command::Put { value, .. } => check_value(value),
             Command::Delete { .. } => Ok(()),
             Command::Cas { expected, value, .. } => {
@@ -157,9 +166,11 @@ impl Command {
         }
     }
 
+    /// The key the command touches ("" for the cluster id, which touches none).
     pub fn key(&self) -> &str {
         match self {
             Command::Put { key, .. } | Command::Delete { key } | Command::Cas { key, .. } => key,
+            Command::ClusterId { .. } => "",
         }
     }
 }

@@ -181,6 +181,8 @@ pub struct MemberStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeStatus {
     pub id: u64,
+    /// The cluster's id, 0 until set.
+    pub cluster_id: u128,
     pub role: StateRole,
     /// This node is no longer in the configuration.
     pub removed: bool,
@@ -694,6 +696,16 @@ impl<B: Backend> Node<B> {
         }
     }
 
+    /// The cluster's id, 0 until the first leader's proposal of one has applied here.
+    pub fn cluster_id(&self) -> u128 {
+        self.raw.store().cluster_id()
+    }
+
+    /// As leader of a cluster with no id yet: proposes `id` (random) as its id.
+    pub fn propose_cluster_id(&mut self, rid: RequestId, id: u128) -> Result<(), ProposeError> {
+        self.propose(&Proposal { id: rid, cmd: crate::command::Command::ClusterId { id } })
+    }
+
     pub fn leader_id(&self) -> u64 {
         self.raw.raft.leader_id
     }
@@ -872,6 +884,12 @@ impl<B: Backend> Node<B> {
                 }
             }
             let plan = state_machine::plan(e, &mut batch.ops);
+            if let Planned::ClusterId { cluster_id, .. } = plan {
+                // The first applied wins; the batch may already hold one.
+                if self.raw.store().cluster_id() == 0 && batch.cluster_id.is_none() {
+                    batch.cluster_id = Some(cluster_id);
+                }
+            }
             if plan == Planned::ConfChange {
                 let applied = self.apply_conf_change(e, &mut batch.members);
                 if let Some(cs) = &applied.0 {
@@ -909,6 +927,13 @@ impl<B: Backend> Node<B> {
                 Planned::Invalid { index, reason } => {
                     out.invalid.push((index, reason));
                     None
+                }
+                Planned::ClusterId { id, .. } => {
+                    if id.node == me {
+                        let result = ApplyResult { revision: index, flag: true, duplicate: false };
+                        out.completed.push(Completion { id, index, result });
+                    }
+                    Some(id)
                 }
                 _ => None,
             };
@@ -986,6 +1011,7 @@ impl<B: Backend> Node<B> {
         let (snapshot_index, snapshot_term) = store.snapshot_meta();
         let configured = !cs.voters.is_empty() || !cs.learners.is_empty();
         NodeStatus {
+            cluster_id: self.cluster_id(),
             id: r.id,
             role: r.state,
             removed: configured && !self.is_member(r.id),

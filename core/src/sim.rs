@@ -518,6 +518,38 @@ mod tests {
     }
 
     #[test]
+    fn the_first_cluster_id_applied_wins_everywhere_and_travels_in_snapshots() {
+        let mut sim = Sim::new(12, quiet());
+        sim.settle(100).unwrap();
+        let leader = sim.leader().unwrap();
+        let follower = (1..=3).find(|&i| i != leader).unwrap();
+        assert_eq!(sim.node_mut(leader).cluster_id(), 0);
+        sim.node_mut(leader).propose_cluster_id(RequestId { node: leader, nonce: 5, seq: 1 }, 0xA).unwrap();
+        sim.node_mut(leader).propose_cluster_id(RequestId { node: leader, nonce: 5, seq: 2 }, 0xB).unwrap();
+        for i in 0..20 {
+            sim.propose_on(leader, &format!("k{i}"), "v");
+        }
+        sim.settle(50).unwrap();
+        for id in 1..=3 {
+            assert_eq!(sim.node_mut(id).cluster_id(), 0xA, "node {id}");
+        }
+        // A forwarded proposal of another id changes nothing either.
+        sim.node_mut(follower).propose_cluster_id(RequestId { node: follower, nonce: 6, seq: 1 }, 0xC).unwrap();
+        sim.settle(50).unwrap();
+        for id in 1..=3 {
+            assert!(sim.node_mut(id).maybe_compact(10, 2).unwrap(), "node {id} compacts");
+        }
+        sim.add_blank(4);
+        let rid = RequestId { node: leader, nonce: 99, seq: 1 };
+        let add = MemberChange::AddLearner { id: 4, address: "sim:4".into(), promote: false };
+        sim.node_mut(leader).propose_change(rid, &add).unwrap();
+        sim.settle(100).unwrap();
+        assert!(sim.node_mut(4).is_member(4), "node 4 installed a snapshot");
+        assert_eq!(sim.node_mut(4).cluster_id(), 0xA, "the id came with the snapshot");
+        assert_eq!(sim.backends[&4].inner.lock().unwrap().state.cluster_id, 0xA, "and is durable");
+    }
+
+    #[test]
     fn membership_grows_and_shrinks_through_snapshots() {
         let mut sim = Sim::new(11, quiet());
         sim.settle(100).unwrap();

@@ -18,6 +18,8 @@ pub enum Planned {
     Kv { id: RequestId, op_index: usize },
     /// A membership change the driver must hand to raft.
     ConfChange,
+    /// Sets the cluster id, unless one is set already (the first such entry wins everywhere).
+    ClusterId { id: RequestId, cluster_id: u128 },
     /// A command no node can apply (a forged or corrupt entry): skipped on every node alike.
     Invalid { index: u64, reason: &'static str },
 }
@@ -37,6 +39,7 @@ pub fn plan(entry: &Entry, ops: &mut Vec<OpAt>) -> Planned {
             }
             Ok(p) => {
                 let op = match p.cmd {
+                    Command::ClusterId { id } => return Planned::ClusterId { id: p.id, cluster_id: id },
                     Command::Put { key, value } => KvOp::Put { key, value },
                     Command::Delete { key } => KvOp::Delete { key },
                     Command::Cas { key, expected, value } => KvOp::Cas { key, expected, value },
@@ -71,6 +74,8 @@ pub struct SnapshotData {
     pub members: Vec<Member>,
     pub kv_rows: u64,
     pub request_rows: u64,
+    /// The cluster id, installed with the snapshot (0: the cluster had none yet).
+    pub cluster_id: u128,
 }
 
 impl SnapshotData {

@@ -43,6 +43,8 @@ pub struct PersistedState {
     pub applied: u64,
     /// Index of the last stored log entry, or `snapshot_index` when the log is empty.
     pub last_index: u64,
+    /// The cluster's random id, fixed by the first entry that sets it (0: not yet set).
+    pub cluster_id: u128,
 }
 
 impl PersistedState {
@@ -114,6 +116,8 @@ pub struct WriteBatch {
     pub members: Vec<MemberOp>,
     /// Drop the log up to and including this (index, term); it becomes the new snapshot point.
     pub compact_to: Option<(u64, u64)>,
+    /// Record the cluster id (an applied entry set it; a snapshot's is installed with it).
+    pub cluster_id: Option<u128>,
     /// Must be durable before the call returns (log entries, snapshot, term or vote). Without
     /// it the backend may commit asynchronously: a crash then loses at most applied state and
     /// commit index, which raft re-derives from the durable log on restart.
@@ -130,6 +134,7 @@ impl WriteBatch {
             && self.conf_state.is_none()
             && self.members.is_empty()
             && self.compact_to.is_none()
+            && self.cluster_id.is_none()
     }
 }
 
@@ -167,6 +172,7 @@ struct Cache {
     snapshot_index: u64,
     snapshot_term: u64,
     applied: u64,
+    cluster_id: u128,
     /// `terms[i]` is the term of index `snapshot_index + 1 + i`.
     terms: VecDeque<u64>,
     /// Contiguous entries ending at the last index.
@@ -260,6 +266,7 @@ impl<B: Backend> RaftStorage<B> {
             snapshot_index: st.snapshot_index,
             snapshot_term: st.snapshot_term,
             applied: st.applied,
+            cluster_id: st.cluster_id,
             terms,
             tail: VecDeque::new(),
             tail_bytes: 0,
@@ -299,6 +306,11 @@ impl<B: Backend> RaftStorage<B> {
             if c.hs.commit < m.index {
                 c.hs.commit = m.index;
             }
+            if let Ok(data) = SnapshotData::decode(snap.get_data()) {
+                if data.cluster_id != 0 {
+                    c.cluster_id = data.cluster_id;
+                }
+            }
         }
         if let Some(first) = batch.entries.first() {
             c.truncate_from(first.index);
@@ -306,6 +318,9 @@ impl<B: Backend> RaftStorage<B> {
         }
         if let Some(hs) = &batch.hard_state {
             c.hs = hs.clone();
+        }
+        if let Some(id) = batch.cluster_id {
+            c.cluster_id = id;
         }
         if let Some(a) = batch.applied {
             c.applied = a;
@@ -336,6 +351,9 @@ impl<B: Backend> RaftStorage<B> {
     }
     pub fn applied(&self) -> u64 {
         self.cache.borrow().applied
+    }
+    pub fn cluster_id(&self) -> u128 {
+        self.cache.borrow().cluster_id
     }
     pub fn first(&self) -> u64 {
         self.cache.borrow().first_index()
@@ -481,6 +499,7 @@ impl<B: Backend> raft::Storage for RaftStorage<B> {
             members: f.frozen.members.clone(),
             kv_rows: f.frozen.kv_rows,
             request_rows: f.frozen.request_rows,
+            cluster_id: self.cluster_id(),
         };
         let mut snap = Snapshot::default();
         snap.set_data(data.encode().into());
@@ -589,6 +608,9 @@ impl Backend for MemBackend {
             s.kv = std::mem::take(&mut s.snap_kv);
             s.requests = std::mem::take(&mut s.snap_requests);
             s.members = data.members.into_iter().map(|m| (m.id, m)).collect();
+            if data.cluster_id != 0 {
+                s.state.cluster_id = data.cluster_id;
+            }
         }
         if let Some(first) = b.entries.first() {
             let _ = s.log.split_off(&first.index);
@@ -642,6 +664,9 @@ impl Backend for MemBackend {
         }
         if let Some(cs) = &b.conf_state {
             s.state.conf_state = cs.clone();
+        }
+        if let Some(id) = b.cluster_id {
+            s.state.cluster_id = id;
         }
         for op in &b.members {
             op.apply_to(&mut s.members);
@@ -873,7 +898,7 @@ pub mod contract {
             snap.mut_metadata().index = 40;
             snap.mut_metadata().term = 2;
             snap.mut_metadata().mut_conf_state().voters = vec![1];
-            snap.set_data(SnapshotData { members: Vec::new(), kv_rows, request_rows }.encode().into());
+            snap.set_data(SnapshotData { members: Vec::new(), kv_rows, request_rows, cluster_id: 0 }.encode().into());
             snap
         };
         let wrong =

@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use postgres::{Client, Error as PgError, NoTls};
+pub use raft_kv_core::tls::testing::Ca;
 
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -136,6 +137,9 @@ pub type ConfFn = Box<dyn Fn(&NodeSpec, &str) -> String>;
 pub struct Cluster {
     pub root: PathBuf,
     pub nodes: Vec<Node>,
+    /// The cluster's throw-away CA: every node's certificate comes from it (tests mint more
+    /// to play peers, or attackers).
+    pub ca: Ca,
     /// Lines added to every node's configuration.
     extra_conf: String,
     /// Per-link proxies, when the cluster was built with `proxied()`. Declared after the
@@ -148,6 +152,7 @@ pub struct Builder {
     extra_conf: String,
     conf: Option<ConfFn>,
     proxied: bool,
+    plain: bool,
 }
 
 impl Builder {
@@ -160,6 +165,11 @@ impl Builder {
     /// Replaces the raft_kv lines of each node's configuration.
     pub fn raft_conf(mut self, f: impl Fn(&NodeSpec, &str) -> String + 'static) -> Self {
         self.conf = Some(Box::new(f));
+        self
+    }
+    /// Runs the Raft port without TLS (`raft_kv.peer_tls = off`, development mode).
+    pub fn plain(mut self) -> Self {
+        self.plain = true;
         self
     }
     /// Routes every link between nodes through a proxy the test can cut (`Cluster::net`).
@@ -176,6 +186,7 @@ impl Builder {
         ));
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).unwrap();
+        let ca = Ca::new();
         let specs: Vec<NodeSpec> =
             (1..=self.n as u64).map(|id| NodeSpec { id, pg_port: free_port(), raft_port: free_port() }).collect();
         let peers = specs.iter().map(|s| format!("{}=127.0.0.1:{}", s.id, s.raft_port)).collect::<Vec<_>>().join(",");
@@ -209,13 +220,15 @@ impl Builder {
                 Some(f) => f(spec, &peers_for(spec)),
                 None => default_raft_conf(spec, &peers_for(spec)),
             };
+            let tls = if self.plain { "raft_kv.peer_tls = off\n".to_string() } else { write_certs(&ca, &dir, &raft) };
             let mut f = fs::OpenOptions::new().append(true).open(dir.join("data/postgresql.conf")).unwrap();
             write!(
                 f,
                 "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-                 logging_collector = off\n{}\n{}\n",
+                 logging_collector = off\n{}{}\n{}\n",
                 spec.pg_port,
                 dir.display(),
+                tls,
                 raft,
                 self.extra_conf
             )
@@ -223,7 +236,7 @@ impl Builder {
             nodes.push(Node { spec: spec.clone(), dir });
         }
         chown_to_postgres(&root);
-        let c = Cluster { root, nodes, extra_conf: self.extra_conf, net };
+        let c = Cluster { root, nodes, ca, extra_conf: self.extra_conf, net };
         for i in 1..=c.nodes.len() {
             c.start_node(i);
         }
@@ -232,6 +245,26 @@ impl Builder {
         }
         c
     }
+}
+
+/// The name of every test cluster in its certificates.
+pub const CLUSTER_NAME: &str = "test";
+
+/// Writes a certificate for the node the raft_kv lines configure (by their node_id) into its
+/// directory, and returns the settings that point at it (relative to the data directory).
+fn write_certs(ca: &Ca, dir: &Path, raft_lines: &str) -> String {
+    let id = raft_lines
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("raft_kv.node_id = ")?.trim().parse::<u64>().ok())
+        .filter(|&id| id > 0)
+        .unwrap_or(1);
+    let cert = ca.node(CLUSTER_NAME, id);
+    fs::write(dir.join("node.pem"), &cert.cert).unwrap();
+    fs::write(dir.join("node.key"), &cert.key).unwrap();
+    fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+    chown_to_postgres(dir);
+    "raft_kv.ssl_cert_file = '../node.pem'\nraft_kv.ssl_key_file = '../node.key'\nraft_kv.ssl_ca_file = '../ca.pem'\n"
+        .to_string()
 }
 
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -256,7 +289,7 @@ pub enum Stop {
 
 impl Cluster {
     pub fn builder(n: usize) -> Builder {
-        Builder { n, extra_conf: String::new(), conf: None, proxied: false }
+        Builder { n, extra_conf: String::new(), conf: None, proxied: false, plain: false }
     }
 
     pub fn start(n: usize) -> Cluster {
@@ -277,13 +310,16 @@ impl Cluster {
         fs::create_dir_all(&dir).unwrap();
         let st = Command::new("cp").arg("-a").arg(template()).arg(dir.join("data")).status().unwrap();
         assert!(st.success(), "copying the template data directory");
+        let raft = raft_lines(&spec);
+        let tls = write_certs(&self.ca, &dir, &raft);
         let mut f = fs::OpenOptions::new().append(true).open(dir.join("data/postgresql.conf")).unwrap();
         write!(
             f,
-            "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nlogging_collector = off\n{}\n{}\n",
+            "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nlogging_collector = off\n{}{}\n{}\n",
             spec.pg_port,
             dir.display(),
-            raft_lines(&spec),
+            tls,
+            raft,
             self.extra_conf
         )
         .unwrap();
