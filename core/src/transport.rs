@@ -444,13 +444,18 @@ async fn read_conn(stream: TcpStream, remote: SocketAddr, shared: Arc<Shared>) {
     loop {
         let frame = match tokio::time::timeout(IDLE_TIMEOUT, frames.next()).await {
             Err(_) | Ok(None) => return,
-            Ok(Some(Err(e))) => return shared.refuse(remote, || format!("node {peer}: {e}")),
+            // A frame over the limit (or malformed framing) is refused; a dropped connection is not news.
+            Ok(Some(Err(e))) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return shared.refuse(remote, || format!("node {peer}: {e}"))
+            }
+            Ok(Some(Err(_))) => return,
             Ok(Some(Ok(f))) => f,
         };
         let event = match frame.first() {
             Some(&KIND_KEEPALIVE) if frame.len() == 1 => continue,
             Some(&KIND_RAFT) => match Message::parse_from_bytes(&frame[1..]) {
-                Ok(m) if m.from == peer => Event::Message(m),
+                // A forwarded leadership transfer names the transferee in `from` (raft-rs).
+                Ok(m) if m.from == peer || m.get_msg_type() == MessageType::MsgTransferLeader => Event::Message(m),
                 Ok(m) => {
                     return shared.refuse(remote, || format!("node {peer} sent a message from node {}", m.from))
                 }
@@ -473,14 +478,14 @@ async fn read_conn(stream: TcpStream, remote: SocketAddr, shared: Arc<Shared>) {
 }
 
 /// Connects to peer `id` and proves it is that node.
-async fn connect(id: u64, addr: SocketAddr, shared: &Shared) -> Result<Box<dyn Io>, String> {
+async fn connect(id: u64, addr: SocketAddr, security: &Security) -> Result<Box<dyn Io>, String> {
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("connect timed out".into()),
     };
     let _ = stream.set_nodelay(true);
-    match &shared.security {
+    match security {
         Security::Plain => Ok(Box::new(stream)),
         Security::Tls(tls) => {
             let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
@@ -503,7 +508,7 @@ async fn connect(id: u64, addr: SocketAddr, shared: &Shared) -> Result<Box<dyn I
 async fn peer_writer(id: u64, addr: SocketAddr, me: SocketAddr, mut rx: mpsc::Receiver<Outbound>, shared: Arc<Shared>) {
     let mut backoff = BACKOFF_MIN;
     loop {
-        let io = match connect(id, addr, &shared).await {
+        let io = match connect(id, addr, &shared.security).await {
             Ok(io) => io,
             Err(reason) => {
                 if reason.starts_with("TLS") || reason.starts_with("the certificate") {
@@ -529,18 +534,29 @@ async fn peer_writer(id: u64, addr: SocketAddr, me: SocketAddr, mut rx: mpsc::Re
         };
         let connected_at = tokio::time::Instant::now();
         shared.emit(Event::Connected { peer: id, addr }, None);
-        let mut sink = FramedWrite::new(io, shared.codec());
-        // The hello goes out with the first batch of messages.
+        // The peer never writes on this connection: reading tells at once when it closes it
+        // (it restarted, or refused us), instead of at the next message, which would be lost.
+        let (mut closed, wr) = tokio::io::split(io);
+        let mut sink = FramedWrite::new(wr, shared.codec());
+        // The hello goes out at once: the peer allows only HANDSHAKE_TIMEOUT for it.
         let hello = hello_frame(shared.me, shared.cluster_id(), me);
-        let mut greeting = sink.feed(hello).await.err();
+        let mut greeting = sink.send(hello).await.err();
+        let mut scratch = [0u8; 256];
         let error = loop {
             if let Some(e) = greeting.take() {
                 break e.to_string();
             }
-            let first = match tokio::time::timeout(KEEPALIVE, rx.recv()).await {
-                Ok(Some(m)) => Some(m),
-                Ok(None) => return,
-                Err(_) => None,
+            let first = tokio::select! {
+                next = tokio::time::timeout(KEEPALIVE, rx.recv()) => match next {
+                    Ok(Some(m)) => Some(m),
+                    Ok(None) => return,
+                    Err(_) => None,
+                },
+                read = tokio::io::AsyncReadExt::read(&mut closed, &mut scratch) => match read {
+                    Ok(0) => break "closed by the peer".to_string(),
+                    Ok(_) => continue,
+                    Err(e) => break e.to_string(),
+                },
             };
             let mut snapshot = first.as_ref().is_some_and(is_snapshot);
             let mut res = match &first {
@@ -579,7 +595,7 @@ async fn peer_writer(id: u64, addr: SocketAddr, me: SocketAddr, mut rx: mpsc::Re
 
 /// Queues one message on the connection; one that cannot be encoded is reported and skipped.
 async fn feed(
-    sink: &mut FramedWrite<Box<dyn Io>, LengthDelimitedCodec>,
+    sink: &mut FramedWrite<tokio::io::WriteHalf<Box<dyn Io>>, LengthDelimitedCodec>,
     m: &Outbound,
     shared: &Shared,
 ) -> Result<(), std::io::Error> {
@@ -589,6 +605,55 @@ async fn feed(
             let addr = SocketAddr::from(([0, 0, 0, 0], 0));
             shared.refuse(addr, || format!("a message to node {} could not be encoded and was dropped: {e}", m.to()));
             Ok(())
+        }
+    }
+}
+
+/// A peer that sends whatever frames a test wants (a fuzzer, an attacker) on a connection
+/// that passed the same handshake as a real peer's.
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing {
+    use super::*;
+
+    pub struct RawPeer {
+        rt: Runtime,
+        sink: FramedWrite<Box<dyn Io>, LengthDelimitedCodec>,
+    }
+
+    impl RawPeer {
+        /// Connects to node `to` at `addr` as node `me` (of `cluster_id`) and says hello.
+        pub fn connect(addr: SocketAddr, to: u64, me: u64, cluster_id: u128, security: &Security) -> Result<Self, String> {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            let io = rt.block_on(connect(to, addr, security))?;
+            let codec = LengthDelimitedCodec::builder().max_frame_length(usize::MAX).new_codec();
+            let mut p = RawPeer { rt, sink: FramedWrite::new(io, codec) };
+            p.frame(&hello_frame(me, cluster_id, "127.0.0.1:9".parse().unwrap())).map_err(|e| e.to_string())?;
+            Ok(p)
+        }
+
+        /// Sends one length-delimited frame as it is.
+        pub fn frame(&mut self, body: &[u8]) -> std::io::Result<()> {
+            self.rt.block_on(self.sink.send(Bytes::copy_from_slice(body)))
+        }
+
+        pub fn message(&mut self, m: &Message) -> std::io::Result<()> {
+            let b = encode(&Outbound::Raft(m.clone())).map_err(std::io::Error::other)?;
+            self.frame(&b)
+        }
+
+        pub fn snap(&mut self, to: u64, frame: SnapFrame) -> std::io::Result<()> {
+            let b = encode(&Outbound::Snap { to, frame }).map_err(std::io::Error::other)?;
+            self.frame(&b)
+        }
+
+        /// Writes a frame header announcing `len` bytes, and nothing more.
+        pub fn announce(&mut self, len: u32) -> std::io::Result<()> {
+            use tokio::io::AsyncWriteExt;
+            self.rt.block_on(async {
+                let io = self.sink.get_mut();
+                io.write_all(&len.to_be_bytes()).await?;
+                io.flush().await
+            })
         }
     }
 }
@@ -803,6 +868,57 @@ mod tests {
         for t in [a, b, n3] {
             t.shutdown();
         }
+    }
+
+    #[test]
+    fn a_quiet_peer_keeps_its_connection_past_the_handshake_deadline() {
+        let ca = crate::tls::testing::Ca::new();
+        let mut a = start_with(1, tls(&ca, "c1", 1));
+        let b = start_with(2, tls(&ca, "c1", 2));
+        a.set_peer(2, b.local_addr());
+        // Nothing to send for longer than the deadline: the hello alone must satisfy it.
+        let quiet_until = std::time::Instant::now() + HANDSHAKE_TIMEOUT + Duration::from_secs(1);
+        while let Some(left) = quiet_until.checked_duration_since(std::time::Instant::now()) {
+            if let Ok(d) = b.events().recv_timeout(left) {
+                assert!(!matches!(d.event, Event::Refused { .. }), "{:?}", d.event);
+            }
+        }
+        assert!(a.send(msg(1, 2, 9)));
+        assert_eq!(next_message(&b).term, 9);
+        while let Ok(d) = a.events().try_recv() {
+            assert!(!matches!(d.event, Event::Disconnected { .. } | Event::Unreachable { .. }), "{:?}", d.event);
+        }
+        a.shutdown();
+        b.shutdown();
+    }
+
+    #[test]
+    fn a_node_of_another_cluster_id_is_refused() {
+        let mut a = start_with(1, Security::Plain);
+        let b = start_with(2, Security::Plain);
+        b.set_cluster_id(0xB);
+        a.set_cluster_id(0xA);
+        a.set_peer(2, b.local_addr());
+        assert!(a.send(msg(1, 2, 3)));
+        assert!(refused_while(&b, "belongs to another cluster", &mut || {
+            a.send(msg(1, 2, 3));
+        }));
+        // A node that knows no id yet (a new one waiting to be added) is heard.
+        a.set_cluster_id(0);
+        a.set_peer(2, b.local_addr()); // unchanged address: the connection stays; reconnects on its own
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            a.send(msg(1, 2, 4));
+            match b.events().recv_timeout(Duration::from_millis(250)).map(|d| d.event) {
+                Ok(Event::Message(m)) => {
+                    assert!(m.term == 3 || m.term == 4);
+                    break;
+                }
+                _ => assert!(std::time::Instant::now() < deadline, "no message from a node with no id"),
+            }
+        }
+        a.shutdown();
+        b.shutdown();
     }
 
     #[test]

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 pub use postgres::{Client, Error as PgError, NoTls};
 pub use raft_kv_core::tls::testing::Ca;
+use raft_kv_core::tls::TlsSetup;
+pub use raft_kv_core::transport::Security;
 
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -443,6 +445,34 @@ impl Cluster {
         });
         let hashes: Vec<_> = nodes.iter().map(|&i| self.kv_hash(i)).collect();
         assert!(hashes.windows(2).all(|w| w[0] == w[1]), "kv tables differ: {hashes:?}");
+    }
+
+    /// TLS credentials of a peer calling itself node `id` of `cluster`, from `ca`: what a test
+    /// playing a peer (or an attacker holding a stolen or stray certificate) presents.
+    pub fn peer_security(ca: &Ca, cluster: &str, id: u64) -> Security {
+        let n = ca.node(cluster, id);
+        let t = TlsSetup::from_pem(n.cert.as_bytes(), n.key.as_bytes(), ca.pem.as_bytes(), id).unwrap();
+        Security::Tls(std::sync::Arc::new(t))
+    }
+
+    /// Node `i`'s raft_kv worker pid, None while it has none (or the node is down).
+    pub fn worker_pid(&self, i: usize) -> Option<i32> {
+        self.try_client(i)?.query_one("SELECT worker_pid FROM raft_status()", &[]).ok()?.get(0)
+    }
+
+    /// The private memory (RssAnon, KiB) of process `pid`.
+    pub fn rss_anon_kib(pid: i32) -> Option<u64> {
+        let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        s.lines().find_map(|l| l.strip_prefix("RssAnon:"))?.trim().trim_end_matches("kB").trim().parse().ok()
+    }
+
+    /// Node `i`'s cluster id, once its first leader has set it.
+    pub fn cluster_id(&self, i: usize) -> u128 {
+        wait_for(Duration::from_secs(20), "the cluster id", || {
+            let s: Option<String> =
+                self.try_client(i)?.query_one("SELECT cluster_id FROM raft_status()", &[]).ok()?.get(0);
+            u128::from_str_radix(&s?, 16).ok()
+        })
     }
 
     pub fn applied_index(&self, i: usize) -> Option<i64> {

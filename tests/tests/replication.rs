@@ -286,12 +286,15 @@ fn bad_input_is_rejected_and_changes_nothing() {
     }
     // The limits are inclusive.
     set(&mut cl, &ok_key, &"v".repeat(100)).unwrap();
-    // A role without grants cannot even read the tables; raft_get works for it.
+    // A role without grants can neither read the tables nor call raft_get (issue 9: nothing
+    // is granted to PUBLIC); raft_kv_reader grants both.
     cl.batch_execute("CREATE ROLE app LOGIN; SET ROLE app").unwrap();
     let err = cl.query("SELECT * FROM raft_kv.kv", &[]).unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
+    let err = cl.query("SELECT raft_get('existing')", &[]).unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "42501");
+    cl.batch_execute("RESET ROLE; GRANT raft_kv_reader TO app; SET ROLE app").unwrap();
     assert_eq!(get(&mut cl, "existing").as_deref(), Some("1"));
-    cl.batch_execute("RESET ROLE; GRANT SELECT ON raft_kv.kv TO app; SET ROLE app").unwrap();
     let n: i64 = cl.query_one("SELECT count(*) FROM raft_kv.kv", &[]).unwrap().get(0);
     assert_eq!(n, 2);
     let err = cl.query("DELETE FROM raft_kv.kv", &[]).unwrap_err();
