@@ -15,6 +15,7 @@ use crate::state_machine::ConfChangeContext;
 pub struct View<'a> {
     pub id: u64,
     pub leader_id: u64,
+    pub is_leader: bool,
     pub committed: u64,
     pub last_index: u64,
     /// The term of a log entry this node holds, if it holds it.
@@ -38,9 +39,15 @@ pub fn check(m: &Message, v: &View<'_>) -> Result<(), Reason> {
         return Err("a local-only message type");
     }
     // raft-rs takes term 0 for a local message (a heartbeat's commit would then be applied
-    // unchecked); only forwarded proposals and read requests carry it.
-    if m.term == 0 && !matches!(t, MsgPropose | MsgReadIndex) {
-        return Err("term 0");
+    // unchecked); only forwarded proposals and read requests carry it, and always carry it: a
+    // follower forwards them on, and raft-rs's send() is fatal for one with a term set.
+    let forwarded = matches!(t, MsgPropose | MsgReadIndex);
+    if (m.term == 0) != forwarded {
+        return Err(if forwarded { "a forwarded request with a term" } else { "term 0" });
+    }
+    // A follower would forward a transfer request again, term and all: fatal in send().
+    if t == MsgTransferLeader && !v.is_leader {
+        return Err("a leadership transfer request to a node that is not the leader");
     }
     match t {
         // "stepped empty MsgProp" is fatal in raft-rs.
@@ -93,10 +100,15 @@ fn check_context(e: &Entry) -> Result<(), Reason> {
 
 /// raft-rs's maybe_append() is fatal when new entries conflict with a committed one.
 fn check_append(m: &Message, v: &View<'_>) -> Result<(), Reason> {
+    // raft-rs reads the term of an index past its log as 0, so a term-0 predecessor would
+    // "match" anywhere, and the commit that follows would run past the log: fatal.
+    if m.index > 0 && m.log_term == 0 {
+        return Err("an append whose predecessor has term 0");
+    }
     let mut expect = m.index + 1;
     let mut term = m.log_term;
     for e in m.entries.iter() {
-        if e.index != expect || e.term < term || e.term > m.term {
+        if e.index != expect || e.term == 0 || e.term < term || e.term > m.term {
             return Err("entries out of order");
         }
         if e.index <= v.committed && (v.term_at)(e.index).is_some_and(|t| t != e.term) {
@@ -115,7 +127,7 @@ mod tests {
 
     fn view() -> View<'static> {
         // Entries 1..=10 in term 2, committed up to 8; leader 1.
-        View { id: 2, leader_id: 1, committed: 8, last_index: 10, term_at: &|i| (i <= 10).then_some(2) }
+        View { id: 2, leader_id: 1, is_leader: false, committed: 8, last_index: 10, term_at: &|i| (i <= 10).then_some(2) }
     }
 
     fn msg(t: MessageType) -> Message {
@@ -180,6 +192,16 @@ mod tests {
             "rewrites committed entry 6"
         );
         assert!(with(MsgAppend, &|m| m.entries = vec![entry(3, 2), entry(5, 2)].into()).is_err(), "gap");
+        assert!(
+            with(MsgAppend, &|m| {
+                m.index = 25;
+                m.commit = 25;
+            })
+            .is_err(),
+            "a term-0 predecessor past the log (its commit would be fatal)"
+        );
+        assert!(with(MsgPropose, &|m| m.entries = vec![Entry::default()].into()).is_err(), "a proposal with a term");
+        assert!(with(MsgTransferLeader, &|_| {}).is_err(), "a transfer request to a follower");
         assert!(
             with(MsgPropose, &|m| {
                 let mut e = Entry::default();

@@ -441,6 +441,7 @@ impl<B: Backend> Node<B> {
         let view = crate::admission::View {
             id: r.id,
             leader_id: r.leader_id,
+            is_leader: r.state == StateRole::Leader,
             committed: r.raft_log.committed,
             last_index: r.raft_log.last_index(),
             term_at: &term_at,

@@ -121,6 +121,12 @@ fn a_search_path_hijack_does_not_make_a_role_superuser() {
     };
     m.batch_execute(&trap("evil")).unwrap();
     m.batch_execute(&trap("public")).unwrap();
+    // Roles are per server: the same trap in public on the other nodes, for their workers.
+    for i in 2..=3 {
+        let mut su = c.client(i);
+        su.batch_execute("CREATE ROLE mallory; GRANT CREATE ON SCHEMA public TO mallory; SET ROLE mallory").unwrap();
+        su.batch_execute(&trap("public")).unwrap();
+    }
     let is_super = |su: &mut Client| -> bool {
         su.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'", &[]).unwrap().get(0)
     };
