@@ -277,6 +277,8 @@ pub mod pg_test {
             "raft_kv.node_id = 1",
             "raft_kv.listen_addr = '127.0.0.1:57931'",
             "raft_kv.peers = '1=127.0.0.1:57931'",
+            // A single-node test server: no peers to authenticate.
+            "raft_kv.peer_tls = off",
         ]
     }
 }

@@ -798,11 +798,13 @@ pub mod contract {
                 entries: vec![entry(4, 3), entry(5, 4), entry(6, 5)],
                 hard_state: Some(hs.clone()),
                 applied: Some(4),
+                cluster_id: Some(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
                 ..Default::default()
             })
             .unwrap();
 
         let s = RaftStorage::open(backend, max_tail_bytes).unwrap();
+        assert_eq!(s.cluster_id(), 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210, "the cluster id is durable");
         let st = s.initial_state().unwrap();
         assert_eq!(st.hard_state, hs);
         assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
