@@ -124,6 +124,8 @@ struct OutStream {
     sent_last: bool,
     /// Ticks since the transfer last made progress; it fails past the timeout.
     idle_ticks: u32,
+    /// Rows the snapshot holds (kv and request ids), announced in every chunk.
+    rows_total: u64,
 }
 
 /// Ticks without an acknowledgement after which unacknowledged chunks are sent again.
@@ -138,6 +140,9 @@ struct InStream {
     term: u64,
     next_seq: u32,
     complete: bool,
+    /// Rows the transfer announced, and rows staged so far.
+    rows_total: u64,
+    staged: u64,
 }
 
 /// What the caller must do after [`Node::handle_ready`] (messages go through its `send`).
@@ -524,7 +529,7 @@ impl<B: Backend> Node<B> {
     /// Handles a frame of a snapshot transfer from `from`.
     pub fn receive_snap(&mut self, from: u64, frame: SnapFrame) -> Result<(), NodeError> {
         match frame {
-            SnapFrame::Chunk { stream, index, term, seq, rows, last } => {
+            SnapFrame::Chunk { stream, index, term, seq, rows, last, rows_total } => {
                 let reply = |node: &mut Self, frame| node.outbox.push(Outbound::Snap { to: from, frame });
                 if self.is_leader() {
                     let reason = "a leader takes no snapshot".to_string();
@@ -552,12 +557,22 @@ impl<B: Backend> Node<B> {
                     }
                     self.raw.store().forget_frozen();
                     self.raw.store().with_backend(|b| b.clear_snapshot_store())?;
-                    self.incoming = Some(InStream { from, stream, index, term, next_seq: 0, complete: false });
+                    let (next_seq, complete, staged) = (0, false, 0);
+                    self.incoming = Some(InStream { from, stream, index, term, next_seq, complete, rows_total, staged });
                 }
                 let inc = self.incoming.as_mut().expect("set above");
                 if seq < inc.next_seq {
                     reply(self, SnapFrame::Ack { stream, index, term, seq });
                 } else if seq == inc.next_seq && !inc.complete {
+                    // Never stage more than the transfer announced at its start.
+                    if inc.staged + rows.len() as u64 > inc.rows_total || rows_total != inc.rows_total {
+                        self.incoming = None;
+                        self.raw.store().with_backend(|b| b.clear_snapshot_store())?;
+                        let reason = "the transfer sent more rows than it announced".to_string();
+                        reply(self, SnapFrame::Abort { stream, index, term, reason });
+                        return Ok(());
+                    }
+                    inc.staged += rows.len() as u64;
                     inc.next_seq += 1;
                     inc.complete = last;
                     self.raw.store().with_backend(|b| b.stage_snapshot(&rows))?;
@@ -607,10 +622,13 @@ impl<B: Backend> Node<B> {
         let md = m.get_snapshot().get_metadata();
         self.streams_started += 1;
         let stream = (self.raw.raft.term << 32) | (self.streams_started & 0xffff_ffff);
+        let rows_total =
+            SnapshotData::decode(m.get_snapshot().get_data()).map(|d| d.kv_rows + d.request_rows).unwrap_or(0);
         let s = OutStream {
             stream,
             index: md.index,
             term: md.term,
+            rows_total,
             msg: Some(m),
             cursor: Cursor::start(),
             starts: Default::default(),
@@ -649,8 +667,8 @@ impl<B: Backend> Node<B> {
                 s.cursor = next;
             }
             let last = s.cursor == Cursor::Done;
-            let frame =
-                SnapFrame::Chunk { stream: s.stream, index: s.index, term: s.term, seq: s.next_seq, rows, last };
+            let (stream, index, term, seq, rows_total) = (s.stream, s.index, s.term, s.next_seq, s.rows_total);
+            let frame = SnapFrame::Chunk { stream, index, term, seq, rows, last, rows_total };
             s.next_seq += 1;
             s.sent_last = last;
             self.outbox.push(Outbound::Snap { to, frame });
@@ -1041,5 +1059,62 @@ pub fn role_name(r: StateRole) -> &'static str {
         StateRole::Candidate => "candidate",
         StateRole::Leader => "leader",
         StateRole::PreCandidate => "pre-candidate",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::Row;
+    use crate::storage::MemBackend;
+
+    /// Node 2 of a 3-node cluster, following node 1 in term 2.
+    fn follower_of_1() -> Node<MemBackend> {
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let members: Vec<Member> =
+            (1..=3).map(|id| Member { id, address: format!("sim:{id}"), promote: false }).collect();
+        let mut n = Node::open(MemBackend::new(), &NodeOptions::new(2), &members, &logger).unwrap();
+        let mut hb = Message::default();
+        hb.set_msg_type(MessageType::MsgHeartbeat);
+        (hb.from, hb.to, hb.term) = (1, 2, 2);
+        n.step(hb);
+        assert_eq!(n.leader_id(), 1);
+        n
+    }
+
+    fn sent(n: &mut Node<MemBackend>) -> Vec<Outbound> {
+        let mut v = Vec::new();
+        n.handle_ready(&mut Output::default(), &mut |m| v.push(m)).unwrap();
+        v
+    }
+
+    #[test]
+    fn a_transfer_sending_more_rows_than_it_announced_is_aborted() {
+        let mut n = follower_of_1();
+        let row = |k: &str| Row::Kv { key: k.into(), value: "v".into(), revision: 1 };
+        let chunk =
+            |seq, rows, last| SnapFrame::Chunk { stream: 7, index: 50, term: 2, seq, rows, last, rows_total: 2 };
+        n.receive_snap(1, chunk(0, vec![row("a"), row("b")], false)).unwrap();
+        n.receive_snap(1, chunk(1, vec![row("c")], true)).unwrap();
+        let frames: Vec<SnapFrame> = sent(&mut n)
+            .into_iter()
+            .filter_map(|m| match m {
+                Outbound::Snap { to: 1, frame } => Some(frame),
+                _ => None,
+            })
+            .collect();
+        assert!(matches!(frames[0], SnapFrame::Ack { seq: 0, .. }), "{frames:?}");
+        assert!(matches!(&frames[1], SnapFrame::Abort { reason, .. } if reason.contains("more rows")), "{frames:?}");
+        assert!(n.storage().with_backend(|b| b.inner.lock().unwrap().snap_kv.is_empty()), "staging emptied");
+    }
+
+    #[test]
+    fn only_the_leader_starts_a_transfer() {
+        let mut n = follower_of_1();
+        let rows = vec![Row::Kv { key: "a".into(), value: "v".into(), revision: 1 }];
+        let frame = SnapFrame::Chunk { stream: 7, index: 50, term: 2, seq: 0, rows, last: true, rows_total: 1 };
+        n.receive_snap(3, frame).unwrap();
+        assert!(sent(&mut n).iter().all(|m| !matches!(m, Outbound::Snap { .. })), "node 3 is not the leader");
+        assert!(n.storage().with_backend(|b| b.inner.lock().unwrap().snap_kv.is_empty()));
     }
 }

@@ -22,7 +22,9 @@
 pub enum SnapFrame {
     /// Leader → follower: rows of the snapshot `(index, term)`, numbered from 0 within one
     /// transfer (`stream`, unique per leader term).
-    Chunk { stream: u64, index: u64, term: u64, seq: u32, rows: Vec<Row>, last: bool },
+    /// `rows_total`: how many rows the whole transfer holds (what the snapshot's metadata
+    /// announces), so the receiver stages no more than that.
+    Chunk { stream: u64, index: u64, term: u64, seq: u32, rows: Vec<Row>, last: bool, rows_total: u64 },
     /// Follower → leader: chunk `seq` is staged.
     Ack { stream: u64, index: u64, term: u64, seq: u32 },
     /// Follower → leader: this transfer failed (`stream` 0: whichever sent that snapshot).

@@ -195,7 +195,7 @@ fn malformed_messages_from_an_authenticated_peer_take_nothing_down() {
         }
         // Snapshot frames no transfer asked for, one with rows no node can store.
         let rows = vec![Row::Kv { key: "pwned\0".into(), value: "x".into(), revision: 1 }];
-        p.snap(to, SnapFrame::Chunk { stream: 9, index: 1 << 40, term: t, seq: 0, rows, last: true }).unwrap();
+        p.snap(to, SnapFrame::Chunk { stream: 9, index: 1 << 40, term: t, seq: 0, rows, last: true, rows_total: 1 }).unwrap();
         p.snap(to, SnapFrame::Ack { stream: 9, index: 1, term: t, seq: 3 }).unwrap();
     }
     wait_for(Duration::from_secs(20), "the leader to log the dropped messages", || {
