@@ -34,7 +34,11 @@ pub fn register() {
         GucFlags::default(),
     );
     for (name, short, setting) in [
-        (c"raft_kv.ssl_cert_file", c"PEM certificate (chain) naming this node as raft-kv://<cluster>/node/<id>.", &SSL_CERT_FILE),
+        (
+            c"raft_kv.ssl_cert_file",
+            c"PEM certificate (chain) naming this node as raft-kv://<cluster>/node/<id>.",
+            &SSL_CERT_FILE,
+        ),
         (c"raft_kv.ssl_key_file", c"PEM private key of raft_kv.ssl_cert_file.", &SSL_KEY_FILE),
         (c"raft_kv.ssl_ca_file", c"PEM certificate(s) of the CA that signs every node's certificate.", &SSL_CA_FILE),
     ] {
@@ -151,6 +155,7 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    // SAFETY: called from _PG_init in the postmaster with a static C string.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"raft_kv".as_ptr()) };
 }
 

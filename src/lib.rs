@@ -12,6 +12,8 @@ use pgrx::prelude::*;
 
 mod freeze;
 mod guc;
+mod peers;
+mod raft_loop;
 mod requests;
 mod shmem;
 mod sql_api;
@@ -157,6 +159,7 @@ GRANT EXECUTE ON FUNCTION raft_status(), raft_members() TO pg_monitor;
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: reads a postmaster global that is set while libraries are preloaded.
     if !unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
         return;
     }
@@ -195,24 +198,24 @@ mod tests {
     #[pg_test]
     fn table_backend_meets_the_storage_contract() {
         scratch_schema();
-        raft_kv_core::storage::contract::check(crate::storage::PgBackend::new("contract"), 64 << 20);
+        raft_kv_core::contract::check(crate::storage::PgBackend::new("contract"), 64 << 20);
     }
 
     #[pg_test]
     fn table_backend_snapshot_store() {
         scratch_schema();
-        raft_kv_core::storage::contract::check_snapshot_store(crate::storage::PgBackend::new("contract"));
+        raft_kv_core::contract::check_snapshot_store(crate::storage::PgBackend::new("contract"));
     }
 
     #[pg_test]
     fn table_backend_cold_reads() {
         scratch_schema();
-        raft_kv_core::storage::contract::check(crate::storage::PgBackend::new("contract"), 1);
+        raft_kv_core::contract::check(crate::storage::PgBackend::new("contract"), 1);
     }
 
     #[pg_test]
     fn table_backend_replays_like_memory() {
-        use raft_kv_core::storage::{contract, MemBackend};
+        use raft_kv_core::{contract, mem_backend::MemBackend};
         scratch_schema();
         let log = contract::sample_log(60);
         let mut mem = MemBackend::new();
@@ -227,6 +230,25 @@ mod tests {
         });
         let want: Vec<(String, String, i64)> = mem.kv().into_iter().map(|(k, (v, r))| (k, v, r as i64)).collect();
         assert_eq!(rows, want);
+        // The remembered request ids, row by row, too.
+        let rows: Vec<(i64, i64, i64, i64, bool)> = Spi::connect(|c| {
+            c.select("SELECT nonce, seq, node, revision, flag FROM contract.requests ORDER BY nonce, seq", None, &[])
+                .unwrap()
+                .map(|r| {
+                    let g = |i| r.get::<i64>(i).unwrap().unwrap();
+                    (g(1), g(2), g(3), g(4), r.get::<bool>(5).unwrap().unwrap())
+                })
+                .collect()
+        });
+        let want: Vec<(i64, i64, i64, i64, bool)> = mem
+            .inner
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .map(|(&(n, s), &(node, rev, flag))| (n as i64, s as i64, node as i64, rev as i64, flag))
+            .collect();
+        assert_eq!(rows, want);
         let applied = Spi::get_one::<i64>("SELECT applied_index FROM contract.state").unwrap();
         assert_eq!(applied, Some(60));
     }
@@ -234,8 +256,8 @@ mod tests {
     #[pg_test]
     fn table_backend_applies_a_retried_request_once() {
         use raft_kv_core::command::{Command, Proposal, RequestId};
+        use raft_kv_core::contract;
         use raft_kv_core::eraftpb::Entry;
-        use raft_kv_core::storage::contract;
         scratch_schema();
         let entry = |index: u64, seq: u64, value: &str| {
             let mut e = Entry::default();

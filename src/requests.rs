@@ -60,6 +60,8 @@ pub fn submit(req: &Request) -> Result<Reply, RequestError> {
     let payload_len: usize = payload.iter().map(|p| p.len()).sum();
     let mut seg: *mut pg_sys::dsm_segment = std::ptr::null_mut();
     if payload_len > INLINE_BYTES {
+        // SAFETY: dsm_create returns a segment of payload_len bytes (or raises an ERROR);
+        // the parts written add up to exactly that.
         unsafe {
             seg = pg_sys::dsm_create(payload_len, 0);
             let mut p = pg_sys::dsm_segment_address(seg) as *mut u8;
@@ -112,6 +114,7 @@ pub fn submit(req: &Request) -> Result<Reply, RequestError> {
         }
     };
     if !seg.is_null() {
+        // SAFETY: the segment this call created; the worker copied from it already or never will.
         unsafe { pg_sys::dsm_detach(seg) };
     }
     result
@@ -143,7 +146,9 @@ fn claim<R>(fill: impl FnOnce(&mut shmem::Shared, usize) -> R) -> Result<R, Requ
         };
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(RequestError::NotRunning("the raft_kv worker has not released this session's previous request".into()));
+            return Err(RequestError::NotRunning(
+                "the raft_kv worker has not released this session's previous request".into(),
+            ));
         }
         shmem::wake_proc(worker);
         wait_latch(left.min(Duration::from_millis(100)));
@@ -270,6 +275,8 @@ fn read_payload(s: &Slot) -> Option<Payload> {
     let bytes: Vec<u8> = if s.dsm == 0 {
         s.data[..k + v + e + r].to_vec()
     } else {
+        // SAFETY: the handle names the backend's segment of k + v + e + r bytes; attach fails
+        // (null) if the backend is gone, and the copy is taken before detaching.
         unsafe {
             let seg = pg_sys::dsm_attach(s.dsm);
             if seg.is_null() {

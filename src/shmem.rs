@@ -183,6 +183,7 @@ impl Default for Shared {
 // SAFETY: `Shared` is `repr(C)`, `Copy`, and contains no pointers.
 unsafe impl PGRXSharedMemory for Shared {}
 
+// SAFETY: a named LWLock-guarded segment, initialised once in _PG_init (pg_shmem_init!).
 pub static SHARED: PgLwLock<Shared> = unsafe { PgLwLock::new(c"raft_kv_shared") };
 
 /// Set in `_PG_init` when loaded through `shared_preload_libraries`; inherited by every
@@ -201,10 +202,13 @@ pub fn preloaded() -> bool {
 /// Sets the latch of the process with this PGPROC number.
 pub fn wake_proc(procno: i32) {
     if procno >= 0 {
+        // SAFETY: procno is a PGPROC number a live process published; setting its latch is
+        // harmless even if that process has since exited.
         unsafe { pg_sys::ProcSendSignal(procno) };
     }
 }
 
 pub fn my_procno() -> i32 {
+    // SAFETY: MyProc is set for every backend and worker before any raft_kv code runs.
     unsafe { (*pg_sys::MyProc).pgprocno }
 }

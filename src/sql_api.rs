@@ -79,10 +79,12 @@ fn request(op: Op, key: &str, value: &str, expected: Option<&str>, request_id: O
     // under the same id, is a new request and can neither read nor block the first one's
     // outcome.
     let scoped = request_id.map(|id| {
+        // SAFETY: reads the session's current user id; no preconditions.
         let role = unsafe { pg_sys::GetUserId() }.to_u32();
         scoped_request_key(role, op as u8, &[Some(key), Some(value), expected], id)
     });
-    let req = requests::Request { op, key, value, expected, request_id: scoped.as_deref(), target: 0, as_learner: false };
+    let req =
+        requests::Request { op, key, value, expected, request_id: scoped.as_deref(), target: 0, as_learner: false };
     submit(&req)
 }
 
@@ -151,6 +153,7 @@ fn consistency(c: Option<&str>) -> Consistency {
 /// cannot be stale.
 fn read_barrier(c: Consistency) {
     if c == Consistency::Linearizable {
+        // SAFETY: reads this backend's isolation level global.
         if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
             raise(
                 Code::ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -389,6 +392,7 @@ fn raft_transfer_leader(node_id: Option<i64>) -> bool {
 /// Whether the caller may see peer addresses: members of raft_kv_admin or pg_monitor
 /// (superusers have every role's privileges).
 fn sees_addresses() -> bool {
+    // SAFETY: catalog lookups by name and id in a backend with a transaction open.
     unsafe {
         let me = pg_sys::GetUserId();
         let admin = pg_sys::get_role_oid(c"raft_kv_admin".as_ptr(), true);
@@ -491,6 +495,7 @@ mod raft_kv {
     /// lets nobody else write the tables.
     #[pg_extern(stable, parallel_safe)]
     fn is_worker() -> bool {
+        // SAFETY: reads this process's pid global.
         let me = unsafe { pgrx::pg_sys::MyProcPid };
         crate::shmem::preloaded() && {
             let s = &crate::shmem::SHARED.share().status;

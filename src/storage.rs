@@ -5,51 +5,46 @@
 
 use std::panic::AssertUnwindSafe;
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerStatus, DynamicBackgroundWorker};
-use pgrx::datum::DatumWithOid;
+use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiError;
-use raft_kv_core::command::ApplyResult;
+use raft_kv_core::apply::{Effects, Lookup};
 use raft_kv_core::eraftpb::{Entry, EntryType};
 use raft_kv_core::snapshot::{Cursor, Frozen, Row};
-use raft_kv_core::state_machine::{dedup_prune_below, Member, SnapshotData};
 use raft_kv_core::storage::{
-    decode_conf_state, encode_conf_state, Backend, KvOp, MemberOp, PersistedState, StoreError, StoreResult, WriteBatch,
+    decode_conf_state, encode_conf_state, Backend, PersistedState, StoreError, StoreResult, WriteBatch,
 };
+use raft_kv_core::types::{Member, MemberOp, SnapshotData};
 
 /// The Raft backend over the tables of one schema (`raft_kv` in production; tests point it at
 /// a scratch copy).
 pub struct PgBackend {
     schema: &'static str,
-    /// The applied index as last loaded or written (pruning decisions depend on it).
-    applied: u64,
-    /// Freeze snapshots in a background worker connected to this database.
-    background: Option<BackgroundFreeze>,
+    /// Freezes snapshots elsewhere (the Raft worker's: a background worker, see `freeze.rs`);
+    /// `None`: synchronously, in the calling transaction.
+    freezer: Option<Box<dyn Freezer>>,
 }
 
-struct BackgroundFreeze {
-    database: String,
-    running: Option<(DynamicBackgroundWorker, std::time::Instant)>,
-    /// When the last freeze failed: the next waits a little.
-    failed_at: Option<std::time::Instant>,
+/// Makes the frozen copy of the state machine that snapshots are streamed from, without the
+/// rows passing through this process.
+pub trait Freezer {
+    /// A finished copy (returned once), or `None` while one is being made.
+    fn freeze(&mut self) -> StoreResult<Option<Frozen>>;
+    /// Stops a copy under way: the snapshot tables are about to be reused.
+    fn cancel(&mut self);
 }
-
-/// Pause after a failed freeze before the next attempt.
-const FREEZE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl PgBackend {
     /// Freezes snapshots synchronously, in the calling transaction (for the contract tests).
     #[cfg(any(test, feature = "pg_test"))]
     pub fn new(schema: &'static str) -> Self {
-        PgBackend { schema, applied: 0, background: None }
+        PgBackend { schema, freezer: None }
     }
 
-    /// The worker's backend: snapshots are frozen by a background worker, so a large table
-    /// never stalls the Raft loop.
-    pub fn with_background_freeze(database: &str) -> Self {
-        let background = Some(BackgroundFreeze { database: database.to_string(), running: None, failed_at: None });
-        PgBackend { schema: "raft_kv", applied: 0, background }
+    /// The worker's backend over `raft_kv`'s tables, freezing snapshots with `freezer`.
+    pub fn with_freezer(freezer: Box<dyn Freezer>) -> Self {
+        PgBackend { schema: "raft_kv", freezer: Some(freezer) }
     }
 
     fn read_members(&self, c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Vec<Member>> {
@@ -66,7 +61,7 @@ impl PgBackend {
     }
 }
 
-fn spi_err(e: SpiError) -> StoreError {
+pub fn spi_err(e: SpiError) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
@@ -86,6 +81,7 @@ pub fn pin_search_path() {
 
 /// Runs `f` in the current transaction, or in a new one committed at the end.
 pub fn in_txn<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: reads the transaction state; no preconditions.
     if unsafe { pg_sys::IsTransactionState() } {
         f()
     } else {
@@ -147,9 +143,6 @@ impl Backend for PgBackend {
                 };
                 Ok(st)
             })
-            .inspect(|st: &PersistedState| {
-                self.applied = st.applied;
-            })
         })
     }
 
@@ -201,54 +194,15 @@ impl Backend for PgBackend {
         })
     }
 
-    /// Synchronously (tests), or in a background worker of its own while this worker keeps
-    /// running Raft (production; see `freeze.rs`).
+    /// Synchronously (tests), or by the freezer (production; see `freeze.rs`).
     fn freeze_snapshot(&mut self) -> StoreResult<Option<Frozen>> {
-        let Some(bg) = self.background.as_mut() else {
-            let q = |sql: &str| self.q(sql);
-            return in_txn(|| Spi::connect_mut(|c| freeze_tables(c, &q))).map(Some);
-        };
-        if let Some((worker, started)) = bg.running.take() {
-            match worker.pid() {
-                Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted) => {
-                    bg.running = Some((worker, started));
-                    return Ok(None);
-                }
-                Err(_) => {}
-            }
-            // It may have died before clearing its pid (which would then let a later process
-            // with that pid past the guard triggers).
-            crate::shmem::SHARED.exclusive().status.freeze_pid = 0;
-            match in_txn(|| Spi::connect(read_frozen))? {
-                Some(f) => {
-                    pgrx::log!(
-                        "raft_kv: froze the state machine at index {} for snapshots ({} rows, {} request ids) in {} ms, \
-                         in the background",
-                        f.index,
-                        f.kv_rows,
-                        f.request_rows,
-                        started.elapsed().as_millis()
-                    );
-                    return Ok(Some(f));
-                }
-                None => {
-                    pgrx::warning!("raft_kv: the snapshot freeze worker ended without a result; trying again");
-                    bg.failed_at = Some(std::time::Instant::now());
-                }
-            }
-        }
-        if bg.failed_at.is_some_and(|at| at.elapsed() < FREEZE_RETRY) {
-            return Ok(None);
-        }
-        in_txn(|| Spi::connect_mut(|c| c.update("TRUNCATE raft_kv.snapshot_meta", None, &[]).map(|_| ())))
-            .map_err(spi_err)?;
-        match crate::freeze::launch(&bg.database) {
-            Some(worker) => bg.running = Some((worker, std::time::Instant::now())),
+        match self.freezer.as_mut() {
+            Some(f) => f.freeze(),
             None => {
-                pgrx::warning!("raft_kv: cannot start the snapshot freeze worker (max_worker_processes?); will retry")
+                let q = |sql: &str| self.q(sql);
+                in_txn(|| Spi::connect_mut(|c| freeze_tables(c, &q))).map(Some)
             }
         }
-        Ok(None)
     }
 
     /// Key-set pagination over the snapshot tables; a running sum stops a chunk at
@@ -315,10 +269,9 @@ impl Backend for PgBackend {
     }
 
     fn clear_snapshot_store(&mut self) -> StoreResult<()> {
-        if let Some((worker, _)) = self.background.as_mut().and_then(|bg| bg.running.take()) {
+        if let Some(f) = self.freezer.as_mut() {
             // A copy still being written would land in the rows about to be staged.
-            let _ = worker.terminate().wait_for_shutdown();
-            crate::shmem::SHARED.exclusive().status.freeze_pid = 0;
+            f.cancel();
         }
         in_txn(|| {
             Spi::connect_mut(|c| {
@@ -383,7 +336,45 @@ impl Backend for PgBackend {
         in_txn(|| Spi::connect(|c| self.read_members(c)))
     }
 
-    fn write(&mut self, b: &WriteBatch) -> StoreResult<Vec<ApplyResult>> {
+    /// Two set-based reads, whatever the batch's size.
+    fn lookup(&mut self, keys: &[String], ids: &[(u64, u64)]) -> StoreResult<Lookup> {
+        in_txn(|| {
+            Spi::connect(|c| {
+                let mut out = Lookup::default();
+                let t = c
+                    .select(
+                        &self.q("SELECT key, value, revision FROM raft_kv.kv WHERE key = ANY($1)"),
+                        None,
+                        &[keys.to_vec().into()],
+                    )
+                    .map_err(spi_err)?;
+                for r in t {
+                    let key: String = r.get(1).map_err(spi_err)?.unwrap_or_default();
+                    let value: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
+                    let rev = r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0) as u64;
+                    out.kv.insert(key, (value, rev));
+                }
+                let nonces: Vec<i64> = ids.iter().map(|i| i.0 as i64).collect();
+                let seqs: Vec<i64> = ids.iter().map(|i| i.1 as i64).collect();
+                let t = c
+                    .select(
+                        &self.q("SELECT r.nonce, r.seq, r.node, r.revision, r.flag FROM raft_kv.requests r \
+                                 JOIN unnest($1::bigint[], $2::bigint[]) AS i(nonce, seq) USING (nonce, seq)"),
+                        None,
+                        &[nonces.into(), seqs.into()],
+                    )
+                    .map_err(spi_err)?;
+                for r in t {
+                    let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+                    let flag = r.get::<bool>(5).map_err(spi_err)?.unwrap_or(false);
+                    out.requests.insert((g(1)?, g(2)?), (g(3)?, g(4)?, flag));
+                }
+                Ok(out)
+            })
+        })
+    }
+
+    fn write(&mut self, b: &WriteBatch, effects: &Effects) -> StoreResult<()> {
         in_txn(|| {
             Spi::connect_mut(|c| {
                 if !b.sync {
@@ -391,13 +382,8 @@ impl Backend for PgBackend {
                     // so their commit need not wait for the WAL flush.
                     c.update("SET LOCAL synchronous_commit = off", None, &[]).map_err(spi_err)?;
                 }
-                write_batch(c, b, self.applied, &|sql| self.q(sql))
+                write_batch(c, b, effects, &|sql| self.q(sql))
             })
-        })
-        .inspect(|_| {
-            if let Some(a) = b.applied {
-                self.applied = a;
-            }
         })
     }
 }
@@ -405,9 +391,9 @@ impl Backend for PgBackend {
 fn write_batch(
     c: &mut pgrx::spi::SpiClient<'_>,
     b: &WriteBatch,
-    prev_applied: u64,
+    fx: &Effects,
     q: &dyn Fn(&str) -> String,
-) -> StoreResult<Vec<ApplyResult>> {
+) -> StoreResult<()> {
     if let Some(snap) = &b.snapshot {
         let m = snap.get_metadata();
         let data = SnapshotData::decode(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -486,72 +472,53 @@ fn write_batch(
         )
         .map_err(spi_err)?;
     }
-    let mut results = Vec::with_capacity(b.ops.len());
-    for o in &b.ops {
-        let id: [DatumWithOid; 2] = [(o.id.nonce as i64).into(), (o.id.seq as i64).into()];
-        let seen = c
-            .select(&q("SELECT revision, flag FROM raft_kv.requests WHERE nonce = $1 AND seq = $2"), None, &id)
-            .map_err(spi_err)?;
-        if !seen.is_empty() {
-            let seen = seen.first();
-            let revision = seen.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64;
-            let flag = seen.get::<bool>(2).map_err(spi_err)?.unwrap_or(false);
-            results.push(ApplyResult { revision, flag, duplicate: true });
-            continue;
+    // The ops' effects, as decided in the core: one statement each for the keys written, the
+    // keys deleted and the request ids recorded.
+    let (mut keys, mut values, mut revs, mut gone) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (key, now) in &fx.kv {
+        match now {
+            Some((v, rev)) => {
+                keys.push(key.clone());
+                values.push(v.clone());
+                revs.push(*rev as i64);
+            }
+            None => gone.push(key.clone()),
         }
-        let rev = o.index as i64;
-        let flag = match &o.op {
-            KvOp::Put { key, value } => {
-                c.update(
-                    &q("INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3) \
-                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision"),
-                    None,
-                    &[key.as_str().into(), value.as_str().into(), rev.into()],
-                )
-                .map_err(spi_err)?;
-                true
-            }
-            KvOp::Delete { key } => {
-                let t = c
-                    .update(&q("DELETE FROM raft_kv.kv WHERE key = $1"), None, &[key.as_str().into()])
-                    .map_err(spi_err)?;
-                !t.is_empty()
-            }
-            KvOp::Cas { key, expected: None, value } => {
-                let t = c
-                    .update(
-                        &q("INSERT INTO raft_kv.kv (key, value, revision) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING"),
-                        None,
-                        &[key.as_str().into(), value.as_str().into(), rev.into()],
-                    )
-                    .map_err(spi_err)?;
-                !t.is_empty()
-            }
-            KvOp::Cas { key, expected: Some(expected), value } => {
-                let t = c
-                    .update(
-                        &q("UPDATE raft_kv.kv SET value = $2, revision = $3 WHERE key = $1 AND value = $4"),
-                        None,
-                        &[key.as_str().into(), value.as_str().into(), rev.into(), expected.as_str().into()],
-                    )
-                    .map_err(spi_err)?;
-                !t.is_empty()
-            }
-        };
-        let [nonce, seq] = id;
+    }
+    if !gone.is_empty() {
+        c.update(&q("DELETE FROM raft_kv.kv WHERE key = ANY($1)"), None, &[gone.into()]).map_err(spi_err)?;
+    }
+    if !keys.is_empty() {
         c.update(
-            &q("INSERT INTO raft_kv.requests (nonce, seq, node, revision, flag) VALUES ($1, $2, $3, $4, $5)"),
+            &q("INSERT INTO raft_kv.kv (key, value, revision) SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision"),
             None,
-            &[nonce, seq, (o.id.node as i64).into(), rev.into(), flag.into()],
+            &[keys.into(), values.into(), revs.into()],
         )
         .map_err(spi_err)?;
-        results.push(ApplyResult { revision: o.index, flag, duplicate: false });
     }
-    if let Some(applied) = b.applied {
-        if let Some(cut) = dedup_prune_below(prev_applied, applied) {
-            c.update(&q("DELETE FROM raft_kv.requests WHERE revision < $1"), None, &[(cut as i64).into()])
-                .map_err(spi_err)?;
-        }
+    if !fx.requests.is_empty() {
+        let col = |f: &dyn Fn(&((u64, u64), &(u64, u64, bool))) -> i64| -> Vec<i64> {
+            fx.requests.iter().map(|(k, v)| f(&(*k, v))).collect()
+        };
+        let flags: Vec<bool> = fx.requests.values().map(|v| v.2).collect();
+        c.update(
+            &q("INSERT INTO raft_kv.requests (nonce, seq, node, revision, flag) \
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::boolean[])"),
+            None,
+            &[
+                col(&|r| r.0 .0 as i64).into(),
+                col(&|r| r.0 .1 as i64).into(),
+                col(&|r| r.1 .0 as i64).into(),
+                col(&|r| r.1 .1 as i64).into(),
+                flags.into(),
+            ],
+        )
+        .map_err(spi_err)?;
+    }
+    if let Some(cut) = fx.prune_requests_below {
+        c.update(&q("DELETE FROM raft_kv.requests WHERE revision < $1"), None, &[(cut as i64).into()])
+            .map_err(spi_err)?;
     }
     for op in &b.members {
         match op {
@@ -581,7 +548,7 @@ fn write_batch(
         )
         .map_err(spi_err)?;
     }
-    Ok(results)
+    Ok(())
 }
 
 /// Copies kv and request ids into the snapshot tables, with the applied index, conf state and
@@ -647,7 +614,7 @@ pub fn write_frozen(c: &mut pgrx::spi::SpiClient<'_>, f: &Frozen) -> StoreResult
     Ok(())
 }
 
-fn read_frozen(c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Option<Frozen>> {
+pub fn read_frozen(c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Option<Frozen>> {
     let t = c
         .select(
             "SELECT applied_index, kv_rows, request_rows, conf_state, members FROM raft_kv.snapshot_meta",

@@ -9,7 +9,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message, MessageType};
 
 use crate::command::Proposal;
-use crate::state_machine::ConfChangeContext;
+use crate::types::ConfChangeContext;
 
 /// What admission needs to know of the local raft state.
 pub struct View<'a> {
@@ -105,16 +105,14 @@ fn check_append(m: &Message, v: &View<'_>) -> Result<(), Reason> {
     if m.index > 0 && m.log_term == 0 {
         return Err("an append whose predecessor has term 0");
     }
-    let mut expect = m.index + 1;
     let mut term = m.log_term;
-    for e in m.entries.iter() {
+    for (expect, e) in (m.index + 1..).zip(m.entries.iter()) {
         if e.index != expect || e.term == 0 || e.term < term || e.term > m.term {
             return Err("entries out of order");
         }
         if e.index <= v.committed && (v.term_at)(e.index).is_some_and(|t| t != e.term) {
             return Err("entries that conflict with committed ones");
         }
-        expect += 1;
         term = e.term;
     }
     Ok(())
@@ -127,7 +125,14 @@ mod tests {
 
     fn view() -> View<'static> {
         // Entries 1..=10 in term 2, committed up to 8; leader 1.
-        View { id: 2, leader_id: 1, is_leader: false, committed: 8, last_index: 10, term_at: &|i| (i <= 10).then_some(2) }
+        View {
+            id: 2,
+            leader_id: 1,
+            is_leader: false,
+            committed: 8,
+            last_index: 10,
+            term_at: &|i| (i <= 10).then_some(2),
+        }
     }
 
     fn msg(t: MessageType) -> Message {

@@ -7,17 +7,24 @@
 #![allow(clippy::field_reassign_with_default)]
 
 pub mod admission;
+pub mod apply;
 pub mod command;
 pub mod config;
+/// Test support (the `test-support` feature): never in the extension's library.
+#[cfg(any(test, feature = "test-support"))]
+pub mod contract;
+#[cfg(any(test, feature = "test-support"))]
+pub mod mem_backend;
 pub mod node;
 pub mod pending;
-#[doc(hidden)]
+#[cfg(any(test, feature = "test-support"))]
 pub mod sim;
 pub mod snapshot;
 pub mod state_machine;
 pub mod storage;
 pub mod tls;
 pub mod transport;
+pub mod types;
 
 pub use raft;
 pub use raft::eraftpb;

@@ -330,12 +330,12 @@ impl<T: Copy + PartialEq> Pending<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mem_backend::MemBackend;
     use crate::node::NodeOptions;
-    use crate::storage::MemBackend;
 
     fn single_node() -> Node<MemBackend> {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let one = crate::state_machine::Member { id: 1, address: "a".into(), promote: false };
+        let one = crate::types::Member { id: 1, address: "a".into(), promote: false };
         let mut n = Node::open(MemBackend::new(), &NodeOptions::new(1), &[one], &logger).unwrap();
         for _ in 0..30 {
             n.tick().unwrap();
@@ -388,7 +388,7 @@ mod tests {
         // A node with two unreachable peers never has a leader.
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let three: Vec<_> =
-            (1..=3).map(|id| crate::state_machine::Member { id, address: "a".into(), promote: false }).collect();
+            (1..=3).map(|id| crate::types::Member { id, address: "a".into(), promote: false }).collect();
         let mut n = Node::open(MemBackend::new(), &NodeOptions::new(1), &three, &logger).unwrap();
         let mut p = Pending::new(1, 7, Duration::from_millis(1));
         let past = Instant::now();

@@ -1,7 +1,7 @@
 //! Snapshots that stream in bounded chunks, so neither side holds the state machine in memory.
 //!
 //! raft-rs sends a snapshot as one message. Here that message carries only the metadata and
-//! the member addresses ([`crate::state_machine::SnapshotData`]); the rows travel beforehand
+//! the member addresses ([`crate::types::SnapshotData`]); the rows travel beforehand
 //! as [`SnapFrame::Chunk`]s on the peer connection:
 //!
 //! 1. The leader *freezes* the state machine at its applied index into the backend's snapshot
@@ -91,7 +91,7 @@ pub struct Frozen {
     pub kv_rows: u64,
     pub request_rows: u64,
     pub conf_state: raft::eraftpb::ConfState,
-    pub members: Vec<crate::state_machine::Member>,
+    pub members: Vec<crate::types::Member>,
 }
 
 /// Chunks sent and not yet acknowledged, per stream.

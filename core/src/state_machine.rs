@@ -7,7 +7,7 @@
 use raft::eraftpb::{Entry, EntryType};
 
 use crate::command::{Command, Proposal, RequestId};
-use crate::storage::{KvOp, OpAt, DEDUP_PRUNE_EVERY, DEDUP_WINDOW};
+use crate::types::{KvOp, OpAt};
 
 /// What one committed entry asks of the node.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,70 +51,12 @@ pub fn plan(entry: &Entry, ops: &mut Vec<OpAt>) -> Planned {
     }
 }
 
-/// When applying moves from `before` to `after`, the revision below which remembered request
-/// ids are forgotten, if this is a pruning point. Depends only on indexes, so every node
-/// prunes identically.
-pub fn dedup_prune_below(before: u64, after: u64) -> Option<u64> {
-    (after / DEDUP_PRUNE_EVERY > before / DEDUP_PRUNE_EVERY && after > DEDUP_WINDOW).then(|| after - DEDUP_WINDOW)
-}
-
-/// A member's address as the state machine records it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Member {
-    pub id: u64,
-    pub address: String,
-    /// A learner to be promoted to voter once it has caught up.
-    pub promote: bool,
-}
-
-/// What the snapshot message carries besides the conf state (which travels in its metadata):
-/// the member addresses, and how many rows the streamed part holds (see `snapshot`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SnapshotData {
-    pub members: Vec<Member>,
-    pub kv_rows: u64,
-    pub request_rows: u64,
-    /// The cluster id, installed with the snapshot (0: the cluster had none yet).
-    pub cluster_id: u128,
-}
-
-impl SnapshotData {
-    pub fn encode(&self) -> Vec<u8> {
-        bincode::serialize(self).expect("serializing snapshot data cannot fail")
-    }
-
-    pub fn decode(b: &[u8]) -> Result<Self, bincode::Error> {
-        if b.is_empty() {
-            return Ok(Self::default());
-        }
-        bincode::deserialize(b)
-    }
-}
-
-/// Payload of a membership change entry (the `context` of the ConfChangeV2).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ConfChangeContext {
-    pub id: RequestId,
-    /// Address of the node being added.
-    pub address: Option<String>,
-    /// Add as a learner and promote automatically once caught up.
-    pub promote: bool,
-}
-
-impl ConfChangeContext {
-    pub fn encode(&self) -> Vec<u8> {
-        bincode::serialize(self).expect("serializing a context cannot fail")
-    }
-    pub fn decode(b: &[u8]) -> Option<Self> {
-        bincode::deserialize(b).ok()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::command::ApplyResult;
-    use crate::storage::{Backend, MemBackend, WriteBatch};
+    use crate::mem_backend::MemBackend;
+    use crate::storage::{apply_and_write, WriteBatch};
 
     fn proposal(index: u64, seq: u64, cmd: Command) -> Entry {
         let mut e = Entry::default();
@@ -133,7 +75,9 @@ mod tests {
         for e in entries {
             plan(e, &mut ops);
         }
-        b.write(&WriteBatch { ops, applied: entries.last().map(|e| e.index), ..Default::default() }).unwrap()
+        let before = b.inner.lock().unwrap().state.applied;
+        apply_and_write(b, &WriteBatch { ops, applied: entries.last().map(|e| e.index), ..Default::default() }, before)
+            .unwrap()
     }
 
     fn ok(revision: u64, flag: bool) -> ApplyResult {
@@ -181,14 +125,6 @@ mod tests {
     }
 
     #[test]
-    fn request_ids_are_forgotten_after_the_window() {
-        assert_eq!(dedup_prune_below(0, 10), None);
-        assert_eq!(dedup_prune_below(DEDUP_WINDOW, DEDUP_WINDOW + 1), None);
-        let a = DEDUP_PRUNE_EVERY * (DEDUP_WINDOW / DEDUP_PRUNE_EVERY + 3);
-        assert_eq!(dedup_prune_below(a - 1, a), Some(a - DEDUP_WINDOW));
-    }
-
-    #[test]
     fn replay_reaches_the_same_state() {
         let entries: Vec<Entry> = (1..=50)
             .map(|i| {
@@ -216,15 +152,5 @@ mod tests {
         let mut ops = Vec::new();
         assert_eq!(plan(&e, &mut ops), Planned::Invalid { index: 1, reason: "undecodable" });
         assert!(ops.is_empty());
-    }
-
-    #[test]
-    fn snapshot_data_round_trip() {
-        let mut d = SnapshotData::default();
-        d.kv_rows = 100_000;
-        d.request_rows = 7;
-        d.members.push(Member { id: 1, address: "127.0.0.1:7001".into(), promote: false });
-        assert_eq!(SnapshotData::decode(&d.encode()).unwrap(), d);
-        assert_eq!(SnapshotData::decode(&[]).unwrap(), SnapshotData::default());
     }
 }

@@ -9,16 +9,16 @@
 //! index and a tail of full entries, so that raft's hot reads never reach the backend.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
+use crate::apply::{self, Effects, Lookup};
 use crate::command::ApplyResult;
 use crate::snapshot::{Cursor, Frozen, Row};
-use crate::state_machine::{Member, SnapshotData};
+use crate::types::{dedup_prune_below, Member, MemberOp, OpAt, SnapshotData};
 
 /// Failure of the durable store. The node cannot continue past one: the worker restarts and
 /// resumes from what was committed.
@@ -53,51 +53,6 @@ impl PersistedState {
         self.conf_state.voters.is_empty() && self.conf_state.learners.is_empty() && self.last_index == 0
     }
 }
-
-/// One state-machine operation, decided by `state_machine` and executed by the backend.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KvOp {
-    Put { key: String, value: String },
-    Delete { key: String },
-    Cas { key: String, expected: Option<String>, value: String },
-}
-
-/// An operation with the request that asked for it and the log index applying it.
-///
-/// The backend records every applied request id (for [`DEDUP_WINDOW`] entries) in the same
-/// transaction: an id seen again is a retry, and is answered with the first result instead of
-/// being applied twice.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpAt {
-    pub id: crate::command::RequestId,
-    pub index: u64,
-    pub op: KvOp,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MemberOp {
-    Upsert(Member),
-    Remove(u64),
-}
-
-impl MemberOp {
-    /// Applies the change to a map of members by id.
-    pub fn apply_to(&self, members: &mut BTreeMap<u64, Member>) {
-        match self {
-            MemberOp::Upsert(m) => {
-                members.insert(m.id, m.clone());
-            }
-            MemberOp::Remove(id) => {
-                members.remove(id);
-            }
-        }
-    }
-}
-
-/// How many log entries a request id is remembered for duplicate detection.
-pub const DEDUP_WINDOW: u64 = 100_000;
-/// Forgetting old request ids happens when the applied index crosses a multiple of this.
-pub const DEDUP_PRUNE_EVERY: u64 = 1024;
 
 /// Changes that must become durable together, in this order: snapshot, log, hard state,
 /// state-machine operations, applied index and conf state.
@@ -145,8 +100,12 @@ pub trait Backend {
     fn read_entries(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<Entry>>;
     /// Terms of entries `[lo, hi)`, in order.
     fn read_terms(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<u64>>;
-    /// Writes the batch atomically; returns the result of each op, in order.
-    fn write(&mut self, batch: &WriteBatch) -> StoreResult<Vec<ApplyResult>>;
+    /// The stored state of these keys and request ids (those that exist), for
+    /// [`crate::apply::decide`].
+    fn lookup(&mut self, keys: &[String], ids: &[(u64, u64)]) -> StoreResult<Lookup>;
+    /// Writes the batch atomically, with the effects of its ops as [`crate::apply::decide`]
+    /// decided them (`batch.ops` themselves are not for the backend to interpret).
+    fn write(&mut self, batch: &WriteBatch, effects: &Effects) -> StoreResult<()>;
     /// Copies the state machine as of one applied index into the snapshot store, replacing
     /// what it held; rows should not pass through this process's memory. A backend may do it
     /// in the background: `None` means a copy is under way (started now or earlier) and the
@@ -287,12 +246,23 @@ impl<B: Backend> RaftStorage<B> {
         })
     }
 
-    /// Makes `batch` durable and then updates the cache to match.
+    /// The backend, for a test that reopens it as after a restart.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn into_backend(self) -> B {
+        self.backend.into_inner()
+    }
+
+    /// Makes `batch` durable, its ops applied, and then updates the cache to match; returns
+    /// each op's result.
     pub fn write(&self, batch: &WriteBatch) -> StoreResult<Vec<ApplyResult>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let results = self.backend.borrow_mut().write(batch)?;
+        let applied_before = match &batch.snapshot {
+            Some(s) => s.get_metadata().index,
+            None => self.cache.borrow().applied,
+        };
+        let results = apply_and_write(&mut *self.backend.borrow_mut(), batch, applied_before)?;
         let mut c = self.cache.borrow_mut();
         if let Some(snap) = &batch.snapshot {
             let m = snap.get_metadata();
@@ -396,6 +366,25 @@ impl<B: Backend> RaftStorage<B> {
         let start = ((c.applied + 1).saturating_sub(c.tail_first()) as usize).min(c.tail.len());
         c.tail.range(start..).any(|e| e.get_entry_type() != raft::eraftpb::EntryType::EntryNormal)
     }
+}
+
+/// Decides the batch's ops ([`crate::apply`]) on the state the backend holds, and writes the
+/// batch with their effects: the one way ops are applied, whatever the backend.
+pub fn apply_and_write<B: Backend + ?Sized>(
+    b: &mut B,
+    batch: &WriteBatch,
+    applied_before: u64,
+) -> StoreResult<Vec<ApplyResult>> {
+    let (results, mut effects) = if batch.ops.is_empty() {
+        (Vec::new(), Effects::default())
+    } else {
+        let (keys, ids) = apply::needs(&batch.ops);
+        let before = b.lookup(&keys, &ids)?;
+        apply::decide(&batch.ops, &before)
+    };
+    effects.prune_requests_below = batch.applied.and_then(|a| dedup_prune_below(applied_before, a));
+    b.write(batch, &effects)?;
+    Ok(results)
 }
 
 fn store_err(e: StoreError) -> raft::Error {
@@ -520,459 +509,4 @@ pub fn decode_conf_state(b: &[u8]) -> StoreResult<ConfState> {
     let mut cs = ConfState::default();
     cs.merge_from_bytes(b).map_err(|e| StoreError::Corrupt(format!("conf state: {e}")))?;
     Ok(cs)
-}
-
-/// The durable state of [`MemBackend`], shared so a test can "crash" a node (drop it) and
-/// restart it on what was persisted.
-#[derive(Debug, Default, Clone)]
-pub struct MemState {
-    pub state: PersistedState,
-    pub log: BTreeMap<u64, Entry>,
-    pub kv: BTreeMap<String, (String, u64)>,
-    /// Applied request ids (nonce, seq) → (node, revision, flag).
-    pub requests: BTreeMap<(u64, u64), (u64, u64, bool)>,
-    pub members: BTreeMap<u64, Member>,
-    /// The snapshot store: a frozen copy to send, or rows being received.
-    pub snap_kv: BTreeMap<String, (String, u64)>,
-    pub snap_requests: BTreeMap<(u64, u64), (u64, u64, bool)>,
-}
-
-/// Bugs the simulation can inject into [`MemBackend`] to show it would catch them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum InjectedBug {
-    #[default]
-    None,
-    /// Never persist the hard state (term, vote, commit).
-    SkipHardState,
-    /// Persist the hard state without the vote.
-    ForgetVote,
-}
-
-/// In-memory [`Backend`]; every `write` is atomic and durable (for the process's lifetime).
-#[derive(Debug, Clone, Default)]
-pub struct MemBackend {
-    pub inner: Arc<Mutex<MemState>>,
-    /// Test hook: a deliberately injected durability bug the simulation must catch.
-    pub bug: InjectedBug,
-}
-
-impl MemBackend {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    pub fn kv(&self) -> BTreeMap<String, (String, u64)> {
-        self.inner.lock().unwrap().kv.clone()
-    }
-}
-
-impl Backend for MemBackend {
-    fn load(&mut self) -> StoreResult<PersistedState> {
-        Ok(self.inner.lock().unwrap().state.clone())
-    }
-
-    fn read_entries(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<Entry>> {
-        let s = self.inner.lock().unwrap();
-        let v: Vec<Entry> = s.log.range(lo..hi).map(|(_, e)| e.clone()).collect();
-        if v.len() as u64 != hi - lo {
-            return Err(StoreError::Backend(format!("entries {lo}..{hi} missing")));
-        }
-        Ok(v)
-    }
-
-    fn read_terms(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<u64>> {
-        Ok(self.read_entries(lo, hi)?.iter().map(|e| e.term).collect())
-    }
-
-    fn write(&mut self, b: &WriteBatch) -> StoreResult<Vec<ApplyResult>> {
-        let mut s = self.inner.lock().unwrap();
-        if let Some(snap) = &b.snapshot {
-            let m = snap.get_metadata();
-            s.log.clear();
-            s.state.snapshot_index = m.index;
-            s.state.snapshot_term = m.term;
-            s.state.conf_state = m.get_conf_state().clone();
-            s.state.applied = m.index;
-            s.state.last_index = m.index;
-            s.state.hard_state.commit = s.state.hard_state.commit.max(m.index);
-            let data = SnapshotData::decode(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            if (s.snap_kv.len() as u64, s.snap_requests.len() as u64) != (data.kv_rows, data.request_rows) {
-                return Err(StoreError::Corrupt(format!(
-                    "snapshot {} needs {} rows and {} request ids, {} and {} are staged",
-                    m.index,
-                    data.kv_rows,
-                    data.request_rows,
-                    s.snap_kv.len(),
-                    s.snap_requests.len()
-                )));
-            }
-            s.kv = std::mem::take(&mut s.snap_kv);
-            s.requests = std::mem::take(&mut s.snap_requests);
-            s.members = data.members.into_iter().map(|m| (m.id, m)).collect();
-            if data.cluster_id != 0 {
-                s.state.cluster_id = data.cluster_id;
-            }
-        }
-        if let Some(first) = b.entries.first() {
-            let _ = s.log.split_off(&first.index);
-            for e in &b.entries {
-                s.log.insert(e.index, e.clone());
-            }
-            s.state.last_index = b.entries.last().unwrap().index;
-        }
-        if let Some(hs) = &b.hard_state {
-            match self.bug {
-                InjectedBug::None => s.state.hard_state = hs.clone(),
-                InjectedBug::SkipHardState => {}
-                InjectedBug::ForgetVote => {
-                    s.state.hard_state = hs.clone();
-                    s.state.hard_state.vote = 0;
-                }
-            }
-        }
-        let mut out = Vec::with_capacity(b.ops.len());
-        for o in &b.ops {
-            let rid = (o.id.nonce, o.id.seq);
-            if let Some(&(_, revision, flag)) = s.requests.get(&rid) {
-                out.push(ApplyResult { revision, flag, duplicate: true });
-                continue;
-            }
-            let flag = match &o.op {
-                KvOp::Put { key, value } => {
-                    s.kv.insert(key.clone(), (value.clone(), o.index));
-                    true
-                }
-                KvOp::Delete { key } => s.kv.remove(key).is_some(),
-                KvOp::Cas { key, expected, value } => {
-                    let current = s.kv.get(key).map(|(v, _)| v);
-                    let matches = current == expected.as_ref();
-                    if matches {
-                        s.kv.insert(key.clone(), (value.clone(), o.index));
-                    }
-                    matches
-                }
-            };
-            s.requests.insert(rid, (o.id.node, o.index, flag));
-            out.push(ApplyResult { revision: o.index, flag, duplicate: false });
-        }
-        if let Some(a) = b.applied {
-            if let Some(cut) = crate::state_machine::dedup_prune_below(s.state.applied, a) {
-                s.requests.retain(|_, (_, rev, _)| *rev >= cut);
-            }
-        }
-        if let Some(a) = b.applied {
-            s.state.applied = a;
-        }
-        if let Some(cs) = &b.conf_state {
-            s.state.conf_state = cs.clone();
-        }
-        if let Some(id) = b.cluster_id {
-            s.state.cluster_id = id;
-        }
-        for op in &b.members {
-            op.apply_to(&mut s.members);
-        }
-        if let Some((index, term)) = b.compact_to {
-            if index > s.state.snapshot_index {
-                s.log = s.log.split_off(&(index + 1));
-                s.state.snapshot_index = index;
-                s.state.snapshot_term = term;
-            }
-        }
-        Ok(out)
-    }
-
-    fn freeze_snapshot(&mut self) -> StoreResult<Option<Frozen>> {
-        let mut s = self.inner.lock().unwrap();
-        s.snap_kv = s.kv.clone();
-        s.snap_requests = s.requests.clone();
-        Ok(Some(Frozen {
-            index: s.state.applied,
-            kv_rows: s.snap_kv.len() as u64,
-            request_rows: s.snap_requests.len() as u64,
-            conf_state: s.state.conf_state.clone(),
-            members: s.members.values().cloned().collect(),
-        }))
-    }
-
-    fn read_snapshot(&mut self, cursor: &Cursor, max_bytes: usize) -> StoreResult<(Vec<Row>, Cursor)> {
-        use std::ops::Bound::{Excluded, Unbounded};
-        let s = self.inner.lock().unwrap();
-        let mut rows = Vec::new();
-        let mut bytes = 0;
-        let full = |bytes: usize, rows: &Vec<Row>| !rows.is_empty() && bytes >= max_bytes;
-        match cursor {
-            Cursor::Kv(after) => {
-                let lo = after.as_ref().map_or(Unbounded, |k| Excluded(k.clone()));
-                for (k, (v, r)) in s.snap_kv.range((lo, Unbounded)) {
-                    if full(bytes, &rows) {
-                        let last = k_last(&rows);
-                        return Ok((rows, Cursor::Kv(Some(last))));
-                    }
-                    let row = Row::Kv { key: k.clone(), value: v.clone(), revision: *r };
-                    bytes += row.bytes();
-                    rows.push(row);
-                }
-                Ok((rows, Cursor::Requests(None)))
-            }
-            Cursor::Requests(after) => {
-                let lo = after.map_or(Unbounded, Excluded);
-                for (&(nonce, seq), &(node, revision, flag)) in s.snap_requests.range((lo, Unbounded)) {
-                    if full(bytes, &rows) {
-                        let Some(&Row::Request { nonce, seq, .. }) = rows.last() else { unreachable!() };
-                        return Ok((rows, Cursor::Requests(Some((nonce, seq)))));
-                    }
-                    let row = Row::Request { nonce, seq, node, revision, flag };
-                    bytes += row.bytes();
-                    rows.push(row);
-                }
-                Ok((rows, Cursor::Done))
-            }
-            Cursor::Done => Ok((rows, Cursor::Done)),
-        }
-    }
-
-    fn clear_snapshot_store(&mut self) -> StoreResult<()> {
-        let mut s = self.inner.lock().unwrap();
-        s.snap_kv.clear();
-        s.snap_requests.clear();
-        Ok(())
-    }
-
-    fn stage_snapshot(&mut self, rows: &[Row]) -> StoreResult<()> {
-        let mut s = self.inner.lock().unwrap();
-        for r in rows {
-            match r.clone() {
-                Row::Kv { key, value, revision } => {
-                    s.snap_kv.insert(key, (value, revision));
-                }
-                Row::Request { nonce, seq, node, revision, flag } => {
-                    s.snap_requests.insert((nonce, seq), (node, revision, flag));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn members(&mut self) -> StoreResult<Vec<Member>> {
-        Ok(self.inner.lock().unwrap().members.values().cloned().collect())
-    }
-}
-
-fn k_last(rows: &[Row]) -> String {
-    match rows.last() {
-        Some(Row::Kv { key, .. }) => key.clone(),
-        _ => String::new(),
-    }
-}
-
-#[doc(hidden)]
-pub mod contract {
-    //! The `raft::Storage` contract and state-machine replay, written once and run against
-    //! any backend (the in-memory one here, the table-backed one in the extension's tests).
-    use super::*;
-    use raft::Storage;
-
-    pub fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = vec![index as u8; 10].into();
-        e
-    }
-
-    /// Puts the backend at snapshot (3, 3) with entries 4..=6 (terms 3, 4, 5) and checks
-    /// every Storage method, through the cache and through cold reads.
-    pub fn check<B: Backend>(mut backend: B, max_tail_bytes: usize) {
-        let mut snap = Snapshot::default();
-        snap.mut_metadata().index = 3;
-        snap.mut_metadata().term = 3;
-        snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
-        snap.set_data(SnapshotData::default().encode().into());
-        let mut hs = HardState::default();
-        hs.term = 5;
-        hs.vote = 2;
-        hs.commit = 5;
-        backend
-            .write(&WriteBatch {
-                snapshot: Some(snap),
-                entries: vec![entry(4, 3), entry(5, 4), entry(6, 5)],
-                hard_state: Some(hs.clone()),
-                applied: Some(4),
-                cluster_id: Some(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
-                ..Default::default()
-            })
-            .unwrap();
-
-        let s = RaftStorage::open(backend, max_tail_bytes).unwrap();
-        assert_eq!(s.cluster_id(), 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210, "the cluster id is durable");
-        let st = s.initial_state().unwrap();
-        assert_eq!(st.hard_state, hs);
-        assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
-        assert_eq!(s.first_index().unwrap(), 4);
-        assert_eq!(s.last_index().unwrap(), 6);
-        assert_eq!(s.term(3).unwrap(), 3);
-        assert_eq!(s.term(5).unwrap(), 4);
-        assert!(matches!(s.term(2), Err(raft::Error::Store(StorageError::Compacted))));
-        assert!(matches!(s.term(7), Err(raft::Error::Store(StorageError::Unavailable))));
-        let ctx = GetEntriesContext::empty(false);
-        assert!(matches!(s.entries(3, 5, None, ctx), Err(raft::Error::Store(StorageError::Compacted))));
-        let ctx = || GetEntriesContext::empty(false);
-        let all = s.entries(4, 7, None, ctx()).unwrap();
-        assert_eq!(all.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(), vec![(4, 3), (5, 4), (6, 5)]);
-        assert_eq!(all[1].data.as_ref(), &[5u8; 10]);
-        // A size limit still returns at least one entry.
-        assert_eq!(s.entries(4, 7, Some(1), ctx()).unwrap().len(), 1);
-        assert_eq!(s.entries(5, 6, None, ctx()).unwrap().len(), 1);
-
-        // A conflicting append truncates the suffix, in the cache and durably.
-        s.write(&WriteBatch { entries: vec![entry(5, 6), entry(6, 6), entry(7, 6)], ..Default::default() }).unwrap();
-        assert_eq!(s.last_index().unwrap(), 7);
-        assert_eq!(s.term(5).unwrap(), 6);
-        assert_eq!(s.term(4).unwrap(), 3);
-        let got: Vec<_> = s.entries(4, 8, None, ctx()).unwrap().iter().map(|e| (e.index, e.term)).collect();
-        assert_eq!(got, vec![(4, 3), (5, 6), (6, 6), (7, 6)]);
-        let mut backend = s.backend.into_inner();
-        let reopened = backend.load().unwrap();
-        assert_eq!(reopened.last_index, 7);
-        assert_eq!(reopened.applied, 4);
-        assert_eq!(reopened.hard_state, hs);
-        assert_eq!(reopened.snapshot_index, 3);
-        assert_eq!(reopened.conf_state.voters, vec![1, 2, 3]);
-        assert_eq!(backend.read_terms(4, 8).unwrap(), vec![3, 6, 6, 6]);
-    }
-
-    /// Freezes the state machine, waiting for a backend that does it in the background.
-    pub fn freeze_now<B: Backend>(b: &mut B) -> Frozen {
-        for _ in 0..3000 {
-            if let Some(f) = b.freeze_snapshot().unwrap() {
-                return f;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        panic!("the snapshot store was not frozen within 30 s");
-    }
-
-    /// Freezes an applied state, reads it back in small chunks, stages it again after the
-    /// state moved on, installs it, and checks the install refuses a wrong row count.
-    pub fn check_snapshot_store<B: Backend>(mut b: B) {
-        let log = sample_log(40);
-        apply_log(&mut b, &log, 40);
-        let frozen = freeze_now(&mut b);
-        assert_eq!(frozen.index, 40);
-        // Later writes do not change the frozen copy.
-        let mut more = sample_log(50);
-        for e in more.iter_mut() {
-            e.index += 40;
-        }
-        apply_log(&mut b, &more[..10], 10);
-        let read_all = |b: &mut B, max_bytes| {
-            let mut rows = Vec::new();
-            let mut cursor = Cursor::start();
-            let mut chunks = 0;
-            while cursor != Cursor::Done {
-                let (mut r, next) = b.read_snapshot(&cursor, max_bytes).unwrap();
-                rows.append(&mut r);
-                cursor = next;
-                chunks += 1;
-            }
-            (rows, chunks)
-        };
-        let (rows, chunks) = read_all(&mut b, 50);
-        assert!(chunks > 3, "50-byte chunks must split the snapshot ({chunks} reads)");
-        let kv_rows = rows.iter().filter(|r| matches!(r, Row::Kv { .. })).count() as u64;
-        let request_rows = rows.len() as u64 - kv_rows;
-        assert_eq!((kv_rows, request_rows), (frozen.kv_rows, frozen.request_rows));
-        let mut replay = MemBackend::new();
-        apply_log(&mut replay, &log, 40);
-        let want_kv: Vec<Row> =
-            replay.kv().into_iter().map(|(key, (value, revision))| Row::Kv { key, value, revision }).collect();
-        assert_eq!(rows[..kv_rows as usize].to_vec(), want_kv, "kv rows in key order, as of index 40");
-        assert_eq!(request_rows, replay.inner.lock().unwrap().requests.len() as u64);
-
-        // Stage the rows (in two parts, one repeated) and install them over the newer state.
-        b.clear_snapshot_store().unwrap();
-        let (a, z) = rows.split_at(rows.len() / 2);
-        b.stage_snapshot(a).unwrap();
-        b.stage_snapshot(a).unwrap();
-        b.stage_snapshot(z).unwrap();
-        let snapshot = |kv_rows, request_rows| {
-            let mut snap = Snapshot::default();
-            snap.mut_metadata().index = 40;
-            snap.mut_metadata().term = 2;
-            snap.mut_metadata().mut_conf_state().voters = vec![1];
-            snap.set_data(SnapshotData { members: Vec::new(), kv_rows, request_rows, cluster_id: 0 }.encode().into());
-            snap
-        };
-        let wrong =
-            WriteBatch { snapshot: Some(snapshot(kv_rows + 1, request_rows)), sync: true, ..Default::default() };
-        assert!(b.write(&wrong).is_err(), "a row count that does not match the staged rows is refused");
-        let right = WriteBatch { snapshot: Some(snapshot(kv_rows, request_rows)), sync: true, ..Default::default() };
-        b.write(&right).unwrap();
-        let st = b.load().unwrap();
-        assert_eq!((st.snapshot_index, st.applied, st.last_index), (40, 40, 40));
-        // What was installed is exactly what was frozen.
-        let again = freeze_now(&mut b);
-        assert_eq!((again.index, again.kv_rows, again.request_rows), (40, kv_rows, request_rows));
-        assert_eq!(again.conf_state.voters, vec![1]);
-        assert_eq!(read_all(&mut b, 1 << 20).0, rows);
-        // The installed state behaves like the replayed one: a retried request is a duplicate.
-        let again = apply_log(&mut b, &log[..1], 1);
-        assert!(again[0].duplicate);
-    }
-
-    /// A log of puts and deletes over a few keys, with no-op entries mixed in.
-    pub fn sample_log(n: u64) -> Vec<Entry> {
-        use crate::command::{Command, Proposal, RequestId};
-        (1..=n)
-            .map(|i| {
-                let mut e = Entry::default();
-                e.index = i;
-                e.term = 1;
-                let cmd = match i % 7 {
-                    0 => None,
-                    3 | 5 => Some(Command::Delete { key: format!("k{}", i % 5) }),
-                    _ => Some(Command::Put { key: format!("k{}", i % 5), value: format!("v{i}") }),
-                };
-                if let Some(cmd) = cmd {
-                    e.data = Proposal { id: RequestId { node: 1, nonce: 1, seq: i }, cmd }.encode().into();
-                }
-                e
-            })
-            .collect()
-    }
-
-    /// Applies `entries` in batches of `chunk`, as the node would, returning every result.
-    pub fn apply_log<B: Backend>(b: &mut B, entries: &[Entry], chunk: usize) -> Vec<ApplyResult> {
-        let mut results = Vec::new();
-        for part in entries.chunks(chunk) {
-            let mut ops = Vec::new();
-            for e in part {
-                crate::state_machine::plan(e, &mut ops);
-            }
-            let applied = part.last().map(|e| e.index);
-            results.extend(b.write(&WriteBatch { ops, applied, ..Default::default() }).unwrap());
-        }
-        results
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mem_backend_meets_the_storage_contract() {
-        contract::check(MemBackend::new(), DEFAULT_CACHE_BYTES);
-    }
-
-    #[test]
-    fn mem_backend_snapshot_store() {
-        contract::check_snapshot_store(MemBackend::new());
-    }
-
-    #[test]
-    fn cold_reads_below_a_tiny_cache() {
-        // With a cache of one byte only unapplied entries stay cached; entry 4 is read cold.
-        contract::check(MemBackend::new(), 1);
-    }
 }

@@ -92,16 +92,14 @@ impl TlsSetup {
 
     pub fn from_pem(cert: &[u8], key: &[u8], ca: &[u8], node_id: u64) -> Result<TlsSetup, TlsError> {
         let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Config(format!("{what}: {e}"));
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
-            .collect::<Result<_, _>>()
-            .map_err(|e| bad("ssl_cert_file", &e))?;
-        let Some(leaf) = chain.first() else { return Err(TlsError::Config("ssl_cert_file holds no certificate".into())) };
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert).collect::<Result<_, _>>().map_err(|e| bad("ssl_cert_file", &e))?;
+        let Some(leaf) = chain.first() else {
+            return Err(TlsError::Config("ssl_cert_file holds no certificate".into()));
+        };
         let me = identity_of(leaf)?;
         if me.node != node_id {
-            return Err(TlsError::Identity(format!(
-                "it names node {} but raft_kv.node_id is {node_id}",
-                me.node
-            )));
+            return Err(TlsError::Identity(format!("it names node {} but raft_kv.node_id is {node_id}", me.node)));
         }
         let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("ssl_key_file", &e))?;
         let mut roots = RootCertStore::empty();
@@ -192,9 +190,15 @@ mod tests {
     #[test]
     fn identity_uris() {
         assert_eq!(parse_identity_uri("raft-kv://c1/node/3"), Some(Identity { cluster: "c1".into(), node: 3 }));
-        for bad in ["raft-kv://c1/node/0", "raft-kv://c1/node/03", "raft-kv:///node/1", "raft-kv://C1/node/1",
-            "http://c1/node/1", "raft-kv://c1/node/1/x", "raft-kv://c.1/node/1"]
-        {
+        for bad in [
+            "raft-kv://c1/node/0",
+            "raft-kv://c1/node/03",
+            "raft-kv:///node/1",
+            "raft-kv://C1/node/1",
+            "http://c1/node/1",
+            "raft-kv://c1/node/1/x",
+            "raft-kv://c.1/node/1",
+        ] {
             assert_eq!(parse_identity_uri(bad), None, "{bad}");
         }
     }

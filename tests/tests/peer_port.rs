@@ -2,16 +2,19 @@
 //! nothing in; an authenticated peer's malformed or random frames take no worker down; a
 //! flood of idle connections does not stop the cluster from electing and writing.
 
+// raft's protobuf messages are built by setting fields on a default value, as raft-rs does.
+#![allow(clippy::field_reassign_with_default)]
+
 use std::time::{Duration, Instant};
 
 use protobuf::ProtobufEnum;
-use rand::{Rng, SeedableRng};
 use raft_kv_core::command::{Command, Proposal, RequestId};
 use raft_kv_core::eraftpb::{Entry, EntryType, Message, MessageType};
 use raft_kv_core::snapshot::{Row, SnapFrame};
 use raft_kv_core::transport::testing::RawPeer;
 use raft_kv_core::transport::Security;
 use raft_kv_tests::{wait_for, Ca, Cluster, Stop, CLUSTER_NAME};
+use rand::{Rng, SeedableRng};
 
 /// What must not change while a node is attacked: its leader, term, worker and data.
 struct Watch {
@@ -195,7 +198,8 @@ fn malformed_messages_from_an_authenticated_peer_take_nothing_down() {
         }
         // Snapshot frames no transfer asked for, one with rows no node can store.
         let rows = vec![Row::Kv { key: "pwned\0".into(), value: "x".into(), revision: 1 }];
-        p.snap(to, SnapFrame::Chunk { stream: 9, index: 1 << 40, term: t, seq: 0, rows, last: true, rows_total: 1 }).unwrap();
+        p.snap(to, SnapFrame::Chunk { stream: 9, index: 1 << 40, term: t, seq: 0, rows, last: true, rows_total: 1 })
+            .unwrap();
         p.snap(to, SnapFrame::Ack { stream: 9, index: 1, term: t, seq: 3 }).unwrap();
     }
     wait_for(Duration::from_secs(20), "the leader to log the dropped messages", || {
@@ -279,7 +283,9 @@ fn random_and_mutated_frames_take_no_worker_down_and_grow_no_memory() {
     assert!(after < before + 16 * 1024, "the worker grew from {before} KiB to {after} KiB");
     // The cluster still elects (terms may have moved) and writes.
     let (leader, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(30));
-    wait_for(Duration::from_secs(30), "a write", || c.client(leader).batch_execute("SELECT raft_set('after', 'ok')").ok());
+    wait_for(Duration::from_secs(30), "a write", || {
+        c.client(leader).batch_execute("SELECT raft_set('after', 'ok')").ok()
+    });
     c.assert_converged(&[1, 2, 3]);
 }
 

@@ -70,10 +70,17 @@ fn roles_get_what_they_are_granted_and_nothing_more() {
     }
     // A writer writes, but cannot change the membership or see it.
     let mut writer = as_role(&c, "writer");
-    writer.batch_execute("SELECT raft_set('k', 'written'); SELECT raft_cas('k', 'written', 'cas'); SELECT raft_delete('gone')").unwrap();
-    for call in ["SELECT * FROM raft_members()", "SELECT raft_join(9, '127.0.0.1:1')", "SELECT raft_remove(2)",
-        "SELECT raft_transfer_leader(2)"]
-    {
+    writer
+        .batch_execute(
+            "SELECT raft_set('k', 'written'); SELECT raft_cas('k', 'written', 'cas'); SELECT raft_delete('gone')",
+        )
+        .unwrap();
+    for call in [
+        "SELECT * FROM raft_members()",
+        "SELECT raft_join(9, '127.0.0.1:1')",
+        "SELECT raft_remove(2)",
+        "SELECT raft_transfer_leader(2)",
+    ] {
         assert_eq!(code(&mut writer, call).as_deref(), Some("42501"), "writer: {call}");
     }
     assert_eq!(code(&mut writer, "DELETE FROM raft_kv.kv").as_deref(), Some("42501"));
@@ -155,7 +162,8 @@ fn a_search_path_hijack_does_not_make_a_role_superuser() {
     c.assert_converged(&[1, 2, 3]);
     assert!(!is_super(&mut su));
     for i in 2..=3 {
-        let s: bool = c.client(i).query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'", &[]).unwrap().get(0);
+        let s: bool =
+            c.client(i).query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'", &[]).unwrap().get(0);
         assert!(!s, "node {i}");
     }
 }
@@ -164,7 +172,9 @@ fn a_search_path_hijack_does_not_make_a_role_superuser() {
 fn a_request_id_belongs_to_its_role_and_its_command() {
     let c = Cluster::start(3);
     leader_ready(&c);
-    c.client(1).batch_execute("CREATE ROLE alice IN ROLE raft_kv_writer; CREATE ROLE bob IN ROLE raft_kv_writer").unwrap();
+    c.client(1)
+        .batch_execute("CREATE ROLE alice IN ROLE raft_kv_writer; CREATE ROLE bob IN ROLE raft_kv_writer")
+        .unwrap();
     let mut alice = as_role(&c, "alice");
     let mut bob = as_role(&c, "bob");
     let set = |cl: &mut Client, v: &str| -> i64 {

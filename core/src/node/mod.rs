@@ -6,36 +6,21 @@
 
 use std::collections::HashMap;
 
-use protobuf::Message as _;
-use raft::eraftpb::{
-    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, EntryType, Message, MessageType, Snapshot,
-};
-use raft::{Config, ProgressState, RawNode, SnapshotStatus, StateRole, Storage as _, INVALID_ID};
+use raft::eraftpb::{EntryType, Message, MessageType, Snapshot};
+use raft::{Config, RawNode, StateRole, Storage as _, INVALID_ID};
 use slog::Logger;
 
-use crate::command::{ApplyResult, Proposal, RequestId};
-use crate::snapshot::{Cursor, SnapFrame, DEFAULT_CHUNK_BYTES, WINDOW};
-use crate::state_machine::{self, ConfChangeContext, Member, Planned, SnapshotData};
-use crate::storage::{Backend, MemberOp, RaftStorage, StoreError, WriteBatch};
+mod membership;
+mod transfer;
 
-/// A membership change a client asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MemberChange {
-    /// Add a learner; with `promote`, the leader makes it a voter once it has caught up.
-    AddLearner {
-        id: u64,
-        address: String,
-        promote: bool,
-    },
-    /// Make caught-up learners voters. Several at once change several voters, which raft
-    /// does through a joint configuration (left automatically once applied).
-    Promote {
-        ids: Vec<u64>,
-    },
-    Remove {
-        id: u64,
-    },
-}
+pub use membership::MemberChange;
+use transfer::{InStream, OutStream};
+
+use crate::command::{ApplyResult, Proposal, RequestId};
+use crate::snapshot::{SnapFrame, DEFAULT_CHUNK_BYTES};
+use crate::state_machine::{self, Planned};
+use crate::storage::{Backend, RaftStorage, StoreError, WriteBatch};
+use crate::types::{ConfChangeContext, Member, SnapshotData};
 
 /// Raft timing and sizing, in ticks and bytes.
 #[derive(Debug, Clone)]
@@ -106,43 +91,6 @@ impl Outbound {
             Outbound::Snap { to, .. } => *to,
         }
     }
-}
-
-/// A snapshot this leader is streaming to one follower.
-#[derive(Debug)]
-struct OutStream {
-    stream: u64,
-    index: u64,
-    term: u64,
-    /// raft's `MsgSnapshot`, held back until every chunk is acknowledged.
-    msg: Option<Message>,
-    cursor: Cursor,
-    /// Where each sent, unacknowledged chunk started (front: chunk `acked`), to send again.
-    starts: std::collections::VecDeque<Cursor>,
-    next_seq: u32,
-    acked: u32,
-    sent_last: bool,
-    /// Ticks since the transfer last made progress; it fails past the timeout.
-    idle_ticks: u32,
-    /// Rows the snapshot holds (kv and request ids), announced in every chunk.
-    rows_total: u64,
-}
-
-/// Ticks without an acknowledgement after which unacknowledged chunks are sent again.
-const RESEND_TICKS: u32 = 5;
-
-/// A snapshot being staged from a leader.
-#[derive(Debug)]
-struct InStream {
-    from: u64,
-    stream: u64,
-    index: u64,
-    term: u64,
-    next_seq: u32,
-    complete: bool,
-    /// Rows the transfer announced, and rows staged so far.
-    rows_total: u64,
-    staged: u64,
 }
 
 /// What the caller must do after [`Node::handle_ready`] (messages go through its `send`).
@@ -298,86 +246,6 @@ impl<B: Backend> Node<B> {
         })
     }
 
-    /// Member addresses as applied on this node.
-    pub fn members(&self) -> &std::collections::BTreeMap<u64, Member> {
-        &self.members
-    }
-
-    /// Whether `id` is a voter or learner in the applied configuration.
-    pub fn is_member(&self, id: u64) -> bool {
-        let cs = self.raw.store().conf_state();
-        cs.voters.contains(&id) || cs.learners.contains(&id) || cs.voters_outgoing.contains(&id)
-    }
-
-    /// Proposes a membership change (forwarded to the leader by raft when this node follows).
-    pub fn propose_change(&mut self, id: RequestId, change: &MemberChange) -> Result<(), ProposeError> {
-        if self.raw.raft.leader_id == INVALID_ID {
-            return Err(ProposeError::NoLeader);
-        }
-        let (nodes, kind, address, promote) = match change {
-            MemberChange::AddLearner { id, address, promote } => {
-                (vec![*id], ConfChangeType::AddLearnerNode, Some(address.clone()), *promote)
-            }
-            MemberChange::Promote { ids } => (ids.clone(), ConfChangeType::AddNode, None, false),
-            MemberChange::Remove { id } => (vec![*id], ConfChangeType::RemoveNode, None, false),
-        };
-        let singles = nodes.into_iter().map(|node| {
-            let mut single = ConfChangeSingle::default();
-            single.node_id = node;
-            single.set_change_type(kind);
-            single
-        });
-        // One change is a simple one; more use joint consensus, with raft-rs proposing the
-        // leave of the joint configuration by itself once it applies (transition Auto).
-        let mut cc = ConfChangeV2::default();
-        cc.set_changes(singles.collect::<Vec<_>>().into());
-        let ctx = ConfChangeContext { id, address, promote }.encode();
-        let before = self.raw.raft.raft_log.last_index();
-        self.raw.propose_conf_change(ctx, cc).map_err(|_| ProposeError::Dropped)?;
-        if self.is_leader() {
-            let idx = self.raw.raft.raft_log.last_index();
-            if idx > before {
-                self.appended.insert(idx, id);
-            }
-        }
-        Ok(())
-    }
-
-    /// Asks the leader to hand leadership to `target` (forwarded when this node follows).
-    pub fn transfer_leader(&mut self, target: u64) {
-        self.raw.transfer_leader(target);
-    }
-
-    /// On the leader: learners marked for promotion whose log is within `lag` entries of ours.
-    pub fn learners_to_promote(&self, lag: u64) -> Vec<u64> {
-        if !self.is_leader() || self.change_pending() {
-            return Vec::new();
-        }
-        let last = self.raw.raft.raft_log.last_index();
-        let cs = self.raw.store().conf_state();
-        cs.learners
-            .iter()
-            .copied()
-            .filter(|id| self.members.get(id).is_some_and(|m| m.promote))
-            .filter(|id| {
-                // Caught up: it has acknowledged entries (a new learner's match is 0 until its
-                // snapshot or first append is acknowledged), recently, within `lag` entries.
-                self.raw
-                    .raft
-                    .prs()
-                    .get(*id)
-                    .is_some_and(|p| p.recent_active && p.matched > 0 && p.matched + lag >= last)
-            })
-            .collect()
-    }
-
-    fn change_pending(&self) -> bool {
-        let cs = self.raw.store().conf_state();
-        !cs.voters_outgoing.is_empty()
-            || self.raw.store().unapplied_conf_change()
-            || (self.is_leader() && self.raw.raft.has_pending_conf())
-    }
-
     /// If more than `threshold` entries follow the snapshot point, moves it to `margin`
     /// entries before the applied index and drops the log before it.
     pub fn maybe_compact(&mut self, threshold: u64, margin: u64) -> Result<bool, NodeError> {
@@ -413,28 +281,7 @@ impl<B: Backend> Node<B> {
     /// cannot be read to send chunks again.
     pub fn tick(&mut self) -> Result<(), NodeError> {
         self.raw.tick();
-        let mut failed = Vec::new();
-        let mut resend = Vec::new();
-        for (&to, s) in self.streams.iter_mut() {
-            s.idle_ticks += 1;
-            if s.idle_ticks > self.snapshot_timeout_ticks {
-                failed.push(to);
-            } else if s.idle_ticks % RESEND_TICKS == 0 && s.acked < s.next_seq {
-                // A chunk or its acknowledgement was lost: go back to the first unacknowledged.
-                s.cursor = s.starts.front().cloned().unwrap_or_else(|| s.cursor.clone());
-                s.starts.clear();
-                s.next_seq = s.acked;
-                s.sent_last = false;
-                resend.push(to);
-            }
-        }
-        for to in failed {
-            self.end_stream(to, true);
-        }
-        for to in resend {
-            self.pump(to)?;
-        }
-        Ok(())
+        self.tick_transfers()
     }
 
     /// Feeds a message from a peer. Messages raft cannot use (stale, from unknown peers) are
@@ -495,224 +342,6 @@ impl<B: Backend> Node<B> {
     /// Errors raft returned from `step` (other than refusing an unknown or local message).
     pub fn step_errors(&self) -> u64 {
         self.step_errors
-    }
-
-    /// raft-rs turns a membership change it cannot take now (another is pending, or the
-    /// joint state does not fit) into an empty entry, context and all, so a follower that
-    /// forwarded it would only ever time out. Under the same conditions, keep the context
-    /// (the request id) in a normal entry instead: when it applies, the proposer learns
-    /// that its change was refused and nothing changed.
-    fn refuse_conf_changes_raft_would_blank(&self, m: &mut Message) {
-        let mut pending = self.raw.raft.has_pending_conf();
-        let joint = !self.raw.store().conf_state().voters_outgoing.is_empty();
-        for e in m.mut_entries().iter_mut() {
-            let leave = match e.get_entry_type() {
-                EntryType::EntryNormal => continue,
-                EntryType::EntryConfChange => false,
-                EntryType::EntryConfChangeV2 => {
-                    let mut cc = ConfChangeV2::default();
-                    if cc.merge_from_bytes(&e.data).is_err() {
-                        continue;
-                    }
-                    cc.changes.is_empty()
-                }
-            };
-            if pending || joint != leave {
-                e.set_entry_type(EntryType::EntryNormal);
-                e.data = Default::default();
-            } else {
-                pending = true;
-            }
-        }
-    }
-
-    /// Handles a frame of a snapshot transfer from `from`.
-    pub fn receive_snap(&mut self, from: u64, frame: SnapFrame) -> Result<(), NodeError> {
-        match frame {
-            SnapFrame::Chunk { stream, index, term, seq, rows, last, rows_total } => {
-                let reply = |node: &mut Self, frame| node.outbox.push(Outbound::Snap { to: from, frame });
-                if self.is_leader() {
-                    let reason = "a leader takes no snapshot".to_string();
-                    reply(self, SnapFrame::Abort { stream, index, term, reason });
-                    return Ok(());
-                }
-                let valid = |r: &crate::snapshot::Row| match r {
-                    crate::snapshot::Row::Kv { key, value, .. } => {
-                        crate::command::check_key(key).is_ok() && crate::command::check_value(value).is_ok()
-                    }
-                    crate::snapshot::Row::Request { .. } => true,
-                };
-                if !rows.iter().all(valid) {
-                    let reason = "the chunk holds rows no node can store".to_string();
-                    reply(self, SnapFrame::Abort { stream, index, term, reason });
-                    return Ok(());
-                }
-                let same = |s: &InStream| (s.from, s.stream, s.index, s.term) == (from, stream, index, term);
-                if !self.incoming.as_ref().is_some_and(same) {
-                    // Only the leader this node follows starts a transfer.
-                    if seq != 0 || self.install_pending || from != self.raw.raft.leader_id {
-                        // Part of a transfer this node is not (or no longer) staging: the
-                        // leader's wait for acknowledgements times out and it starts over.
-                        return Ok(());
-                    }
-                    self.raw.store().forget_frozen();
-                    self.raw.store().with_backend(|b| b.clear_snapshot_store())?;
-                    let (next_seq, complete, staged) = (0, false, 0);
-                    self.incoming = Some(InStream { from, stream, index, term, next_seq, complete, rows_total, staged });
-                }
-                let inc = self.incoming.as_mut().expect("set above");
-                if seq < inc.next_seq {
-                    reply(self, SnapFrame::Ack { stream, index, term, seq });
-                } else if seq == inc.next_seq && !inc.complete {
-                    // Never stage more than the transfer announced at its start.
-                    if inc.staged + rows.len() as u64 > inc.rows_total || rows_total != inc.rows_total {
-                        self.incoming = None;
-                        self.raw.store().with_backend(|b| b.clear_snapshot_store())?;
-                        let reason = "the transfer sent more rows than it announced".to_string();
-                        reply(self, SnapFrame::Abort { stream, index, term, reason });
-                        return Ok(());
-                    }
-                    inc.staged += rows.len() as u64;
-                    inc.next_seq += 1;
-                    inc.complete = last;
-                    self.raw.store().with_backend(|b| b.stage_snapshot(&rows))?;
-                    reply(self, SnapFrame::Ack { stream, index, term, seq });
-                }
-                Ok(())
-            }
-            SnapFrame::Ack { stream, seq, .. } => {
-                let Some(s) = self.streams.get_mut(&from).filter(|s| s.stream == stream) else {
-                    return Ok(());
-                };
-                if seq < s.acked || seq >= s.next_seq {
-                    return Ok(());
-                }
-                while s.acked <= seq {
-                    s.acked += 1;
-                    s.starts.pop_front();
-                }
-                s.idle_ticks = 0;
-                self.pump(from)
-            }
-            SnapFrame::Abort { index, term, .. } => {
-                if self.streams.get(&from).is_some_and(|s| (s.index, s.term) == (index, term)) {
-                    self.end_stream(from, true);
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// The transport could not take a frame or message for `to`: a transfer to it failed.
-    pub fn send_failed(&mut self, to: u64) {
-        if self.streams.contains_key(&to) {
-            self.end_stream(to, true);
-        }
-    }
-
-    /// Snapshot transfers in progress from this node, as (recipient, snapshot index).
-    pub fn snapshot_transfers(&self) -> Vec<(u64, u64)> {
-        let mut v: Vec<_> = self.streams.iter().map(|(to, s)| (*to, s.index)).collect();
-        v.sort();
-        v
-    }
-
-    fn start_stream(&mut self, m: Message) -> Result<(), NodeError> {
-        let to = m.to;
-        let md = m.get_snapshot().get_metadata();
-        self.streams_started += 1;
-        let stream = (self.raw.raft.term << 32) | (self.streams_started & 0xffff_ffff);
-        let rows_total =
-            SnapshotData::decode(m.get_snapshot().get_data()).map(|d| d.kv_rows + d.request_rows).unwrap_or(0);
-        let s = OutStream {
-            stream,
-            index: md.index,
-            term: md.term,
-            rows_total,
-            msg: Some(m),
-            cursor: Cursor::start(),
-            starts: Default::default(),
-            next_seq: 0,
-            acked: 0,
-            sent_last: false,
-            idle_ticks: 0,
-        };
-        self.streams.insert(to, s);
-        self.raw.store().set_streaming(true);
-        self.pump(to)
-    }
-
-    /// Sends chunks to `to` while the window allows; after the last is acknowledged, the
-    /// snapshot message itself. The stream then waits until raft sees the follower caught up.
-    fn pump(&mut self, to: u64) -> Result<(), NodeError> {
-        loop {
-            let Some(s) = self.streams.get_mut(&to) else { return Ok(()) };
-            if s.sent_last {
-                if s.acked == s.next_seq {
-                    if let Some(m) = s.msg.take() {
-                        s.idle_ticks = 0;
-                        self.outbox.push(Outbound::Raft(m));
-                    }
-                }
-                return Ok(());
-            }
-            if s.next_seq - s.acked >= WINDOW {
-                return Ok(());
-            }
-            s.starts.push_back(s.cursor.clone());
-            let mut rows = Vec::new();
-            while rows.is_empty() && s.cursor != Cursor::Done {
-                let (r, next) = self.raw.store().with_backend(|b| b.read_snapshot(&s.cursor, self.chunk_bytes))?;
-                rows = r;
-                s.cursor = next;
-            }
-            let last = s.cursor == Cursor::Done;
-            let (stream, index, term, seq, rows_total) = (s.stream, s.index, s.term, s.next_seq, s.rows_total);
-            let frame = SnapFrame::Chunk { stream, index, term, seq, rows, last, rows_total };
-            s.next_seq += 1;
-            s.sent_last = last;
-            self.outbox.push(Outbound::Snap { to, frame });
-        }
-    }
-
-    /// Snapshot transfers that failed since the last call, as (recipient, snapshot index);
-    /// raft has been told and sends a snapshot again once the follower responds.
-    pub fn take_failed_transfers(&mut self) -> Vec<(u64, u64)> {
-        std::mem::take(&mut self.failed_transfers)
-    }
-
-    fn end_stream(&mut self, to: u64, failed: bool) {
-        let s = self.streams.remove(&to);
-        self.raw.store().set_streaming(!self.streams.is_empty());
-        if failed {
-            if let Some(s) = s {
-                self.failed_transfers.push((to, s.index));
-            }
-            self.raw.report_snapshot(to, SnapshotStatus::Failure);
-        }
-    }
-
-    /// Ends the transfers whose snapshot the follower has taken (raft has left the snapshot
-    /// state for it) and all of them once this node no longer leads.
-    fn finish_streams(&mut self) {
-        if !self.is_leader() {
-            self.streams.clear();
-            self.raw.store().set_streaming(false);
-            return;
-        }
-        let prs = self.raw.raft.prs();
-        let done: Vec<u64> = self
-            .streams
-            .iter()
-            .filter(|(to, s)| {
-                s.msg.is_none()
-                    && prs.get(**to).is_none_or(|p| p.state != ProgressState::Snapshot || p.pending_snapshot != s.index)
-            })
-            .map(|(to, _)| *to)
-            .collect();
-        for to in done {
-            self.end_stream(to, false);
-        }
     }
 
     /// The cluster's id, 0 until the first leader's proposal of one has applied here.
@@ -866,24 +495,6 @@ impl<B: Backend> Node<B> {
         Ok(())
     }
 
-    /// raft-rs keeps a leader that removed itself in charge (its TODO); hand leadership to the
-    /// most caught-up voter instead, so the rest of the cluster does not wait for a timeout.
-    fn step_down_if_removed(&mut self) {
-        let r = &self.raw.raft;
-        if r.state != StateRole::Leader || r.prs().conf().voters().contains(r.id) {
-            return;
-        }
-        let best = r
-            .prs()
-            .iter()
-            .filter(|(id, _)| **id != r.id && r.prs().conf().voters().contains(**id))
-            .max_by_key(|(_, p)| p.matched)
-            .map(|(id, _)| *id);
-        if let Some(target) = best {
-            self.raw.transfer_leader(target);
-        }
-    }
-
     /// Plans the committed entries into `batch`, writes it atomically, and reports results.
     fn write_and_apply(
         &mut self,
@@ -965,50 +576,6 @@ impl<B: Backend> Node<B> {
         Ok(())
     }
 
-    /// Applies a membership entry to raft; returns the new conf state (None if raft refused
-    /// it) and the request that proposed it, and records address changes in `members`.
-    fn apply_conf_change(
-        &mut self,
-        e: &raft::eraftpb::Entry,
-        members: &mut Vec<MemberOp>,
-    ) -> (Option<raft::eraftpb::ConfState>, Option<RequestId>) {
-        let ctx = ConfChangeContext::decode(&e.context);
-        let (cs, singles) = if e.get_entry_type() == EntryType::EntryConfChange {
-            let mut cc = ConfChange::default();
-            if cc.merge_from_bytes(&e.data).is_err() {
-                return (None, ctx.map(|c| c.id));
-            }
-            let single = (cc.node_id, cc.get_change_type());
-            (self.raw.apply_conf_change(&cc).ok(), vec![single])
-        } else {
-            let mut cc = ConfChangeV2::default();
-            if cc.merge_from_bytes(&e.data).is_err() {
-                return (None, ctx.map(|c| c.id));
-            }
-            let singles = cc.get_changes().iter().map(|s| (s.node_id, s.get_change_type())).collect();
-            (self.raw.apply_conf_change(&cc).ok(), singles)
-        };
-        if cs.is_some() {
-            for (node, kind) in singles {
-                match kind {
-                    ConfChangeType::RemoveNode => members.push(MemberOp::Remove(node)),
-                    ConfChangeType::AddLearnerNode | ConfChangeType::AddNode => {
-                        let address = ctx
-                            .as_ref()
-                            .and_then(|c| c.address.clone())
-                            // Never store what a status row or a text column cannot hold.
-                            .filter(|a| a.len() <= 64 && !a.contains('\0'))
-                            .or_else(|| self.members.get(&node).map(|m| m.address.clone()))
-                            .unwrap_or_default();
-                        let promote = kind == ConfChangeType::AddLearnerNode && ctx.as_ref().is_some_and(|c| c.promote);
-                        members.push(MemberOp::Upsert(Member { id: node, address, promote }));
-                    }
-                }
-            }
-        }
-        (cs, ctx.map(|c| c.id))
-    }
-
     pub fn status(&self) -> NodeStatus {
         let r = &self.raw.raft;
         let store = self.raw.store();
@@ -1059,62 +626,5 @@ pub fn role_name(r: StateRole) -> &'static str {
         StateRole::Candidate => "candidate",
         StateRole::Leader => "leader",
         StateRole::PreCandidate => "pre-candidate",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::snapshot::Row;
-    use crate::storage::MemBackend;
-
-    /// Node 2 of a 3-node cluster, following node 1 in term 2.
-    fn follower_of_1() -> Node<MemBackend> {
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let members: Vec<Member> =
-            (1..=3).map(|id| Member { id, address: format!("sim:{id}"), promote: false }).collect();
-        let mut n = Node::open(MemBackend::new(), &NodeOptions::new(2), &members, &logger).unwrap();
-        let mut hb = Message::default();
-        hb.set_msg_type(MessageType::MsgHeartbeat);
-        (hb.from, hb.to, hb.term) = (1, 2, 2);
-        n.step(hb);
-        assert_eq!(n.leader_id(), 1);
-        n
-    }
-
-    fn sent(n: &mut Node<MemBackend>) -> Vec<Outbound> {
-        let mut v = Vec::new();
-        n.handle_ready(&mut Output::default(), &mut |m| v.push(m)).unwrap();
-        v
-    }
-
-    #[test]
-    fn a_transfer_sending_more_rows_than_it_announced_is_aborted() {
-        let mut n = follower_of_1();
-        let row = |k: &str| Row::Kv { key: k.into(), value: "v".into(), revision: 1 };
-        let chunk =
-            |seq, rows, last| SnapFrame::Chunk { stream: 7, index: 50, term: 2, seq, rows, last, rows_total: 2 };
-        n.receive_snap(1, chunk(0, vec![row("a"), row("b")], false)).unwrap();
-        n.receive_snap(1, chunk(1, vec![row("c")], true)).unwrap();
-        let frames: Vec<SnapFrame> = sent(&mut n)
-            .into_iter()
-            .filter_map(|m| match m {
-                Outbound::Snap { to: 1, frame } => Some(frame),
-                _ => None,
-            })
-            .collect();
-        assert!(matches!(frames[0], SnapFrame::Ack { seq: 0, .. }), "{frames:?}");
-        assert!(matches!(&frames[1], SnapFrame::Abort { reason, .. } if reason.contains("more rows")), "{frames:?}");
-        assert!(n.storage().with_backend(|b| b.inner.lock().unwrap().snap_kv.is_empty()), "staging emptied");
-    }
-
-    #[test]
-    fn only_the_leader_starts_a_transfer() {
-        let mut n = follower_of_1();
-        let rows = vec![Row::Kv { key: "a".into(), value: "v".into(), revision: 1 }];
-        let frame = SnapFrame::Chunk { stream: 7, index: 50, term: 2, seq: 0, rows, last: true, rows_total: 1 };
-        n.receive_snap(3, frame).unwrap();
-        assert!(sent(&mut n).iter().all(|m| !matches!(m, Outbound::Snap { .. })), "node 3 is not the leader");
-        assert!(n.storage().with_backend(|b| b.inner.lock().unwrap().snap_kv.is_empty()));
     }
 }

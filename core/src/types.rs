@@ -1,0 +1,142 @@
+//! Plain data shared by the core's modules: what the state machine records (members,
+//! request ids, snapshot metadata) and the operations it applies. Depends on nothing but the
+//! command encoding, so every other module can use it without import cycles.
+
+use std::collections::BTreeMap;
+
+use crate::command::RequestId;
+
+/// One state-machine operation, decided by `state_machine` and executed by the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvOp {
+    Put { key: String, value: String },
+    Delete { key: String },
+    Cas { key: String, expected: Option<String>, value: String },
+}
+
+impl KvOp {
+    pub fn key(&self) -> &str {
+        match self {
+            KvOp::Put { key, .. } | KvOp::Delete { key } | KvOp::Cas { key, .. } => key,
+        }
+    }
+}
+
+/// An operation with the request that asked for it and the log index applying it.
+///
+/// The backend records every applied request id (for [`DEDUP_WINDOW`] entries) in the same
+/// transaction: an id seen again is a retry, and is answered with the first result instead of
+/// being applied twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpAt {
+    pub id: RequestId,
+    pub index: u64,
+    pub op: KvOp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberOp {
+    Upsert(Member),
+    Remove(u64),
+}
+
+impl MemberOp {
+    /// Applies the change to a map of members by id.
+    pub fn apply_to(&self, members: &mut BTreeMap<u64, Member>) {
+        match self {
+            MemberOp::Upsert(m) => {
+                members.insert(m.id, m.clone());
+            }
+            MemberOp::Remove(id) => {
+                members.remove(id);
+            }
+        }
+    }
+}
+
+/// How many log entries a request id is remembered for duplicate detection.
+pub const DEDUP_WINDOW: u64 = 100_000;
+/// Forgetting old request ids happens when the applied index crosses a multiple of this.
+pub const DEDUP_PRUNE_EVERY: u64 = 1024;
+
+/// When applying moves from `before` to `after`, the revision below which remembered request
+/// ids are forgotten, if this is a pruning point. Depends only on indexes, so every node
+/// prunes identically.
+pub fn dedup_prune_below(before: u64, after: u64) -> Option<u64> {
+    (after / DEDUP_PRUNE_EVERY > before / DEDUP_PRUNE_EVERY && after > DEDUP_WINDOW).then(|| after - DEDUP_WINDOW)
+}
+
+/// A member's address as the state machine records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    pub id: u64,
+    pub address: String,
+    /// A learner to be promoted to voter once it has caught up.
+    pub promote: bool,
+}
+
+/// What the snapshot message carries besides the conf state (which travels in its metadata):
+/// the member addresses, and how many rows the streamed part holds (see `snapshot`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotData {
+    pub members: Vec<Member>,
+    pub kv_rows: u64,
+    pub request_rows: u64,
+    /// The cluster id, installed with the snapshot (0: the cluster had none yet).
+    pub cluster_id: u128,
+}
+
+impl SnapshotData {
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).expect("serializing snapshot data cannot fail")
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, bincode::Error> {
+        if b.is_empty() {
+            return Ok(Self::default());
+        }
+        bincode::deserialize(b)
+    }
+}
+
+/// Payload of a membership change entry (the `context` of the ConfChangeV2).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConfChangeContext {
+    pub id: RequestId,
+    /// Address of the node being added.
+    pub address: Option<String>,
+    /// Add as a learner and promote automatically once caught up.
+    pub promote: bool,
+}
+
+impl ConfChangeContext {
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).expect("serializing a context cannot fail")
+    }
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        bincode::deserialize(b).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_forgotten_after_the_window() {
+        assert_eq!(dedup_prune_below(0, 10), None);
+        assert_eq!(dedup_prune_below(DEDUP_WINDOW, DEDUP_WINDOW + 1), None);
+        let a = DEDUP_PRUNE_EVERY * (DEDUP_WINDOW / DEDUP_PRUNE_EVERY + 3);
+        assert_eq!(dedup_prune_below(a - 1, a), Some(a - DEDUP_WINDOW));
+    }
+
+    #[test]
+    fn snapshot_data_round_trip() {
+        let mut d = SnapshotData::default();
+        d.kv_rows = 100_000;
+        d.request_rows = 7;
+        d.members.push(Member { id: 1, address: "127.0.0.1:7001".into(), promote: false });
+        assert_eq!(SnapshotData::decode(&d.encode()).unwrap(), d);
+        assert_eq!(SnapshotData::decode(&[]).unwrap(), SnapshotData::default());
+    }
+}

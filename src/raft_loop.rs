@@ -1,0 +1,573 @@
+//! The Raft worker's loop, in named steps: wait, receive from peers, tick, take requests from
+//! backends, run the Ready, answer backends, maintenance (promotions, the cluster id,
+//! compaction), publish the status. It owns the node, the transport and the request tracker;
+//! only this (main) thread calls into Postgres.
+
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::pg_sys;
+use raft_kv_core::command::{Command, RequestId};
+use raft_kv_core::config::format_peers;
+use raft_kv_core::node::{role_name, MemberChange, Node, NodeStatus, Outbound, Output};
+use raft_kv_core::pending::{Answer, Pending};
+use raft_kv_core::raft::StateRole;
+use raft_kv_core::transport::{frame_limit, Event, Security, Transport, Waker};
+use raft_kv_core::types::Member;
+
+use crate::freeze::BackgroundFreeze;
+use crate::guc;
+use crate::peers::Peers;
+use crate::requests::{self, Taken};
+use crate::shmem::{Op, Outcome, SHARED};
+use crate::storage::{in_txn, PgBackend};
+use crate::worker::{pause, set_state, Settings};
+
+type Client = (usize, u64);
+
+pub struct RaftLoop {
+    me: u64,
+    epoch: u64,
+    tick: Duration,
+    /// An election timeout: how long a promotion or a cluster-id proposal is given to apply.
+    patience: Duration,
+    efd: EventFd,
+    node: Node<PgBackend>,
+    transport: Transport,
+    peers: Peers,
+    pending: Pending<Client>,
+    raft_log: RaftLog,
+    out: Output,
+    taken: Vec<Taken>,
+    abandoned: Vec<Client>,
+    answers: Vec<(Client, Answer)>,
+    next_tick: Instant,
+    /// Worker-internal proposals (promotions, the cluster id) have ids of their own.
+    internal_nonce: u64,
+    internal_seq: u64,
+    promoting: BTreeMap<u64, Instant>,
+    cluster_id: u128,
+    cluster_id_asked: Option<Instant>,
+    last_role: (StateRole, u64),
+    sending: Vec<(u64, u64)>,
+    published: Option<NodeStatus>,
+    /// Dropped messages are logged at most once a second.
+    dropped_since_log: u64,
+    last_drop_log: Option<Instant>,
+}
+
+impl RaftLoop {
+    /// Listens (retrying while the address is taken) and opens the node; `None` when told to
+    /// exit meanwhile.
+    pub fn start(settings: &Settings, epoch: u64) -> Option<RaftLoop> {
+        let me = settings.cluster.node_id;
+        let efd = EventFd::new();
+        let mut transport = loop {
+            let max_frame = frame_limit(guc::MAX_VALUE_BYTES.get() as usize);
+            let security = settings.security.clone();
+            match Transport::start(runtime(), me, settings.cluster.listen_addr, security, max_frame, efd.waker()) {
+                Ok(t) => break t,
+                Err(e) => {
+                    let state = format!("cannot listen on {}: {e}", settings.cluster.listen_addr);
+                    pgrx::warning!("raft_kv: {state}; retrying");
+                    set_state(false, &state);
+                    if !pause(Duration::from_secs(1)) {
+                        return None;
+                    }
+                }
+            }
+        };
+        let bootstrap: Vec<Member> = if settings.cluster.bootstraps() {
+            settings
+                .cluster
+                .peers
+                .iter()
+                .map(|(&id, a)| Member { id, address: a.to_string(), promote: false })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let raft_log = RaftLog::default();
+        let logger = raft_log.logger();
+        let backend = PgBackend::with_freezer(Box::new(BackgroundFreeze::new(&settings.database)));
+        let node = in_txn(|| Node::open(backend, &settings.opts, &bootstrap, &logger))
+            .unwrap_or_else(|e| pgrx::error!("raft_kv: cannot open the raft node: {e}"));
+        let mut peers = Peers::new(me, settings.cluster.peers.clone());
+        peers.sync(&node, &mut transport);
+        let (addr, peer_list) = (transport.local_addr(), format_peers(peers.addrs()));
+        match &settings.security {
+            Security::Tls(t) => pgrx::log!(
+                "raft_kv: node {me} listening on {addr} with peers {peer_list} (mutual TLS, cluster \"{}\")",
+                t.me.cluster
+            ),
+            Security::Plain => pgrx::warning!(
+                "raft_kv: node {me} listening on {addr} with peers {peer_list} WITHOUT TLS (raft_kv.peer_tls = off): \
+                 Raft traffic is neither authenticated nor encrypted; for development only"
+            ),
+        }
+        if node.members().is_empty() && !node.is_member(me) {
+            pgrx::log!("raft_kv: node {me} is not a member yet; it waits to be added with raft_join() on the cluster");
+        }
+        let cluster_id = node.cluster_id();
+        transport.set_cluster_id(cluster_id);
+        // Reads ask again for a read index after about a heartbeat without an answer.
+        let read_retry = settings.tick * settings.opts.heartbeat_ticks as u32 * 2;
+        Some(RaftLoop {
+            me,
+            epoch,
+            tick: settings.tick,
+            patience: settings.tick * settings.opts.election_ticks as u32,
+            efd,
+            node,
+            transport,
+            peers,
+            pending: Pending::new(me, RequestId::worker_nonce(rand_nonce()), read_retry),
+            raft_log,
+            out: Output::default(),
+            taken: Vec::new(),
+            abandoned: Vec::new(),
+            answers: Vec::new(),
+            next_tick: Instant::now() + settings.tick,
+            internal_nonce: RequestId::worker_nonce(rand_nonce()),
+            internal_seq: 0,
+            promoting: BTreeMap::new(),
+            cluster_id,
+            cluster_id_asked: None,
+            last_role: (StateRole::Follower, 0),
+            sending: Vec::new(),
+            published: None,
+            dropped_since_log: 0,
+            last_drop_log: None,
+        })
+    }
+
+    /// Runs until SIGTERM or postmaster death.
+    pub fn run(mut self) {
+        set_state(true, "running");
+        while self.wait() {
+            self.receive();
+            let now = Instant::now();
+            self.tick(now);
+            self.take_requests(now);
+            self.ready();
+            self.maintenance();
+            self.answer();
+            self.raft_log.flush();
+            self.publish_status();
+        }
+        pgrx::log!("raft_kv: node {} shutting down", self.me);
+        self.transport.shutdown();
+    }
+
+    /// Sleeps until the next tick, a backend's request (the latch) or network input (the
+    /// eventfd); false when the worker must exit.
+    fn wait(&mut self) -> bool {
+        let wait_ms = self.next_tick.saturating_duration_since(Instant::now()).as_millis() as std::ffi::c_long;
+        // SAFETY: MyLatch is this process's latch; the eventfd stays open for the loop's life.
+        unsafe {
+            pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                    as i32,
+                self.efd.0,
+                wait_ms,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+        if BackgroundWorker::sigterm_received() {
+            return false;
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: on the worker's main thread, outside any transaction.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            self.transport.set_max_frame(frame_limit(guc::MAX_VALUE_BYTES.get() as usize));
+        }
+        self.efd.drain();
+        true
+    }
+
+    /// Everything the transport delivered: messages and snapshot frames (from members only),
+    /// hellos, connection changes, refusals.
+    fn receive(&mut self) {
+        let (node, peers, transport) = (&mut self.node, &mut self.peers, &mut self.transport);
+        while let Ok(delivery) = transport.events().try_recv() {
+            match delivery.event {
+                Event::Message(m) => {
+                    if peers.admits(node, m.from) {
+                        node.step(m);
+                    }
+                }
+                Event::Hello { peer, addr, .. } => peers.hello(node, transport, peer, addr),
+                Event::Refused { addr, reason, more } => {
+                    let more =
+                        if more > 0 { format!(" ({more} more refused since the last report)") } else { String::new() };
+                    pgrx::log!("raft_kv: refused a peer connection from {addr}: {reason}{more}");
+                }
+                Event::Snap { from, frame } => {
+                    if peers.admits(node, from) {
+                        node.receive_snap(from, frame)
+                            .unwrap_or_else(|e| pgrx::error!("raft_kv: storing a snapshot chunk failed: {e}"));
+                    }
+                }
+                Event::Unreachable { peer, snapshot_failed } => {
+                    node.report_unreachable(peer);
+                    if snapshot_failed {
+                        node.send_failed(peer);
+                    }
+                }
+                Event::Connected { peer, addr } => pgrx::log!("raft_kv: connected to node {peer} at {addr}"),
+                Event::Disconnected { peer, addr, error } => {
+                    pgrx::log!("raft_kv: lost connection to node {peer} at {addr}: {error}")
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if now >= self.next_tick {
+            self.node.tick().unwrap_or_else(|e| pgrx::error!("raft_kv: storage failure: {e}"));
+            self.next_tick += self.tick;
+            if self.next_tick <= now {
+                self.next_tick = now + self.tick;
+            }
+        }
+    }
+
+    /// Takes what backends submitted, forgets what they gave up on, and proposes.
+    fn take_requests(&mut self, now: Instant) {
+        requests::take_new(self.epoch, &mut self.taken, &mut self.abandoned);
+        for client in self.abandoned.drain(..) {
+            // The client is gone; a write may still apply, but nobody waits for it.
+            self.pending.forget(client);
+        }
+        for t in self.taken.drain(..) {
+            let client = (t.slot, t.gen);
+            let cmd = match t.op {
+                Op::Set => Command::Put { key: t.key, value: t.value },
+                Op::Delete => Command::Delete { key: t.key },
+                Op::Cas => Command::Cas { key: t.key, expected: t.expected, value: t.value },
+                Op::Read => {
+                    self.pending.add_read(client, t.deadline);
+                    continue;
+                }
+                Op::Join => {
+                    let change = MemberChange::AddLearner { id: t.target, address: t.key, promote: !t.as_learner };
+                    self.pending.add_change(client, change, t.deadline);
+                    continue;
+                }
+                Op::Remove => {
+                    self.pending.add_change(client, MemberChange::Remove { id: t.target }, t.deadline);
+                    continue;
+                }
+                Op::Transfer => {
+                    self.pending.add_transfer(client, t.target, t.deadline);
+                    continue;
+                }
+            };
+            self.pending.add_write(client, cmd, t.deadline, t.request_id.as_deref(), &mut self.answers);
+        }
+        self.pending.drive(&mut self.node, now);
+    }
+
+    /// Persists and applies the Ready, sends its messages, and settles what it answered.
+    fn ready(&mut self) {
+        let me = self.me;
+        let mut unreachable = Vec::new();
+        let transport = &self.transport;
+        self.node
+            .handle_ready(&mut self.out, &mut |m: Outbound| {
+                let (to, snap) = (m.to(), matches!(m, Outbound::Snap { .. }));
+                if !transport.send(m) {
+                    unreachable.push((to, snap));
+                }
+            })
+            .unwrap_or_else(|e| pgrx::error!("raft_kv: storage failure: {e}"));
+        for (to, snap) in unreachable {
+            self.node.report_unreachable(to);
+            if snap {
+                self.node.send_failed(to);
+            }
+        }
+        for (index, reason) in self.out.invalid.drain(..) {
+            pgrx::warning!("raft_kv: skipped the log entry at index {index}: {reason}; every node skips it alike");
+        }
+        self.log_dropped();
+        if let Some(index) = self.out.snapshot_installed.take() {
+            pgrx::log!("raft_kv: node {me} installed the snapshot at index {index}");
+        }
+        for (to, index) in self.node.take_failed_transfers() {
+            pgrx::log!("raft_kv: the snapshot transfer at index {index} to node {to} failed; it will be sent again");
+        }
+        let transfers = self.node.snapshot_transfers();
+        if transfers != self.sending {
+            for (to, index) in transfers.iter().filter(|t| !self.sending.contains(t)) {
+                pgrx::log!("raft_kv: sending the snapshot at index {index} to node {to}");
+            }
+            self.sending = transfers;
+        }
+        self.pending.on_output(&mut self.out, self.node.storage().applied(), &mut self.answers);
+        self.pending.check_transfers(self.node.leader_id(), &mut self.answers);
+        self.pending.expire(Instant::now(), &mut self.answers);
+        if self.out.role_changed {
+            self.out.role_changed = false;
+            let st = self.node.status();
+            if (st.role, st.leader_id) != self.last_role {
+                self.last_role = (st.role, st.leader_id);
+                let leader = if st.leader_id == 0 { "unknown".to_string() } else { st.leader_id.to_string() };
+                pgrx::log!("raft_kv: node {me} is {} in term {}; leader is {leader}", role_name(st.role), st.term);
+            }
+        }
+    }
+
+    /// Messages admission dropped, logged at most once a second.
+    fn log_dropped(&mut self) {
+        let dropped = self.node.take_dropped();
+        if dropped.count == 0 {
+            return;
+        }
+        self.dropped_since_log += dropped.count;
+        if self.last_drop_log.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        if let Some((from, kind, reason)) = dropped.last {
+            pgrx::log!(
+                "raft_kv: dropped {} malformed message(s) from peers; the latest, a {kind:?} from node {from}: {reason}",
+                self.dropped_since_log
+            );
+        }
+        self.dropped_since_log = 0;
+        self.last_drop_log = Some(Instant::now());
+    }
+
+    /// Addresses, promotions of caught-up learners, the cluster id, compaction.
+    fn maintenance(&mut self) {
+        self.peers.sync(&self.node, &mut self.transport);
+        // The leader promotes caught-up learners that joined to become voters: together, in
+        // one joint change, when several are ready.
+        let patience = self.patience;
+        let ready: Vec<u64> = self
+            .node
+            .learners_to_promote(guc::PROMOTE_LAG.get() as u64)
+            .into_iter()
+            .filter(|id| self.promoting.get(id).is_none_or(|at| at.elapsed() >= patience))
+            .collect();
+        if !ready.is_empty() {
+            let rid = self.internal_id();
+            if self.node.propose_change(rid, &MemberChange::Promote { ids: ready.clone() }).is_ok() {
+                pgrx::log!("raft_kv: promoting learner(s) {ready:?} to voter");
+                for id in ready {
+                    self.promoting.insert(id, Instant::now());
+                }
+            }
+        }
+        // The first leader names the cluster with a random id; every hello carries it, so
+        // nodes of another cluster (say, pointed here by mistake) are refused.
+        if self.node.is_leader()
+            && self.node.cluster_id() == 0
+            && self.cluster_id_asked.is_none_or(|at| at.elapsed() >= patience)
+        {
+            let rid = self.internal_id();
+            let id = (rand_nonce() as u128) << 64 | rand_nonce() as u128 | 1;
+            if self.node.propose_cluster_id(rid, id).is_ok() {
+                self.cluster_id_asked = Some(Instant::now());
+            }
+        }
+        if self.node.cluster_id() != self.cluster_id {
+            self.cluster_id = self.node.cluster_id();
+            self.transport.set_cluster_id(self.cluster_id);
+            pgrx::log!("raft_kv: node {} belongs to cluster id {:032x}", self.me, self.cluster_id);
+        }
+        let threshold = guc::SNAPSHOT_THRESHOLD.get() as u64;
+        if self
+            .node
+            .maybe_compact(threshold, (threshold / 10).max(10))
+            .unwrap_or_else(|e| pgrx::error!("raft_kv: compaction failed: {e}"))
+        {
+            pgrx::debug1!("raft_kv: compacted the log");
+        }
+    }
+
+    fn internal_id(&mut self) -> RequestId {
+        self.internal_seq += 1;
+        RequestId { node: self.me, nonce: self.internal_nonce, seq: self.internal_seq }
+    }
+
+    /// Hands every settled request's outcome to its backend.
+    fn answer(&mut self) {
+        for ((slot, gen), answer) in self.answers.drain(..) {
+            let (outcome, rev, flag, msg) = match answer {
+                Answer::Done { revision, flag } => (Outcome::Ok, revision as i64, flag, ""),
+                Answer::NotCommitted(m) => (Outcome::NotCommitted, 0, false, m),
+                Answer::Unknown(m) => (Outcome::Unknown, 0, false, m),
+                Answer::ReadFailed(m) => (Outcome::ReadFailed, 0, false, m),
+            };
+            requests::complete(slot, gen, outcome, rev, flag, msg);
+        }
+    }
+
+    /// Publishes the status for raft_status() and raft_members() when it changed.
+    fn publish_status(&mut self) {
+        let st = self.node.status();
+        if self.published.as_ref() == Some(&st) {
+            return;
+        }
+        let mine = self.transport.local_addr();
+        let mut sh = SHARED.exclusive();
+        let s = &mut sh.status;
+        let role = if st.removed {
+            "removed"
+        } else if st.members.is_empty() {
+            "joining"
+        } else {
+            role_name(st.role)
+        };
+        s.role.set(role);
+        s.cluster_id = st.cluster_id;
+        s.change_pending = st.change_pending;
+        s.term = st.term;
+        s.leader_id = st.leader_id;
+        s.commit = st.commit;
+        s.applied = st.applied;
+        s.first_index = st.first_index;
+        s.last_index = st.last_index;
+        s.snapshot_index = st.snapshot_index;
+        s.snapshot_term = st.snapshot_term;
+        let n = st.members.len().min(s.members.len());
+        s.n_members = n as u32;
+        for (row, m) in s.members.iter_mut().zip(st.members.iter()) {
+            row.id = m.id;
+            let addr = if m.id == st.id { Some(mine) } else { self.peers.addrs().get(&m.id).copied() };
+            row.addr.set(&addr.map(|a| a.to_string()).unwrap_or_default());
+            row.voter = m.voter;
+            row.has_progress = m.matched.is_some();
+            row.matched = m.matched.unwrap_or(0);
+            row.active = m.recent_active.unwrap_or(false);
+        }
+        drop(sh);
+        self.published = Some(st);
+    }
+}
+
+/// raft-rs's own log, collected as it is written (on this thread, inside the node's calls)
+/// and written to the Postgres log once per loop pass, at levels that keep normal operation
+/// quiet: errors as WARNING, warnings as LOG, information as DEBUG1; debug output is dropped.
+#[derive(Clone, Default)]
+struct RaftLog(Arc<Mutex<Vec<(slog::Level, String)>>>);
+
+/// Lines kept between two flushes; more are dropped (counted in the next line).
+const RAFT_LOG_LINES: usize = 256;
+
+impl RaftLog {
+    fn logger(&self) -> slog::Logger {
+        slog::Logger::root(self.clone(), slog::o!())
+    }
+
+    fn flush(&self) {
+        let lines = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        for (level, line) in lines {
+            match level {
+                slog::Level::Critical | slog::Level::Error => pgrx::warning!("raft_kv: raft: {line}"),
+                slog::Level::Warning => pgrx::log!("raft_kv: raft: {line}"),
+                _ => pgrx::debug1!("raft_kv: raft: {line}"),
+            }
+        }
+    }
+}
+
+impl slog::Drain for RaftLog {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, record: &slog::Record<'_>, values: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        if !record.level().is_at_least(slog::Level::Info) {
+            return Ok(());
+        }
+        let mut line = record.msg().to_string();
+        let mut kv = KvLine(&mut line);
+        // Writing into a String cannot fail.
+        let _ = slog::KV::serialize(&record.kv(), record, &mut kv);
+        let _ = slog::KV::serialize(values, record, &mut kv);
+        let mut lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if lines.len() < RAFT_LOG_LINES {
+            lines.push((record.level(), line));
+        }
+        Ok(())
+    }
+}
+
+/// Appends `, key: value` pairs to a log line.
+struct KvLine<'a>(&'a mut String);
+
+impl slog::Serializer for KvLine<'_> {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments<'_>) -> slog::Result {
+        use std::fmt::Write;
+        let _ = write!(self.0, ", {key}: {val}");
+        Ok(())
+    }
+}
+
+/// An eventfd the transport threads write to, so the latch wait also wakes for network input.
+struct EventFd(RawFd);
+
+impl EventFd {
+    fn new() -> Self {
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            pgrx::error!("raft_kv: eventfd failed: {}", std::io::Error::last_os_error());
+        }
+        EventFd(fd)
+    }
+
+    fn waker(&self) -> Waker {
+        let fd = self.0;
+        Arc::new(move || {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to the eventfd, which outlives the
+            // transport (the loop shuts the transport down before dropping this). A full
+            // counter (EAGAIN) still leaves the fd readable, which is all the wake needs.
+            unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+        })
+    }
+
+    fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64; EAGAIN (nothing written) is expected.
+        unsafe { libc::read(self.0, &mut v as *mut u64 as *mut libc::c_void, 8) };
+    }
+}
+
+/// Builds the tokio runtime with every signal blocked in its threads, so Postgres's signals
+/// (SIGTERM, SIGHUP, latch wake-ups) are always delivered to the main thread.
+fn runtime() -> tokio::runtime::Runtime {
+    // SAFETY: called on the worker's main thread; signals are unblocked again right after.
+    unsafe { pg_sys::BackgroundWorkerBlockSignals() };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("raft_kv-net")
+        .enable_all()
+        // SAFETY: blocks signals in a thread tokio just created; touches no Postgres state.
+        .on_thread_start(|| unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut set);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        })
+        .build();
+    // SAFETY: as above.
+    unsafe { pg_sys::BackgroundWorkerUnblockSignals() };
+    rt.unwrap_or_else(|e| pgrx::error!("raft_kv: cannot start the network runtime: {e}"))
+}
+
+/// 64 random bits from the kernel (getrandom), mixed with the pid in case it fails.
+fn rand_nonce() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: fills the 8-byte buffer it is given.
+    unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 8, 0) };
+    // SAFETY: MyProcPid is set before any worker code runs.
+    u64::from_le_bytes(b) ^ (unsafe { pg_sys::MyProcPid } as u64)
+}
