@@ -17,7 +17,9 @@ use crate::shmem::SHARED;
 use raft_kv_core::snapshot::Frozen;
 use raft_kv_core::storage::StoreResult;
 
-use crate::storage::{freeze_tables, in_txn, pin_search_path, read_frozen, spi_err, write_frozen, Freezer};
+use crate::snapshot_tables::{freeze_tables, read_frozen, write_frozen};
+use crate::spi::{in_txn, pin_search_path, spi_err};
+use crate::storage::Freezer;
 
 /// The Raft worker's [`Freezer`]: starts a freeze worker, and picks up its copy once done.
 pub struct BackgroundFreeze {

@@ -22,9 +22,11 @@ use crate::freeze::BackgroundFreeze;
 use crate::guc;
 use crate::peers::Peers;
 use crate::requests::{self, Taken};
+use crate::settings::Settings;
+use crate::shmem::set_state;
 use crate::shmem::{Op, Outcome, SHARED};
-use crate::storage::{in_txn, PgBackend};
-use crate::worker::{pause, set_state, Settings};
+use crate::spi::in_txn;
+use crate::storage::PgBackend;
 
 type Client = (usize, u64);
 
@@ -509,6 +511,16 @@ impl slog::Serializer for KvLine<'_> {
         let _ = write!(self.0, ", {key}: {val}");
         Ok(())
     }
+}
+
+/// Waits on the latch for `d`; false when the worker must exit.
+pub fn pause(d: Duration) -> bool {
+    let alive = BackgroundWorker::wait_latch(Some(d));
+    if BackgroundWorker::sighup_received() {
+        // SAFETY: on the worker's main thread, outside any transaction.
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    }
+    alive
 }
 
 /// An eventfd the transport threads write to, so the latch wait also wakes for network input.

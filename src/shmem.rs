@@ -212,3 +212,10 @@ pub fn my_procno() -> i32 {
     // SAFETY: MyProc is set for every backend and worker before any raft_kv code runs.
     unsafe { (*pg_sys::MyProc).pgprocno }
 }
+
+/// Publishes whether the worker accepts requests, and its state line for raft_status().
+pub fn set_state(running: bool, state: &str) {
+    let mut sh = SHARED.exclusive();
+    sh.status.running = running;
+    sh.status.state.set(state);
+}

@@ -3,12 +3,7 @@
 //! Each `write` is one transaction, so a Ready's log entries, hard state, applied entries
 //! and applied index commit together, and Postgres's WAL makes them durable at COMMIT.
 
-use std::panic::AssertUnwindSafe;
-
-use pgrx::bgworkers::BackgroundWorker;
-use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::spi::SpiError;
 use raft_kv_core::apply::{Effects, Lookup};
 use raft_kv_core::eraftpb::{Entry, EntryType};
 use raft_kv_core::snapshot::{Cursor, Frozen, Row};
@@ -16,6 +11,9 @@ use raft_kv_core::storage::{
     decode_conf_state, encode_conf_state, Backend, PersistedState, StoreError, StoreResult, WriteBatch,
 };
 use raft_kv_core::types::{Member, MemberOp, SnapshotData};
+
+use crate::snapshot_tables::{freeze_tables, select_members};
+use crate::spi::{in_txn, spi_err};
 
 /// The Raft backend over the tables of one schema (`raft_kv` in production; tests point it at
 /// a scratch copy).
@@ -58,34 +56,6 @@ impl PgBackend {
         } else {
             sql.replace("raft_kv.", &format!("{}.", self.schema))
         }
-    }
-}
-
-pub fn spi_err(e: SpiError) -> StoreError {
-    StoreError::Backend(e.to_string())
-}
-
-/// Pins this worker session's search_path, so no object a SQL role creates (an operator in
-/// `public`, say) is ever resolved by the worker's superuser SQL. Call right after connecting.
-pub fn pin_search_path() {
-    // SAFETY: called on the main thread of a connected worker; both strings are static.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
-    }
-}
-
-/// Runs `f` in the current transaction, or in a new one committed at the end.
-pub fn in_txn<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: reads the transaction state; no preconditions.
-    if unsafe { pg_sys::IsTransactionState() } {
-        f()
-    } else {
-        BackgroundWorker::transaction(AssertUnwindSafe(f))
     }
 }
 
@@ -551,97 +521,10 @@ fn write_batch(
     Ok(())
 }
 
-/// Copies kv and request ids into the snapshot tables, with the applied index, conf state and
-/// members they belong to, all read in the caller's transaction (which must see one snapshot:
-/// the worker's own, or a REPEATABLE READ one in the freeze worker).
-pub fn freeze_tables(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<Frozen> {
-    c.update(&q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests"), None, &[]).map_err(spi_err)?;
-    let kv = c
-        .update(&q("INSERT INTO raft_kv.snapshot_kv SELECT key, value, revision FROM raft_kv.kv"), None, &[])
-        .map_err(spi_err)?
-        .len();
-    let requests = c
-        .update(
-            &q("INSERT INTO raft_kv.snapshot_requests SELECT nonce, seq, node, revision, flag FROM raft_kv.requests"),
-            None,
-            &[],
-        )
-        .map_err(spi_err)?
-        .len();
-    let t =
-        c.select(&q("SELECT applied_index, conf_state FROM raft_kv.state WHERE id = 1"), None, &[]).map_err(spi_err)?;
-    let t = t.first();
-    let index = t.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64;
-    let conf_state = decode_conf_state(&t.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default())?;
-    let members = select_members(c, q)?;
-    Ok(Frozen { index, kv_rows: kv as u64, request_rows: requests as u64, conf_state, members })
-}
-
 fn write_cluster_id(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String, id: u128) -> StoreResult<()> {
     c.update(&q("UPDATE raft_kv.state SET cluster_id = $1 WHERE id = 1"), None, &[id.to_be_bytes().to_vec().into()])
         .map_err(spi_err)?;
     Ok(())
-}
-
-fn select_members(c: &pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<Vec<Member>> {
-    let mut out = Vec::new();
-    for r in c.select(&q("SELECT id, address, promote FROM raft_kv.members ORDER BY id"), None, &[]).map_err(spi_err)? {
-        out.push(Member {
-            id: r.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64,
-            address: r.get::<String>(2).map_err(spi_err)?.unwrap_or_default(),
-            promote: r.get::<bool>(3).map_err(spi_err)?.unwrap_or(false),
-        });
-    }
-    Ok(out)
-}
-
-/// Records what the freeze worker copied, for the Raft worker to pick up.
-pub fn write_frozen(c: &mut pgrx::spi::SpiClient<'_>, f: &Frozen) -> StoreResult<()> {
-    let members = bincode_members(&f.members);
-    c.update(
-        "INSERT INTO raft_kv.snapshot_meta (applied_index, kv_rows, request_rows, conf_state, members) \
-         VALUES ($1, $2, $3, $4, $5)",
-        None,
-        &[
-            (f.index as i64).into(),
-            (f.kv_rows as i64).into(),
-            (f.request_rows as i64).into(),
-            encode_conf_state(&f.conf_state).into(),
-            members.into(),
-        ],
-    )
-    .map_err(spi_err)?;
-    Ok(())
-}
-
-pub fn read_frozen(c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Option<Frozen>> {
-    let t = c
-        .select(
-            "SELECT applied_index, kv_rows, request_rows, conf_state, members FROM raft_kv.snapshot_meta",
-            None,
-            &[],
-        )
-        .map_err(spi_err)?;
-    if t.is_empty() {
-        return Ok(None);
-    }
-    let t = t.first();
-    let g = |i| t.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
-    let members: Vec<u8> = t.get(5).map_err(spi_err)?.unwrap_or_default();
-    Ok(Some(Frozen {
-        index: g(1)?,
-        kv_rows: g(2)?,
-        request_rows: g(3)?,
-        conf_state: decode_conf_state(&t.get::<Vec<u8>>(4).map_err(spi_err)?.unwrap_or_default())?,
-        members: SnapshotData::decode(&members)
-            .map_err(|e| StoreError::Corrupt(format!("frozen members: {e}")))?
-            .members,
-    }))
-}
-
-/// Members in the encoding snapshots already use.
-fn bincode_members(members: &[Member]) -> Vec<u8> {
-    SnapshotData { members: members.to_vec(), ..Default::default() }.encode()
 }
 
 fn upsert_member(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String, m: &Member) -> StoreResult<()> {
