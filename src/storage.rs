@@ -4,6 +4,8 @@
 //! and applied index commit together, and Postgres's WAL makes them durable at COMMIT.
 
 use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{PgBuiltInOids, PgOid};
 use raft_kv_core::apply::{Effects, Lookup};
 use raft_kv_core::eraftpb::{Entry, EntryType};
 use raft_kv_core::snapshot::{Cursor, Frozen, Row};
@@ -19,6 +21,9 @@ use crate::spi::{in_txn, spi_err};
 /// a scratch copy).
 pub struct PgBackend {
     schema: &'static str,
+    /// The apply path's two statements, planned once and kept across transactions.
+    lookup_plan: Option<OwnedPreparedStatement>,
+    effects_plan: Option<OwnedPreparedStatement>,
     /// Freezes snapshots elsewhere (the Raft worker's: a background worker, see `freeze.rs`);
     /// `None`: synchronously, in the calling transaction.
     freezer: Option<Box<dyn Freezer>>,
@@ -37,12 +42,12 @@ impl PgBackend {
     /// Freezes snapshots synchronously, in the calling transaction (for the contract tests).
     #[cfg(any(test, feature = "pg_test"))]
     pub fn new(schema: &'static str) -> Self {
-        PgBackend { schema, freezer: None }
+        PgBackend { schema, lookup_plan: None, effects_plan: None, freezer: None }
     }
 
     /// The worker's backend over `raft_kv`'s tables, freezing snapshots with `freezer`.
     pub fn with_freezer(freezer: Box<dyn Freezer>) -> Self {
-        PgBackend { schema: "raft_kv", freezer: Some(freezer) }
+        PgBackend { schema: "raft_kv", lookup_plan: None, effects_plan: None, freezer: Some(freezer) }
     }
 
     fn read_members(&self, c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Vec<Member>> {
@@ -51,11 +56,7 @@ impl PgBackend {
 
     /// `sql` with every `raft_kv.` table reference pointed at this backend's schema.
     fn q(&self, sql: &str) -> String {
-        if self.schema == "raft_kv" {
-            sql.to_string()
-        } else {
-            sql.replace("raft_kv.", &format!("{}.", self.schema))
-        }
+        q_for(self.schema, sql)
     }
 }
 
@@ -307,41 +308,40 @@ impl Backend for PgBackend {
     }
 
     /// Two set-based reads, whatever the batch's size.
+    /// One statement, whatever the batch's size: the keys' rows, then the request ids' rows.
     fn lookup(&mut self, keys: &[String], ids: &[(u64, u64)]) -> StoreResult<Lookup> {
+        let nonces: Vec<i64> = ids.iter().map(|i| i.0 as i64).collect();
+        let seqs: Vec<i64> = ids.iter().map(|i| i.1 as i64).collect();
         in_txn(|| {
             Spi::connect(|c| {
                 let mut out = Lookup::default();
-                let t = c
-                    .select(
-                        &self.q("SELECT key, value, revision FROM raft_kv.kv WHERE key = ANY($1)"),
-                        None,
-                        &[keys.to_vec().into()],
-                    )
-                    .map_err(spi_err)?;
-                for r in t {
-                    let key: String = r.get(1).map_err(spi_err)?.unwrap_or_default();
-                    let value: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
-                    let rev = r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0) as u64;
-                    out.kv.insert(key, (value, rev));
+                if self.lookup_plan.is_none() {
+                    let sql = self.q(LOOKUP_SQL);
+                    let args = [TEXTARRAY, INT8ARRAY, INT8ARRAY];
+                    self.lookup_plan = Some(c.prepare(sql.as_str(), &args).map_err(spi_err)?.keep());
                 }
-                let nonces: Vec<i64> = ids.iter().map(|i| i.0 as i64).collect();
-                let seqs: Vec<i64> = ids.iter().map(|i| i.1 as i64).collect();
-                let t = c
-                    .select(
-                        &self.q("SELECT r.nonce, r.seq, r.node, r.revision, r.flag FROM raft_kv.requests r \
-                                 JOIN unnest($1::bigint[], $2::bigint[]) AS i(nonce, seq) USING (nonce, seq)"),
-                        None,
-                        &[nonces.into(), seqs.into()],
-                    )
-                    .map_err(spi_err)?;
+                let plan = self.lookup_plan.as_ref().expect("prepared above");
+                let t = c.select(plan, None, &[keys.to_vec().into(), nonces.into(), seqs.into()]).map_err(spi_err)?;
                 for r in t {
                     let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
-                    let flag = r.get::<bool>(5).map_err(spi_err)?.unwrap_or(false);
-                    out.requests.insert((g(1)?, g(2)?), (g(3)?, g(4)?, flag));
+                    match r.get::<String>(1).map_err(spi_err)? {
+                        Some(key) => {
+                            let value: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
+                            out.kv.insert(key, (value, g(3)?));
+                        }
+                        None => {
+                            let flag = r.get::<bool>(7).map_err(spi_err)?.unwrap_or(false);
+                            out.requests.insert((g(4)?, g(5)?), (g(6)?, g(3)?, flag));
+                        }
+                    }
                 }
                 Ok(out)
             })
         })
+    }
+
+    fn atomically<R>(&mut self, f: &mut dyn FnMut(&mut Self) -> StoreResult<R>) -> StoreResult<R> {
+        in_txn(|| f(self))
     }
 
     fn write(&mut self, b: &WriteBatch, effects: &Effects) -> StoreResult<()> {
@@ -352,9 +352,46 @@ impl Backend for PgBackend {
                     // so their commit need not wait for the WAL flush.
                     c.update("SET LOCAL synchronous_commit = off", None, &[]).map_err(spi_err)?;
                 }
-                write_batch(c, b, effects, &|sql| self.q(sql))
+                let schema = self.schema;
+                write_batch(c, b, effects, &mut self.effects_plan, &|sql| q_for(schema, sql))
             })
         })
+    }
+}
+
+/// The stored state a batch's ops depend on: the keys' rows, then the request ids' rows. Both
+/// kept statements probe the primary keys one array element at a time (LATERAL, kept from
+/// being flattened into a join by OFFSET 0), so their
+/// generic plans never scan a table, whatever its size or statistics.
+const LOOKUP_SQL: &str =
+    "SELECT kv.key, kv.value, kv.revision, NULL::bigint, NULL::bigint, NULL::bigint, NULL::boolean \
+     FROM unnest($1::text[]) AS k(key), LATERAL (SELECT * FROM raft_kv.kv WHERE kv.key = k.key OFFSET 0) kv \
+     UNION ALL \
+     SELECT NULL, NULL, r.revision, r.nonce, r.seq, r.node, r.flag \
+     FROM unnest($2::bigint[], $3::bigint[]) AS i(nonce, seq), \
+     LATERAL (SELECT * FROM raft_kv.requests r WHERE r.nonce = i.nonce AND r.seq = i.seq OFFSET 0) r";
+
+/// A batch's effects in one statement: the keys deleted, the keys written, the request ids
+/// recorded. No key is both written and deleted (the effects hold each key's final state), so
+/// the sub-statements never touch the same row.
+const EFFECTS_SQL: &str = "WITH gone AS (DELETE FROM raft_kv.kv WHERE ctid = ANY (ARRAY(\
+         SELECT kv.ctid FROM unnest($1::text[]) AS g(key), LATERAL (SELECT ctid FROM raft_kv.kv WHERE kv.key = g.key OFFSET 0) kv))), \
+     put AS (INSERT INTO raft_kv.kv (key, value, revision) \
+             SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[]) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision) \
+     INSERT INTO raft_kv.requests (nonce, seq, node, revision, flag) \
+     SELECT * FROM unnest($5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::boolean[])";
+
+const TEXTARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
+const INT8ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
+const BOOLARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::BOOLARRAYOID);
+
+/// `sql` with every `raft_kv.` table reference pointed at `schema`.
+fn q_for(schema: &str, sql: &str) -> String {
+    if schema == "raft_kv" {
+        sql.to_string()
+    } else {
+        sql.replace("raft_kv.", &format!("{schema}."))
     }
 }
 
@@ -362,6 +399,7 @@ fn write_batch(
     c: &mut pgrx::spi::SpiClient<'_>,
     b: &WriteBatch,
     fx: &Effects,
+    effects_plan: &mut Option<OwnedPreparedStatement>,
     q: &dyn Fn(&str) -> String,
 ) -> StoreResult<()> {
     if let Some(snap) = &b.snapshot {
@@ -442,8 +480,8 @@ fn write_batch(
         )
         .map_err(spi_err)?;
     }
-    // The ops' effects, as decided in the core: one statement each for the keys written, the
-    // keys deleted and the request ids recorded.
+    // The ops' effects, as decided in the core, in one statement: the keys deleted, the keys
+    // written and the request ids recorded.
     let (mut keys, mut values, mut revs, mut gone) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (key, now) in &fx.kv {
         match now {
@@ -455,28 +493,24 @@ fn write_batch(
             None => gone.push(key.clone()),
         }
     }
-    if !gone.is_empty() {
-        c.update(&q("DELETE FROM raft_kv.kv WHERE key = ANY($1)"), None, &[gone.into()]).map_err(spi_err)?;
-    }
-    if !keys.is_empty() {
-        c.update(
-            &q("INSERT INTO raft_kv.kv (key, value, revision) SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
-             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision"),
-            None,
-            &[keys.into(), values.into(), revs.into()],
-        )
-        .map_err(spi_err)?;
-    }
-    if !fx.requests.is_empty() {
+    if !fx.kv.is_empty() || !fx.requests.is_empty() {
         let col = |f: &dyn Fn(&((u64, u64), &(u64, u64, bool))) -> i64| -> Vec<i64> {
             fx.requests.iter().map(|(k, v)| f(&(*k, v))).collect()
         };
         let flags: Vec<bool> = fx.requests.values().map(|v| v.2).collect();
+        if effects_plan.is_none() {
+            let args =
+                [TEXTARRAY, TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, BOOLARRAY];
+            *effects_plan = Some(c.prepare_mut(q(EFFECTS_SQL).as_str(), &args).map_err(spi_err)?.keep());
+        }
         c.update(
-            &q("INSERT INTO raft_kv.requests (nonce, seq, node, revision, flag) \
-             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::boolean[])"),
+            effects_plan.as_ref().expect("prepared above"),
             None,
             &[
+                gone.into(),
+                keys.into(),
+                values.into(),
+                revs.into(),
                 col(&|r| r.0 .0 as i64).into(),
                 col(&|r| r.0 .1 as i64).into(),
                 col(&|r| r.1 .0 as i64).into(),
