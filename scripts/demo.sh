@@ -41,7 +41,7 @@ for i in 2 3; do echo "node $i: raft_get('config/mode') = $(sql "$i" "SELECT raf
 
 step "Peers speak mutual TLS; SQL roles get only what they are granted"
 grep -h "(mutual TLS" "${RAFT_KV_CLUSTER_DIR:-${TMPDIR:-/tmp}/raft_kv-cluster}"/node1/server.log | tail -1 | sed 's/.*LOG: *//'
-sql 1 "DROP ROLE IF EXISTS demo_app; CREATE ROLE demo_app; GRANT raft_kv_writer TO demo_app" >/dev/null
+sql 1 "SET client_min_messages = warning; DROP ROLE IF EXISTS demo_app; CREATE ROLE demo_app; GRANT raft_kv_writer TO demo_app" >/dev/null
 echo "as demo_app (granted raft_kv_writer): raft_set('app/flag', 'on') -> revision $(sql 1 "SET ROLE demo_app; SELECT raft_set('app/flag', 'on')")"
 echo "as demo_app: raft_join(9, '127.0.0.1:1') -> $(sql 1 "SET ROLE demo_app; SELECT raft_join(9, '127.0.0.1:1')" 2>&1 | sed 's/^psql:[^:]*:[0-9]*: //' | head -1)"
 sql 1 "DROP ROLE demo_app" >/dev/null
