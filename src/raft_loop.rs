@@ -222,6 +222,9 @@ impl RaftLoop {
                         node.send_failed(peer);
                     }
                 }
+                Event::Unsendable { peer, error } => {
+                    pgrx::warning!("raft_kv: a message to node {peer} could not be encoded and was dropped: {error}")
+                }
                 Event::Connected { peer, addr } => pgrx::log!("raft_kv: connected to node {peer} at {addr}"),
                 Event::Disconnected { peer, addr, error } => {
                     pgrx::log!("raft_kv: lost connection to node {peer} at {addr}: {error}")

@@ -100,6 +100,11 @@ pub enum Event {
         addr: SocketAddr,
         error: String,
     },
+    /// A message to `peer` could not be encoded (a bug, not a peer's doing): dropped.
+    Unsendable {
+        peer: u64,
+        error: String,
+    },
     /// A connection or frame was refused. `more`: refusals since the last one reported.
     Refused {
         addr: SocketAddr,
@@ -601,9 +606,8 @@ async fn feed(
 ) -> Result<(), std::io::Error> {
     match encode(m) {
         Ok(b) => sink.feed(b).await,
-        Err(e) => {
-            let addr = SocketAddr::from(([0, 0, 0, 0], 0));
-            shared.refuse(addr, || format!("a message to node {} could not be encoded and was dropped: {e}", m.to()));
+        Err(error) => {
+            shared.emit(Event::Unsendable { peer: m.to(), error }, None);
             Ok(())
         }
     }
