@@ -128,6 +128,8 @@ pub extern "C-unwind" fn raft_kv_freeze_main(_arg: pg_sys::Datum) {
         })
     }));
     SHARED.exclusive().status.freeze_pid = 0;
+    // SAFETY: the transaction has ended; the process exits next, so this is the last flush.
+    unsafe { pg_sys::pgstat_report_stat(true) };
     if let Err(e) = result {
         pgrx::error!("raft_kv: freezing the state machine for a snapshot failed: {e}");
     }

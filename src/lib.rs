@@ -54,7 +54,7 @@ INSERT INTO raft_kv.state (id) VALUES (1);
 
 -- The replicated key-value state machine. revision = log index of the last write.
 CREATE TABLE raft_kv.kv (
-    key      text   PRIMARY KEY,
+    key      text   COLLATE "C" PRIMARY KEY,
     value    text   NOT NULL,
     revision bigint NOT NULL
 );

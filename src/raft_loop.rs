@@ -56,6 +56,10 @@ pub struct RaftLoop {
     last_role: (StateRole, u64),
     sending: Vec<(u64, u64)>,
     published: Option<NodeStatus>,
+    /// (leader, term) of the last early election started, so it is logged once.
+    early_election: Option<(u64, u64)>,
+    /// When statistics held back by the last report must be flushed.
+    stats_due: Option<Instant>,
     /// Dropped messages are logged at most once a second.
     dropped_since_log: u64,
     last_drop_log: Option<Instant>,
@@ -141,6 +145,8 @@ impl RaftLoop {
             last_role: (StateRole::Follower, 0),
             sending: Vec::new(),
             published: None,
+            early_election: None,
+            stats_due: None,
             dropped_since_log: 0,
             last_drop_log: None,
         })
@@ -159,6 +165,7 @@ impl RaftLoop {
             self.answer();
             self.raft_log.flush();
             self.publish_status();
+            self.report_table_stats();
         }
         pgrx::log!("raft_kv: node {} shutting down", self.me);
         self.transport.shutdown();
@@ -224,6 +231,19 @@ impl RaftLoop {
                 }
                 Event::Unsendable { peer, error } => {
                     pgrx::warning!("raft_kv: a message to node {peer} could not be encoded and was dropped: {error}")
+                }
+                Event::Gone { peer } => {
+                    // The leader's process is gone (its host closed or refused the
+                    // connection): elect a new one now rather than after the timeout.
+                    let term = node.status().term;
+                    if node.peer_gone(peer) && self.early_election != Some((peer, term)) {
+                        self.early_election = Some((peer, term));
+                        pgrx::log!(
+                            "raft_kv: node {}: the connection to the leader, node {peer}, was closed by its host; \
+                             starting an election early",
+                            self.me
+                        );
+                    }
                 }
                 Event::Connected { peer, addr } => pgrx::log!("raft_kv: connected to node {peer} at {addr}"),
                 Event::Disconnected { peer, addr, error } => {
@@ -412,6 +432,24 @@ impl RaftLoop {
                 Answer::ReadFailed(m) => (Outcome::ReadFailed, 0, false, m),
             };
             requests::complete(slot, gen, outcome, rev, flag, msg);
+        }
+    }
+
+    /// Sends this process's table statistics to the cumulative statistics system, so autovacuum
+    /// sees the worker's writes (dead log, kv and request rows) as it sees a backend's. As a
+    /// backend does: at most once a second, and forced a second after statistics were first
+    /// held back, since Postgres dates an unforced flush by the last commit, which keeps the
+    /// writes before an idle spell (or a second of back-to-back ones) pending indefinitely.
+    fn report_table_stats(&mut self) {
+        let now = Instant::now();
+        let force = self.stats_due.is_some_and(|due| now >= due);
+        // SAFETY: on the main thread, outside any transaction (every pass ends committed).
+        let wait_ms = unsafe { pg_sys::pgstat_report_stat(force) };
+        if wait_ms <= 0 {
+            self.stats_due = None;
+        } else if force || self.stats_due.is_none() {
+            // Counted from when statistics were first held back, not pushed on by each pass.
+            self.stats_due = Some(now + Duration::from_millis(wait_ms.min(1000) as u64));
         }
     }
 

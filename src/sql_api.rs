@@ -264,9 +264,14 @@ fn raft_scan(
         raise(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "raft_kv prefix must not be NULL".into(), None, None)
     };
     read_barrier(self::consistency(consistency));
+    // The prefix as a key range, so the primary-key index serves it (keys sort bytewise:
+    // the column's collation is "C").
+    let upper = prefix_end(prefix);
     let rows: Vec<(String, String, i64)> = fresh_select(
-        "SELECT key, value, revision FROM raft_kv.kv WHERE pg_catalog.starts_with(key, $1) ORDER BY key",
-        &[prefix.into()],
+        "SELECT key, value, revision FROM raft_kv.kv \
+         WHERE key OPERATOR(pg_catalog.>=) $1 AND ($2::text IS NULL OR key OPERATOR(pg_catalog.<) $2) \
+         ORDER BY key",
+        &[prefix.into(), upper.as_deref().into()],
         |t| {
             let mut rows = Vec::with_capacity(t.len());
             for r in t {
@@ -276,6 +281,21 @@ fn raft_scan(
         },
     );
     TableIterator::new(rows)
+}
+
+/// The least string above every string starting with `prefix`, `None` when there is none
+/// (the empty prefix, or one made only of the largest character). UTF-8 sorts bytewise in
+/// code-point order, so the prefix with its last character replaced by the next one is it.
+fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }
 
 fn nonzero(v: u64) -> Option<i64> {

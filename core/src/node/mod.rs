@@ -10,6 +10,7 @@ use raft::eraftpb::{EntryType, Message, MessageType, Snapshot};
 use raft::{Config, RawNode, StateRole, Storage as _, INVALID_ID};
 use slog::Logger;
 
+mod failover;
 mod membership;
 mod transfer;
 

@@ -34,6 +34,11 @@ pub struct SimConfig {
     /// Compact each node's log past this many entries, so nodes back from a crash or a
     /// partition catch up by (streamed) snapshot.
     pub compact_threshold: Option<u64>,
+    /// How often a node's peers are told it is gone (`Node::peer_gone`) when it crashes, as
+    /// the transport does on a closed connection; also how often a side of a new partition is
+    /// told so, and (a tenth of it, per step) how often a node is told so wrongly, as after a
+    /// link that merely flapped.
+    pub gone_rate: f64,
 }
 
 impl Default for SimConfig {
@@ -49,6 +54,7 @@ impl Default for SimConfig {
             propose_rate: 0.3,
             bug: InjectedBug::None,
             compact_threshold: Some(40),
+            gone_rate: 0.8,
         }
     }
 }
@@ -65,6 +71,8 @@ pub struct SimReport {
     pub snapshots: usize,
     /// Snapshot transfers that failed (and were retried).
     pub failed_transfers: usize,
+    /// Times a follower was told its leader was gone and brought its election forward.
+    pub early_campaigns: usize,
 }
 
 pub struct Sim {
@@ -292,6 +300,11 @@ impl Sim {
                 self.nodes.insert(id, None);
                 self.in_flight.retain(|(_, _, m)| m.to() != id);
                 self.report.crashes += 1;
+                for &other in &ids {
+                    if other != id && self.rng.gen_bool(self.cfg.gone_rate) {
+                        self.tell_gone(other, id);
+                    }
+                }
             } else {
                 self.restart(id);
             }
@@ -307,8 +320,21 @@ impl Sim {
                 self.partition = None;
             } else {
                 let side: BTreeSet<u64> = ids.iter().copied().filter(|_| self.rng.gen_bool(0.5)).collect();
+                for &a in &ids {
+                    for &b in &ids {
+                        if side.contains(&a) != side.contains(&b) && self.rng.gen_bool(self.cfg.gone_rate / 2.0) {
+                            self.tell_gone(a, b);
+                        }
+                    }
+                }
                 self.partition = Some(side);
                 self.report.partitions += 1;
+            }
+        }
+        if self.rng.gen_bool(self.cfg.gone_rate / 10.0) {
+            let (a, b) = (ids[self.rng.gen_range(0..ids.len())], ids[self.rng.gen_range(0..ids.len())]);
+            if a != b {
+                self.tell_gone(a, b);
             }
         }
         if self.rng.gen_bool(self.cfg.propose_rate) {
@@ -320,6 +346,15 @@ impl Sim {
         }
         if self.rng.gen_bool(self.cfg.propose_rate / 4.0) {
             self.retry_one();
+        }
+    }
+
+    /// Tells node `to` that its connection to `gone` closed (if `to` is up).
+    fn tell_gone(&mut self, to: u64, gone: u64) {
+        if let Some(Some(n)) = self.nodes.get_mut(&to) {
+            if n.peer_gone(gone) {
+                self.report.early_campaigns += 1;
+            }
         }
     }
 

@@ -10,6 +10,7 @@ fn quiet() -> SimConfig {
         partition_rate: 0.0,
         propose_rate: 0.0,
         compact_threshold: None,
+        gone_rate: 0.0,
         ..Default::default()
     }
 }
@@ -192,6 +193,99 @@ fn a_leader_crash_during_a_joint_change_still_leaves_the_joint_configuration() {
     assert!(left, "the cluster left the joint configuration under a new leader: {cs:?} leader {:?}", sim.leader());
 }
 
+/// Steps until some node is leader in a term above `term`, at most `limit`.
+fn steps_to_new_leader(sim: &mut Sim, term: u64, limit: usize) -> Option<usize> {
+    for step in 1..=limit {
+        sim.settle(1).unwrap();
+        if let Some(l) = sim.leader() {
+            if sim.nodes[&l].as_ref().unwrap().status().term > term {
+                return Some(step);
+            }
+        }
+    }
+    None
+}
+
+fn crash_leader(sim: &mut Sim) -> (u64, u64) {
+    sim.settle(100).unwrap();
+    let leader = sim.leader().unwrap();
+    let term = sim.nodes[&leader].as_ref().unwrap().status().term;
+    sim.nodes.insert(leader, None);
+    // Its connections close after everything it sent: nothing more arrives from it.
+    sim.in_flight.retain(|(_, from, _)| *from != leader);
+    (leader, term)
+}
+
+#[test]
+fn followers_told_their_leader_is_gone_elect_a_new_one_before_any_election_timeout() {
+    // Election timeout: 10 to 19 ticks (steps); messages take one step.
+    for seed in 20..30 {
+        let mut sim = Sim::new(seed, SimConfig { max_delay: 1, ..quiet() });
+        let (leader, term) = crash_leader(&mut sim);
+        for id in (1..=3).filter(|&i| i != leader) {
+            assert!(sim.node_mut(id).peer_gone(leader), "node {id} follows {leader}");
+        }
+        let steps = steps_to_new_leader(&mut sim, term, 40).expect("a new leader");
+        assert!(steps <= 5, "seed {seed}: a new leader after {steps} steps");
+        let new = sim.leader().unwrap();
+        assert_eq!(sim.nodes[&new].as_ref().unwrap().status().term, term + 1, "seed {seed}: one election, no split vote");
+    }
+}
+
+#[test]
+fn when_one_follower_sees_the_crash_the_other_still_votes_after_its_timeout() {
+    let mut sim = Sim::new(31, quiet());
+    let (leader, term) = crash_leader(&mut sim);
+    let first = (1..=3).find(|&i| i != leader).unwrap();
+    sim.node_mut(first).peer_gone(leader);
+    // The other follower holds its lease until its own timeout; then it votes.
+    assert!(steps_to_new_leader(&mut sim, term, 60).is_some());
+}
+
+#[test]
+fn without_the_signal_a_silent_leader_is_replaced_only_after_the_election_timeout() {
+    let mut sim = Sim::new(32, quiet());
+    let (_, term) = crash_leader(&mut sim);
+    let steps = steps_to_new_leader(&mut sim, term, 80).expect("a new leader after the timeout");
+    assert!(steps >= 10, "a leader after {steps} steps, under the election timeout");
+}
+
+#[test]
+fn a_follower_wrongly_told_its_healthy_leader_is_gone_changes_no_term_and_no_leader() {
+    let mut sim = Sim::new(33, quiet());
+    sim.settle(100).unwrap();
+    let leader = sim.leader().unwrap();
+    let term = sim.nodes[&leader].as_ref().unwrap().status().term;
+    let follower = (1..=3).find(|&i| i != leader).unwrap();
+    for step in 0..400 {
+        if step % 7 == 0 {
+            sim.node_mut(follower).peer_gone(leader);
+        }
+        sim.settle(1).unwrap();
+        assert_eq!(sim.leader(), Some(leader), "step {step}");
+        for id in 1..=3 {
+            assert_eq!(sim.nodes[&id].as_ref().unwrap().status().term, term, "step {step}: node {id}");
+        }
+    }
+    // Still serving: a write commits everywhere.
+    let rid = sim.propose_on(leader, "k", "v");
+    sim.settle(20).unwrap();
+    assert!(sim.acked.contains_key(&rid));
+}
+
+#[test]
+fn only_the_leader_being_gone_matters() {
+    let mut sim = Sim::new(34, quiet());
+    sim.settle(100).unwrap();
+    let leader = sim.leader().unwrap();
+    let (a, b) = {
+        let f: Vec<u64> = (1..=3).filter(|&i| i != leader).collect();
+        (f[0], f[1])
+    };
+    assert!(!sim.node_mut(a).peer_gone(b), "a follower that is not the leader");
+    assert!(!sim.node_mut(leader).peer_gone(a), "the leader itself");
+}
+
 fn seeds() -> std::ops::Range<u64> {
     let base: u64 = std::env::var("RAFT_KV_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let n: u64 = std::env::var("RAFT_KV_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(24);
@@ -208,14 +302,16 @@ fn invariants_hold_under_faults() {
             let parts: usize = reports.iter().map(|r| r.partitions).sum();
             let snaps: usize = reports.iter().map(|r| r.snapshots).sum();
             let failed: usize = reports.iter().map(|r| r.failed_transfers).sum();
+            let early: usize = reports.iter().map(|r| r.early_campaigns).sum();
             println!(
                 "{} seeds x {} steps: {acked} writes acknowledged, {crashes} crashes, {parts} partitions, \
-                 {snaps} streamed snapshots ({failed} transfers failed and retried)",
+                 {snaps} streamed snapshots ({failed} transfers failed and retried), {early} early campaigns",
                 reports.len(),
                 cfg.steps
             );
             assert!(acked > 0 && crashes > 0 && parts > 0, "the faults and workload must actually happen");
             assert!(snaps > 0, "compaction must force snapshot transfers");
+            assert!(early > 0, "followers must be told of crashed leaders");
         }
         Err((seed, e)) => panic!("seed {seed} failed (replay: RAFT_KV_SIM_SEED={seed} RAFT_KV_SIM_SEEDS=1): {e}"),
     }

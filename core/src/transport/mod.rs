@@ -100,6 +100,12 @@ pub enum Event {
         addr: SocketAddr,
         error: String,
     },
+    /// The peer's host closed or reset our connection, or refused a new one: its process is
+    /// gone, not merely slow or cut off (which shows as silence or timeouts). The raft node
+    /// uses it to replace a crashed leader early (`Node::peer_gone`).
+    Gone {
+        peer: u64,
+    },
     /// A message to `peer` could not be encoded (a bug, not a peer's doing): dropped.
     Unsendable {
         peer: u64,
@@ -481,10 +487,20 @@ async fn read_conn(stream: TcpStream, remote: SocketAddr, shared: Arc<Shared>) {
     }
 }
 
+/// How `connect` starts its error when the peer's host refused the connection.
+const REFUSED: &str = "connection refused";
+
+/// Whether an I/O error means the peer's host closed or reset the connection.
+fn closed_by_host(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
+}
+
 /// Connects to peer `id` and proves it is that node.
 async fn connect(id: u64, addr: SocketAddr, security: &Security) -> Result<Box<dyn Io>, String> {
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Err(format!("{REFUSED}: {e}")),
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("connect timed out".into()),
     };
@@ -518,6 +534,9 @@ async fn peer_writer(id: u64, addr: SocketAddr, me: SocketAddr, mut rx: mpsc::Re
             Err(reason) => {
                 if reason.starts_with("TLS") || reason.starts_with("the certificate") {
                     shared.refuse(addr, || format!("node {id}: {reason}"));
+                }
+                if reason.starts_with(REFUSED) {
+                    shared.emit(Event::Gone { peer: id }, None);
                 }
                 // Messages queued for an unreachable peer are stale by the time it is back.
                 let mut snapshot_failed = false;
@@ -558,9 +577,17 @@ async fn peer_writer(id: u64, addr: SocketAddr, me: SocketAddr, mut rx: mpsc::Re
                     Err(_) => None,
                 },
                 read = tokio::io::AsyncReadExt::read(&mut closed, &mut scratch) => match read {
-                    Ok(0) => break "closed by the peer".to_string(),
+                    Ok(0) => {
+                        shared.emit(Event::Gone { peer: id }, None);
+                        break "closed by the peer".to_string();
+                    }
                     Ok(_) => continue,
-                    Err(e) => break e.to_string(),
+                    Err(e) => {
+                        if closed_by_host(&e) {
+                            shared.emit(Event::Gone { peer: id }, None);
+                        }
+                        break e.to_string();
+                    }
                 },
             };
             let mut snapshot = first.as_ref().is_some_and(is_snapshot);
@@ -582,6 +609,9 @@ async fn peer_writer(id: u64, addr: SocketAddr, me: SocketAddr, mut rx: mpsc::Re
                 res = SinkExt::<Bytes>::flush(&mut sink).await;
             }
             if let Err(e) = res {
+                if closed_by_host(&e) {
+                    shared.emit(Event::Gone { peer: id }, None);
+                }
                 shared.emit(Event::Unreachable { peer: id, snapshot_failed: snapshot }, None);
                 break e.to_string();
             }

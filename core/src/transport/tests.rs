@@ -87,12 +87,39 @@ fn dead_peer_is_reported_and_never_blocks() {
     for t in 0..10 {
         a.send(msg(1, 2, t));
     }
-    loop {
-        match a.events().recv_timeout(Duration::from_secs(10)).expect("unreachable reported").event {
-            Event::Unreachable { peer: 2, .. } => break,
+    let (mut unreachable, mut gone) = (false, false);
+    while !(unreachable && gone) {
+        match a.events().recv_timeout(Duration::from_secs(10)).expect("unreachable and gone reported").event {
+            Event::Unreachable { peer: 2, .. } => unreachable = true,
+            // Refused: the host says nothing listens there.
+            Event::Gone { peer: 2 } => gone = true,
             _ => continue,
         }
     }
+    a.shutdown();
+}
+
+#[test]
+fn a_peer_whose_process_exits_is_reported_gone_at_once() {
+    let wake: Waker = Arc::new(|| {});
+    let mut a = start(1, wake.clone());
+    let mut b = start(2, wake);
+    a.set_peer(2, b.local_addr());
+    b.set_peer(1, a.local_addr());
+    assert!(a.send(msg(1, 2, 1)));
+    assert_eq!(next_message(&b).term, 1);
+    // Nothing more is sent: the writer learns of the close by reading, not by a failed write.
+    let closed_at = std::time::Instant::now();
+    b.shutdown();
+    loop {
+        match a.events().recv_timeout(Duration::from_secs(10)).expect("gone reported").event {
+            Event::Gone { peer: 2 } => break,
+            Event::Gone { peer } => panic!("node {peer} reported gone"),
+            _ => continue,
+        }
+    }
+    // Well under the keepalive (10 s) and any election timeout: the close itself was seen.
+    assert!(closed_at.elapsed() < KEEPALIVE, "took {:?}", closed_at.elapsed());
     a.shutdown();
 }
 
@@ -111,6 +138,10 @@ fn stalled_peer_fills_its_queue_without_blocking() {
     assert!(start.elapsed() < Duration::from_secs(5), "send must not block");
     // 20,000 x 64 KiB cannot fit in socket buffers plus a queue of PEER_QUEUE.
     assert!(refused >= 20_000 - PEER_QUEUE - 2048, "only {refused} refused");
+    // Slow is not gone.
+    while let Ok(d) = a.events().try_recv() {
+        assert!(!matches!(d.event, Event::Gone { .. }), "a stalled peer was reported gone");
+    }
     a.shutdown();
 }
 
