@@ -1,57 +1,172 @@
 #!/usr/bin/env bash
-# raft_kv benchmarks with pgbench against a fresh local 3-node cluster.
+# raft_kv against PostgreSQL's own replication, measured side by side in one run on one machine.
 #
-#   bench/run.sh                 1, 8 and 32 clients, 10 s per run
+#   bench/run.sh                                   1, 8 and 32 clients, 10 s per run
 #   BENCH_SECONDS=30 BENCH_CLIENTS="1 8 32 64" bench/run.sh
 #
-# Operations: raft_set on the leader, raft_set on a follower (forwarded), raft_get on a follower
-# (linearizable: a ReadIndex round trip to the leader; and local), and, for comparison, a plain
-# upsert into an ordinary table on the same server (no consensus).
+# Two clusters run at once: a raft_kv cluster of 3 nodes (scripts/cluster.sh), and a primary
+# with two streaming standbys, synchronous_standby_names = 'ANY 1 (s1, s2)',
+# synchronous_commit = on (the baseline a write must be compared with: durable on two of
+# three servers). Same settings otherwise, same data: 100,000 keys of 16 bytes, values of
+# 256 bytes, prepared statements (pgbench -M prepared), keys drawn uniformly.
+#
+# Each run reports throughput, p50 and p99 latency from pgbench's per-transaction logs, and
+# the host CPU time per operation (busy time of all cores from /proc/stat over the run, divided
+# by the operations; it includes pgbench and every server). Then the issue-11 ratios.
 # The extension must be installed (scripts/demo.sh or scripts/setup.sh do it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 unset RUST_BACKTRACE RUST_LIB_BACKTRACE
-SECONDS_PER_RUN=${BENCH_SECONDS:-10}
+SECS=${BENCH_SECONDS:-10}
 CLIENTS=${BENCH_CLIENTS:-1 8 32}
-DIR=$(mktemp -d /tmp/raft_kv-bench-XXXXXX)
+KEYS=100000
 PG_BIN=/usr/lib/postgresql/15/bin
-cluster() { scripts/cluster.sh "$@" --dir "$DIR"; }
-trap 'cluster down >/dev/null 2>&1 || true' EXIT
+WORK=$(mktemp -d /tmp/raft_kv-bench-XXXXXX)
+chmod 755 "$WORK"
+RK=$WORK/raft SR=$WORK/syncrep
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+cleanup() {
+  scripts/cluster.sh down --dir "$RK" >/dev/null 2>&1 || true
+  for n in s2 s1 p; do [ -d "$SR/$n" ] && as_pg "$PG_BIN/pg_ctl" -D "$SR/$n" -m immediate -w stop >/dev/null 2>&1 || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
 
-cluster up 3 >/dev/null
-port() { awk -v i="$1" '$1 == i { print $2 }' "$DIR/nodes"; }
-q() { "$PG_BIN/psql" -X -Atq -h 127.0.0.1 -p "$(port "$1")" -U postgres -d postgres -c "$2"; }
-
-leader=""
+# --- the raft_kv cluster
+scripts/cluster.sh up 3 --dir "$RK" >/dev/null
+rk_port() { awk -v i="$1" '$1 == i { print $2 }' "$RK/nodes"; }
+q() { "$PG_BIN/psql" -X -Atq -h 127.0.0.1 -p "$1" -U postgres -d postgres -c "$2"; }
+leader=0
 for _ in $(seq 1 100); do
-  leader=$(q 1 "SELECT coalesce(leader_id, 0) FROM raft_status()")
+  leader=$(q "$(rk_port 1)" "SELECT coalesce(leader_id, 0) FROM raft_status()")
   [ "$leader" != 0 ] && break
   sleep 0.1
 done
 [ "$leader" != 0 ] || { echo "no leader" >&2; exit 1; }
 follower=$(( leader % 3 + 1 ))
-# Preload the keys so raft_get finds them, and create the plain comparison table.
-q "$leader" "SELECT count(raft_set('bench/' || g, 'value-' || g)) FROM generate_series(1, 10000) g" >/dev/null
-q "$leader" "CREATE TABLE bench_plain_kv (key text PRIMARY KEY, value text NOT NULL)"
-q "$leader" "INSERT INTO bench_plain_kv SELECT 'bench/' || g, 'value-' || g FROM generate_series(1, 10000) g"
+LP=$(rk_port "$leader") FP=$(rk_port "$follower")
 
-echo "# raft_kv pgbench, $(date -u +%Y-%m-%dT%H:%MZ), ${SECONDS_PER_RUN}s per run"
-echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
-echo "# postgres: $($PG_BIN/postgres --version), fsync=$(q 1 'SHOW fsync'), synchronous_commit=$(q 1 'SHOW synchronous_commit')"
-printf '| %-28s | %7s | %10s | %14s |\n' operation clients "ops/s" "avg latency ms"
-printf '|%s|%s|%s|%s|\n' "------------------------------" "---------" "------------" "----------------"
-run() { # run LABEL NODE SCRIPT CLIENTS
-  local out tps lat
-  out=$("$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$(port "$2")" -U postgres -c "$4" -j "$(( $4 < 2 ? $4 : 2 ))" \
-        -T "$SECONDS_PER_RUN" -f "bench/$3" postgres 2>&1) || { echo "$out" >&2; exit 1; }
-  tps=$(echo "$out" | awk '/^tps = / { printf "%.0f", $3 }')
-  lat=$(echo "$out" | awk '/^latency average = / { print $4 }')
-  printf '| %-28s | %7s | %10s | %14s |\n' "$1" "$4" "$tps" "$lat"
-}
-for c in $CLIENTS; do
-  run "raft_set on the leader" "$leader" set.sql "$c"
-  run "raft_set on a follower" "$follower" set.sql "$c"
-  run "raft_get, linearizable" "$follower" get.sql "$c"
-  run "raft_get, local" "$follower" get_local.sql "$c"
-  run "plain upsert, no consensus" "$leader" upsert.sql "$c"
+# --- the synchronous-replication cluster: same initdb and settings as scripts/cluster.sh
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+mkdir -p "$SR"; [ "$(id -u)" = 0 ] && chown postgres: "$SR"
+P0=$(free_port) P1=$(free_port) P2=$(free_port)
+as_pg "$PG_BIN/initdb" -D "$SR/p" -A trust -U postgres --no-sync >"$WORK/initdb.log" 2>&1
+as_pg tee -a "$SR/p/postgresql.conf" >/dev/null <<EOF
+port = $P0
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$SR'
+synchronous_standby_names = 'ANY 1 (s1, s2)'
+synchronous_commit = on
+EOF
+as_pg "$PG_BIN/pg_ctl" -D "$SR/p" -l "$SR/p.log" -w start >/dev/null
+for s in 1 2; do
+  port=$([ $s = 1 ] && echo "$P1" || echo "$P2")
+  as_pg "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$P0" -U postgres -D "$SR/s$s" -R -X stream >/dev/null
+  as_pg tee -a "$SR/s$s/postgresql.conf" >/dev/null <<<"port = $port"
+  as_pg tee -a "$SR/s$s/postgresql.auto.conf" >/dev/null \
+    <<<"primary_conninfo = 'host=127.0.0.1 port=$P0 user=postgres application_name=s$s'"
+  as_pg "$PG_BIN/pg_ctl" -D "$SR/s$s" -l "$SR/s$s.log" -w start >/dev/null
 done
+for _ in $(seq 1 100); do
+  [ "$(q "$P0" "SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')")" = 2 ] && break
+  sleep 0.1
+done
+
+# --- data: the same keys and values everywhere
+KEY="'bench/' || lpad(g::text, 10, '0')"
+VALUE="repeat('v', 256)"
+TABLE="CREATE TABLE bench_kv (key text PRIMARY KEY, value text NOT NULL);
+       INSERT INTO bench_kv SELECT $KEY, $VALUE FROM generate_series(1, $KEYS) g"
+for p in "$P0" "$LP" "$FP"; do
+  # P0: the sync-rep upsert's table (replicated to both standbys); LP: the single-server
+  # upsert's, on the raft leader's server; FP: the plain primary-key SELECT's, on a follower's.
+  q "$p" "$TABLE" >/dev/null
+  q "$p" "VACUUM ANALYZE bench_kv" >/dev/null
+done
+# raft_kv's keys, loaded by 32 sessions at once (one raft_set each is a commit round).
+for part in $(seq 0 31); do
+  lo=$(( part * KEYS / 32 + 1 )) hi=$(( (part + 1) * KEYS / 32 ))
+  q "$LP" "SELECT count(raft_set($KEY, $VALUE)) FROM generate_series($lo, $hi) g" >/dev/null &
+done
+wait
+q "$FP" "SELECT raft_get('bench/' || lpad('$KEYS', 10, '0'))" >/dev/null
+
+cat >"$WORK/set.sql" <<'EOF'
+\set k random(1, 100000)
+SELECT raft_set('bench/' || lpad(:k::text, 10, '0'), repeat('v', 256));
+EOF
+cat >"$WORK/upsert.sql" <<'EOF'
+\set k random(1, 100000)
+INSERT INTO bench_kv (key, value) VALUES ('bench/' || lpad(:k::text, 10, '0'), repeat('v', 256))
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+EOF
+cat >"$WORK/get.sql" <<'EOF'
+\set k random(1, 100000)
+SELECT raft_get('bench/' || lpad(:k::text, 10, '0'));
+EOF
+cat >"$WORK/get_local.sql" <<'EOF'
+\set k random(1, 100000)
+SELECT raft_get('bench/' || lpad(:k::text, 10, '0'), 'local');
+EOF
+cat >"$WORK/select.sql" <<'EOF'
+\set k random(1, 100000)
+SELECT value FROM bench_kv WHERE key = 'bench/' || lpad(:k::text, 10, '0');
+EOF
+
+busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
+# run LABEL PORT SCRIPT CLIENTS -> one table row; remembers "tps p50 p99 cpu" under LABEL.CLIENTS
+declare -A R
+run() {
+  local logs=$WORK/log.$RANDOM out tps b0 b1 stats
+  mkdir -p "$logs"
+  b0=$(busy)
+  out=$("$PG_BIN/pgbench" -n -M prepared -h 127.0.0.1 -p "$2" -U postgres -c "$4" -j "$(( $4 < 2 ? $4 : 2 ))" \
+        -T "$SECS" -f "$WORK/$3" -l --log-prefix="$logs/tx" postgres 2>&1) || { echo "$out" >&2; exit 1; }
+  b1=$(busy)
+  tps=$(echo "$out" | awk '/^tps = / { printf "%.0f", $3 }')
+  # CPU ms per op: busy jiffies (1/100 s) over the run, divided by the operations done.
+  stats=$(cat "$logs"/tx* | awk '{ print $3 }' | sort -n | awk -v tps="$tps" -v secs="$SECS" -v cpu="$(( b1 - b0 ))" '
+    { v[NR] = $1 } END {
+      printf "%s %.2f %.2f %.3f\n", tps, v[int(NR * 0.5) + 1] / 1000, v[int(NR * 0.99) + 1] / 1000, cpu * 10 / NR }')
+  rm -rf "$logs"
+  R[$1.$4]=$stats
+  read -r tps p50 p99 cpu <<<"$stats"
+  printf '| %-34s | %7s | %8s | %7s | %7s | %9s |\n' "$1" "$4" "$tps" "$p50" "$p99" "$cpu"
+}
+
+echo "# raft_kv bench/run.sh, $(date -u +%Y-%m-%dT%H:%MZ), ${SECS}s per run, $KEYS keys of 16 bytes, 256-byte values"
+echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+echo "# postgres: $($PG_BIN/postgres --version), fsync=$(q "$LP" 'SHOW fsync'), synchronous_commit=$(q "$LP" 'SHOW synchronous_commit'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+printf '| %-34s | %7s | %8s | %7s | %7s | %9s |\n' operation clients "ops/s" "p50 ms" "p99 ms" "CPU ms/op"
+printf '|%s|%s|%s|%s|%s|%s|\n' "------------------------------------" "---------" "----------" "---------" "---------" "-----------"
+for c in $CLIENTS; do
+  run "raft_set on the leader" "$LP" set.sql "$c"
+  run "raft_set on a follower" "$FP" set.sql "$c"
+  run "PG sync replication upsert" "$P0" upsert.sql "$c"
+  run "PG single-server upsert" "$LP" upsert.sql "$c"
+  run "raft_get linearizable, leader" "$LP" get.sql "$c"
+  run "raft_get linearizable, follower" "$FP" get.sql "$c"
+  run "raft_get 'local', follower" "$FP" get_local.sql "$c"
+  run "PG primary-key SELECT" "$FP" select.sql "$c"
+done
+
+# The issue-11 targets, as ratios within this run.
+f() { echo "${R[$1.$2]:-}" | awk -v i="$3" '{ print $i }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
+echo
+echo "| target (issue 11) | measured | goal |"
+echo "|---|---|---|"
+has() { case " $CLIENTS " in *" $1 "*) return 0 ;; esac; return 1; }
+if has 32; then
+  echo "| raft_set leader / sync-rep upsert, ops/s at 32 | $(ratio "$(f 'raft_set on the leader' 32 1)" "$(f 'PG sync replication upsert' 32 1)") | >= 0.8 |"
+  echo "| raft_set follower / sync-rep upsert, ops/s at 32 | $(ratio "$(f 'raft_set on a follower' 32 1)" "$(f 'PG sync replication upsert' 32 1)") | >= 0.7 |"
+  echo "| raft_set leader / sync-rep upsert, CPU per op at 32 | $(ratio "$(f 'raft_set on the leader' 32 4)" "$(f 'PG sync replication upsert' 32 4)") | <= 1.5 |"
+  echo "| raft_get linearizable leader / PK SELECT, ops/s at 32 | $(ratio "$(f 'raft_get linearizable, leader' 32 1)" "$(f 'PG primary-key SELECT' 32 1)") | >= 0.4 |"
+  echo "| raft_get linearizable follower / PK SELECT, ops/s at 32 | $(ratio "$(f 'raft_get linearizable, follower' 32 1)" "$(f 'PG primary-key SELECT' 32 1)") | >= 0.35 |"
+fi
+if has 1; then
+  echo "| raft_set leader / sync-rep upsert, p50 at 1 | $(ratio "$(f 'raft_set on the leader' 1 2)" "$(f 'PG sync replication upsert' 1 2)") | <= 1.0 |"
+fi
+if has 8; then
+  echo "| raft_get 'local' / PK SELECT, ops/s at 8 | $(ratio "$(f "raft_get 'local', follower" 8 1)" "$(f 'PG primary-key SELECT' 8 1)") | >= 0.8 |"
+fi

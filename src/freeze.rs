@@ -117,6 +117,7 @@ pub extern "C-unwind" fn raft_kv_freeze_main(_arg: pg_sys::Datum) {
     SHARED.exclusive().status.freeze_pid = unsafe { pg_sys::MyProcPid };
     BackgroundWorker::connect_worker_to_spi(Some(BackgroundWorker::get_extra()), None);
     pin_search_path();
+    crate::spi::worker_session();
     // One snapshot for every statement of the copy (SPI takes one before any statement, so
     // SET TRANSACTION would come too late).
     // SAFETY: this process's own default, set before its only transaction starts.

@@ -25,6 +25,44 @@ pub fn pin_search_path() {
     }
 }
 
+/// The workers' own session settings, beyond the pinned search_path:
+/// - kept statements (see `storage::Plans`) always run their generic plan, instead of being
+///   planned again for each call whenever Postgres guesses a custom plan might be cheaper;
+/// - the guard triggers on raft_kv's tables, which stop everyone but the workers from writing
+///   them, do not fire for the workers at all (`session_replication_role = replica` skips
+///   ordinary triggers), instead of calling `is_worker()` for every statement they run.
+pub fn worker_session() {
+    for (name, value) in [(c"plan_cache_mode", c"force_generic_plan"), (c"session_replication_role", c"replica")] {
+        // SAFETY: as in `pin_search_path`.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            );
+        }
+    }
+}
+
+/// `SET LOCAL synchronous_commit = off`, without parsing and planning a statement.
+pub fn local_async_commit() {
+    // SAFETY: inside a transaction on the main thread; both strings are static. With elevel 0
+    // nothing is raised, and the value is valid.
+    unsafe {
+        pg_sys::set_config_option(
+            c"synchronous_commit".as_ptr(),
+            c"off".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
 /// Runs `f` in the current transaction, or in a new one committed at the end.
 pub fn in_txn<R>(f: impl FnOnce() -> R) -> R {
     // SAFETY: reads the transaction state; no preconditions.

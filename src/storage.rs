@@ -21,12 +21,36 @@ use crate::spi::{in_txn, spi_err};
 /// a scratch copy).
 pub struct PgBackend {
     schema: &'static str,
-    /// The apply path's two statements, planned once and kept across transactions.
+    /// The apply path's look-up, planned once and kept across transactions.
     lookup_plan: Option<OwnedPreparedStatement>,
-    effects_plan: Option<OwnedPreparedStatement>,
+    /// The write path's statements, likewise.
+    plans: Plans,
     /// Freezes snapshots elsewhere (the Raft worker's: a background worker, see `freeze.rs`);
     /// `None`: synchronously, in the calling transaction.
     freezer: Option<Box<dyn Freezer>>,
+}
+
+/// Statements of the write path, each parsed and planned once and kept across transactions,
+/// by their text. The worker runs with `plan_cache_mode = force_generic_plan` (see
+/// `spi::worker_session`), so a kept statement is never planned again: every one of them is
+/// written to probe primary keys whatever its parameters.
+#[derive(Default)]
+struct Plans(std::collections::HashMap<&'static str, OwnedPreparedStatement>);
+
+impl Plans {
+    fn get(
+        &mut self,
+        c: &mut pgrx::spi::SpiClient<'_>,
+        schema: &str,
+        sql: &'static str,
+        args: &[PgOid],
+    ) -> StoreResult<&OwnedPreparedStatement> {
+        if !self.0.contains_key(sql) {
+            let plan = c.prepare_mut(q_for(schema, sql).as_str(), args).map_err(spi_err)?.keep();
+            self.0.insert(sql, plan);
+        }
+        Ok(&self.0[sql])
+    }
 }
 
 /// Makes the frozen copy of the state machine that snapshots are streamed from, without the
@@ -42,12 +66,12 @@ impl PgBackend {
     /// Freezes snapshots synchronously, in the calling transaction (for the contract tests).
     #[cfg(any(test, feature = "pg_test"))]
     pub fn new(schema: &'static str) -> Self {
-        PgBackend { schema, lookup_plan: None, effects_plan: None, freezer: None }
+        PgBackend { schema, lookup_plan: None, plans: Plans::default(), freezer: None }
     }
 
     /// The worker's backend over `raft_kv`'s tables, freezing snapshots with `freezer`.
     pub fn with_freezer(freezer: Box<dyn Freezer>) -> Self {
-        PgBackend { schema: "raft_kv", lookup_plan: None, effects_plan: None, freezer: Some(freezer) }
+        PgBackend { schema: "raft_kv", lookup_plan: None, plans: Plans::default(), freezer: Some(freezer) }
     }
 
     fn read_members(&self, c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Vec<Member>> {
@@ -276,7 +300,7 @@ impl Backend for PgBackend {
         in_txn(|| {
             Spi::connect_mut(|c| {
                 // Staged rows need not survive a crash: a transfer starts over.
-                c.update("SET LOCAL synchronous_commit = off", None, &[]).map_err(spi_err)?;
+                crate::spi::local_async_commit();
                 if !keys.is_empty() {
                     c.update(
                         &self.q("INSERT INTO raft_kv.snapshot_kv (key, value, revision) \
@@ -350,10 +374,10 @@ impl Backend for PgBackend {
                 if !b.sync {
                     // Applied state and commit index are re-derived from the log after a crash,
                     // so their commit need not wait for the WAL flush.
-                    c.update("SET LOCAL synchronous_commit = off", None, &[]).map_err(spi_err)?;
+                    crate::spi::local_async_commit();
                 }
                 let schema = self.schema;
-                write_batch(c, b, effects, &mut self.effects_plan, &|sql| q_for(schema, sql))
+                write_batch(c, b, effects, &mut self.plans, schema, &|sql| q_for(schema, sql))
             })
         })
     }
@@ -371,16 +395,17 @@ const LOOKUP_SQL: &str =
      FROM unnest($2::bigint[], $3::bigint[]) AS i(nonce, seq), \
      LATERAL (SELECT * FROM raft_kv.requests r WHERE r.nonce = i.nonce AND r.seq = i.seq OFFSET 0) r";
 
-/// A batch's effects in one statement: the keys deleted, the keys written, the request ids
-/// recorded. No key is both written and deleted (the effects hold each key's final state), so
-/// the sub-statements never touch the same row.
-const EFFECTS_SQL: &str = "WITH gone AS (DELETE FROM raft_kv.kv WHERE ctid = ANY (ARRAY(\
-         SELECT kv.ctid FROM unnest($1::text[]) AS g(key), LATERAL (SELECT ctid FROM raft_kv.kv WHERE kv.key = g.key OFFSET 0) kv))), \
-     put AS (INSERT INTO raft_kv.kv (key, value, revision) \
-             SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[]) \
+/// A batch's effects: the keys written and the request ids recorded, in one statement; the
+/// keys deleted, when there are any, in one more (`DELETE_SQL`). No key is both written and
+/// deleted (the effects hold each key's final state), so the two never touch the same row.
+const EFFECTS_SQL: &str = "WITH put AS (INSERT INTO raft_kv.kv (key, value, revision) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
              ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision) \
      INSERT INTO raft_kv.requests (nonce, seq, node, revision, flag) \
-     SELECT * FROM unnest($5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::boolean[])";
+     SELECT * FROM unnest($4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::boolean[])";
+/// Probes the primary key per element; run only when a batch deletes something, so a plan
+/// made while the table was small (a scan) never runs against it once it is large.
+const DELETE_SQL: &str = "DELETE FROM raft_kv.kv WHERE key = ANY ($1::text[])";
 
 const TEXTARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
 const INT8ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
@@ -395,11 +420,32 @@ fn q_for(schema: &str, sql: &str) -> String {
     }
 }
 
+const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
+const BYTEA: PgOid = PgOid::BuiltIn(PgBuiltInOids::BYTEAOID);
+const INT2ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT2ARRAYOID);
+const BYTEAARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::BYTEAARRAYOID);
+
+/// Drops a conflicting suffix before an append (almost always nothing). Written as a two-sided
+/// range so that its generic plan, not knowing $1, still expects few rows and probes the index.
+const LOG_TRUNCATE_SQL: &str = "DELETE FROM raft_kv.log WHERE idx BETWEEN $1 AND 9223372036854775807";
+const LOG_APPEND_SQL: &str = "INSERT INTO raft_kv.log (idx, term, kind, data, context) \
+     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bytea[], $5::bytea[])";
+/// The hard state, the applied index and the configuration, each where given: one row
+/// update per transaction.
+const STATE_SQL: &str = "UPDATE raft_kv.state SET term = coalesce($1, term), vote = coalesce($2, vote), \
+     commit_index = coalesce($3, commit_index), applied_index = coalesce($4, applied_index), \
+     conf_state = coalesce($5, conf_state) WHERE id = 1";
+const PRUNE_REQUESTS_SQL: &str = "DELETE FROM raft_kv.requests WHERE revision < $1";
+const COMPACT_LOG_SQL: &str = "DELETE FROM raft_kv.log WHERE idx <= $1";
+const COMPACT_STATE_SQL: &str =
+    "UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2 WHERE id = 1 AND snapshot_index < $1";
+
 fn write_batch(
     c: &mut pgrx::spi::SpiClient<'_>,
     b: &WriteBatch,
     fx: &Effects,
-    effects_plan: &mut Option<OwnedPreparedStatement>,
+    plans: &mut Plans,
+    schema: &str,
     q: &dyn Fn(&str) -> String,
 ) -> StoreResult<()> {
     if let Some(snap) = &b.snapshot {
@@ -454,33 +500,21 @@ fn write_batch(
         .map_err(spi_err)?;
     }
     if let Some(first) = b.entries.first() {
-        c.update(&q("DELETE FROM raft_kv.log WHERE idx >= $1"), None, &[(first.index as i64).into()])
-            .map_err(spi_err)?;
+        let truncate = plans.get(c, schema, LOG_TRUNCATE_SQL, &[INT8])?;
+        c.update(truncate, None, &[(first.index as i64).into()]).map_err(spi_err)?;
         let idx: Vec<i64> = b.entries.iter().map(|e| e.index as i64).collect();
         let term: Vec<i64> = b.entries.iter().map(|e| e.term as i64).collect();
         let kind: Vec<i16> = b.entries.iter().map(kind_of).collect();
         let data: Vec<Vec<u8>> = b.entries.iter().map(|e| e.data.to_vec()).collect();
         let ctx: Vec<Vec<u8>> = b.entries.iter().map(|e| e.context.to_vec()).collect();
-        c.update(
-            &q("INSERT INTO raft_kv.log (idx, term, kind, data, context) \
-             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bytea[], $5::bytea[])"),
-            None,
-            &[idx.into(), term.into(), kind.into(), data.into(), ctx.into()],
-        )
-        .map_err(spi_err)?;
+        let append =
+            plans.get(c, schema, LOG_APPEND_SQL, &[INT8ARRAY, INT8ARRAY, INT2ARRAY, BYTEAARRAY, BYTEAARRAY])?;
+        c.update(append, None, &[idx.into(), term.into(), kind.into(), data.into(), ctx.into()]).map_err(spi_err)?;
     }
     if let Some(id) = b.cluster_id {
         write_cluster_id(c, q, id)?;
     }
-    if let Some(hs) = &b.hard_state {
-        c.update(
-            &q("UPDATE raft_kv.state SET term = $1, vote = $2, commit_index = $3 WHERE id = 1"),
-            None,
-            &[(hs.term as i64).into(), (hs.vote as i64).into(), (hs.commit as i64).into()],
-        )
-        .map_err(spi_err)?;
-    }
-    // The ops' effects, as decided in the core, in one statement: the keys deleted, the keys
+    // The ops' effects, as decided in the core: the keys deleted (if any), then the keys
     // written and the request ids recorded.
     let (mut keys, mut values, mut revs, mut gone) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (key, now) in &fx.kv {
@@ -498,16 +532,16 @@ fn write_batch(
             fx.requests.iter().map(|(k, v)| f(&(*k, v))).collect()
         };
         let flags: Vec<bool> = fx.requests.values().map(|v| v.2).collect();
-        if effects_plan.is_none() {
-            let args =
-                [TEXTARRAY, TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, BOOLARRAY];
-            *effects_plan = Some(c.prepare_mut(q(EFFECTS_SQL).as_str(), &args).map_err(spi_err)?.keep());
+        if !gone.is_empty() {
+            let delete = plans.get(c, schema, DELETE_SQL, &[TEXTARRAY])?;
+            c.update(delete, None, &[gone.into()]).map_err(spi_err)?;
         }
+        let args = [TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, BOOLARRAY];
+        let effects = plans.get(c, schema, EFFECTS_SQL, &args)?;
         c.update(
-            effects_plan.as_ref().expect("prepared above"),
+            effects,
             None,
             &[
-                gone.into(),
                 keys.into(),
                 values.into(),
                 revs.into(),
@@ -521,8 +555,8 @@ fn write_batch(
         .map_err(spi_err)?;
     }
     if let Some(cut) = fx.prune_requests_below {
-        c.update(&q("DELETE FROM raft_kv.requests WHERE revision < $1"), None, &[(cut as i64).into()])
-            .map_err(spi_err)?;
+        let prune = plans.get(c, schema, PRUNE_REQUESTS_SQL, &[INT8])?;
+        c.update(prune, None, &[(cut as i64).into()]).map_err(spi_err)?;
     }
     for op in &b.members {
         match op {
@@ -534,21 +568,26 @@ fn write_batch(
         }
     }
     if let Some((index, term)) = b.compact_to {
-        c.update(&q("DELETE FROM raft_kv.log WHERE idx <= $1"), None, &[(index as i64).into()]).map_err(spi_err)?;
-        c.update(
-            &q("UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2 WHERE id = 1 AND snapshot_index < $1"),
-            None,
-            &[(index as i64).into(), (term as i64).into()],
-        )
-        .map_err(spi_err)?;
+        let compact = plans.get(c, schema, COMPACT_LOG_SQL, &[INT8])?;
+        c.update(compact, None, &[(index as i64).into()]).map_err(spi_err)?;
+        let state = plans.get(c, schema, COMPACT_STATE_SQL, &[INT8, INT8])?;
+        c.update(state, None, &[(index as i64).into(), (term as i64).into()]).map_err(spi_err)?;
     }
-    if b.applied.is_some() || b.conf_state.is_some() {
+    // After the snapshot's own state update, so the hard state's commit index wins over it.
+    if b.hard_state.is_some() || b.applied.is_some() || b.conf_state.is_some() {
+        let hs = b.hard_state.as_ref();
         let cs = b.conf_state.as_ref().map(encode_conf_state);
+        let state = plans.get(c, schema, STATE_SQL, &[INT8, INT8, INT8, INT8, BYTEA])?;
         c.update(
-            &q("UPDATE raft_kv.state SET applied_index = coalesce($1, applied_index), \
-             conf_state = coalesce($2, conf_state) WHERE id = 1"),
+            state,
             None,
-            &[b.applied.map(|a| a as i64).into(), cs.into()],
+            &[
+                hs.map(|h| h.term as i64).into(),
+                hs.map(|h| h.vote as i64).into(),
+                hs.map(|h| h.commit as i64).into(),
+                b.applied.map(|a| a as i64).into(),
+                cs.into(),
+            ],
         )
         .map_err(spi_err)?;
     }

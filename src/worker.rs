@@ -60,6 +60,7 @@ pub extern "C-unwind" fn raft_kv_worker_main(_arg: pg_sys::Datum) {
 
     BackgroundWorker::connect_worker_to_spi(Some(&settings.database), None);
     pin_search_path();
+    crate::spi::worker_session();
     let mut announced = false;
     loop {
         let present = in_txn(|| {

@@ -44,9 +44,8 @@ fn prefix_scans_return_exactly_the_keys_under_the_prefix() {
     let c = Cluster::start(3);
     let (leader, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(30));
     let mut l = c.client(leader);
-    let keys = [
-        "a", "a/", "a/1", "a/2", "a/\u{7f}", "a0", "b", "é", "é/x", "éa", "ê", "z\u{10ffff}", "z\u{10ffff}x", "zz",
-    ];
+    let keys =
+        ["a", "a/", "a/1", "a/2", "a/\u{7f}", "a0", "b", "é", "é/x", "éa", "ê", "z\u{10ffff}", "z\u{10ffff}x", "zz"];
     for k in keys {
         l.query_one("SELECT raft_set($1, 'v')", &[&k]).unwrap();
     }

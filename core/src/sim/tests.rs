@@ -228,7 +228,11 @@ fn followers_told_their_leader_is_gone_elect_a_new_one_before_any_election_timeo
         let steps = steps_to_new_leader(&mut sim, term, 40).expect("a new leader");
         assert!(steps <= 5, "seed {seed}: a new leader after {steps} steps");
         let new = sim.leader().unwrap();
-        assert_eq!(sim.nodes[&new].as_ref().unwrap().status().term, term + 1, "seed {seed}: one election, no split vote");
+        assert_eq!(
+            sim.nodes[&new].as_ref().unwrap().status().term,
+            term + 1,
+            "seed {seed}: one election, no split vote"
+        );
     }
 }
 
