@@ -13,6 +13,7 @@ use pgrx::prelude::*;
 mod freeze;
 mod guc;
 mod peers;
+mod raft_log;
 mod raft_loop;
 mod requests;
 mod settings;
