@@ -39,13 +39,13 @@ rss() { # rss NODE: RssAnon of its worker, MB
   awk '/^RssAnon:/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status"
 }
 for m in $(seq 1 $(( SECS / 60 ))); do
-  sleep 60
-  tps=$(grep -E '^progress: ' "$DIR/pgbench.out" | sed -n "${m}p" | awk '{ print $4 }')
+  sleep 61
+  tps=$( (grep -E '^progress: ' "$DIR/pgbench.out" || true) | sed -n "${m}p" | awk '{ print $4 }')
   rs=$(for i in 1 2 3; do rss "$i"; echo -n " "; done)
   logs=$(for i in 1 2 3; do q "$i" "SELECT round(pg_total_relation_size('raft_kv.log') / 1048576.0, 1)"; done | tr '\n' ' ')
   echo "| $m | ${tps:-?} | $rs| $logs|"
 done
-wait "$bench" || true
+wait "$bench" || echo "pgbench exited with $?"
 echo
 grep -E "number of (transactions actually processed|failed transactions)|aborted|^tps|latency average" "$DIR/pgbench.out" || true
 echo
