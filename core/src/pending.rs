@@ -42,6 +42,8 @@ struct Write<T> {
     /// Proposals of this write that may still be in some log (forwarded ones, or appended and
     /// not yet superseded). Zero means it certainly has not applied.
     live: u32,
+    /// When it was last proposed.
+    proposed_at: Option<Instant>,
 }
 
 struct Transfer<T> {
@@ -127,7 +129,7 @@ impl<T: Copy + PartialEq> Pending<T> {
             ));
             return;
         }
-        self.writes.insert(id, Write { client, kind: WriteKind::Kv(cmd), deadline, live: 0 });
+        self.writes.insert(id, Write { client, kind: WriteKind::Kv(cmd), deadline, live: 0, proposed_at: None });
         self.unproposed.push_back(id);
     }
 
@@ -135,7 +137,7 @@ impl<T: Copy + PartialEq> Pending<T> {
     pub fn add_change(&mut self, client: T, change: MemberChange, deadline: Instant) {
         self.seq += 1;
         let id = RequestId { node: self.me, nonce: self.nonce, seq: self.seq };
-        self.writes.insert(id, Write { client, kind: WriteKind::Member(change), deadline, live: 0 });
+        self.writes.insert(id, Write { client, kind: WriteKind::Member(change), deadline, live: 0, proposed_at: None });
         self.unproposed.push_back(id);
     }
 
@@ -177,6 +179,18 @@ impl<T: Copy + PartialEq> Pending<T> {
         if leader != 0 {
             self.last_leader = leader;
         }
+        if leader != 0 && !node.is_leader() {
+            // A forwarded proposal can be lost on the way (a connection that breaks, a leader
+            // over its inbound share from this peer) with nothing telling us: propose again
+            // what has not applied after a while. Each request id applies once.
+            let resend = self.read_retry * 4;
+            for (id, w) in &self.writes {
+                let stale = w.proposed_at.is_some_and(|at| now.duration_since(at) >= resend);
+                if stale && matches!(w.kind, WriteKind::Kv(_)) && !self.unproposed.contains(id) {
+                    self.unproposed.push_back(*id);
+                }
+            }
+        }
         while let Some(&id) = self.unproposed.front() {
             let Some(w) = self.writes.get_mut(&id) else {
                 self.unproposed.pop_front();
@@ -189,6 +203,7 @@ impl<T: Copy + PartialEq> Pending<T> {
             match proposed {
                 Ok(()) => {
                     w.live += 1;
+                    w.proposed_at = Some(now);
                     self.unproposed.pop_front();
                 }
                 // No leader (an election): wait for one.
@@ -381,6 +396,48 @@ mod tests {
         let Answer::Done { revision: ri, .. } = answers[2].1 else { panic!("{answers:?}") };
         assert!(ri >= 2);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn a_forwarded_write_lost_on_the_way_is_proposed_again() {
+        // Node 2 follows node 1, whose messages we deliver but whose answers never come.
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let two: Vec<_> = (1..=2).map(|id| crate::types::Member { id, address: "a".into(), promote: false }).collect();
+        let mut n = Node::open(MemBackend::new(), &NodeOptions::new(2), &two, &logger).unwrap();
+        let mut hb = raft::eraftpb::Message::default();
+        hb.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
+        (hb.from, hb.to, hb.term) = (1, 2, n.status().term.max(1));
+        n.step(hb);
+        assert_eq!(n.leader_id(), 1);
+        let proposals = |n: &mut Node<MemBackend>| {
+            let mut out = Output::default();
+            let mut sent = 0;
+            n.handle_ready(&mut out, &mut |m| {
+                if let crate::node::Outbound::Raft(m) = m {
+                    sent += (m.get_msg_type() == raft::eraftpb::MessageType::MsgPropose) as usize;
+                }
+            })
+            .unwrap();
+            sent
+        };
+        let retry = Duration::from_millis(10);
+        let mut p = Pending::new(2, 7, retry);
+        let t0 = Instant::now();
+        let mut answers = Vec::new();
+        p.add_write(
+            1u32,
+            Command::Put { key: "k".into(), value: "v".into() },
+            t0 + Duration::from_secs(60),
+            None,
+            &mut answers,
+        );
+        p.drive(&mut n, t0);
+        assert_eq!(proposals(&mut n), 1, "forwarded once");
+        p.drive(&mut n, t0 + retry);
+        assert_eq!(proposals(&mut n), 0, "not again before the resend interval");
+        p.drive(&mut n, t0 + retry * 4);
+        assert_eq!(proposals(&mut n), 1, "forwarded again once nothing came back");
+        assert!(answers.is_empty());
     }
 
     #[test]
