@@ -53,13 +53,14 @@ fn a_leader_killed_with_sigkill_is_replaced_before_any_election_timeout() {
 #[test]
 fn a_stopped_leader_process_is_replaced_after_the_election_timeout() {
     // SIGSTOP: its connections stay open, so only the timeout can tell.
-    let c = Cluster::builder(3).conf("raft_kv.election_ticks = 20").start();
+    let c = Cluster::builder(3).conf("raft_kv.election_ticks = 30").start();
     let (leader, t0) = c.wait_leader(&[1, 2, 3], Duration::from_secs(30));
     let rest = survivors(leader);
     c.pause(leader, true);
     let paused_at = Instant::now();
     let (_, t1) = c.wait_leader(&rest, Duration::from_secs(30));
-    // The election timeout is 2 to 4 s; nothing may cut it short for a silent leader.
+    // The election timeout is 3 to 6 s from the last heartbeat heard (up to 0.2 s before the
+    // pause); an early election would take about 0.1 s. Nothing may cut the timeout short.
     assert!(paused_at.elapsed() >= Duration::from_secs(2), "elected after {:?}", paused_at.elapsed());
     assert!(t1 > t0);
     c.pause(leader, false);
