@@ -166,17 +166,38 @@ fn read_barrier(c: Consistency) {
     }
 }
 
-/// Runs a read query with a fresh snapshot. (A read-only SPI query would reuse the calling
-/// statement's snapshot, taken before the read barrier, and could miss writes the barrier
-/// waited for.)
+const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+
+thread_local! {
+    /// This backend's kept read plans, by query text: parsing and planning a one-row lookup
+    /// costs more than running it.
+    static READ_PLANS: std::cell::RefCell<std::collections::HashMap<&'static str, pgrx::spi::OwnedPreparedStatement>> =
+        Default::default();
+}
+
+/// Runs a read query with a fresh snapshot, through a plan kept for the backend's life.
+/// (A read-only SPI query would reuse the calling statement's snapshot, taken before the read
+/// barrier, and could miss writes the barrier waited for; a plan prepared as mutating gets a
+/// new one.) Postgres re-plans a kept plan itself when the tables change.
 fn fresh_select<R>(
-    sql: &str,
+    sql: &'static str,
+    types: &[PgOid],
     args: &[pgrx::datum::DatumWithOid],
     f: impl FnOnce(pgrx::spi::SpiTupleTable) -> Result<R, pgrx::spi::SpiError>,
 ) -> R {
-    Spi::connect_mut(|c| f(c.update(sql, None, args)?)).unwrap_or_else(|e: pgrx::spi::SpiError| {
-        raise(Code::ERRCODE_INTERNAL_ERROR, format!("raft_kv: reading failed: {e}"), None, None)
-    })
+    READ_PLANS
+        .with_borrow_mut(|plans| {
+            Spi::connect_mut(|c| {
+                if !plans.contains_key(sql) {
+                    let plan = c.prepare_mut(sql, types)?.keep();
+                    plans.insert(sql, plan);
+                }
+                f(c.update(&plans[sql], None, args)?)
+            })
+        })
+        .unwrap_or_else(|e: pgrx::spi::SpiError| {
+            raise(Code::ERRCODE_INTERNAL_ERROR, format!("raft_kv: reading failed: {e}"), None, None)
+        })
 }
 
 fn check_request_id(id: Option<&str>) -> Option<&str> {
@@ -242,13 +263,8 @@ fn raft_get(key: Option<&str>, consistency: default!(Option<&str>, "'linearizabl
     require_preload();
     let key = check_key(key);
     read_barrier(self::consistency(consistency));
-    fresh_select("SELECT value FROM raft_kv.kv WHERE key OPERATOR(pg_catalog.=) $1", &[key.into()], |t| {
-        if t.is_empty() {
-            Ok(None)
-        } else {
-            t.first().get::<String>(1)
-        }
-    })
+    let sql = "SELECT value FROM raft_kv.kv WHERE key OPERATOR(pg_catalog.=) $1";
+    fresh_select(sql, &[TEXT], &[key.into()], |t| if t.is_empty() { Ok(None) } else { t.first().get::<String>(1) })
 }
 
 /// Every key starting with `prefix` (all keys for ''), ordered by key, with the same
@@ -271,6 +287,7 @@ fn raft_scan(
         "SELECT key, value, revision FROM raft_kv.kv \
          WHERE key OPERATOR(pg_catalog.>=) $1 AND ($2::text IS NULL OR key OPERATOR(pg_catalog.<) $2) \
          ORDER BY key",
+        &[TEXT, TEXT],
         &[prefix.into(), upper.as_deref().into()],
         |t| {
             let mut rows = Vec::with_capacity(t.len());

@@ -56,8 +56,8 @@ struct Transfer<T> {
 struct Read<T> {
     client: T,
     deadline: Instant,
-    /// When the last ReadIndex request was made, and with which attempt number.
-    asked: Option<(Instant, u64)>,
+    /// When the last ReadIndex request covering it was made.
+    asked: Option<Instant>,
     index: Option<u64>,
 }
 
@@ -68,6 +68,8 @@ pub struct Pending<T> {
     writes: HashMap<RequestId, Write<T>>,
     unproposed: VecDeque<RequestId>,
     reads: HashMap<u64, Read<T>>,
+    /// One ReadIndex request serves every read waiting when it was made: batch id → reads.
+    read_batches: HashMap<u64, Vec<u64>>,
     transfers: Vec<Transfer<T>>,
     read_retry: Duration,
     last_leader: u64,
@@ -75,13 +77,13 @@ pub struct Pending<T> {
 
 /// A ReadIndex context unique cluster-wide: the leader ignores a context already pending,
 /// whichever node sent it.
-fn read_ctx(me: u64, nonce: u64, read: u64, attempt: u64) -> Vec<u8> {
-    [me, nonce, read, attempt].iter().flat_map(|v| v.to_le_bytes()).collect()
+fn read_ctx(me: u64, nonce: u64, batch: u64) -> Vec<u8> {
+    [me, nonce, batch].iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 fn parse_read_ctx(ctx: &[u8], me: u64, nonce: u64) -> Option<u64> {
     let word = |i: usize| ctx.get(i * 8..i * 8 + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
-    (ctx.len() == 32 && word(0) == Some(me) && word(1) == Some(nonce)).then(|| word(2)).flatten()
+    (ctx.len() == 24 && word(0) == Some(me) && word(1) == Some(nonce)).then(|| word(2)).flatten()
 }
 
 impl<T: Copy + PartialEq> Pending<T> {
@@ -95,6 +97,7 @@ impl<T: Copy + PartialEq> Pending<T> {
             writes: HashMap::new(),
             unproposed: VecDeque::new(),
             reads: HashMap::new(),
+            read_batches: HashMap::new(),
             transfers: Vec::new(),
             read_retry,
             last_leader: 0,
@@ -223,17 +226,24 @@ impl<T: Copy + PartialEq> Pending<T> {
                 t.asked = Some(now);
             }
         }
-        for (&id, r) in self.reads.iter_mut() {
-            if r.index.is_some() {
-                continue;
+        // Every read waiting for an index shares one request: a read index obtained after a
+        // read started is valid for it, whichever other reads it also serves.
+        let ask: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.index.is_none() && r.asked.is_none_or(|at| now.duration_since(at) >= self.read_retry))
+            .map(|(&id, _)| id)
+            .collect();
+        if !ask.is_empty() {
+            // Forget requests that can no longer serve anyone (lost, or overtaken by another).
+            let reads = &self.reads;
+            self.read_batches.retain(|_, ids| ids.iter().any(|id| reads.get(id).is_some_and(|r| r.index.is_none())));
+            self.seq += 1;
+            node.read_index(read_ctx(self.me, self.nonce, self.seq));
+            for id in &ask {
+                self.reads.get_mut(id).expect("listed above").asked = Some(now);
             }
-            let attempt = match r.asked {
-                Some((at, n)) if now.duration_since(at) >= self.read_retry => n + 1,
-                Some(_) => continue,
-                None => 0,
-            };
-            node.read_index(read_ctx(self.me, self.nonce, id, attempt));
-            r.asked = Some((now, attempt));
+            self.read_batches.insert(self.seq, ask);
         }
     }
 
@@ -266,8 +276,11 @@ impl<T: Copy + PartialEq> Pending<T> {
             }
         }
         for (ctx, index) in out.read_states.drain(..) {
-            if let Some(r) = parse_read_ctx(&ctx, self.me, self.nonce).and_then(|id| self.reads.get_mut(&id)) {
-                r.index.get_or_insert(index);
+            let batch = parse_read_ctx(&ctx, self.me, self.nonce).and_then(|b| self.read_batches.remove(&b));
+            for id in batch.unwrap_or_default() {
+                if let Some(r) = self.reads.get_mut(&id) {
+                    r.index.get_or_insert(index);
+                }
             }
         }
         self.reads.retain(|_, r| match r.index {
@@ -396,6 +409,62 @@ mod tests {
         let Answer::Done { revision: ri, .. } = answers[2].1 else { panic!("{answers:?}") };
         assert!(ri >= 2);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn reads_waiting_together_share_one_read_index_request() {
+        // Node 2 follows node 1: every ReadIndex request it makes is a message to count.
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let two: Vec<_> = (1..=2).map(|id| crate::types::Member { id, address: "a".into(), promote: false }).collect();
+        let mut n = Node::open(MemBackend::new(), &NodeOptions::new(2), &two, &logger).unwrap();
+        let mut hb = raft::eraftpb::Message::default();
+        hb.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
+        (hb.from, hb.to, hb.term) = (1, 2, n.status().term.max(1));
+        n.step(hb);
+        let asked = |n: &mut Node<MemBackend>| {
+            let mut out = Output::default();
+            let mut ctxs = Vec::new();
+            n.handle_ready(&mut out, &mut |m| {
+                if let crate::node::Outbound::Raft(m) = m {
+                    if m.get_msg_type() == raft::eraftpb::MessageType::MsgReadIndex {
+                        ctxs.push(m.entries[0].data.to_vec());
+                    }
+                }
+            })
+            .unwrap();
+            ctxs
+        };
+        let retry = Duration::from_millis(10);
+        let mut p = Pending::new(2, 7, retry);
+        let t0 = Instant::now();
+        let far = t0 + Duration::from_secs(60);
+        for c in 0..5u32 {
+            p.add_read(c, far);
+        }
+        p.drive(&mut n, t0);
+        let first = asked(&mut n);
+        assert_eq!(first.len(), 1, "five waiting reads, one request");
+        p.drive(&mut n, t0 + retry / 2);
+        assert!(asked(&mut n).is_empty(), "not asked again before the retry interval");
+        p.add_read(5, far);
+        p.drive(&mut n, t0 + retry);
+        assert_eq!(asked(&mut n).len(), 1, "the retry and the newcomer share one request");
+        // The first request's answer serves the five reads it covered, not the newcomer.
+        let mut resp = raft::eraftpb::Message::default();
+        resp.set_msg_type(raft::eraftpb::MessageType::MsgReadIndexResp);
+        (resp.from, resp.to, resp.term, resp.index) = (1, 2, n.status().term, 0);
+        let mut e = raft::eraftpb::Entry::default();
+        e.data = first[0].clone().into();
+        resp.entries = vec![e].into();
+        n.step(resp);
+        let mut out = Output::default();
+        n.handle_ready(&mut out, &mut |_| {}).unwrap();
+        let mut answers = Vec::new();
+        p.on_output(&mut out, 0, &mut answers);
+        let mut done: Vec<u32> = answers.iter().map(|a| a.0).collect();
+        done.sort();
+        assert_eq!(done, vec![0, 1, 2, 3, 4]);
+        assert!(!p.is_empty(), "the newcomer still waits");
     }
 
     #[test]
