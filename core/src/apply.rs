@@ -1,49 +1,111 @@
 //! The state machine's rules, decided once for every backend: what each operation of a batch
 //! does, given the state before the batch, and what must be persisted as a result.
 //!
-//! A backend only looks up the keys and request ids a batch touches ([`needs`]) and stores
-//! the [`Effects`] as they are, so the in-memory backend and the tables cannot disagree on
-//! what a put, a delete, a compare-and-set or a retried request means.
+//! A backend only looks up the keys, prefixes and request ids a batch touches ([`needs`]) and
+//! stores the [`Effects`] as they are, so the in-memory backend and the tables cannot
+//! disagree on what a put, a delete, a compare-and-set, a transaction or a retried request
+//! means, nor on the revisions and the history they produce.
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::command::ApplyResult;
-use crate::types::{KvOp, OpAt};
+use crate::txn::{Scope, TxnOp};
+use crate::types::{dedup_prune_below, Change, ChangeKind, KvOp, KvRow, OpAt};
 
-/// What a batch's decisions depend on: the stored value and revision of each key it touches,
-/// and which of its request ids were applied before, as (node, revision, flag).
+/// What a batch's decisions depend on: the stored state of each key it touches (and of every
+/// key under the prefixes it touches), which of its request ids were applied before, as
+/// (node, revision, flag), and the store's revision and history compaction point.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Lookup {
-    pub kv: HashMap<String, (String, u64)>,
+    pub kv: HashMap<String, KvRow>,
     pub requests: HashMap<(u64, u64), (u64, u64, bool)>,
+    pub revision: u64,
+    pub compact_revision: u64,
 }
 
 /// What applying a batch changes, for a backend to persist as it is.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Effects {
-    /// The final value and revision of every key the batch changed; `None`: deleted.
-    pub kv: BTreeMap<String, Option<(String, u64)>>,
+    /// The final state of every key the batch changed; `None`: deleted.
+    pub kv: BTreeMap<String, Option<KvRow>>,
     /// Request ids the batch applied: (nonce, seq) → (node, revision, flag).
     pub requests: BTreeMap<(u64, u64), (u64, u64, bool)>,
     /// Forget request ids applied below this revision (see `types::dedup_prune_below`).
     pub prune_requests_below: Option<u64>,
+    /// The history of the batch, in revision order (a revision's keys in key order).
+    pub changes: Vec<Change>,
+    /// The store's new revision, when the batch changed anything.
+    pub revision: Option<u64>,
+    /// The new history compaction point: history below it is to be forgotten.
+    pub compact_revision: Option<u64>,
 }
 
 impl Effects {
     pub fn is_empty(&self) -> bool {
-        self.kv.is_empty() && self.requests.is_empty() && self.prune_requests_below.is_none()
+        self.kv.is_empty()
+            && self.requests.is_empty()
+            && self.prune_requests_below.is_none()
+            && self.changes.is_empty()
+            && self.revision.is_none()
+            && self.compact_revision.is_none()
     }
 }
 
-/// The keys and request ids whose stored state the batch's decisions read.
-pub fn needs(ops: &[OpAt]) -> (Vec<String>, Vec<(u64, u64)>) {
-    let mut keys: Vec<String> = ops.iter().map(|o| o.op.key().to_string()).collect();
+/// What a batch reads: single keys, key prefixes and request ids, each listed once.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Needs {
+    pub keys: Vec<String>,
+    pub prefixes: Vec<String>,
+    pub ids: Vec<(u64, u64)>,
+}
+
+/// The keys, prefixes and request ids whose stored state the batch's decisions read.
+pub fn needs(ops: &[OpAt]) -> Needs {
+    let mut keys: Vec<String> = ops.iter().flat_map(|o| o.op.keys()).map(str::to_string).collect();
     keys.sort();
     keys.dedup();
+    let mut prefixes: Vec<String> = ops.iter().flat_map(|o| o.op.prefixes()).map(str::to_string).collect();
+    prefixes.sort();
+    prefixes.dedup();
     let mut ids: Vec<(u64, u64)> = ops.iter().map(|o| (o.id.nonce, o.id.seq)).collect();
     ids.sort();
     ids.dedup();
-    (keys, ids)
+    Needs { keys, prefixes, ids }
+}
+
+/// The state as the batch has made it so far.
+struct View<'a> {
+    before: &'a Lookup,
+    fx: &'a Effects,
+}
+
+impl View<'_> {
+    fn get(&self, key: &str) -> Option<&KvRow> {
+        match self.fx.kv.get(key) {
+            Some(now) => now.as_ref(),
+            None => self.before.kv.get(key),
+        }
+    }
+
+    /// The existing keys in scope, in key order.
+    fn keys_in(&self, scope: &Scope) -> Vec<String> {
+        match scope {
+            Scope::Key(k) => self.get(k).map(|_| vec![k.clone()]).unwrap_or_default(),
+            Scope::Prefix(p) => {
+                let mut keys: Vec<String> = self
+                    .before
+                    .kv
+                    .keys()
+                    .chain(self.fx.kv.keys())
+                    .filter(|k| k.starts_with(p.as_str()) && self.get(k).is_some())
+                    .cloned()
+                    .collect();
+                keys.sort();
+                keys.dedup();
+                keys
+            }
+        }
+    }
 }
 
 /// Applies `ops` in order to the state `before` (and to what earlier ops of the batch did):
@@ -51,38 +113,121 @@ pub fn needs(ops: &[OpAt]) -> (Vec<String>, Vec<(u64, u64)>) {
 ///
 /// - A request id applied before (in the window, or earlier in this batch) is a retry: it
 ///   changes nothing and answers with the first result.
-/// - Put writes the value at the op's log index (its revision); its flag is true.
+/// - An op that changes something raises the store revision by one; all its writes carry
+///   that revision, and each changed key gets a history record. An op that changes nothing
+///   answers with the current revision.
+/// - Put writes the value; its flag is true.
 /// - Delete removes the key; its flag says whether the key existed.
 /// - Cas writes only if the current value equals `expected` (`None`: the key is absent); its
 ///   flag says whether it wrote.
+/// - Txn runs its success ops if every compare holds, else its failure ops; its flag says
+///   whether the compares held. Gets write nothing (the SQL function reads them afterwards
+///   at the transaction's revision).
+/// - Compact moves the history compaction point up to at most the current revision; its
+///   flag says whether it moved.
 pub fn decide(ops: &[OpAt], before: &Lookup) -> (Vec<ApplyResult>, Effects) {
     let mut fx = Effects::default();
     let mut results = Vec::with_capacity(ops.len());
+    let mut rev = before.revision;
+    let mut compact = before.compact_revision;
     for o in ops {
         let rid = (o.id.nonce, o.id.seq);
         if let Some(&(_, revision, flag)) = fx.requests.get(&rid).or_else(|| before.requests.get(&rid)) {
             results.push(ApplyResult { revision, flag, duplicate: true });
             continue;
         }
-        let key = o.op.key();
-        let current: Option<&str> = match fx.kv.get(key) {
-            Some(now) => now.as_ref().map(|(v, _)| v.as_str()),
-            None => before.kv.get(key).map(|(v, _)| v.as_str()),
-        };
-        let (flag, write) = match &o.op {
-            KvOp::Put { value, .. } => (true, Some(Some(value))),
-            KvOp::Delete { .. } => (current.is_some(), current.is_some().then_some(None)),
-            KvOp::Cas { expected, value, .. } => {
-                let matches = current == expected.as_deref();
-                (matches, matches.then_some(Some(value)))
+        let view = View { before, fx: &fx };
+        // Each write: the key and its new value (None: delete).
+        let (flag, writes): (bool, Vec<(String, Option<String>)>) = match &o.op {
+            KvOp::Put { key, value } => (true, vec![(key.clone(), Some(value.clone()))]),
+            KvOp::Delete { key } => {
+                let exists = view.get(key).is_some();
+                (exists, if exists { vec![(key.clone(), None)] } else { Vec::new() })
+            }
+            KvOp::Cas { key, expected, value } => {
+                let matches = view.get(key).map(|r| r.value.as_str()) == expected.as_deref();
+                (matches, if matches { vec![(key.clone(), Some(value.clone()))] } else { Vec::new() })
+            }
+            KvOp::Txn(t) => {
+                let holds = t.compare.iter().all(|c| {
+                    let keys = view.keys_in(&c.scope);
+                    let rows: Vec<&KvRow> = keys.iter().filter_map(|k| view.get(k)).collect();
+                    c.holds(&rows)
+                });
+                let mut writes = Vec::new();
+                for op in if holds { &t.success } else { &t.failure } {
+                    match op {
+                        TxnOp::Put { key, value } => writes.push((key.clone(), Some(value.clone()))),
+                        TxnOp::Delete(scope) => writes.extend(view.keys_in(scope).into_iter().map(|k| (k, None))),
+                        TxnOp::Get(_) => {}
+                    }
+                }
+                (holds, writes)
+            }
+            KvOp::Compact { revision } => {
+                let moves = *revision > compact && *revision <= rev;
+                if moves {
+                    compact = *revision;
+                    fx.compact_revision = Some(compact);
+                }
+                (moves, Vec::new())
             }
         };
-        if let Some(new) = write {
-            fx.kv.insert(key.to_string(), new.map(|v| (v.clone(), o.index)));
+        if !writes.is_empty() {
+            rev += 1;
+            let mut changes = Vec::new();
+            for (key, new) in writes {
+                let old = View { before, fx: &fx }.get(&key).cloned();
+                let change = match (new, &old) {
+                    (Some(value), _) => {
+                        let row = KvRow {
+                            value: value.clone(),
+                            mod_revision: rev,
+                            create_revision: old.as_ref().map_or(rev, |o| o.create_revision),
+                            version: old.as_ref().map_or(1, |o| o.version + 1),
+                        };
+                        let c = Change {
+                            revision: rev,
+                            key: key.clone(),
+                            kind: ChangeKind::Put,
+                            value: Some(value),
+                            prev_value: old.as_ref().map(|o| o.value.clone()),
+                            create_revision: row.create_revision,
+                            version: row.version,
+                            prev_mod_revision: old.as_ref().map(|o| o.mod_revision),
+                        };
+                        fx.kv.insert(key, Some(row));
+                        c
+                    }
+                    // A key deleted twice in one transaction (overlapping prefixes): once.
+                    (None, None) => continue,
+                    (None, Some(o)) => {
+                        let c = Change {
+                            revision: rev,
+                            key: key.clone(),
+                            kind: ChangeKind::Delete,
+                            value: None,
+                            prev_value: Some(o.value.clone()),
+                            create_revision: o.create_revision,
+                            version: o.version,
+                            prev_mod_revision: Some(o.mod_revision),
+                        };
+                        fx.kv.insert(key, None);
+                        c
+                    }
+                };
+                changes.push(change);
+            }
+            changes.sort_by(|a, b| a.key.cmp(&b.key));
+            fx.changes.extend(changes);
         }
-        fx.requests.insert(rid, (o.id.node, o.index, flag));
-        results.push(ApplyResult { revision: o.index, flag, duplicate: false });
+        fx.requests.insert(rid, (o.id.node, rev, flag));
+        results.push(ApplyResult { revision: rev, flag, duplicate: false });
     }
+    if rev != before.revision {
+        fx.revision = Some(rev);
+    }
+    fx.prune_requests_below = dedup_prune_below(before.revision, rev);
     (results, fx)
 }
 
@@ -90,6 +235,7 @@ pub fn decide(ops: &[OpAt], before: &Lookup) -> (Vec<ApplyResult>, Effects) {
 mod tests {
     use super::*;
     use crate::command::RequestId;
+    use crate::txn::{CmpOp, Compare, Target, Txn};
 
     fn op(index: u64, seq: u64, op: KvOp) -> OpAt {
         OpAt { id: RequestId { node: 1, nonce: 1, seq }, index, op }
@@ -103,11 +249,14 @@ mod tests {
     fn ok(revision: u64, flag: bool) -> ApplyResult {
         ApplyResult { revision, flag, duplicate: false }
     }
+    fn row(value: &str, m: u64, c: u64, v: u64) -> KvRow {
+        KvRow { value: value.into(), mod_revision: m, create_revision: c, version: v }
+    }
 
     #[test]
     fn ops_see_the_state_before_the_batch_and_each_other() {
-        let mut before = Lookup::default();
-        before.kv.insert("a".into(), ("old".into(), 3));
+        let mut before = Lookup { revision: 3, ..Default::default() };
+        before.kv.insert("a".into(), row("old", 3, 2, 2));
         let ops = [
             op(10, 1, cas("a", Some("old"), "x")), // matches what was stored
             op(11, 2, cas("a", Some("old"), "y")), // no longer: the first CAS wrote
@@ -117,29 +266,111 @@ mod tests {
             op(15, 6, put("c", "1")),
         ];
         let (res, fx) = decide(&ops, &before);
-        assert_eq!(res, vec![ok(10, true), ok(11, false), ok(12, false), ok(13, true), ok(14, true), ok(15, true)]);
+        // Revisions count the ops that changed something, not log indexes.
+        assert_eq!(res, vec![ok(4, true), ok(4, false), ok(4, false), ok(5, true), ok(6, true), ok(7, true)]);
         assert_eq!(fx.kv.get("a"), Some(&None));
-        assert_eq!(fx.kv.get("b"), Some(&Some(("new".into(), 13))));
-        assert_eq!(fx.kv.get("c"), Some(&Some(("1".into(), 15))));
+        assert_eq!(fx.kv.get("b"), Some(&Some(row("new", 5, 5, 1))));
+        assert_eq!(fx.kv.get("c"), Some(&Some(row("1", 7, 7, 1))));
+        assert_eq!(fx.revision, Some(7));
         assert_eq!(fx.requests.len(), 6);
-        assert_eq!(fx.requests[&(1, 2)], (1, 11, false), "a failed CAS is remembered with its result");
+        assert_eq!(fx.requests[&(1, 2)], (1, 4, false), "a failed CAS is remembered with its result");
+        let history: Vec<(u64, &str, ChangeKind)> = fx.changes.iter().map(|c| (c.revision, c.key.as_str(), c.kind)).collect();
+        assert_eq!(
+            history,
+            vec![(4, "a", ChangeKind::Put), (5, "b", ChangeKind::Put), (6, "a", ChangeKind::Delete), (7, "c", ChangeKind::Put)]
+        );
+        // Each record says what was there before, so older states can be rebuilt.
+        assert_eq!(fx.changes[0].before(), Some(row("old", 3, 2, 2)));
+        assert_eq!(fx.changes[0].version, 3);
+        assert_eq!(fx.changes[2].before(), Some(row("x", 4, 2, 3)));
+        assert_eq!(fx.changes[1].before(), None);
     }
 
     #[test]
     fn a_retried_request_changes_nothing_and_answers_the_first_result() {
-        let mut before = Lookup::default();
+        let mut before = Lookup { revision: 9, ..Default::default() };
         before.requests.insert((1, 7), (1, 5, true));
         let ops = [op(20, 7, put("k", "again")), op(21, 8, put("k", "v")), op(22, 8, put("k", "retry"))];
         let (res, fx) = decide(&ops, &before);
         assert_eq!(res[0], ApplyResult { revision: 5, flag: true, duplicate: true });
-        assert_eq!(res[2], ApplyResult { revision: 21, flag: true, duplicate: true }, "a retry within the batch");
-        assert_eq!(fx.kv.get("k"), Some(&Some(("v".into(), 21))));
+        assert_eq!(res[2], ApplyResult { revision: 10, flag: true, duplicate: true }, "a retry within the batch");
+        assert_eq!(fx.kv.get("k"), Some(&Some(row("v", 10, 10, 1))));
         assert!(!fx.requests.contains_key(&(1, 7)));
+        assert_eq!(fx.changes.len(), 1);
     }
 
     #[test]
-    fn needs_lists_each_key_and_id_once() {
-        let ops = [op(1, 1, put("b", "1")), op(2, 2, put("a", "1")), op(3, 1, put("b", "2"))];
-        assert_eq!(needs(&ops), (vec!["a".to_string(), "b".to_string()], vec![(1, 1), (1, 2)]));
+    fn a_transaction_applies_one_branch_at_one_revision() {
+        let mut before = Lookup { revision: 20, ..Default::default() };
+        for (k, v) in [("acct/a", "10"), ("acct/b", "5"), ("other", "x")] {
+            before.kv.insert(k.into(), row(v, 20, 1, 4));
+        }
+        let transfer = |cmp_rev: u64| Txn {
+            compare: vec![
+                Compare { scope: Scope::Key("acct/a".into()), target: Target::ModRevision(cmp_rev), op: CmpOp::Eq },
+                Compare { scope: Scope::Prefix("acct/".into()), target: Target::Version(0), op: CmpOp::Gt },
+            ],
+            success: vec![
+                TxnOp::Put { key: "acct/a".into(), value: "7".into() },
+                TxnOp::Put { key: "acct/b".into(), value: "8".into() },
+                TxnOp::Get(Scope::Prefix("acct/".into())),
+            ],
+            failure: vec![TxnOp::Delete(Scope::Prefix("acct/".into()))],
+        };
+        let (res, fx) = decide(&[op(30, 1, KvOp::Txn(transfer(20)))], &before);
+        assert_eq!(res, vec![ok(21, true)]);
+        assert_eq!(fx.changes.iter().map(|c| (c.revision, c.key.as_str())).collect::<Vec<_>>(), vec![(21, "acct/a"), (21, "acct/b")]);
+        assert_eq!(fx.kv["acct/a"], Some(row("7", 21, 1, 5)));
+        // A stale compare takes the failure branch: the prefix delete, at one revision.
+        let (res, fx) = decide(&[op(31, 2, KvOp::Txn(transfer(19)))], &before);
+        assert_eq!(res, vec![ok(21, false)]);
+        assert_eq!(fx.kv.get("acct/a"), Some(&None));
+        assert_eq!(fx.kv.get("acct/b"), Some(&None));
+        assert!(!fx.kv.contains_key("other"));
+        assert!(fx.changes.iter().all(|c| c.revision == 21 && c.kind == ChangeKind::Delete));
+        // A transaction that writes nothing leaves the revision alone.
+        let read_only = Txn { compare: Vec::new(), success: vec![TxnOp::Get(Scope::Key("other".into()))], failure: Vec::new() };
+        let (res, fx) = decide(&[op(32, 3, KvOp::Txn(read_only))], &before);
+        assert_eq!(res, vec![ok(20, true)]);
+        assert_eq!(fx.revision, None);
+        assert!(fx.changes.is_empty());
+        // A prefix compare sees keys written earlier in the batch.
+        let later = Txn {
+            compare: vec![Compare { scope: Scope::Prefix("new/".into()), target: Target::Value("v".into()), op: CmpOp::Eq }],
+            success: vec![TxnOp::Put { key: "seen".into(), value: "yes".into() }],
+            failure: Vec::new(),
+        };
+        let (res, _) = decide(&[op(33, 4, put("new/1", "v")), op(34, 5, KvOp::Txn(later))], &before);
+        assert_eq!(res, vec![ok(21, true), ok(22, true)]);
+    }
+
+    #[test]
+    fn compaction_moves_forward_only_and_up_to_the_revision() {
+        let before = Lookup { revision: 50, compact_revision: 10, ..Default::default() };
+        let c = |seq, revision| op(seq, seq, KvOp::Compact { revision });
+        let (res, fx) = decide(&[c(1, 5), c(2, 51), c(3, 30), c(4, 20)], &before);
+        assert_eq!(res, vec![ok(50, false), ok(50, false), ok(50, true), ok(50, false)]);
+        assert_eq!(fx.compact_revision, Some(30));
+        assert_eq!(fx.revision, None);
+    }
+
+    #[test]
+    fn needs_lists_each_key_prefix_and_id_once() {
+        let txn = Txn { compare: Vec::new(), success: vec![TxnOp::Delete(Scope::Prefix("p/".into()))], failure: Vec::new() };
+        let ops = [op(1, 1, put("b", "1")), op(2, 2, put("a", "1")), op(3, 1, put("b", "2")), op(4, 3, KvOp::Txn(txn))];
+        let n = needs(&ops);
+        assert_eq!(n.keys, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(n.prefixes, vec!["p/".to_string()]);
+        assert_eq!(n.ids, vec![(1, 1), (1, 2), (1, 3)]);
+    }
+
+    #[test]
+    fn request_ids_are_pruned_by_revision() {
+        let every = crate::types::DEDUP_PRUNE_EVERY;
+        let before = Lookup { revision: every * 100 - 1, ..Default::default() };
+        let (_, fx) = decide(&[op(1, 1, put("k", "v"))], &before);
+        assert_eq!(fx.prune_requests_below, Some(every * 100 - crate::types::DEDUP_WINDOW));
+        let (_, fx) = decide(&[op(1, 1, KvOp::Delete { key: "k".into() })], &before);
+        assert_eq!(fx.prune_requests_below, None, "no write, no new revision, no pruning point");
     }
 }

@@ -85,6 +85,12 @@ pub enum Command {
     ClusterId {
         id: u128,
     },
+    /// A multi-key transaction (see `txn`).
+    Txn(crate::txn::Txn),
+    /// Forgets history below `revision` on every node (explicit, or by the retention setting).
+    Compact {
+        revision: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,9 +102,11 @@ pub struct Proposal {
 /// The result of applying a command, reported to the client that proposed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ApplyResult {
-    /// The log index of the entry that applied the request (for a put, the key's new revision).
+    /// The store's revision once the request applied: the revision of its writes, or the
+    /// unchanged revision when it wrote nothing.
     pub revision: u64,
     /// Delete: whether the key existed. Cas: whether the value was written. Put: true.
+    /// Txn: whether the compares held. Compact: whether the compaction point moved.
     pub flag: bool,
     /// The request had already been applied at `revision`; this entry was a retry and changed
     /// nothing.
@@ -151,12 +159,15 @@ impl Command {
     /// Whether every node can apply this command (Postgres text holds no NUL, an index entry
     /// has a size limit): a command that fails is skipped identically everywhere.
     pub fn validate(&self) -> Result<(), &'static str> {
-        if let Command::ClusterId { id } = self {
-            return if *id == 0 { Err("a zero cluster id") } else { Ok(()) };
+        match self {
+            Command::ClusterId { id } => return if *id == 0 { Err("a zero cluster id") } else { Ok(()) },
+            Command::Txn(t) => return t.validate().map_err(|_| "an invalid transaction"),
+            Command::Compact { .. } => return Ok(()),
+            _ => {}
         }
         check_key(self.key())?;
         match self {
-            Command::ClusterId { .. } => Ok(()),
+            Command::ClusterId { .. } | Command::Txn(_) | Command::Compact { .. } => Ok(()),
             Command::Put { value, .. } => check_value(value),
             Command::Delete { .. } => Ok(()),
             Command::Cas { expected, value, .. } => {
@@ -166,11 +177,11 @@ impl Command {
         }
     }
 
-    /// The key the command touches ("" for the cluster id, which touches none).
+    /// The key a single-key command touches ("" for the others).
     pub fn key(&self) -> &str {
         match self {
             Command::Put { key, .. } | Command::Delete { key } | Command::Cas { key, .. } => key,
-            Command::ClusterId { .. } => "",
+            Command::ClusterId { .. } | Command::Txn(_) | Command::Compact { .. } => "",
         }
     }
 }

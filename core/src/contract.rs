@@ -122,12 +122,14 @@ pub fn check_snapshot_store<B: Backend>(mut b: B) {
     let (rows, chunks) = read_all(&mut b, 50);
     assert!(chunks > 3, "50-byte chunks must split the snapshot ({chunks} reads)");
     let kv_rows = rows.iter().filter(|r| matches!(r, Row::Kv { .. })).count() as u64;
-    let request_rows = rows.len() as u64 - kv_rows;
-    assert_eq!((kv_rows, request_rows), (frozen.kv_rows, frozen.request_rows));
+    let change_rows = rows.iter().filter(|r| matches!(r, Row::Change(_))).count() as u64;
+    let request_rows = rows.len() as u64 - kv_rows - change_rows;
+    assert_eq!((kv_rows, request_rows, change_rows), (frozen.kv_rows, frozen.request_rows, frozen.change_rows));
+    assert!(change_rows > 0 && frozen.revision > 0, "history travels with the snapshot");
     let mut replay = MemBackend::new();
     apply_log(&mut replay, &log, 40);
     let want_kv: Vec<Row> =
-        replay.kv().into_iter().map(|(key, (value, revision))| Row::Kv { key, value, revision }).collect();
+        replay.inner.lock().unwrap().kv.iter().map(|(key, row)| Row::Kv { key: key.clone(), row: row.clone() }).collect();
     assert_eq!(rows[..kv_rows as usize].to_vec(), want_kv, "kv rows in key order, as of index 40");
     assert_eq!(request_rows, replay.inner.lock().unwrap().requests.len() as u64);
 
@@ -137,12 +139,20 @@ pub fn check_snapshot_store<B: Backend>(mut b: B) {
     b.stage_snapshot(a).unwrap();
     b.stage_snapshot(a).unwrap();
     b.stage_snapshot(z).unwrap();
-    let snapshot = |kv_rows, request_rows| {
+    let snapshot = |kv_rows, request_rows: u64| {
         let mut snap = Snapshot::default();
         snap.mut_metadata().index = 40;
         snap.mut_metadata().term = 2;
         snap.mut_metadata().mut_conf_state().voters = vec![1];
-        snap.set_data(SnapshotData { members: Vec::new(), kv_rows, request_rows, cluster_id: 0 }.encode().into());
+        snap.set_data(SnapshotData {
+            members: Vec::new(),
+            kv_rows,
+            request_rows,
+            change_rows,
+            revision: frozen.revision,
+            compact_revision: frozen.compact_revision,
+            cluster_id: 0,
+        }.encode().into());
         snap
     };
     let wrong = WriteBatch { snapshot: Some(snapshot(kv_rows + 1, request_rows)), sync: true, ..Default::default() };
@@ -157,6 +167,7 @@ pub fn check_snapshot_store<B: Backend>(mut b: B) {
     // What was installed is exactly what was frozen.
     let again = freeze_now(&mut b);
     assert_eq!((again.index, again.kv_rows, again.request_rows), (40, kv_rows, request_rows));
+    assert_eq!((again.revision, again.compact_revision), (frozen.revision, frozen.compact_revision));
     assert_eq!(again.conf_state.voters, vec![1]);
     assert_eq!(read_all(&mut b, 1 << 20).0, rows);
     // The installed state behaves like the replayed one: a retried request is a duplicate.
@@ -164,9 +175,11 @@ pub fn check_snapshot_store<B: Backend>(mut b: B) {
     assert!(again[0].duplicate);
 }
 
-/// A log of puts and deletes over a few keys, with no-op entries mixed in.
+/// A log of puts, deletes, compare-and-sets, transactions and compactions over a few keys,
+/// with no-op entries mixed in.
 pub fn sample_log(n: u64) -> Vec<Entry> {
     use crate::command::{Command, Proposal, RequestId};
+    use crate::txn::{CmpOp, Compare, Scope, Target, Txn, TxnOp};
     (1..=n)
         .map(|i| {
             let mut e = Entry::default();
@@ -184,6 +197,17 @@ pub fn sample_log(n: u64) -> Vec<Entry> {
                     value: format!("c{i}"),
                 }),
                 9 => Some(Command::Cas { key, expected: None, value: format!("n{i}") }),
+                // A transaction on the key's version (both branches happen), writing another
+                // key space and deleting a prefix, or reading.
+                6 => Some(Command::Txn(Txn {
+                    compare: vec![Compare { scope: Scope::Key(key.clone()), target: Target::Version(1), op: CmpOp::Gt }],
+                    success: vec![
+                        TxnOp::Put { key: format!("t{}", i % 3), value: format!("t{i}") },
+                        TxnOp::Delete(Scope::Prefix("k3".into())),
+                    ],
+                    failure: vec![TxnOp::Put { key, value: format!("f{i}") }, TxnOp::Get(Scope::Prefix("t".into()))],
+                })),
+                10 if i > 20 => Some(Command::Compact { revision: i / 4 }),
                 _ => Some(Command::Put { key, value: format!("v{i}") }),
             };
             // Every 13th entry retries the request of the entry 6 before it.
@@ -199,7 +223,6 @@ pub fn sample_log(n: u64) -> Vec<Entry> {
 /// Applies `entries` in batches of `chunk`, as the node would, returning every result.
 pub fn apply_log<B: Backend>(b: &mut B, entries: &[Entry], chunk: usize) -> Vec<ApplyResult> {
     let mut results = Vec::new();
-    let mut applied_before = b.load().unwrap().applied;
     for part in entries.chunks(chunk) {
         let mut ops = Vec::new();
         for e in part {
@@ -207,8 +230,7 @@ pub fn apply_log<B: Backend>(b: &mut B, entries: &[Entry], chunk: usize) -> Vec<
         }
         let applied = part.last().map(|e| e.index);
         let batch = WriteBatch { ops, applied, ..Default::default() };
-        results.extend(apply_and_write(b, &batch, applied_before).unwrap());
-        applied_before = applied.unwrap_or(applied_before);
+        results.extend(apply_and_write(b, &batch).unwrap().0);
     }
     results
 }

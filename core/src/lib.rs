@@ -24,6 +24,7 @@ pub mod state_machine;
 pub mod storage;
 pub mod tls;
 pub mod transport;
+pub mod txn;
 pub mod types;
 
 pub use raft;

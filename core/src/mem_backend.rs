@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use raft::eraftpb::Entry;
 
-use crate::apply::{Effects, Lookup};
+use crate::apply::{Effects, Lookup, Needs};
 use crate::snapshot::{Cursor, Frozen, Row};
 use crate::storage::{Backend, PersistedState, StoreError, StoreResult, WriteBatch};
-use crate::types::{Member, SnapshotData};
+use crate::types::{Change, KvRow, Member, SnapshotData};
 
 /// The durable state of [`MemBackend`], shared so a test can "crash" a node (drop it) and
 /// restart it on what was persisted.
@@ -17,13 +17,20 @@ use crate::types::{Member, SnapshotData};
 pub struct MemState {
     pub state: PersistedState,
     pub log: BTreeMap<u64, Entry>,
-    pub kv: BTreeMap<String, (String, u64)>,
+    pub kv: BTreeMap<String, KvRow>,
     /// Applied request ids (nonce, seq) → (node, revision, flag).
     pub requests: BTreeMap<(u64, u64), (u64, u64, bool)>,
     pub members: BTreeMap<u64, Member>,
+    /// The history by (revision, key), kept from `compact_revision` on.
+    pub changes: BTreeMap<(u64, String), Change>,
+    pub revision: u64,
+    pub compact_revision: u64,
     /// The snapshot store: a frozen copy to send, or rows being received.
-    pub snap_kv: BTreeMap<String, (String, u64)>,
+    pub snap_kv: BTreeMap<String, KvRow>,
     pub snap_requests: BTreeMap<(u64, u64), (u64, u64, bool)>,
+    pub snap_changes: BTreeMap<(u64, String), Change>,
+    /// The frozen copy's revision and compaction point.
+    pub snap_revisions: (u64, u64),
 }
 
 /// Bugs the simulation can inject into [`MemBackend`] to show it would catch them.
@@ -49,14 +56,16 @@ impl MemBackend {
     pub fn new() -> Self {
         Self::default()
     }
+    /// Each key's value and mod revision.
     pub fn kv(&self) -> BTreeMap<String, (String, u64)> {
-        self.inner.lock().unwrap().kv.clone()
+        self.inner.lock().unwrap().kv.iter().map(|(k, r)| (k.clone(), (r.value.clone(), r.mod_revision))).collect()
     }
 }
 
 impl Backend for MemBackend {
     fn load(&mut self) -> StoreResult<PersistedState> {
-        Ok(self.inner.lock().unwrap().state.clone())
+        let s = self.inner.lock().unwrap();
+        Ok(PersistedState { revision: s.revision, compact_revision: s.compact_revision, ..s.state.clone() })
     }
 
     fn read_entries(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<Entry>> {
@@ -72,11 +81,18 @@ impl Backend for MemBackend {
         Ok(self.read_entries(lo, hi)?.iter().map(|e| e.term).collect())
     }
 
-    fn lookup(&mut self, keys: &[String], ids: &[(u64, u64)]) -> StoreResult<Lookup> {
+    fn lookup(&mut self, needs: &Needs) -> StoreResult<Lookup> {
         let s = self.inner.lock().unwrap();
+        let mut kv: std::collections::HashMap<String, KvRow> =
+            needs.keys.iter().filter_map(|k| Some((k.clone(), s.kv.get(k)?.clone()))).collect();
+        for p in &needs.prefixes {
+            kv.extend(s.kv.range(p.clone()..).take_while(|(k, _)| k.starts_with(p.as_str())).map(|(k, r)| (k.clone(), r.clone())));
+        }
         Ok(Lookup {
-            kv: keys.iter().filter_map(|k| Some((k.clone(), s.kv.get(k)?.clone()))).collect(),
-            requests: ids.iter().filter_map(|id| Some((*id, *s.requests.get(id)?))).collect(),
+            kv,
+            requests: needs.ids.iter().filter_map(|id| Some((*id, *s.requests.get(id)?))).collect(),
+            revision: s.revision,
+            compact_revision: s.compact_revision,
         })
     }
 
@@ -92,18 +108,18 @@ impl Backend for MemBackend {
             s.state.last_index = m.index;
             s.state.hard_state.commit = s.state.hard_state.commit.max(m.index);
             let data = SnapshotData::decode(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            if (s.snap_kv.len() as u64, s.snap_requests.len() as u64) != (data.kv_rows, data.request_rows) {
+            let staged = (s.snap_kv.len() as u64, s.snap_requests.len() as u64, s.snap_changes.len() as u64);
+            if staged != (data.kv_rows, data.request_rows, data.change_rows) {
                 return Err(StoreError::Corrupt(format!(
-                    "snapshot {} needs {} rows and {} request ids, {} and {} are staged",
-                    m.index,
-                    data.kv_rows,
-                    data.request_rows,
-                    s.snap_kv.len(),
-                    s.snap_requests.len()
+                    "snapshot {} needs {} rows, {} request ids and {} changes, {staged:?} are staged",
+                    m.index, data.kv_rows, data.request_rows, data.change_rows
                 )));
             }
             s.kv = std::mem::take(&mut s.snap_kv);
             s.requests = std::mem::take(&mut s.snap_requests);
+            s.changes = std::mem::take(&mut s.snap_changes);
+            s.revision = data.revision;
+            s.compact_revision = data.compact_revision;
             s.members = data.members.into_iter().map(|m| (m.id, m)).collect();
             if data.cluster_id != 0 {
                 s.state.cluster_id = data.cluster_id;
@@ -136,6 +152,16 @@ impl Backend for MemBackend {
         if let Some(cut) = fx.prune_requests_below {
             s.requests.retain(|_, (_, rev, _)| *rev >= cut);
         }
+        for c in &fx.changes {
+            s.changes.insert((c.revision, c.key.clone()), c.clone());
+        }
+        if let Some(r) = fx.revision {
+            s.revision = r;
+        }
+        if let Some(cut) = fx.compact_revision {
+            s.compact_revision = cut;
+            s.changes = s.changes.split_off(&(cut, String::new()));
+        }
         if let Some(a) = b.applied {
             s.state.applied = a;
         }
@@ -162,10 +188,15 @@ impl Backend for MemBackend {
         let mut s = self.inner.lock().unwrap();
         s.snap_kv = s.kv.clone();
         s.snap_requests = s.requests.clone();
+        s.snap_changes = s.changes.clone();
+        s.snap_revisions = (s.revision, s.compact_revision);
         Ok(Some(Frozen {
             index: s.state.applied,
             kv_rows: s.snap_kv.len() as u64,
             request_rows: s.snap_requests.len() as u64,
+            change_rows: s.snap_changes.len() as u64,
+            revision: s.revision,
+            compact_revision: s.compact_revision,
             conf_state: s.state.conf_state.clone(),
             members: s.members.values().cloned().collect(),
         }))
@@ -180,12 +211,12 @@ impl Backend for MemBackend {
         match cursor {
             Cursor::Kv(after) => {
                 let lo = after.as_ref().map_or(Unbounded, |k| Excluded(k.clone()));
-                for (k, (v, r)) in s.snap_kv.range((lo, Unbounded)) {
+                for (k, r) in s.snap_kv.range((lo, Unbounded)) {
                     if full(bytes, &rows) {
                         let last = k_last(&rows);
                         return Ok((rows, Cursor::Kv(Some(last))));
                     }
-                    let row = Row::Kv { key: k.clone(), value: v.clone(), revision: *r };
+                    let row = Row::Kv { key: k.clone(), row: r.clone() };
                     bytes += row.bytes();
                     rows.push(row);
                 }
@@ -202,6 +233,21 @@ impl Backend for MemBackend {
                     bytes += row.bytes();
                     rows.push(row);
                 }
+                Ok((rows, Cursor::Changes(None)))
+            }
+            Cursor::Changes(after) => {
+                let lo = after.clone().map_or(Unbounded, Excluded);
+                for (at, c) in s.snap_changes.range((lo, Unbounded)) {
+                    if full(bytes, &rows) {
+                        let Some(Row::Change(last)) = rows.last() else { unreachable!() };
+                        let next = Cursor::Changes(Some((last.revision, last.key.clone())));
+                        return Ok((rows, next));
+                    }
+                    let _ = at;
+                    let row = Row::Change(c.clone());
+                    bytes += row.bytes();
+                    rows.push(row);
+                }
                 Ok((rows, Cursor::Done))
             }
             Cursor::Done => Ok((rows, Cursor::Done)),
@@ -212,6 +258,7 @@ impl Backend for MemBackend {
         let mut s = self.inner.lock().unwrap();
         s.snap_kv.clear();
         s.snap_requests.clear();
+        s.snap_changes.clear();
         Ok(())
     }
 
@@ -219,8 +266,11 @@ impl Backend for MemBackend {
         let mut s = self.inner.lock().unwrap();
         for r in rows {
             match r.clone() {
-                Row::Kv { key, value, revision } => {
-                    s.snap_kv.insert(key, (value, revision));
+                Row::Kv { key, row } => {
+                    s.snap_kv.insert(key, row);
+                }
+                Row::Change(c) => {
+                    s.snap_changes.insert((c.revision, c.key.clone()), c);
                 }
                 Row::Request { nonce, seq, node, revision, flag } => {
                     s.snap_requests.insert((nonce, seq), (node, revision, flag));
@@ -262,6 +312,17 @@ mod tests {
             .collect();
         assert!(cas.contains(&true) && cas.contains(&false), "CAS both succeeding and failing: {cas:?}");
         assert!(res.iter().any(|r| r.duplicate), "a duplicate request id");
+        let outcomes = |f: fn(&Command) -> bool| -> Vec<bool> {
+            log.iter()
+                .filter_map(|e| Proposal::decode(&e.data).ok())
+                .zip(&res)
+                .filter(|(p, r)| f(&p.cmd) && !r.duplicate)
+                .map(|(_, r)| r.flag)
+                .collect()
+        };
+        let txn = outcomes(|c| matches!(c, Command::Txn(_)));
+        assert!(txn.contains(&true) && txn.contains(&false), "transactions taking both branches: {txn:?}");
+        assert!(outcomes(|c| matches!(c, Command::Compact { .. })).contains(&true), "a compaction");
         assert!(res.iter().any(|r| !r.flag && !r.duplicate), "a delete of an absent key, or a failed CAS");
     }
 

@@ -45,8 +45,7 @@ impl SnapFrame {
 pub enum Row {
     Kv {
         key: String,
-        value: String,
-        revision: u64,
+        row: crate::types::KvRow,
     },
     /// A remembered request id, so retries stay deduplicated across a snapshot.
     Request {
@@ -56,23 +55,31 @@ pub enum Row {
         revision: u64,
         flag: bool,
     },
+    /// A retained history record, so a node installed from a snapshot answers history
+    /// queries exactly like the others.
+    Change(crate::types::Change),
 }
 
 impl Row {
     /// Approximate wire size, for chunk limits.
     pub fn bytes(&self) -> usize {
         match self {
-            Row::Kv { key, value, .. } => key.len() + value.len() + 16,
+            Row::Kv { key, row } => key.len() + row.value.len() + 32,
             Row::Request { .. } => 40,
+            Row::Change(c) => {
+                c.key.len() + c.value.as_ref().map_or(0, String::len) + c.prev_value.as_ref().map_or(0, String::len) + 48
+            }
         }
     }
 }
 
-/// Where reading the snapshot store stopped: the kv rows in key order, then the request ids.
+/// Where reading the snapshot store stopped: the kv rows in key order, then the request ids,
+/// then the history by (revision, key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cursor {
     Kv(Option<String>),
     Requests(Option<(u64, u64)>),
+    Changes(Option<(u64, String)>),
     Done,
 }
 
@@ -90,6 +97,10 @@ pub struct Frozen {
     pub index: u64,
     pub kv_rows: u64,
     pub request_rows: u64,
+    pub change_rows: u64,
+    /// The store's revision and history compaction point as of `index`.
+    pub revision: u64,
+    pub compact_revision: u64,
     pub conf_state: raft::eraftpb::ConfState,
     pub members: Vec<crate::types::Member>,
 }

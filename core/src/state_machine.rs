@@ -1,8 +1,8 @@
 //! Turning committed log entries into state-machine operations.
 //!
 //! The mapping is deterministic and depends only on the entry, so every node applying the
-//! same log reaches the same key-value state. A put's revision is its log index: unique and
-//! increasing across the cluster, like etcd's mod_revision.
+//! same log reaches the same key-value state. Revisions are counted by `apply`, not taken
+//! from log indexes: they rise by one per command that changes something, as etcd's do.
 
 use raft::eraftpb::{Entry, EntryType};
 
@@ -43,6 +43,8 @@ pub fn plan(entry: &Entry, ops: &mut Vec<OpAt>) -> Planned {
                     Command::Put { key, value } => KvOp::Put { key, value },
                     Command::Delete { key } => KvOp::Delete { key },
                     Command::Cas { key, expected, value } => KvOp::Cas { key, expected, value },
+                    Command::Txn(t) => KvOp::Txn(t),
+                    Command::Compact { revision } => KvOp::Compact { revision },
                 };
                 ops.push(OpAt { id: p.id, index: entry.index, op });
                 Planned::Kv { id: p.id, op_index: ops.len() - 1 }
@@ -75,9 +77,7 @@ mod tests {
         for e in entries {
             plan(e, &mut ops);
         }
-        let before = b.inner.lock().unwrap().state.applied;
-        apply_and_write(b, &WriteBatch { ops, applied: entries.last().map(|e| e.index), ..Default::default() }, before)
-            .unwrap()
+        apply_and_write(b, &WriteBatch { ops, applied: entries.last().map(|e| e.index), ..Default::default() }).unwrap().0
     }
 
     fn ok(revision: u64, flag: bool) -> ApplyResult {
@@ -92,10 +92,11 @@ mod tests {
         noop.index = 2;
         let res =
             apply(&mut b, &[put(1, "a", "x"), noop, put(3, "a", "y"), normal(4, Command::Delete { key: "b".into() })]);
-        assert_eq!(res, vec![ok(1, true), ok(3, true), ok(4, false)]);
-        assert_eq!(b.kv().get("a"), Some(&("y".to_string(), 3)));
+        // Revisions count changes: the no-op and the delete of an absent key change nothing.
+        assert_eq!(res, vec![ok(1, true), ok(2, true), ok(2, false)]);
+        assert_eq!(b.kv().get("a"), Some(&("y".to_string(), 2)));
         let res = apply(&mut b, &[normal(5, Command::Delete { key: "a".into() })]);
-        assert_eq!(res, vec![ok(5, true)]);
+        assert_eq!(res, vec![ok(3, true)]);
         assert!(b.kv().is_empty());
         assert_eq!(b.inner.lock().unwrap().state.applied, 5);
     }
@@ -108,8 +109,8 @@ mod tests {
         };
         let res =
             apply(&mut b, &[cas(1, None, "a"), cas(2, None, "b"), cas(3, Some("b"), "c"), cas(4, Some("a"), "d")]);
-        assert_eq!(res, vec![ok(1, true), ok(2, false), ok(3, false), ok(4, true)]);
-        assert_eq!(b.kv().get("lock"), Some(&("d".to_string(), 4)));
+        assert_eq!(res, vec![ok(1, true), ok(1, false), ok(1, false), ok(2, true)]);
+        assert_eq!(b.kv().get("lock"), Some(&("d".to_string(), 2)));
     }
 
     #[test]

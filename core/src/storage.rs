@@ -15,10 +15,10 @@ use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
-use crate::apply::{self, Effects, Lookup};
+use crate::apply::{self, Effects, Lookup, Needs};
 use crate::command::ApplyResult;
 use crate::snapshot::{Cursor, Frozen, Row};
-use crate::types::{dedup_prune_below, Member, MemberOp, OpAt, SnapshotData};
+use crate::types::{Member, MemberOp, OpAt, SnapshotData};
 
 /// Failure of the durable store. The node cannot continue past one: the worker restarts and
 /// resumes from what was committed.
@@ -45,6 +45,9 @@ pub struct PersistedState {
     pub last_index: u64,
     /// The cluster's random id, fixed by the first entry that sets it (0: not yet set).
     pub cluster_id: u128,
+    /// The key-value store's revision and history compaction point.
+    pub revision: u64,
+    pub compact_revision: u64,
 }
 
 impl PersistedState {
@@ -100,9 +103,10 @@ pub trait Backend {
     fn read_entries(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<Entry>>;
     /// Terms of entries `[lo, hi)`, in order.
     fn read_terms(&mut self, lo: u64, hi: u64) -> StoreResult<Vec<u64>>;
-    /// The stored state of these keys and request ids (those that exist), for
+    /// The stored state of these keys, of every key under these prefixes, of these request
+    /// ids (those that exist), and the store's revision and compaction point, for
     /// [`crate::apply::decide`].
-    fn lookup(&mut self, keys: &[String], ids: &[(u64, u64)]) -> StoreResult<Lookup>;
+    fn lookup(&mut self, needs: &Needs) -> StoreResult<Lookup>;
     /// Writes the batch atomically, with the effects of its ops as [`crate::apply::decide`]
     /// decided them (`batch.ops` themselves are not for the backend to interpret).
     fn write(&mut self, batch: &WriteBatch, effects: &Effects) -> StoreResult<()>;
@@ -130,6 +134,9 @@ pub trait Backend {
     fn members(&mut self) -> StoreResult<Vec<Member>>;
 }
 
+/// What [`apply_and_write`] returns: each op's result, the new revision, the new compaction point.
+pub type Applied = (Vec<ApplyResult>, Option<u64>, Option<u64>);
+
 /// Bytes of full entries kept in memory; older entries are read from the backend on demand.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
@@ -140,6 +147,8 @@ struct Cache {
     snapshot_term: u64,
     applied: u64,
     cluster_id: u128,
+    revision: u64,
+    compact_revision: u64,
     /// `terms[i]` is the term of index `snapshot_index + 1 + i`.
     terms: VecDeque<u64>,
     /// Contiguous entries ending at the last index.
@@ -234,6 +243,8 @@ impl<B: Backend> RaftStorage<B> {
             snapshot_term: st.snapshot_term,
             applied: st.applied,
             cluster_id: st.cluster_id,
+            revision: st.revision,
+            compact_revision: st.compact_revision,
             terms,
             tail: VecDeque::new(),
             tail_bytes: 0,
@@ -266,11 +277,7 @@ impl<B: Backend> RaftStorage<B> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let applied_before = match &batch.snapshot {
-            Some(s) => s.get_metadata().index,
-            None => self.cache.borrow().applied,
-        };
-        let results = apply_and_write(&mut *self.backend.borrow_mut(), batch, applied_before)?;
+        let (results, revision, compact_revision) = apply_and_write(&mut *self.backend.borrow_mut(), batch)?;
         let mut c = self.cache.borrow_mut();
         if let Some(snap) = &batch.snapshot {
             let m = snap.get_metadata();
@@ -288,6 +295,8 @@ impl<B: Backend> RaftStorage<B> {
                 if data.cluster_id != 0 {
                     c.cluster_id = data.cluster_id;
                 }
+                c.revision = data.revision;
+                c.compact_revision = data.compact_revision;
             }
         }
         if let Some(first) = batch.entries.first() {
@@ -302,6 +311,12 @@ impl<B: Backend> RaftStorage<B> {
         }
         if let Some(a) = batch.applied {
             c.applied = a;
+        }
+        if let Some(r) = revision {
+            c.revision = r;
+        }
+        if let Some(r) = compact_revision {
+            c.compact_revision = r;
         }
         if let Some(cs) = &batch.conf_state {
             c.cs = cs.clone();
@@ -319,6 +334,12 @@ impl<B: Backend> RaftStorage<B> {
             }
         }
         Ok(results)
+    }
+
+    /// The key-value store's revision and history compaction point.
+    pub fn revisions(&self) -> (u64, u64) {
+        let c = self.cache.borrow();
+        (c.revision, c.compact_revision)
     }
 
     pub fn hard_state(&self) -> HardState {
@@ -377,24 +398,18 @@ impl<B: Backend> RaftStorage<B> {
 }
 
 /// Decides the batch's ops ([`crate::apply`]) on the state the backend holds, and writes the
-/// batch with their effects: the one way ops are applied, whatever the backend.
-pub fn apply_and_write<B: Backend>(
-    b: &mut B,
-    batch: &WriteBatch,
-    applied_before: u64,
-) -> StoreResult<Vec<ApplyResult>> {
-    let prune = batch.applied.and_then(|a| dedup_prune_below(applied_before, a));
+/// batch with their effects: the one way ops are applied, whatever the backend. Returns each
+/// op's result, and the store's new revision and compaction point where they moved.
+pub fn apply_and_write<B: Backend>(b: &mut B, batch: &WriteBatch) -> StoreResult<Applied> {
     b.atomically(&mut |b| {
-        let (results, mut effects) = if batch.ops.is_empty() {
+        let (results, effects) = if batch.ops.is_empty() {
             (Vec::new(), Effects::default())
         } else {
-            let (keys, ids) = apply::needs(&batch.ops);
-            let before = b.lookup(&keys, &ids)?;
+            let before = b.lookup(&apply::needs(&batch.ops))?;
             apply::decide(&batch.ops, &before)
         };
-        effects.prune_requests_below = prune;
         b.write(batch, &effects)?;
-        Ok(results)
+        Ok((results, effects.revision, effects.compact_revision))
     })
 }
 
@@ -500,6 +515,9 @@ impl<B: Backend> raft::Storage for RaftStorage<B> {
             kv_rows: f.frozen.kv_rows,
             request_rows: f.frozen.request_rows,
             cluster_id: self.cluster_id(),
+            change_rows: f.frozen.change_rows,
+            revision: f.frozen.revision,
+            compact_revision: f.frozen.compact_revision,
         };
         let mut snap = Snapshot::default();
         snap.set_data(data.encode().into());

@@ -6,19 +6,98 @@ use std::collections::BTreeMap;
 
 use crate::command::RequestId;
 
-/// One state-machine operation, decided by `state_machine` and executed by the backend.
+/// One state-machine operation, decided by `apply` and executed by the backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvOp {
     Put { key: String, value: String },
     Delete { key: String },
     Cas { key: String, expected: Option<String>, value: String },
+    Txn(crate::txn::Txn),
+    /// Forget history below this revision (see [`Change`]).
+    Compact { revision: u64 },
 }
 
 impl KvOp {
-    pub fn key(&self) -> &str {
+    /// The single keys whose stored state deciding this op reads.
+    pub fn keys(&self) -> Vec<&str> {
         match self {
-            KvOp::Put { key, .. } | KvOp::Delete { key } | KvOp::Cas { key, .. } => key,
+            KvOp::Put { key, .. } | KvOp::Delete { key } | KvOp::Cas { key, .. } => vec![key],
+            KvOp::Txn(t) => t.keys(),
+            KvOp::Compact { .. } => Vec::new(),
         }
+    }
+
+    /// The key prefixes whose every stored key deciding this op reads.
+    pub fn prefixes(&self) -> Vec<&str> {
+        match self {
+            KvOp::Txn(t) => t.prefixes(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// A key's stored state, with etcd's metadata: the revision that created it (since it last
+/// did not exist), the revision of its last write, and how many writes it has had since.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KvRow {
+    pub value: String,
+    pub mod_revision: u64,
+    pub create_revision: u64,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ChangeKind {
+    Put,
+    Delete,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Put => "put",
+            ChangeKind::Delete => "delete",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "put" => Some(ChangeKind::Put),
+            "delete" => Some(ChangeKind::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// One key's change at one revision, as the history records it. For a put, `value`,
+/// `create_revision` and `version` are the key's new state; for a delete they describe the
+/// key as it was (value `None`). `prev_value` and `prev_mod_revision` are the state before
+/// (`None`: the key did not exist), so the state at any retained revision can be rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Change {
+    pub revision: u64,
+    pub key: String,
+    pub kind: ChangeKind,
+    pub value: Option<String>,
+    pub prev_value: Option<String>,
+    pub create_revision: u64,
+    pub version: u64,
+    pub prev_mod_revision: Option<u64>,
+}
+
+impl Change {
+    /// The key's state just before this change.
+    pub fn before(&self) -> Option<KvRow> {
+        let prev_mod = self.prev_mod_revision?;
+        let version = match self.kind {
+            ChangeKind::Put => self.version - 1,
+            ChangeKind::Delete => self.version,
+        };
+        Some(KvRow {
+            value: self.prev_value.clone().unwrap_or_default(),
+            mod_revision: prev_mod,
+            create_revision: self.create_revision,
+            version,
+        })
     }
 }
 
@@ -54,14 +133,15 @@ impl MemberOp {
     }
 }
 
-/// How many log entries a request id is remembered for duplicate detection.
+/// How many revisions a request id is remembered for duplicate detection (at least as many
+/// log entries: the revision rises by at most one per entry).
 pub const DEDUP_WINDOW: u64 = 100_000;
-/// Forgetting old request ids happens when the applied index crosses a multiple of this.
+/// Forgetting old request ids happens when the revision crosses a multiple of this.
 pub const DEDUP_PRUNE_EVERY: u64 = 1024;
 
-/// When applying moves from `before` to `after`, the revision below which remembered request
-/// ids are forgotten, if this is a pruning point. Depends only on indexes, so every node
-/// prunes identically.
+/// When applying moves the store revision from `before` to `after`, the revision below which
+/// remembered request ids are forgotten, if this is a pruning point. Depends only on
+/// revisions, so every node prunes identically.
 pub fn dedup_prune_below(before: u64, after: u64) -> Option<u64> {
     (after / DEDUP_PRUNE_EVERY > before / DEDUP_PRUNE_EVERY && after > DEDUP_WINDOW).then(|| after - DEDUP_WINDOW)
 }
@@ -84,6 +164,10 @@ pub struct SnapshotData {
     pub request_rows: u64,
     /// The cluster id, installed with the snapshot (0: the cluster had none yet).
     pub cluster_id: u128,
+    /// History rows streamed, and the store's revision and compaction point.
+    pub change_rows: u64,
+    pub revision: u64,
+    pub compact_revision: u64,
 }
 
 impl SnapshotData {

@@ -359,6 +359,25 @@ impl<B: Backend> Node<B> {
         self.raw.raft.leader_id
     }
 
+    /// The key-value store's revision and history compaction point, as applied here.
+    pub fn revisions(&self) -> (u64, u64) {
+        self.raw.store().revisions()
+    }
+
+    /// As leader: the compaction the history retention asks for, if any. History is kept for
+    /// `retention` revisions, compacted in steps of a tenth of that (so not every write
+    /// proposes a compaction); 0 keeps all history.
+    pub fn history_compaction_due(&self, retention: u64) -> Option<u64> {
+        let (revision, compact) = self.revisions();
+        let step = (retention / 10).max(1);
+        (self.is_leader() && retention > 0 && revision >= compact + retention + step).then(|| revision - retention)
+    }
+
+    /// Proposes forgetting history below `revision`, on every node alike.
+    pub fn propose_compact(&mut self, rid: RequestId, revision: u64) -> Result<(), ProposeError> {
+        self.propose(&Proposal { id: rid, cmd: crate::command::Command::Compact { revision } })
+    }
+
     pub fn is_leader(&self) -> bool {
         self.raw.raft.state == StateRole::Leader
     }

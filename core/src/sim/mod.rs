@@ -34,6 +34,8 @@ pub struct SimConfig {
     /// Compact each node's log past this many entries, so nodes back from a crash or a
     /// partition catch up by (streamed) snapshot.
     pub compact_threshold: Option<u64>,
+    /// History retention in revisions (the leader proposes compactions), `None`: keep all.
+    pub history_retention: Option<u64>,
     /// How often a node's peers are told it is gone (`Node::peer_gone`) when it crashes, as
     /// the transport does on a closed connection; also how often a side of a new partition is
     /// told so, and (a tenth of it, per step) how often a node is told so wrongly, as after a
@@ -54,6 +56,7 @@ impl Default for SimConfig {
             propose_rate: 0.3,
             bug: InjectedBug::None,
             compact_threshold: Some(40),
+            history_retention: Some(30),
             gone_rate: 0.8,
         }
     }
@@ -98,6 +101,8 @@ pub struct Sim {
     /// (node, context, index) of every read state seen.
     read_states: Vec<(u64, Vec<u8>, u64)>,
     seq: u64,
+    /// The history compaction each leader last proposed.
+    compact_asked: BTreeMap<u64, u64>,
     report: SimReport,
     /// Membership changes reported refused, by the node that proposed them.
     refused: Vec<RequestId>,
@@ -148,6 +153,7 @@ impl Sim {
             applied_once: Default::default(),
             read_states: Vec::new(),
             seq: 0,
+            compact_asked: BTreeMap::new(),
             report: SimReport::default(),
             refused: Vec::new(),
         }
@@ -208,7 +214,15 @@ impl Sim {
                 None => return Err(format!("node {node}: ReadIndex never answered")),
             }
         }
-        let kvs: Vec<_> = self.backends.values().map(|b| b.kv()).collect();
+        // The key-value state, the revision, the compaction point and the retained history.
+        let kvs: Vec<_> = self
+            .backends
+            .values()
+            .map(|b| {
+                let s = b.inner.lock().unwrap();
+                (s.kv.clone(), s.revision, s.compact_revision, s.changes.clone())
+            })
+            .collect();
         if kvs.windows(2).any(|w| w[0] != w[1]) {
             let st: Vec<_> = self
                 .nodes
@@ -223,11 +237,17 @@ impl Sim {
                 .collect();
             return Err(format!("state machines differ after healing: {st:?}"));
         }
+        let (_, revision, compact, history) = &kvs[0];
+        if let Some(r) = self.cfg.history_retention {
+            if *revision > 2 * r && (*compact == 0 || history.keys().any(|(rev, _)| rev < compact)) {
+                return Err(format!("history not compacted by retention {r}: revision {revision}, compacted at {compact}"));
+            }
+        }
         // Every acknowledged put is there, or overwritten by a later revision.
         for (rid, (key, rev)) in &self.acked {
-            match kvs[0].get(key) {
-                Some((_, r)) if r >= rev => {}
-                Some((_, r)) => return Err(format!("{rid:?}: {key} at revision {r}, acknowledged {rev}")),
+            match kvs[0].0.get(key).map(|row| row.mod_revision) {
+                Some(r) if r >= *rev => {}
+                Some(r) => return Err(format!("{rid:?}: {key} at revision {r}, acknowledged {rev}")),
                 None if key.starts_with("del/") => {}
                 None => return Err(format!("{rid:?}: acknowledged {key}@{rev} is missing")),
             }
@@ -431,6 +451,16 @@ impl Sim {
             if let Some(t) = self.cfg.compact_threshold {
                 let n = self.nodes.get_mut(&id).unwrap().as_mut().unwrap();
                 n.maybe_compact(t, t / 10).map_err(|e| format!("node {id}: {e}"))?;
+            }
+            if let Some(r) = self.cfg.history_retention {
+                let n = self.nodes.get_mut(&id).unwrap().as_mut().unwrap();
+                // Once per point, as the worker does (it waits for the last one to apply).
+                let due = n.history_compaction_due(r).filter(|at| self.compact_asked.get(&id) != Some(at));
+                if let Some(at) = due {
+                    self.compact_asked.insert(id, at);
+                    self.seq += 1;
+                    let _ = n.propose_compact(RequestId { node: id, nonce: 1, seq: self.seq }, at);
+                }
             }
             for m in msgs {
                 if self.rng.gen_bool(self.cfg.drop_rate) {
