@@ -18,6 +18,7 @@ pub static APPLY_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static MAX_VALUE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1 << 20);
 pub static SNAPSHOT_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static PROMOTE_LAG: GucSetting<i32> = GucSetting::<i32>::new(64);
+pub static HISTORY_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 
 pub static PEER_TLS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static SSL_CERT_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -141,6 +142,16 @@ pub fn register() {
         c"Compaction keeps a tenth of this as a margin for slightly lagging followers.",
         &SNAPSHOT_THRESHOLD,
         10,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"raft_kv.history_retention",
+        c"How many revisions of history (raft_changes, reads at a revision) are kept; 0 keeps all.",
+        c"The leader compacts older history through the log, in steps of a tenth of this, so every node keeps the same history.",
+        &HISTORY_RETENTION,
+        0,
         i32::MAX,
         GucContext::Sighup,
         GucFlags::default(),

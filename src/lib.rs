@@ -12,6 +12,7 @@ use pgrx::prelude::*;
 
 mod freeze;
 mod guc;
+mod history_api;
 mod peers;
 mod raft_log;
 mod raft_loop;
@@ -22,6 +23,7 @@ mod snapshot_tables;
 mod spi;
 mod sql_api;
 mod storage;
+mod txn_api;
 mod worker;
 
 ::pgrx::pg_module_magic!();
@@ -49,16 +51,41 @@ CREATE TABLE raft_kv.state (
     snapshot_term  bigint NOT NULL DEFAULT 0,
     -- The cluster's random id (16 bytes), set by the first leader through the log; empty
     -- until then. Every hello carries it: a peer of another cluster is refused.
-    cluster_id     bytea  NOT NULL DEFAULT ''
+    cluster_id     bytea  NOT NULL DEFAULT '',
+    -- The store's revision (etcd's: +1 per applied command that changes something) and the
+    -- history compaction point (history below it is gone).
+    revision         bigint NOT NULL DEFAULT 0,
+    compact_revision bigint NOT NULL DEFAULT 0
 );
 INSERT INTO raft_kv.state (id) VALUES (1);
 
--- The replicated key-value state machine. revision = log index of the last write.
+-- The replicated key-value state machine, with etcd's per-key metadata: the revision of
+-- the last write, the revision that created the key, and its writes since.
 CREATE TABLE raft_kv.kv (
-    key      text   COLLATE "C" PRIMARY KEY,
-    value    text   NOT NULL,
-    revision bigint NOT NULL
+    key             text   COLLATE "C" PRIMARY KEY,
+    value           text   NOT NULL,
+    mod_revision    bigint NOT NULL,
+    create_revision bigint NOT NULL,
+    version         bigint NOT NULL
 );
+
+-- History: every change to a key, at the revision that made it, written in the transaction
+-- that applies it, identically on every node; kept from state.compact_revision on. For a
+-- delete, value is NULL and create_revision/version describe the deleted key. prev_value and
+-- prev_mod_revision are the key's state before (NULL: it did not exist).
+CREATE TABLE raft_kv.changes (
+    revision          bigint NOT NULL,
+    key               text   COLLATE "C" NOT NULL,
+    kind              text   NOT NULL CHECK (kind IN ('put', 'delete')),
+    value             text,
+    prev_value        text,
+    create_revision   bigint NOT NULL,
+    version           bigint NOT NULL,
+    prev_mod_revision bigint,
+    PRIMARY KEY (revision, key)
+);
+-- Reads at a past revision look for a key's first change after it.
+CREATE INDEX changes_key ON raft_kv.changes (key, revision);
 
 COMMENT ON SCHEMA raft_kv IS 'raft_kv internal state: the Raft log, hard state and the key-value table';
 -- Applied request ids (nonce, seq), so a retried proposal is answered instead of applied
@@ -87,17 +114,21 @@ CREATE TABLE raft_kv.members (
 -- simply starts over.
 CREATE UNLOGGED TABLE raft_kv.snapshot_kv (LIKE raft_kv.kv INCLUDING ALL);
 CREATE UNLOGGED TABLE raft_kv.snapshot_requests (LIKE raft_kv.requests INCLUDING ALL);
+CREATE UNLOGGED TABLE raft_kv.snapshot_changes (LIKE raft_kv.changes INCLUDING ALL);
 -- What the snapshot tables hold: written by the freeze worker with the copy.
 CREATE UNLOGGED TABLE raft_kv.snapshot_meta (
-    applied_index bigint NOT NULL,
-    kv_rows       bigint NOT NULL,
-    request_rows  bigint NOT NULL,
-    conf_state    bytea  NOT NULL,
-    members       bytea  NOT NULL
+    applied_index    bigint NOT NULL,
+    kv_rows          bigint NOT NULL,
+    request_rows     bigint NOT NULL,
+    conf_state       bytea  NOT NULL,
+    members          bytea  NOT NULL,
+    change_rows      bigint NOT NULL,
+    revision         bigint NOT NULL,
+    compact_revision bigint NOT NULL
 );
 
-REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv, raft_kv.requests, raft_kv.members,
-    raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_meta FROM PUBLIC;
+REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv, raft_kv.requests, raft_kv.members, raft_kv.changes,
+    raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes, raft_kv.snapshot_meta FROM PUBLIC;
 REVOKE ALL ON SCHEMA raft_kv FROM PUBLIC;
 
 -- search_path is pinned: the trigger runs as whoever writes, with their search_path.
@@ -116,8 +147,8 @@ $$;
 DO $$
 DECLARE t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['log', 'state', 'kv', 'requests', 'members',
-                             'snapshot_kv', 'snapshot_requests', 'snapshot_meta'] LOOP
+    FOREACH t IN ARRAY ARRAY['log', 'state', 'kv', 'requests', 'members', 'changes',
+                             'snapshot_kv', 'snapshot_requests', 'snapshot_changes', 'snapshot_meta'] LOOP
         EXECUTE pg_catalog.format('CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE '
                        'ON raft_kv.%I FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write()', t);
     END LOOP;
@@ -141,19 +172,31 @@ GRANT raft_kv_reader TO raft_kv_writer;
 GRANT raft_kv_writer TO raft_kv_admin;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA raft_kv FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION raft_get(text, text), raft_scan(text, text), raft_status(),
+REVOKE EXECUTE ON FUNCTION raft_get(text, text, bigint), raft_get_kv(text, text, bigint), raft_scan(text, text, bigint),
+    raft_changes(bigint, text, integer, text), raft_watch(text, bigint, interval, integer), raft_status(),
     raft_set(text, text, text), raft_cas(text, text, text, text), raft_delete(text, text),
+    raft_txn(jsonb, jsonb, jsonb, text), raft_compact(bigint),
     raft_join(bigint, text, boolean), raft_remove(bigint), raft_transfer_leader(bigint),
     raft_members() FROM PUBLIC;
 
--- Readers read raft_kv.kv with their own rights (the functions are not SECURITY DEFINER).
+-- The store's revision and history compaction point, for readers (the view runs with its
+-- owner's rights; the state row holds more than readers need).
+CREATE VIEW raft_kv.revisions AS SELECT revision, compact_revision FROM raft_kv.state WHERE id = 1;
+REVOKE ALL ON raft_kv.revisions FROM PUBLIC;
+
+-- Readers read raft_kv.kv and the history with their own rights (the functions are not
+-- SECURITY DEFINER).
 GRANT USAGE ON SCHEMA raft_kv TO raft_kv_reader;
-GRANT SELECT ON raft_kv.kv TO raft_kv_reader;
-GRANT EXECUTE ON FUNCTION raft_get(text, text), raft_scan(text, text), raft_status() TO raft_kv_reader;
-GRANT EXECUTE ON FUNCTION raft_set(text, text, text), raft_cas(text, text, text, text), raft_delete(text, text)
+GRANT SELECT ON raft_kv.kv, raft_kv.changes, raft_kv.revisions TO raft_kv_reader;
+GRANT EXECUTE ON FUNCTION raft_get(text, text, bigint), raft_get_kv(text, text, bigint), raft_scan(text, text, bigint),
+    raft_changes(bigint, text, integer, text), raft_watch(text, bigint, interval, integer), raft_status()
+    TO raft_kv_reader;
+GRANT EXECUTE ON FUNCTION raft_set(text, text, text), raft_cas(text, text, text, text), raft_delete(text, text),
+    raft_txn(jsonb, jsonb, jsonb, text)
     TO raft_kv_writer;
+-- Compaction destroys history other clients may still be reading: an administrator's call.
 GRANT EXECUTE ON FUNCTION raft_join(bigint, text, boolean), raft_remove(bigint), raft_transfer_leader(bigint),
-    raft_members() TO raft_kv_admin;
+    raft_members(), raft_compact(bigint) TO raft_kv_admin;
 -- Monitoring sees the whole status, peer addresses included, and the members.
 GRANT EXECUTE ON FUNCTION raft_status(), raft_members() TO pg_monitor;
 "#,
@@ -194,7 +237,9 @@ mod tests {
              CREATE TABLE contract.requests (LIKE raft_kv.requests INCLUDING ALL);
              CREATE TABLE contract.members (LIKE raft_kv.members INCLUDING ALL);
              CREATE TABLE contract.snapshot_kv (LIKE raft_kv.snapshot_kv INCLUDING ALL);
-             CREATE TABLE contract.snapshot_requests (LIKE raft_kv.snapshot_requests INCLUDING ALL);",
+             CREATE TABLE contract.snapshot_requests (LIKE raft_kv.snapshot_requests INCLUDING ALL);
+             CREATE TABLE contract.changes (LIKE raft_kv.changes INCLUDING ALL);
+             CREATE TABLE contract.snapshot_changes (LIKE raft_kv.snapshot_changes INCLUDING ALL);",
         )
         .unwrap();
     }
@@ -226,14 +271,57 @@ mod tests {
         let expected = contract::apply_log(&mut mem, &log, 60);
         let mut pg = crate::storage::PgBackend::new("contract");
         assert_eq!(contract::apply_log(&mut pg, &log, 7), expected);
-        let rows: Vec<(String, String, i64)> = Spi::connect(|c| {
-            c.select("SELECT key, value, revision FROM contract.kv ORDER BY key", None, &[])
-                .unwrap()
-                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap(), r.get(3).unwrap().unwrap()))
-                .collect()
+        let rows: Vec<(String, String, i64, i64, i64)> = Spi::connect(|c| {
+            c.select(
+                "SELECT key, value, mod_revision, create_revision, version FROM contract.kv ORDER BY key",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| {
+                let g = |i| r.get::<i64>(i).unwrap().unwrap();
+                (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap(), g(3), g(4), g(5))
+            })
+            .collect()
         });
-        let want: Vec<(String, String, i64)> = mem.kv().into_iter().map(|(k, (v, r))| (k, v, r as i64)).collect();
+        let m = mem.inner.lock().unwrap().clone();
+        let want: Vec<(String, String, i64, i64, i64)> =
+            m.kv.iter()
+                .map(|(k, r)| {
+                    (k.clone(), r.value.clone(), r.mod_revision as i64, r.create_revision as i64, r.version as i64)
+                })
+                .collect();
         assert_eq!(rows, want);
+        // The history and the revisions, too.
+        let history = Spi::get_one::<String>(
+            "SELECT string_agg(format('%s %s %s %s %s %s %s %s', revision, key, kind, value, prev_value,              create_revision, version, prev_mod_revision), ';' ORDER BY revision, key) FROM contract.changes",
+        )
+        .unwrap()
+        .unwrap_or_default();
+        let opt = |v: &Option<String>| v.clone().unwrap_or_default();
+        let want = m
+            .changes
+            .values()
+            .map(|c| {
+                format!(
+                    "{} {} {} {} {} {} {} {}",
+                    c.revision,
+                    c.key,
+                    c.kind.as_str(),
+                    opt(&c.value),
+                    opt(&c.prev_value),
+                    c.create_revision,
+                    c.version,
+                    c.prev_mod_revision.map(|r| r.to_string()).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(";");
+        assert!(!want.is_empty());
+        assert_eq!(history, want);
+        let revs = Spi::get_two::<i64, i64>("SELECT revision, compact_revision FROM contract.state").unwrap();
+        assert_eq!(revs, (Some(m.revision as i64), Some(m.compact_revision as i64)));
+        assert!(m.compact_revision > 0);
         // The remembered request ids, row by row, too.
         let rows: Vec<(i64, i64, i64, i64, bool)> = Spi::connect(|c| {
             c.select("SELECT nonce, seq, node, revision, flag FROM contract.requests ORDER BY nonce, seq", None, &[])
@@ -277,7 +365,7 @@ mod tests {
         assert!(!res[0].duplicate && !res[1].duplicate);
         assert!(res[2].duplicate);
         assert_eq!(res[2].revision, 1);
-        let row = Spi::get_two::<String, i64>("SELECT value, revision FROM contract.kv WHERE key = 'k'").unwrap();
+        let row = Spi::get_two::<String, i64>("SELECT value, mod_revision FROM contract.kv WHERE key = 'k'").unwrap();
         assert_eq!(row, (Some("second".to_string()), Some(2)));
     }
 
@@ -288,7 +376,7 @@ mod tests {
 
     #[pg_test(error = "direct INSERT on raft_kv.kv is not allowed")]
     fn direct_insert_is_rejected() {
-        Spi::run("INSERT INTO raft_kv.kv VALUES ('k', 'v', 1)").unwrap();
+        Spi::run("INSERT INTO raft_kv.kv VALUES ('k', 'v', 1, 1, 1)").unwrap();
     }
 }
 

@@ -57,6 +57,10 @@ pub struct RaftLoop {
     last_role: (StateRole, u64),
     sending: Vec<(u64, u64)>,
     published: Option<NodeStatus>,
+    /// The revision and compaction point last published.
+    published_revision: (u64, u64),
+    /// The history compaction last proposed, and when.
+    compact_asked: Option<(u64, Instant)>,
     /// (leader, term) of the last early election started, so it is logged once.
     early_election: Option<(u64, u64)>,
     /// When statistics held back by the last report must be flushed.
@@ -146,6 +150,8 @@ impl RaftLoop {
             last_role: (StateRole::Follower, 0),
             sending: Vec::new(),
             published: None,
+            published_revision: (u64::MAX, u64::MAX),
+            compact_asked: None,
             early_election: None,
             stats_due: None,
             dropped_since_log: 0,
@@ -163,6 +169,8 @@ impl RaftLoop {
             self.take_requests(now);
             self.ready();
             self.maintenance();
+            // Before answering: a client that saw its write applied finds the revision published.
+            self.publish_revision();
             self.answer();
             self.raft_log.flush();
             self.publish_status();
@@ -277,6 +285,22 @@ impl RaftLoop {
                 Op::Set => Command::Put { key: t.key, value: t.value },
                 Op::Delete => Command::Delete { key: t.key },
                 Op::Cas => Command::Cas { key: t.key, expected: t.expected, value: t.value },
+                // The backend built both from typed values; refuse anything else unapplied.
+                Op::Txn => match serde_json::from_str::<raft_kv_core::txn::Txn>(&t.value) {
+                    Ok(txn) if txn.validate().is_ok() => Command::Txn(txn),
+                    _ => {
+                        self.answers.push((client, Answer::NotCommitted("the transaction could not be decoded")));
+                        continue;
+                    }
+                },
+                Op::Compact => match t.value.parse() {
+                    Ok(revision) => Command::Compact { revision },
+                    Err(_) => {
+                        self.answers
+                            .push((client, Answer::NotCommitted("the compaction revision could not be decoded")));
+                        continue;
+                    }
+                },
                 Op::Read => {
                     self.pending.add_read(client, t.deadline);
                     continue;
@@ -408,6 +432,16 @@ impl RaftLoop {
             self.transport.set_cluster_id(self.cluster_id);
             pgrx::log!("raft_kv: node {} belongs to cluster id {:032x}", self.me, self.cluster_id);
         }
+        // History retention: the leader compacts through the log, once per point (a proposal
+        // that is lost is asked again after a while).
+        if let Some(at) = self.node.history_compaction_due(guc::HISTORY_RETENTION.get() as u64) {
+            if self.compact_asked.is_none_or(|(r, when)| r != at || when.elapsed() >= patience) {
+                let rid = self.internal_id();
+                if self.node.propose_compact(rid, at).is_ok() {
+                    self.compact_asked = Some((at, Instant::now()));
+                }
+            }
+        }
         let threshold = guc::SNAPSHOT_THRESHOLD.get() as u64;
         if self
             .node
@@ -426,13 +460,13 @@ impl RaftLoop {
     /// Hands every settled request's outcome to its backend.
     fn answer(&mut self) {
         for ((slot, gen), answer) in self.answers.drain(..) {
-            let (outcome, rev, flag, msg) = match answer {
-                Answer::Done { revision, flag } => (Outcome::Ok, revision as i64, flag, ""),
-                Answer::NotCommitted(m) => (Outcome::NotCommitted, 0, false, m),
-                Answer::Unknown(m) => (Outcome::Unknown, 0, false, m),
-                Answer::ReadFailed(m) => (Outcome::ReadFailed, 0, false, m),
+            let (outcome, reply, msg) = match answer {
+                Answer::Done { revision, flag, wrote } => (Outcome::Ok, (revision as i64, flag, wrote), ""),
+                Answer::NotCommitted(m) => (Outcome::NotCommitted, (0, false, None), m),
+                Answer::Unknown(m) => (Outcome::Unknown, (0, false, None), m),
+                Answer::ReadFailed(m) => (Outcome::ReadFailed, (0, false, None), m),
             };
-            requests::complete(slot, gen, outcome, rev, flag, msg);
+            requests::complete(slot, gen, outcome, reply, msg);
         }
     }
 
@@ -451,6 +485,22 @@ impl RaftLoop {
         } else if force || self.stats_due.is_none() {
             // Counted from when statistics were first held back, not pushed on by each pass.
             self.stats_due = Some(now + Duration::from_millis(wait_ms.min(1000) as u64));
+        }
+    }
+
+    /// When applying moved the revision: publishes it, wakes the watchers (`raft_watch`), and
+    /// sends NOTIFY raft_kv with it, in a transaction of its own so that a full notification
+    /// queue can never fail or stall an apply. One notification per pass, whatever it applied.
+    fn publish_revision(&mut self) {
+        let (revision, compact) = self.node.revisions();
+        if (revision, compact) == self.published_revision {
+            return;
+        }
+        let moved = revision != self.published_revision.0;
+        self.published_revision = (revision, compact);
+        crate::shmem::publish_revision(revision, compact);
+        if moved {
+            crate::spi::notify("raft_kv", &revision.to_string());
         }
     }
 

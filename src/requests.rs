@@ -22,6 +22,8 @@ const VERDICT_GRACE: Duration = Duration::from_secs(2);
 pub struct Reply {
     pub revision: i64,
     pub flag: bool,
+    /// Whether the request's own entry changed something (`None`: not known, e.g. a retry).
+    pub wrote: Option<bool>,
 }
 
 /// Why a request failed, as the SQL layer reports it.
@@ -178,7 +180,14 @@ fn wait(idx: usize, gen: u64, epoch: u64, deadline: Instant) -> Result<Reply, Re
             if s.gen == gen && s.state == SlotState::Done as u8 {
                 let msg = s.message.get();
                 return match s.outcome {
-                    x if x == Outcome::Ok as u8 => Ok(Reply { revision: s.revision, flag: s.flag }),
+                    x if x == Outcome::Ok as u8 => {
+                        let wrote = match s.wrote {
+                            1 => Some(false),
+                            2 => Some(true),
+                            _ => None,
+                        };
+                        Ok(Reply { revision: s.revision, flag: s.flag, wrote })
+                    }
                     x if x == Outcome::NotCommitted as u8 => Err(RequestError::NotCommitted(msg)),
                     x if x == Outcome::ReadFailed as u8 => Err(RequestError::ReadFailed(msg)),
                     _ => Err(RequestError::Unknown(msg)),
@@ -244,7 +253,7 @@ pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u6
             continue;
         }
         if s.epoch != epoch {
-            finish(s, Outcome::NotCommitted, 0, false, "the raft_kv worker restarted before taking the request");
+            finish(s, Outcome::NotCommitted, 0, false, None, "the raft_kv worker restarted before taking the request");
             continue;
         }
         let (Some(op), Some((key, value, expected, request_id))) = (Op::from_u8(s.op), read_payload(s)) else {
@@ -296,7 +305,7 @@ fn read_payload(s: &Slot) -> Option<Payload> {
     Some((key, value, expected, request_id))
 }
 
-fn finish(s: &mut Slot, outcome: Outcome, revision: i64, flag: bool, message: &str) {
+fn finish(s: &mut Slot, outcome: Outcome, revision: i64, flag: bool, wrote: Option<bool>, message: &str) {
     if s.abandoned {
         s.state = SlotState::Free as u8;
         return;
@@ -304,17 +313,23 @@ fn finish(s: &mut Slot, outcome: Outcome, revision: i64, flag: bool, message: &s
     s.outcome = outcome as u8;
     s.revision = revision;
     s.flag = flag;
+    s.wrote = match wrote {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    };
     s.message.set(message);
     s.state = SlotState::Done as u8;
     shmem::wake_proc(s.procno);
 }
 
 /// Worker: reports the outcome of a request it took.
-pub fn complete(slot: usize, gen: u64, outcome: Outcome, revision: i64, flag: bool, message: &str) {
+pub fn complete(slot: usize, gen: u64, outcome: Outcome, reply: (i64, bool, Option<bool>), message: &str) {
+    let (revision, flag, wrote) = reply;
     let mut sh = SHARED.exclusive();
     let s = &mut sh.slots[slot];
     if s.gen == gen && s.state == SlotState::Taken as u8 {
-        finish(s, outcome, revision, flag, message);
+        finish(s, outcome, revision, flag, wrote, message);
     }
 }
 
@@ -323,8 +338,8 @@ pub fn complete(slot: usize, gen: u64, outcome: Outcome, revision: i64, flag: bo
 pub fn resolve_all(sh: &mut shmem::Shared, why: &str) {
     for s in sh.slots.iter_mut().take(NSLOTS) {
         match s.state {
-            x if x == SlotState::Taken as u8 => finish(s, Outcome::Unknown, 0, false, why),
-            x if x == SlotState::Submitted as u8 => finish(s, Outcome::NotCommitted, 0, false, why),
+            x if x == SlotState::Taken as u8 => finish(s, Outcome::Unknown, 0, false, None, why),
+            x if x == SlotState::Submitted as u8 => finish(s, Outcome::NotCommitted, 0, false, None, why),
             _ => {}
         }
     }

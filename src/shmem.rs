@@ -82,6 +82,9 @@ pub struct Status {
     pub snapshot_term: u64,
     /// A membership change is under way: another one must wait.
     pub change_pending: bool,
+    /// The key-value store's revision and history compaction point, as applied here.
+    pub revision: u64,
+    pub compact_revision: u64,
     pub n_members: u32,
     pub members: [MemberRow; MAX_MEMBERS],
 }
@@ -110,11 +113,17 @@ pub enum Op {
     Join = 5,
     Remove = 6,
     Transfer = 7,
+    /// A transaction: the value holds it as JSON (see `raft_kv_core::txn`).
+    Txn = 8,
+    /// History compaction: the value holds the revision.
+    Compact = 9,
 }
 
 impl Op {
     pub fn from_u8(v: u8) -> Option<Op> {
-        [Op::Set, Op::Delete, Op::Cas, Op::Read, Op::Join, Op::Remove, Op::Transfer].into_iter().find(|o| *o as u8 == v)
+        [Op::Set, Op::Delete, Op::Cas, Op::Read, Op::Join, Op::Remove, Op::Transfer, Op::Txn, Op::Compact]
+            .into_iter()
+            .find(|o| *o as u8 == v)
     }
 }
 
@@ -158,6 +167,8 @@ pub struct Slot {
     pub outcome: u8,
     pub revision: i64,
     pub flag: bool,
+    /// Whether the request's entry changed something: 0 unknown, 1 no, 2 yes.
+    pub wrote: u8,
     pub message: FixedStr<256>,
 }
 
@@ -167,6 +178,8 @@ pub struct Shared {
     pub status: Status,
     pub next_gen: u64,
     pub slots: [Slot; NSLOTS],
+    /// Broadcast by the worker whenever the revision moves: `raft_watch` sleeps on it.
+    pub watch: pg_sys::ConditionVariable,
 }
 
 impl Default for Shared {
@@ -176,6 +189,10 @@ impl Default for Shared {
         s.status.worker_procno = -1;
         s.status.state.set("not started");
         s.next_gen = 1;
+        // What ConditionVariableInit does, on the value that is copied into shared memory:
+        // an unlocked spinlock (0) and an empty wait list (INVALID_PGPROCNO at both ends).
+        s.watch.wakeup.head = i32::MAX;
+        s.watch.wakeup.tail = i32::MAX;
         s
     }
 }
@@ -197,6 +214,32 @@ pub fn init() {
 
 pub fn preloaded() -> bool {
     PRELOADED.load(Ordering::Relaxed)
+}
+
+/// The condition variable watchers sleep on. It lives in the shared segment, whose address
+/// never changes; the variable has its own spinlock, so it is used without the LWLock.
+pub fn watch_cv() -> *mut pg_sys::ConditionVariable {
+    let mut sh = SHARED.exclusive();
+    &mut sh.watch as *mut pg_sys::ConditionVariable
+}
+
+/// Publishes the revision and wakes every watcher.
+pub fn publish_revision(revision: u64, compact_revision: u64) {
+    let cv = {
+        let mut sh = SHARED.exclusive();
+        sh.status.revision = revision;
+        sh.status.compact_revision = compact_revision;
+        &mut sh.watch as *mut pg_sys::ConditionVariable
+    };
+    // SAFETY: the condition variable is in shared memory, initialised (see Default); the
+    // worker has a PGPROC.
+    unsafe { pg_sys::ConditionVariableBroadcast(cv) };
+}
+
+/// The revision and compaction point this node last published.
+pub fn revisions() -> (u64, u64) {
+    let sh = SHARED.share();
+    (sh.status.revision, sh.status.compact_revision)
 }
 
 /// Sets the latch of the process with this PGPROC number.

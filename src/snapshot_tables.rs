@@ -1,5 +1,6 @@
-//! The snapshot store's SQL: freezing `raft_kv.kv` and `raft_kv.requests` into the unlogged
-//! snapshot tables with what they belong to (`raft_kv.snapshot_meta`), and reading it back.
+//! The snapshot store's SQL: freezing `raft_kv.kv`, `raft_kv.requests` and the retained
+//! history (`raft_kv.changes`) into the unlogged snapshot tables with what they belong to
+//! (`raft_kv.snapshot_meta`), and reading it back.
 
 use raft_kv_core::snapshot::Frozen;
 use raft_kv_core::storage::{decode_conf_state, encode_conf_state, StoreError, StoreResult};
@@ -11,9 +12,23 @@ use crate::spi::spi_err;
 /// members they belong to, all read in the caller's transaction (which must see one snapshot:
 /// the worker's own, or a REPEATABLE READ one in the freeze worker).
 pub fn freeze_tables(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<Frozen> {
-    c.update(&q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests"), None, &[]).map_err(spi_err)?;
+    c.update(&q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes"), None, &[])
+        .map_err(spi_err)?;
     let kv = c
-        .update(&q("INSERT INTO raft_kv.snapshot_kv SELECT key, value, revision FROM raft_kv.kv"), None, &[])
+        .update(
+            &q("INSERT INTO raft_kv.snapshot_kv SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv"),
+            None,
+            &[],
+        )
+        .map_err(spi_err)?
+        .len();
+    let changes = c
+        .update(
+            &q("INSERT INTO raft_kv.snapshot_changes SELECT revision, key, kind, value, prev_value, create_revision, \
+                version, prev_mod_revision FROM raft_kv.changes"),
+            None,
+            &[],
+        )
         .map_err(spi_err)?
         .len();
     let requests = c
@@ -24,13 +39,29 @@ pub fn freeze_tables(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> Strin
         )
         .map_err(spi_err)?
         .len();
-    let t =
-        c.select(&q("SELECT applied_index, conf_state FROM raft_kv.state WHERE id = 1"), None, &[]).map_err(spi_err)?;
+    let t = c
+        .select(
+            &q("SELECT applied_index, conf_state, revision, compact_revision FROM raft_kv.state WHERE id = 1"),
+            None,
+            &[],
+        )
+        .map_err(spi_err)?;
     let t = t.first();
     let index = t.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64;
     let conf_state = decode_conf_state(&t.get::<Vec<u8>>(2).map_err(spi_err)?.unwrap_or_default())?;
+    let revision = t.get::<i64>(3).map_err(spi_err)?.unwrap_or(0) as u64;
+    let compact_revision = t.get::<i64>(4).map_err(spi_err)?.unwrap_or(0) as u64;
     let members = select_members(c, q)?;
-    Ok(Frozen { index, kv_rows: kv as u64, request_rows: requests as u64, conf_state, members })
+    Ok(Frozen {
+        index,
+        kv_rows: kv as u64,
+        request_rows: requests as u64,
+        change_rows: changes as u64,
+        revision,
+        compact_revision,
+        conf_state,
+        members,
+    })
 }
 
 pub fn select_members(c: &pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<Vec<Member>> {
@@ -49,8 +80,8 @@ pub fn select_members(c: &pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) 
 pub fn write_frozen(c: &mut pgrx::spi::SpiClient<'_>, f: &Frozen) -> StoreResult<()> {
     let members = bincode_members(&f.members);
     c.update(
-        "INSERT INTO raft_kv.snapshot_meta (applied_index, kv_rows, request_rows, conf_state, members) \
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO raft_kv.snapshot_meta (applied_index, kv_rows, request_rows, conf_state, members, \
+         change_rows, revision, compact_revision) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         None,
         &[
             (f.index as i64).into(),
@@ -58,6 +89,9 @@ pub fn write_frozen(c: &mut pgrx::spi::SpiClient<'_>, f: &Frozen) -> StoreResult
             (f.request_rows as i64).into(),
             encode_conf_state(&f.conf_state).into(),
             members.into(),
+            (f.change_rows as i64).into(),
+            (f.revision as i64).into(),
+            (f.compact_revision as i64).into(),
         ],
     )
     .map_err(spi_err)?;
@@ -67,7 +101,8 @@ pub fn write_frozen(c: &mut pgrx::spi::SpiClient<'_>, f: &Frozen) -> StoreResult
 pub fn read_frozen(c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Option<Frozen>> {
     let t = c
         .select(
-            "SELECT applied_index, kv_rows, request_rows, conf_state, members FROM raft_kv.snapshot_meta",
+            "SELECT applied_index, kv_rows, request_rows, conf_state, members, change_rows, revision, \
+             compact_revision FROM raft_kv.snapshot_meta",
             None,
             &[],
         )
@@ -82,6 +117,9 @@ pub fn read_frozen(c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Option<Frozen>> 
         index: g(1)?,
         kv_rows: g(2)?,
         request_rows: g(3)?,
+        change_rows: g(6)?,
+        revision: g(7)?,
+        compact_revision: g(8)?,
         conf_state: decode_conf_state(&t.get::<Vec<u8>>(4).map_err(spi_err)?.unwrap_or_default())?,
         members: SnapshotData::decode(&members)
             .map_err(|e| StoreError::Corrupt(format!("frozen members: {e}")))?

@@ -4,6 +4,7 @@ use std::panic::AssertUnwindSafe;
 
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
+use pgrx::prelude::*;
 use pgrx::spi::SpiError;
 use raft_kv_core::storage::StoreError;
 
@@ -71,4 +72,40 @@ pub fn in_txn<R>(f: impl FnOnce() -> R) -> R {
     } else {
         BackgroundWorker::transaction(AssertUnwindSafe(f))
     }
+}
+
+/// `NOTIFY channel, payload` in a transaction of its own (not WAL-logged, so committed
+/// asynchronously), outside any other: an error (a full notification queue) is logged and
+/// rolled back, never raised.
+pub fn notify(channel: &str, payload: &str) {
+    let sent = pgrx::PgTryBuilder::new(|| {
+        // SAFETY: on the worker's main thread, outside any transaction (every pass ends
+        // committed); the snapshot pushed is popped before the commit.
+        unsafe {
+            pg_sys::StartTransactionCommand();
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        }
+        local_async_commit();
+        Spi::run_with_args("SELECT pg_catalog.pg_notify($1, $2)", &[channel.into(), payload.into()])
+            .expect("pg_notify reports failure as an ERROR");
+        // SAFETY: as above.
+        unsafe {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        }
+        true
+    })
+    .catch_others(|e| {
+        // SAFETY: the error left the transaction started above in an aborted state.
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        let msg = match &e {
+            pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+            | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+            | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+        };
+        pgrx::warning!("raft_kv: NOTIFY {channel} failed: {msg}; watchers polling raft_changes() are unaffected");
+        false
+    })
+    .execute();
+    let _ = sent;
 }

@@ -11,7 +11,7 @@ use crate::guc;
 use crate::requests::{self, RequestError};
 use crate::shmem::{self, Op, SHARED};
 
-fn require_preload() {
+pub(crate) fn require_preload() {
     if !shmem::preloaded() {
         ErrorReport::new(
             Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -23,7 +23,7 @@ fn require_preload() {
     }
 }
 
-fn raise(code: Code, message: String, detail: Option<&str>, hint: Option<&str>) -> ! {
+pub(crate) fn raise(code: Code, message: String, detail: Option<&str>, hint: Option<&str>) -> ! {
     let mut r = ErrorReport::new(code, message, "raft_kv");
     if let Some(d) = detail {
         r = r.set_detail(d);
@@ -35,7 +35,7 @@ fn raise(code: Code, message: String, detail: Option<&str>, hint: Option<&str>) 
     unreachable!()
 }
 
-fn check_key(key: Option<&str>) -> &str {
+pub(crate) fn check_key(key: Option<&str>) -> &str {
     let Some(key) = key else {
         raise(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "raft_kv key must not be NULL".into(), None, None)
     };
@@ -53,7 +53,7 @@ fn check_key(key: Option<&str>) -> &str {
     key
 }
 
-fn check_value(value: Option<&str>) -> &str {
+pub(crate) fn check_value(value: Option<&str>) -> &str {
     let Some(value) = value else {
         raise(
             Code::ERRCODE_NULL_VALUE_NOT_ALLOWED,
@@ -74,7 +74,13 @@ fn check_value(value: Option<&str>) -> &str {
     value
 }
 
-fn request(op: Op, key: &str, value: &str, expected: Option<&str>, request_id: Option<&str>) -> requests::Reply {
+pub(crate) fn request(
+    op: Op,
+    key: &str,
+    value: &str,
+    expected: Option<&str>,
+    request_id: Option<&str>,
+) -> requests::Reply {
     // A client's request id names one command of one role: another role, or another command
     // under the same id, is a new request and can neither read nor block the first one's
     // outcome.
@@ -88,7 +94,7 @@ fn request(op: Op, key: &str, value: &str, expected: Option<&str>, request_id: O
     submit(&req)
 }
 
-fn submit(req: &requests::Request) -> requests::Reply {
+pub(crate) fn submit(req: &requests::Request) -> requests::Reply {
     requests::submit(req).unwrap_or_else(|e| match e {
         RequestError::NotRunning(state) => raise(
             Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -124,12 +130,12 @@ fn submit(req: &requests::Request) -> requests::Reply {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Consistency {
+pub(crate) enum Consistency {
     Linearizable,
     Local,
 }
 
-fn consistency(c: Option<&str>) -> Consistency {
+pub(crate) fn consistency(c: Option<&str>) -> Consistency {
     match c {
         Some("linearizable") => Consistency::Linearizable,
         Some("local") => Consistency::Local,
@@ -151,7 +157,7 @@ fn consistency(c: Option<&str>) -> Consistency {
 /// For a linearizable read: waits until this node has applied everything committed when the
 /// read started (confirmed with the leader through ReadIndex), so the local read that follows
 /// cannot be stale.
-fn read_barrier(c: Consistency) {
+pub(crate) fn read_barrier(c: Consistency) {
     if c == Consistency::Linearizable {
         // SAFETY: reads this backend's isolation level global.
         if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
@@ -166,7 +172,7 @@ fn read_barrier(c: Consistency) {
     }
 }
 
-const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+pub(crate) const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
 
 thread_local! {
     /// This backend's kept read plans, by query text: parsing and planning a one-row lookup
@@ -179,7 +185,7 @@ thread_local! {
 /// (A read-only SPI query would reuse the calling statement's snapshot, taken before the read
 /// barrier, and could miss writes the barrier waited for; a plan prepared as mutating gets a
 /// new one.) Postgres re-plans a kept plan itself when the tables change.
-fn fresh_select<R>(
+pub(crate) fn fresh_select<R>(
     sql: &'static str,
     types: &[PgOid],
     args: &[pgrx::datum::DatumWithOid],
@@ -200,7 +206,7 @@ fn fresh_select<R>(
         })
 }
 
-fn check_request_id(id: Option<&str>) -> Option<&str> {
+pub(crate) fn check_request_id(id: Option<&str>) -> Option<&str> {
     if let Some(id) = id {
         if id.is_empty() || id.len() > MAX_REQUEST_ID_BYTES {
             raise(
@@ -256,63 +262,64 @@ fn raft_delete(key: Option<&str>, request_id: default!(Option<&str>, "NULL")) ->
 
 /// The value of `key`, NULL when absent. `'linearizable'` (the default) reflects every write
 /// that completed before the call, on any node; `'local'` reads this node's applied state
-/// without contacting the leader (possibly stale).
+/// without contacting the leader (possibly stale). `at_revision` reads the value as of that
+/// revision (SQLSTATE 72000 once compacted).
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn raft_get(key: Option<&str>, consistency: default!(Option<&str>, "'linearizable'")) -> Option<String> {
+fn raft_get(
+    key: Option<&str>,
+    consistency: default!(Option<&str>, "'linearizable'"),
+    at_revision: default!(Option<i64>, "NULL"),
+) -> Option<String> {
     require_preload();
     let key = check_key(key);
+    let at = crate::history_api::revision_arg("at_revision", at_revision);
     read_barrier(self::consistency(consistency));
-    let sql = "SELECT value FROM raft_kv.kv WHERE key OPERATOR(pg_catalog.=) $1";
-    fresh_select(sql, &[TEXT], &[key.into()], |t| if t.is_empty() { Ok(None) } else { t.first().get::<String>(1) })
+    if at.is_none() {
+        // The hot path: the value alone.
+        let sql = "SELECT value FROM raft_kv.kv WHERE key OPERATOR(pg_catalog.=) $1";
+        return fresh_select(sql, &[TEXT], &[key.into()], |t| {
+            if t.is_empty() {
+                Ok(None)
+            } else {
+                t.first().get::<String>(1)
+            }
+        });
+    }
+    crate::history_api::get_at(key, at).map(|r| r.value)
 }
 
-/// Every key starting with `prefix` (all keys for ''), ordered by key, with the same
-/// consistency choices as `raft_get`.
+/// Every key starting with `prefix` (all keys for ''), ordered by key, with its metadata
+/// (etcd's mod_revision, create_revision and version), with the same consistency and
+/// `at_revision` choices as `raft_get`.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn raft_scan(
     prefix: Option<&str>,
     consistency: default!(Option<&str>, "'linearizable'"),
-) -> TableIterator<'static, (name!(key, String), name!(value, String), name!(revision, i64))> {
+    at_revision: default!(Option<i64>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(key, String),
+        name!(value, String),
+        name!(mod_revision, i64),
+        name!(create_revision, i64),
+        name!(version, i64),
+    ),
+> {
     require_preload();
     let Some(prefix) = prefix else {
         raise(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "raft_kv prefix must not be NULL".into(), None, None)
     };
+    let at = crate::history_api::revision_arg("at_revision", at_revision);
     read_barrier(self::consistency(consistency));
-    // The prefix as a key range, so the primary-key index serves it (keys sort bytewise:
-    // the column's collation is "C").
-    let upper = prefix_end(prefix);
-    let rows: Vec<(String, String, i64)> = fresh_select(
-        "SELECT key, value, revision FROM raft_kv.kv \
-         WHERE key OPERATOR(pg_catalog.>=) $1 AND ($2::text IS NULL OR key OPERATOR(pg_catalog.<) $2) \
-         ORDER BY key",
-        &[TEXT, TEXT],
-        &[prefix.into(), upper.as_deref().into()],
-        |t| {
-            let mut rows = Vec::with_capacity(t.len());
-            for r in t {
-                rows.push((r.get(1)?.unwrap_or_default(), r.get(2)?.unwrap_or_default(), r.get(3)?.unwrap_or(0)));
-            }
-            Ok(rows)
-        },
-    );
-    TableIterator::new(rows)
-}
-
-/// The least string above every string starting with `prefix`, `None` when there is none
-/// (the empty prefix, or one made only of the largest character). UTF-8 sorts bytewise in
-/// code-point order, so the prefix with its last character replaced by the next one is it.
-fn prefix_end(prefix: &str) -> Option<String> {
-    let mut chars: Vec<char> = prefix.chars().collect();
-    while let Some(last) = chars.pop() {
-        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
-        if let Some(next) = next {
-            chars.push(next);
-            return Some(chars.into_iter().collect());
-        }
-    }
-    None
+    // The prefix is read as a key range, so the primary-key index serves it (keys sort
+    // bytewise: the column's collation is "C").
+    let rows = crate::history_api::scan_at(prefix, at);
+    TableIterator::new(
+        rows.into_iter().map(|(k, r)| (k, r.value, r.mod_revision as i64, r.create_revision as i64, r.version as i64)),
+    )
 }
 
 fn nonzero(v: u64) -> Option<i64> {
@@ -462,6 +469,8 @@ fn raft_status() -> TableIterator<
         name!(voters, Option<Vec<i64>>),
         name!(change_pending, Option<bool>),
         name!(cluster_id, Option<String>),
+        name!(revision, Option<i64>),
+        name!(compact_revision, Option<i64>),
     ),
 > {
     require_preload();
@@ -489,6 +498,8 @@ fn raft_status() -> TableIterator<
         has_node.then_some(voters),
         has_node.then_some(s.change_pending),
         (s.cluster_id != 0).then(|| format!("{:032x}", s.cluster_id)),
+        raft(s.revision),
+        raft(s.compact_revision),
     );
     TableIterator::once(row)
 }

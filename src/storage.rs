@@ -6,13 +6,13 @@
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{PgBuiltInOids, PgOid};
-use raft_kv_core::apply::{Effects, Lookup};
+use raft_kv_core::apply::{Effects, Lookup, Needs};
 use raft_kv_core::eraftpb::{Entry, EntryType};
 use raft_kv_core::snapshot::{Cursor, Frozen, Row};
 use raft_kv_core::storage::{
     decode_conf_state, encode_conf_state, Backend, PersistedState, StoreError, StoreResult, WriteBatch,
 };
-use raft_kv_core::types::{Member, MemberOp, SnapshotData};
+use raft_kv_core::types::{Change, ChangeKind, KvRow, Member, MemberOp, SnapshotData};
 
 use crate::snapshot_tables::{freeze_tables, select_members};
 use crate::spi::{in_txn, spi_err};
@@ -108,7 +108,8 @@ impl Backend for PgBackend {
                     .select(
                         &self.q(
                             "SELECT term, vote, commit_index, applied_index, conf_state, snapshot_index, snapshot_term, \
-                             COALESCE((SELECT max(idx) FROM raft_kv.log), snapshot_index), cluster_id \
+                             COALESCE((SELECT max(idx) FROM raft_kv.log), snapshot_index), cluster_id, \
+                             revision, compact_revision \
                              FROM raft_kv.state WHERE id = 1",
                         ),
                         None,
@@ -136,6 +137,8 @@ impl Backend for PgBackend {
                     Err(_) if id.is_empty() => 0,
                     Err(_) => return Err(StoreError::Corrupt("raft_kv.state.cluster_id is not 16 bytes".into())),
                 };
+                st.revision = g(10)?;
+                st.compact_revision = g(11)?;
                 Ok(st)
             })
         })
@@ -208,9 +211,9 @@ impl Backend for PgBackend {
                 Cursor::Kv(after) => {
                     let filter = if after.is_some() { "WHERE key > $2" } else { "WHERE $2::text IS NULL" };
                     let sql = self.q(&format!(
-                        "SELECT key, value, revision FROM ( \
-                           SELECT key, value, revision, octet_length(key) + octet_length(value) + 16 AS size, \
-                                  sum(octet_length(key) + octet_length(value) + 16) \
+                        "SELECT key, value, mod_revision, create_revision, version FROM ( \
+                           SELECT *, octet_length(key) + octet_length(value) + 32 AS size, \
+                                  sum(octet_length(key) + octet_length(value) + 32) \
                                     OVER (ORDER BY key ROWS UNBOUNDED PRECEDING) AS upto \
                            FROM raft_kv.snapshot_kv {filter} ORDER BY key LIMIT 10000) s \
                          WHERE upto - size < $1 ORDER BY key"
@@ -219,10 +222,15 @@ impl Backend for PgBackend {
                         c.select(&sql, None, &[(max_bytes as i64).into(), after.as_deref().into()]).map_err(spi_err)?;
                     let mut rows = Vec::with_capacity(t.len());
                     for r in t {
+                        let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
                         rows.push(Row::Kv {
                             key: r.get::<String>(1).map_err(spi_err)?.unwrap_or_default(),
-                            value: r.get::<String>(2).map_err(spi_err)?.unwrap_or_default(),
-                            revision: r.get::<i64>(3).map_err(spi_err)?.unwrap_or(0) as u64,
+                            row: KvRow {
+                                value: r.get::<String>(2).map_err(spi_err)?.unwrap_or_default(),
+                                mod_revision: g(3)?,
+                                create_revision: g(4)?,
+                                version: g(5)?,
+                            },
                         });
                     }
                     let next = match rows.last() {
@@ -254,6 +262,32 @@ impl Backend for PgBackend {
                     }
                     let next = match rows.last() {
                         Some(&Row::Request { nonce, seq, .. }) => Cursor::Requests(Some((nonce, seq))),
+                        _ => Cursor::Changes(None),
+                    };
+                    Ok((rows, next))
+                }
+                Cursor::Changes(after) => {
+                    let (rev, key) = after.clone().map_or((-1, String::new()), |(r, k)| (r as i64, k));
+                    let sql = self.q(
+                        "SELECT revision, key, kind, value, prev_value, create_revision, version, prev_mod_revision FROM ( \
+                           SELECT *, octet_length(key) + coalesce(octet_length(value), 0) \
+                                     + coalesce(octet_length(prev_value), 0) + 48 AS size, \
+                                  sum(octet_length(key) + coalesce(octet_length(value), 0) \
+                                     + coalesce(octet_length(prev_value), 0) + 48) \
+                                    OVER (ORDER BY revision, key ROWS UNBOUNDED PRECEDING) AS upto \
+                           FROM raft_kv.snapshot_changes WHERE (revision, key) > ($2, $3) \
+                           ORDER BY revision, key LIMIT 10000) s \
+                         WHERE upto - size < $1 ORDER BY revision, key",
+                    );
+                    let t = c
+                        .select(&sql, None, &[(max_bytes as i64).into(), rev.into(), key.as_str().into()])
+                        .map_err(spi_err)?;
+                    let mut rows = Vec::with_capacity(t.len());
+                    for r in t {
+                        rows.push(Row::Change(change_from_row(&r)?));
+                    }
+                    let next = match rows.last() {
+                        Some(Row::Change(ch)) => Cursor::Changes(Some((ch.revision, ch.key.clone()))),
                         _ => Cursor::Done,
                     };
                     Ok((rows, next))
@@ -270,25 +304,34 @@ impl Backend for PgBackend {
         }
         in_txn(|| {
             Spi::connect_mut(|c| {
-                c.update(&self.q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests"), None, &[])
-                    .map_err(spi_err)
-                    .map(|_| ())
+                c.update(
+                    &self.q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes"),
+                    None,
+                    &[],
+                )
+                .map_err(spi_err)
+                .map(|_| ())
             })
         })
     }
 
     /// Received rows go to the unlogged snapshot tables; a chunk sent again overwrites itself.
     fn stage_snapshot(&mut self, rows: &[Row]) -> StoreResult<()> {
-        let (mut keys, mut values, mut revs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let mut meta: [Vec<i64>; 3] = Default::default();
         let mut req: [Vec<i64>; 4] = Default::default();
         let mut flags = Vec::new();
+        let mut changes = Vec::new();
         for r in rows {
             match r {
-                Row::Kv { key, value, revision } => {
+                Row::Kv { key, row } => {
                     keys.push(key.as_str());
-                    values.push(value.as_str());
-                    revs.push(*revision as i64);
+                    values.push(row.value.as_str());
+                    for (col, v) in meta.iter_mut().zip([row.mod_revision, row.create_revision, row.version]) {
+                        col.push(v as i64);
+                    }
                 }
+                Row::Change(ch) => changes.push(ch),
                 Row::Request { nonce, seq, node, revision, flag } => {
                     for (col, v) in req.iter_mut().zip([nonce, seq, node, revision]) {
                         col.push(*v as i64);
@@ -302,12 +345,40 @@ impl Backend for PgBackend {
                 // Staged rows need not survive a crash: a transfer starts over.
                 crate::spi::local_async_commit();
                 if !keys.is_empty() {
+                    let [m, cr, v] = meta.clone();
                     c.update(
-                        &self.q("INSERT INTO raft_kv.snapshot_kv (key, value, revision) \
-                                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
-                                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision"),
+                        &self.q("INSERT INTO raft_kv.snapshot_kv (key, value, mod_revision, create_revision, version) \
+                                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) \
+                                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
+                                     mod_revision = EXCLUDED.mod_revision, create_revision = EXCLUDED.create_revision, \
+                                     version = EXCLUDED.version"),
                         None,
-                        &[keys.into(), values.into(), revs.into()],
+                        &[keys.clone().into(), values.clone().into(), m.into(), cr.into(), v.into()],
+                    )
+                    .map_err(spi_err)?;
+                }
+                if !changes.is_empty() {
+                    let h = &changes;
+                    let hcol = |f: &dyn Fn(&Change) -> i64| -> Vec<i64> { h.iter().map(|c| f(c)).collect() };
+                    let htext = |f: &dyn Fn(&Change) -> Option<String>| -> Vec<Option<String>> {
+                        h.iter().map(|c| f(c)).collect()
+                    };
+                    let prev_mod: Vec<Option<i64>> = h.iter().map(|c| c.prev_mod_revision.map(|r| r as i64)).collect();
+                    c.update(
+                        &self.q("INSERT INTO raft_kv.snapshot_changes SELECT * FROM unnest($1::bigint[], $2::text[], \
+                                 $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[]) \
+                                 ON CONFLICT (revision, key) DO NOTHING"),
+                        None,
+                        &[
+                            hcol(&|c| c.revision as i64).into(),
+                            htext(&|c| Some(c.key.clone())).into(),
+                            htext(&|c| Some(c.kind.as_str().to_string())).into(),
+                            htext(&|c| c.value.clone()).into(),
+                            htext(&|c| c.prev_value.clone()).into(),
+                            hcol(&|c| c.create_revision as i64).into(),
+                            hcol(&|c| c.version as i64).into(),
+                            prev_mod.into(),
+                        ],
                     )
                     .map_err(spi_err)?;
                 }
@@ -331,11 +402,11 @@ impl Backend for PgBackend {
         in_txn(|| Spi::connect(|c| self.read_members(c)))
     }
 
-    /// Two set-based reads, whatever the batch's size.
-    /// One statement, whatever the batch's size: the keys' rows, then the request ids' rows.
-    fn lookup(&mut self, keys: &[String], ids: &[(u64, u64)]) -> StoreResult<Lookup> {
-        let nonces: Vec<i64> = ids.iter().map(|i| i.0 as i64).collect();
-        let seqs: Vec<i64> = ids.iter().map(|i| i.1 as i64).collect();
+    /// One statement, whatever the batch's size: the keys' rows, the request ids' rows and
+    /// the store's revisions; one more per prefix a transaction reads (rare).
+    fn lookup(&mut self, needs: &Needs) -> StoreResult<Lookup> {
+        let nonces: Vec<i64> = needs.ids.iter().map(|i| i.0 as i64).collect();
+        let seqs: Vec<i64> = needs.ids.iter().map(|i| i.1 as i64).collect();
         in_txn(|| {
             Spi::connect(|c| {
                 let mut out = Lookup::default();
@@ -345,18 +416,42 @@ impl Backend for PgBackend {
                     self.lookup_plan = Some(c.prepare(sql.as_str(), &args).map_err(spi_err)?.keep());
                 }
                 let plan = self.lookup_plan.as_ref().expect("prepared above");
-                let t = c.select(plan, None, &[keys.to_vec().into(), nonces.into(), seqs.into()]).map_err(spi_err)?;
+                let t =
+                    c.select(plan, None, &[needs.keys.clone().into(), nonces.into(), seqs.into()]).map_err(spi_err)?;
                 for r in t {
                     let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
-                    match r.get::<String>(1).map_err(spi_err)? {
-                        Some(key) => {
-                            let value: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
-                            out.kv.insert(key, (value, g(3)?));
+                    match r.get::<i32>(1).map_err(spi_err)?.unwrap_or(0) {
+                        1 => {
+                            let key: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
+                            let value: String = r.get(3).map_err(spi_err)?.unwrap_or_default();
+                            out.kv.insert(
+                                key,
+                                KvRow { value, mod_revision: g(4)?, create_revision: g(5)?, version: g(6)? },
+                            );
                         }
-                        None => {
-                            let flag = r.get::<bool>(7).map_err(spi_err)?.unwrap_or(false);
-                            out.requests.insert((g(4)?, g(5)?), (g(6)?, g(3)?, flag));
+                        2 => {
+                            let flag = r.get::<bool>(8).map_err(spi_err)?.unwrap_or(false);
+                            out.requests.insert((g(5)?, g(6)?), (g(7)?, g(4)?, flag));
                         }
+                        _ => (out.revision, out.compact_revision) = (g(4)?, g(5)?),
+                    }
+                }
+                for p in &needs.prefixes {
+                    let upper = raft_kv_core::command::prefix_end(p);
+                    let t = c
+                        .select(
+                            &self.q("SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
+                                     WHERE key >= $1 AND ($2::text IS NULL OR key < $2)"),
+                            None,
+                            &[p.as_str().into(), upper.into()],
+                        )
+                        .map_err(spi_err)?;
+                    for r in t {
+                        let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+                        let key: String = r.get(1).map_err(spi_err)?.unwrap_or_default();
+                        let value: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
+                        out.kv
+                            .insert(key, KvRow { value, mod_revision: g(3)?, create_revision: g(4)?, version: g(5)? });
                     }
                 }
                 Ok(out)
@@ -388,21 +483,30 @@ impl Backend for PgBackend {
 /// being flattened into a join by OFFSET 0), so their
 /// generic plans never scan a table, whatever its size or statistics.
 const LOOKUP_SQL: &str =
-    "SELECT kv.key, kv.value, kv.revision, NULL::bigint, NULL::bigint, NULL::bigint, NULL::boolean \
+    "SELECT 1, kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.version, NULL::bigint, NULL::boolean \
      FROM unnest($1::text[]) AS k(key), LATERAL (SELECT * FROM raft_kv.kv WHERE kv.key = k.key OFFSET 0) kv \
      UNION ALL \
-     SELECT NULL, NULL, r.revision, r.nonce, r.seq, r.node, r.flag \
+     SELECT 2, NULL, NULL, r.revision, r.nonce, r.seq, r.node, r.flag \
      FROM unnest($2::bigint[], $3::bigint[]) AS i(nonce, seq), \
-     LATERAL (SELECT * FROM raft_kv.requests r WHERE r.nonce = i.nonce AND r.seq = i.seq OFFSET 0) r";
+     LATERAL (SELECT * FROM raft_kv.requests r WHERE r.nonce = i.nonce AND r.seq = i.seq OFFSET 0) r \
+     UNION ALL \
+     SELECT 3, NULL, NULL, s.revision, s.compact_revision, NULL, NULL, NULL FROM raft_kv.state s WHERE s.id = 1";
 
 /// A batch's effects: the keys written and the request ids recorded, in one statement; the
 /// keys deleted, when there are any, in one more (`DELETE_SQL`). No key is both written and
 /// deleted (the effects hold each key's final state), so the two never touch the same row.
-const EFFECTS_SQL: &str = "WITH put AS (INSERT INTO raft_kv.kv (key, value, revision) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) \
-             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, revision = EXCLUDED.revision) \
+const EFFECTS_SQL: &str = "WITH put AS (INSERT INTO raft_kv.kv (key, value, mod_revision, create_revision, version) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $9::bigint[], $10::bigint[]) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, mod_revision = EXCLUDED.mod_revision, \
+                 create_revision = EXCLUDED.create_revision, version = EXCLUDED.version), \
+     history AS (INSERT INTO raft_kv.changes (revision, key, kind, value, prev_value, create_revision, version, \
+                 prev_mod_revision) \
+             SELECT * FROM unnest($11::bigint[], $12::text[], $13::text[], $14::text[], $15::text[], $16::bigint[], \
+                 $17::bigint[], $18::bigint[])) \
      INSERT INTO raft_kv.requests (nonce, seq, node, revision, flag) \
      SELECT * FROM unnest($4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::boolean[])";
+/// Forgets history below a compaction point (the primary key's leading column serves it).
+const COMPACT_HISTORY_SQL: &str = "DELETE FROM raft_kv.changes WHERE revision < $1";
 /// Probes the primary key per element; run only when a batch deletes something, so a plan
 /// made while the table was small (a scan) never runs against it once it is large.
 const DELETE_SQL: &str = "DELETE FROM raft_kv.kv WHERE key = ANY ($1::text[])";
@@ -434,7 +538,8 @@ const LOG_APPEND_SQL: &str = "INSERT INTO raft_kv.log (idx, term, kind, data, co
 /// update per transaction.
 const STATE_SQL: &str = "UPDATE raft_kv.state SET term = coalesce($1, term), vote = coalesce($2, vote), \
      commit_index = coalesce($3, commit_index), applied_index = coalesce($4, applied_index), \
-     conf_state = coalesce($5, conf_state) WHERE id = 1";
+     conf_state = coalesce($5, conf_state), revision = coalesce($6, revision), \
+     compact_revision = coalesce($7, compact_revision) WHERE id = 1";
 const PRUNE_REQUESTS_SQL: &str = "DELETE FROM raft_kv.requests WHERE revision < $1";
 const COMPACT_LOG_SQL: &str = "DELETE FROM raft_kv.log WHERE idx <= $1";
 const COMPACT_STATE_SQL: &str =
@@ -451,12 +556,13 @@ fn write_batch(
     if let Some(snap) = &b.snapshot {
         let m = snap.get_metadata();
         let data = SnapshotData::decode(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let staged = data.kv_rows > 0 || data.request_rows > 0;
+        let staged = data.kv_rows > 0 || data.request_rows > 0 || data.change_rows > 0;
         if staged {
             // Check before changing anything: a short or stale staging must not be installed.
             let t = c
                 .select(
-                    &q("SELECT (SELECT count(*) FROM raft_kv.snapshot_kv), (SELECT count(*) FROM raft_kv.snapshot_requests)"),
+                    &q("SELECT (SELECT count(*) FROM raft_kv.snapshot_kv), (SELECT count(*) FROM raft_kv.snapshot_requests), \
+                        (SELECT count(*) FROM raft_kv.snapshot_changes)"),
                     None,
                     &[],
                 )
@@ -464,18 +570,20 @@ fn write_batch(
             let t = t.first();
             let kv = t.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64;
             let requests = t.get::<i64>(2).map_err(spi_err)?.unwrap_or(0) as u64;
-            if (kv, requests) != (data.kv_rows, data.request_rows) {
+            let changes = t.get::<i64>(3).map_err(spi_err)?.unwrap_or(0) as u64;
+            if (kv, requests, changes) != (data.kv_rows, data.request_rows, data.change_rows) {
                 return Err(StoreError::Corrupt(format!(
-                    "snapshot {} needs {} rows and {} request ids, {kv} and {requests} are staged",
-                    m.index, data.kv_rows, data.request_rows
+                    "snapshot {} needs {} rows, {} request ids and {} changes; {kv}, {requests} and {changes} are staged",
+                    m.index, data.kv_rows, data.request_rows, data.change_rows
                 )));
             }
         }
-        for table in ["log", "kv", "requests", "members"] {
+        for table in ["log", "kv", "requests", "members", "changes"] {
             c.update(&q(&format!("DELETE FROM raft_kv.{table}")), None, &[]).map_err(spi_err)?;
         }
         if staged {
-            c.update(&q("INSERT INTO raft_kv.kv SELECT key, value, revision FROM raft_kv.snapshot_kv"), None, &[])
+            c.update(&q("INSERT INTO raft_kv.kv SELECT * FROM raft_kv.snapshot_kv"), None, &[]).map_err(spi_err)?;
+            c.update(&q("INSERT INTO raft_kv.changes SELECT * FROM raft_kv.snapshot_changes"), None, &[])
                 .map_err(spi_err)?;
             c.update(
                 &q("INSERT INTO raft_kv.requests SELECT nonce, seq, node, revision, flag FROM raft_kv.snapshot_requests"),
@@ -483,7 +591,12 @@ fn write_batch(
                 &[],
             )
             .map_err(spi_err)?;
-            c.update(&q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests"), None, &[]).map_err(spi_err)?;
+            c.update(
+                &q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes"),
+                None,
+                &[],
+            )
+            .map_err(spi_err)?;
         }
         for mem in &data.members {
             upsert_member(c, q, mem)?;
@@ -493,9 +606,16 @@ fn write_batch(
         }
         c.update(
             &q("UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2, conf_state = $3, \
-             applied_index = $1, commit_index = greatest(commit_index, $1) WHERE id = 1"),
+             applied_index = $1, commit_index = greatest(commit_index, $1), revision = $4, compact_revision = $5 \
+             WHERE id = 1"),
             None,
-            &[(m.index as i64).into(), (m.term as i64).into(), encode_conf_state(m.get_conf_state()).into()],
+            &[
+                (m.index as i64).into(),
+                (m.term as i64).into(),
+                encode_conf_state(m.get_conf_state()).into(),
+                (data.revision as i64).into(),
+                (data.compact_revision as i64).into(),
+            ],
         )
         .map_err(spi_err)?;
     }
@@ -514,15 +634,22 @@ fn write_batch(
     if let Some(id) = b.cluster_id {
         write_cluster_id(c, q, id)?;
     }
-    // The ops' effects, as decided in the core: the keys deleted (if any), then the keys
-    // written and the request ids recorded.
-    let (mut keys, mut values, mut revs, mut gone) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // The ops' effects, as decided in the core: history compacted, the keys deleted (if
+    // any), then the keys written, their history and the request ids recorded.
+    if let Some(cut) = fx.compact_revision {
+        let compact = plans.get(c, schema, COMPACT_HISTORY_SQL, &[INT8])?;
+        c.update(compact, None, &[(cut as i64).into()]).map_err(spi_err)?;
+    }
+    let (mut keys, mut values, mut revs, mut creates, mut versions, mut gone) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (key, now) in &fx.kv {
         match now {
-            Some((v, rev)) => {
+            Some(r) => {
                 keys.push(key.clone());
-                values.push(v.clone());
-                revs.push(*rev as i64);
+                values.push(r.value.clone());
+                revs.push(r.mod_revision as i64);
+                creates.push(r.create_revision as i64);
+                versions.push(r.version as i64);
             }
             None => gone.push(key.clone()),
         }
@@ -536,8 +663,15 @@ fn write_batch(
             let delete = plans.get(c, schema, DELETE_SQL, &[TEXTARRAY])?;
             c.update(delete, None, &[gone.into()]).map_err(spi_err)?;
         }
-        let args = [TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, BOOLARRAY];
+        let h = &fx.changes;
+        let hcol = |f: &dyn Fn(&Change) -> i64| -> Vec<i64> { h.iter().map(f).collect() };
+        let htext = |f: &dyn Fn(&Change) -> Option<String>| -> Vec<Option<String>> { h.iter().map(f).collect() };
+        let args = [
+            TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, BOOLARRAY, INT8ARRAY,
+            INT8ARRAY, INT8ARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY,
+        ];
         let effects = plans.get(c, schema, EFFECTS_SQL, &args)?;
+        let prev_mod: Vec<Option<i64>> = h.iter().map(|c| c.prev_mod_revision.map(|r| r as i64)).collect();
         c.update(
             effects,
             None,
@@ -550,6 +684,16 @@ fn write_batch(
                 col(&|r| r.1 .0 as i64).into(),
                 col(&|r| r.1 .1 as i64).into(),
                 flags.into(),
+                creates.into(),
+                versions.into(),
+                hcol(&|c| c.revision as i64).into(),
+                htext(&|c| Some(c.key.clone())).into(),
+                htext(&|c| Some(c.kind.as_str().to_string())).into(),
+                htext(&|c| c.value.clone()).into(),
+                htext(&|c| c.prev_value.clone()).into(),
+                hcol(&|c| c.create_revision as i64).into(),
+                hcol(&|c| c.version as i64).into(),
+                prev_mod.into(),
             ],
         )
         .map_err(spi_err)?;
@@ -574,10 +718,15 @@ fn write_batch(
         c.update(state, None, &[(index as i64).into(), (term as i64).into()]).map_err(spi_err)?;
     }
     // After the snapshot's own state update, so the hard state's commit index wins over it.
-    if b.hard_state.is_some() || b.applied.is_some() || b.conf_state.is_some() {
+    if b.hard_state.is_some()
+        || b.applied.is_some()
+        || b.conf_state.is_some()
+        || fx.revision.is_some()
+        || fx.compact_revision.is_some()
+    {
         let hs = b.hard_state.as_ref();
         let cs = b.conf_state.as_ref().map(encode_conf_state);
-        let state = plans.get(c, schema, STATE_SQL, &[INT8, INT8, INT8, INT8, BYTEA])?;
+        let state = plans.get(c, schema, STATE_SQL, &[INT8, INT8, INT8, INT8, BYTEA, INT8, INT8])?;
         c.update(
             state,
             None,
@@ -587,11 +736,30 @@ fn write_batch(
                 hs.map(|h| h.commit as i64).into(),
                 b.applied.map(|a| a as i64).into(),
                 cs.into(),
+                fx.revision.map(|r| r as i64).into(),
+                fx.compact_revision.map(|r| r as i64).into(),
             ],
         )
         .map_err(spi_err)?;
     }
     Ok(())
+}
+
+/// A history row as `SELECT revision, key, kind, value, prev_value, create_revision, version,
+/// prev_mod_revision` returns it.
+pub fn change_from_row(r: &pgrx::spi::SpiHeapTupleData<'_>) -> StoreResult<Change> {
+    let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+    let kind: String = r.get(3).map_err(spi_err)?.unwrap_or_default();
+    Ok(Change {
+        revision: g(1)?,
+        key: r.get(2).map_err(spi_err)?.unwrap_or_default(),
+        kind: ChangeKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("history kind {kind:?}")))?,
+        value: r.get(4).map_err(spi_err)?,
+        prev_value: r.get(5).map_err(spi_err)?,
+        create_revision: g(6)?,
+        version: g(7)?,
+        prev_mod_revision: r.get::<i64>(8).map_err(spi_err)?.map(|v| v as u64),
+    })
 }
 
 fn write_cluster_id(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String, id: u128) -> StoreResult<()> {

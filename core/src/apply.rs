@@ -133,7 +133,7 @@ pub fn decide(ops: &[OpAt], before: &Lookup) -> (Vec<ApplyResult>, Effects) {
     for o in ops {
         let rid = (o.id.nonce, o.id.seq);
         if let Some(&(_, revision, flag)) = fx.requests.get(&rid).or_else(|| before.requests.get(&rid)) {
-            results.push(ApplyResult { revision, flag, duplicate: true });
+            results.push(ApplyResult { revision, flag, duplicate: true, wrote: false });
             continue;
         }
         let view = View { before, fx: &fx };
@@ -173,7 +173,8 @@ pub fn decide(ops: &[OpAt], before: &Lookup) -> (Vec<ApplyResult>, Effects) {
                 (moves, Vec::new())
             }
         };
-        if !writes.is_empty() {
+        let wrote = !writes.is_empty();
+        if wrote {
             rev += 1;
             let mut changes = Vec::new();
             for (key, new) in writes {
@@ -222,7 +223,7 @@ pub fn decide(ops: &[OpAt], before: &Lookup) -> (Vec<ApplyResult>, Effects) {
             fx.changes.extend(changes);
         }
         fx.requests.insert(rid, (o.id.node, rev, flag));
-        results.push(ApplyResult { revision: rev, flag, duplicate: false });
+        results.push(ApplyResult { revision: rev, flag, duplicate: false, wrote });
     }
     if rev != before.revision {
         fx.revision = Some(rev);
@@ -247,7 +248,11 @@ mod tests {
         KvOp::Cas { key: k.into(), expected: expected.map(Into::into), value: v.into() }
     }
     fn ok(revision: u64, flag: bool) -> ApplyResult {
-        ApplyResult { revision, flag, duplicate: false }
+        ApplyResult { revision, flag, duplicate: false, wrote: false }
+    }
+    /// Results, with whether each wrote left out (checked separately).
+    fn res(r: Vec<ApplyResult>) -> Vec<ApplyResult> {
+        r.into_iter().map(|r| ApplyResult { wrote: false, ..r }).collect()
     }
     fn row(value: &str, m: u64, c: u64, v: u64) -> KvRow {
         KvRow { value: value.into(), mod_revision: m, create_revision: c, version: v }
@@ -265,19 +270,29 @@ mod tests {
             op(14, 5, KvOp::Delete { key: "a".into() }),
             op(15, 6, put("c", "1")),
         ];
-        let (res, fx) = decide(&ops, &before);
+        let (r, fx) = decide(&ops, &before);
         // Revisions count the ops that changed something, not log indexes.
-        assert_eq!(res, vec![ok(4, true), ok(4, false), ok(4, false), ok(5, true), ok(6, true), ok(7, true)]);
+        assert_eq!(
+            res(r.clone()),
+            vec![ok(4, true), ok(4, false), ok(4, false), ok(5, true), ok(6, true), ok(7, true)]
+        );
+        assert_eq!(r.iter().map(|r| r.wrote).collect::<Vec<_>>(), vec![true, false, false, true, true, true]);
         assert_eq!(fx.kv.get("a"), Some(&None));
         assert_eq!(fx.kv.get("b"), Some(&Some(row("new", 5, 5, 1))));
         assert_eq!(fx.kv.get("c"), Some(&Some(row("1", 7, 7, 1))));
         assert_eq!(fx.revision, Some(7));
         assert_eq!(fx.requests.len(), 6);
         assert_eq!(fx.requests[&(1, 2)], (1, 4, false), "a failed CAS is remembered with its result");
-        let history: Vec<(u64, &str, ChangeKind)> = fx.changes.iter().map(|c| (c.revision, c.key.as_str(), c.kind)).collect();
+        let history: Vec<(u64, &str, ChangeKind)> =
+            fx.changes.iter().map(|c| (c.revision, c.key.as_str(), c.kind)).collect();
         assert_eq!(
             history,
-            vec![(4, "a", ChangeKind::Put), (5, "b", ChangeKind::Put), (6, "a", ChangeKind::Delete), (7, "c", ChangeKind::Put)]
+            vec![
+                (4, "a", ChangeKind::Put),
+                (5, "b", ChangeKind::Put),
+                (6, "a", ChangeKind::Delete),
+                (7, "c", ChangeKind::Put)
+            ]
         );
         // Each record says what was there before, so older states can be rebuilt.
         assert_eq!(fx.changes[0].before(), Some(row("old", 3, 2, 2)));
@@ -292,8 +307,12 @@ mod tests {
         before.requests.insert((1, 7), (1, 5, true));
         let ops = [op(20, 7, put("k", "again")), op(21, 8, put("k", "v")), op(22, 8, put("k", "retry"))];
         let (res, fx) = decide(&ops, &before);
-        assert_eq!(res[0], ApplyResult { revision: 5, flag: true, duplicate: true });
-        assert_eq!(res[2], ApplyResult { revision: 10, flag: true, duplicate: true }, "a retry within the batch");
+        assert_eq!(res[0], ApplyResult { revision: 5, flag: true, duplicate: true, wrote: false });
+        assert_eq!(
+            res[2],
+            ApplyResult { revision: 10, flag: true, duplicate: true, wrote: false },
+            "a retry within the batch"
+        );
         assert_eq!(fx.kv.get("k"), Some(&Some(row("v", 10, 10, 1))));
         assert!(!fx.requests.contains_key(&(1, 7)));
         assert_eq!(fx.changes.len(), 1);
@@ -317,46 +336,56 @@ mod tests {
             ],
             failure: vec![TxnOp::Delete(Scope::Prefix("acct/".into()))],
         };
-        let (res, fx) = decide(&[op(30, 1, KvOp::Txn(transfer(20)))], &before);
-        assert_eq!(res, vec![ok(21, true)]);
-        assert_eq!(fx.changes.iter().map(|c| (c.revision, c.key.as_str())).collect::<Vec<_>>(), vec![(21, "acct/a"), (21, "acct/b")]);
+        let (r, fx) = decide(&[op(30, 1, KvOp::Txn(transfer(20)))], &before);
+        assert_eq!(res(r.clone()), vec![ok(21, true)]);
+        assert!(r[0].wrote);
+        assert_eq!(
+            fx.changes.iter().map(|c| (c.revision, c.key.as_str())).collect::<Vec<_>>(),
+            vec![(21, "acct/a"), (21, "acct/b")]
+        );
         assert_eq!(fx.kv["acct/a"], Some(row("7", 21, 1, 5)));
         // A stale compare takes the failure branch: the prefix delete, at one revision.
-        let (res, fx) = decide(&[op(31, 2, KvOp::Txn(transfer(19)))], &before);
-        assert_eq!(res, vec![ok(21, false)]);
+        let (r, fx) = decide(&[op(31, 2, KvOp::Txn(transfer(19)))], &before);
+        assert_eq!(res(r), vec![ok(21, false)]);
         assert_eq!(fx.kv.get("acct/a"), Some(&None));
         assert_eq!(fx.kv.get("acct/b"), Some(&None));
         assert!(!fx.kv.contains_key("other"));
         assert!(fx.changes.iter().all(|c| c.revision == 21 && c.kind == ChangeKind::Delete));
         // A transaction that writes nothing leaves the revision alone.
-        let read_only = Txn { compare: Vec::new(), success: vec![TxnOp::Get(Scope::Key("other".into()))], failure: Vec::new() };
-        let (res, fx) = decide(&[op(32, 3, KvOp::Txn(read_only))], &before);
-        assert_eq!(res, vec![ok(20, true)]);
+        let read_only =
+            Txn { compare: Vec::new(), success: vec![TxnOp::Get(Scope::Key("other".into()))], failure: Vec::new() };
+        let (r, fx) = decide(&[op(32, 3, KvOp::Txn(read_only))], &before);
+        assert_eq!(r, vec![ok(20, true)], "wrote nothing");
         assert_eq!(fx.revision, None);
         assert!(fx.changes.is_empty());
         // A prefix compare sees keys written earlier in the batch.
         let later = Txn {
-            compare: vec![Compare { scope: Scope::Prefix("new/".into()), target: Target::Value("v".into()), op: CmpOp::Eq }],
+            compare: vec![Compare {
+                scope: Scope::Prefix("new/".into()),
+                target: Target::Value("v".into()),
+                op: CmpOp::Eq,
+            }],
             success: vec![TxnOp::Put { key: "seen".into(), value: "yes".into() }],
             failure: Vec::new(),
         };
-        let (res, _) = decide(&[op(33, 4, put("new/1", "v")), op(34, 5, KvOp::Txn(later))], &before);
-        assert_eq!(res, vec![ok(21, true), ok(22, true)]);
+        let (r, _) = decide(&[op(33, 4, put("new/1", "v")), op(34, 5, KvOp::Txn(later))], &before);
+        assert_eq!(res(r), vec![ok(21, true), ok(22, true)]);
     }
 
     #[test]
     fn compaction_moves_forward_only_and_up_to_the_revision() {
         let before = Lookup { revision: 50, compact_revision: 10, ..Default::default() };
         let c = |seq, revision| op(seq, seq, KvOp::Compact { revision });
-        let (res, fx) = decide(&[c(1, 5), c(2, 51), c(3, 30), c(4, 20)], &before);
-        assert_eq!(res, vec![ok(50, false), ok(50, false), ok(50, true), ok(50, false)]);
+        let (r, fx) = decide(&[c(1, 5), c(2, 51), c(3, 30), c(4, 20)], &before);
+        assert_eq!(r, vec![ok(50, false), ok(50, false), ok(50, true), ok(50, false)]);
         assert_eq!(fx.compact_revision, Some(30));
         assert_eq!(fx.revision, None);
     }
 
     #[test]
     fn needs_lists_each_key_prefix_and_id_once() {
-        let txn = Txn { compare: Vec::new(), success: vec![TxnOp::Delete(Scope::Prefix("p/".into()))], failure: Vec::new() };
+        let txn =
+            Txn { compare: Vec::new(), success: vec![TxnOp::Delete(Scope::Prefix("p/".into()))], failure: Vec::new() };
         let ops = [op(1, 1, put("b", "1")), op(2, 2, put("a", "1")), op(3, 1, put("b", "2")), op(4, 3, KvOp::Txn(txn))];
         let n = needs(&ops);
         assert_eq!(n.keys, vec!["a".to_string(), "b".to_string()]);

@@ -111,6 +111,8 @@ pub struct ApplyResult {
     /// The request had already been applied at `revision`; this entry was a retry and changed
     /// nothing.
     pub duplicate: bool,
+    /// This entry changed something (so `revision` is the revision of its own writes).
+    pub wrote: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +186,21 @@ impl Command {
             Command::ClusterId { .. } | Command::Txn(_) | Command::Compact { .. } => "",
         }
     }
+}
+
+/// The least string above every string starting with `prefix`, `None` when there is none
+/// (the empty prefix, or one made only of the largest character). UTF-8 sorts bytewise in
+/// code-point order, so the prefix with its last character replaced by the next one is it.
+pub fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }
 
 #[cfg(test)]

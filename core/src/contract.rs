@@ -128,8 +128,14 @@ pub fn check_snapshot_store<B: Backend>(mut b: B) {
     assert!(change_rows > 0 && frozen.revision > 0, "history travels with the snapshot");
     let mut replay = MemBackend::new();
     apply_log(&mut replay, &log, 40);
-    let want_kv: Vec<Row> =
-        replay.inner.lock().unwrap().kv.iter().map(|(key, row)| Row::Kv { key: key.clone(), row: row.clone() }).collect();
+    let want_kv: Vec<Row> = replay
+        .inner
+        .lock()
+        .unwrap()
+        .kv
+        .iter()
+        .map(|(key, row)| Row::Kv { key: key.clone(), row: row.clone() })
+        .collect();
     assert_eq!(rows[..kv_rows as usize].to_vec(), want_kv, "kv rows in key order, as of index 40");
     assert_eq!(request_rows, replay.inner.lock().unwrap().requests.len() as u64);
 
@@ -144,15 +150,19 @@ pub fn check_snapshot_store<B: Backend>(mut b: B) {
         snap.mut_metadata().index = 40;
         snap.mut_metadata().term = 2;
         snap.mut_metadata().mut_conf_state().voters = vec![1];
-        snap.set_data(SnapshotData {
-            members: Vec::new(),
-            kv_rows,
-            request_rows,
-            change_rows,
-            revision: frozen.revision,
-            compact_revision: frozen.compact_revision,
-            cluster_id: 0,
-        }.encode().into());
+        snap.set_data(
+            SnapshotData {
+                members: Vec::new(),
+                kv_rows,
+                request_rows,
+                change_rows,
+                revision: frozen.revision,
+                compact_revision: frozen.compact_revision,
+                cluster_id: 0,
+            }
+            .encode()
+            .into(),
+        );
         snap
     };
     let wrong = WriteBatch { snapshot: Some(snapshot(kv_rows + 1, request_rows)), sync: true, ..Default::default() };
@@ -200,7 +210,11 @@ pub fn sample_log(n: u64) -> Vec<Entry> {
                 // A transaction on the key's version (both branches happen), writing another
                 // key space and deleting a prefix, or reading.
                 6 => Some(Command::Txn(Txn {
-                    compare: vec![Compare { scope: Scope::Key(key.clone()), target: Target::Version(1), op: CmpOp::Gt }],
+                    compare: vec![Compare {
+                        scope: Scope::Key(key.clone()),
+                        target: Target::Version(1),
+                        op: CmpOp::Gt,
+                    }],
                     success: vec![
                         TxnOp::Put { key: format!("t{}", i % 3), value: format!("t{i}") },
                         TxnOp::Delete(Scope::Prefix("k3".into())),

@@ -86,7 +86,11 @@ impl Backend for MemBackend {
         let mut kv: std::collections::HashMap<String, KvRow> =
             needs.keys.iter().filter_map(|k| Some((k.clone(), s.kv.get(k)?.clone()))).collect();
         for p in &needs.prefixes {
-            kv.extend(s.kv.range(p.clone()..).take_while(|(k, _)| k.starts_with(p.as_str())).map(|(k, r)| (k.clone(), r.clone())));
+            kv.extend(
+                s.kv.range(p.clone()..)
+                    .take_while(|(k, _)| k.starts_with(p.as_str()))
+                    .map(|(k, r)| (k.clone(), r.clone())),
+            );
         }
         Ok(Lookup {
             kv,

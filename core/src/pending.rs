@@ -18,9 +18,11 @@ use crate::storage::Backend;
 /// How a request ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
-    /// Applied (writes: at `revision`, `flag` as in `ApplyResult`); for reads, `revision` is
-    /// the read index, applied on this node, at or after which the read must be served.
-    Done { revision: u64, flag: bool },
+    /// Applied (writes: at `revision`, `flag` as in `ApplyResult`; `wrote`: whether this
+    /// request's entry changed something, `None` when not known: a retry of one applied
+    /// before, or not a write); for reads, `revision` is the read index, applied on this node,
+    /// at or after which the read must be served.
+    Done { revision: u64, flag: bool, wrote: Option<bool> },
     /// The write certainly did not happen.
     NotCommitted(&'static str),
     /// The write may or may not happen.
@@ -251,7 +253,8 @@ impl<T: Copy + PartialEq> Pending<T> {
     pub fn on_output(&mut self, out: &mut Output, applied: u64, answers: &mut Vec<(T, Answer)>) {
         for c in out.completed.drain(..) {
             if let Some(w) = self.writes.remove(&c.id) {
-                answers.push((w.client, Answer::Done { revision: c.result.revision, flag: c.result.flag }));
+                let wrote = (!c.result.duplicate).then_some(c.result.wrote);
+                answers.push((w.client, Answer::Done { revision: c.result.revision, flag: c.result.flag, wrote }));
             }
         }
         for id in out.refused.drain(..) {
@@ -285,7 +288,7 @@ impl<T: Copy + PartialEq> Pending<T> {
         }
         self.reads.retain(|_, r| match r.index {
             Some(index) if index <= applied => {
-                answers.push((r.client, Answer::Done { revision: index, flag: false }));
+                answers.push((r.client, Answer::Done { revision: index, flag: false, wrote: None }));
                 false
             }
             _ => true,
@@ -296,7 +299,7 @@ impl<T: Copy + PartialEq> Pending<T> {
     pub fn check_transfers(&mut self, leader: u64, answers: &mut Vec<(T, Answer)>) {
         self.transfers.retain(|t| {
             if t.target == leader {
-                answers.push((t.client, Answer::Done { revision: 0, flag: true }));
+                answers.push((t.client, Answer::Done { revision: 0, flag: true, wrote: None }));
                 false
             } else {
                 true
@@ -403,8 +406,8 @@ mod tests {
         }
         answers.sort_by_key(|a| a.0);
         assert_eq!(answers.len(), 3, "{answers:?}");
-        let Answer::Done { revision: r1, flag: true } = answers[0].1 else { panic!("{answers:?}") };
-        let Answer::Done { revision: r2, flag: true } = answers[1].1 else { panic!("{answers:?}") };
+        let Answer::Done { revision: r1, flag: true, .. } = answers[0].1 else { panic!("{answers:?}") };
+        let Answer::Done { revision: r2, flag: true, .. } = answers[1].1 else { panic!("{answers:?}") };
         assert!(r2 > r1);
         let Answer::Done { revision: ri, .. } = answers[2].1 else { panic!("{answers:?}") };
         assert!(ri >= 2);
@@ -551,7 +554,7 @@ mod tests {
         }
         answers.sort_by_key(|a| a.0);
         // The retry answers with the first application's revision; the later write stands.
-        assert_eq!(answers[1], (4, Answer::Done { revision: first, flag: true }));
+        assert_eq!(answers[1], (4, Answer::Done { revision: first, flag: true, wrote: None }));
         let Answer::Done { revision: later, .. } = answers[0].1 else { panic!() };
         assert!(later > first);
     }

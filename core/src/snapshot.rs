@@ -67,7 +67,10 @@ impl Row {
             Row::Kv { key, row } => key.len() + row.value.len() + 32,
             Row::Request { .. } => 40,
             Row::Change(c) => {
-                c.key.len() + c.value.as_ref().map_or(0, String::len) + c.prev_value.as_ref().map_or(0, String::len) + 48
+                c.key.len()
+                    + c.value.as_ref().map_or(0, String::len)
+                    + c.prev_value.as_ref().map_or(0, String::len)
+                    + 48
             }
         }
     }

@@ -77,11 +77,13 @@ mod tests {
         for e in entries {
             plan(e, &mut ops);
         }
-        apply_and_write(b, &WriteBatch { ops, applied: entries.last().map(|e| e.index), ..Default::default() }).unwrap().0
+        apply_and_write(b, &WriteBatch { ops, applied: entries.last().map(|e| e.index), ..Default::default() })
+            .unwrap()
+            .0
     }
 
     fn ok(revision: u64, flag: bool) -> ApplyResult {
-        ApplyResult { revision, flag, duplicate: false }
+        ApplyResult { revision, flag, duplicate: false, wrote: flag }
     }
 
     #[test]
@@ -120,7 +122,7 @@ mod tests {
         let other = normal(2, Command::Put { key: "k".into(), value: "2".into() });
         let retry = proposal(3, 42, Command::Put { key: "k".into(), value: "1".into() });
         let res = apply(&mut b, &[first, other, retry]);
-        assert_eq!(res[2], ApplyResult { revision: 1, flag: true, duplicate: true });
+        assert_eq!(res[2], ApplyResult { revision: 1, flag: true, duplicate: true, wrote: false });
         // The retry did not overwrite the later write.
         assert_eq!(b.kv().get("k"), Some(&("2".to_string(), 2)));
     }

@@ -63,7 +63,10 @@ pub struct Compare {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TxnOp {
-    Put { key: String, value: String },
+    Put {
+        key: String,
+        value: String,
+    },
     Delete(Scope),
     /// Answered from the state the compares saw (before this transaction's own writes).
     Get(Scope),
@@ -134,7 +137,8 @@ impl Txn {
     /// valid keys and values, at most [`MAX_TXN_OPS`] compares and ops per branch, and no key
     /// written twice in one branch (etcd refuses those too).
     pub fn validate(&self) -> Result<(), String> {
-        for (name, n) in [("compare", self.compare.len()), ("success", self.success.len()), ("failure", self.failure.len())]
+        for (name, n) in
+            [("compare", self.compare.len()), ("success", self.success.len()), ("failure", self.failure.len())]
         {
             if n > MAX_TXN_OPS {
                 return Err(format!("{name} has {n} elements, the limit is {MAX_TXN_OPS}"));
@@ -323,15 +327,24 @@ mod tests {
         assert_eq!(t.keys(), vec!["a", "a", "a"]);
         assert_eq!(t.prefixes(), vec!["p/", "p/"]);
         let err = |c: Json, s: Json| Txn::from_json(&c, &s, &json!([])).unwrap_err();
-        assert_eq!(err(json!([]), json!([{"op": "putt", "key": "a"}])), "success[0]: unknown op \"putt\" (put, delete or get)");
-        assert!(err(json!([{"key": "a", "target": "version", "op": "=", "value": "x"}]), json!([])).starts_with("compare[0]:"));
+        assert_eq!(
+            err(json!([]), json!([{"op": "putt", "key": "a"}])),
+            "success[0]: unknown op \"putt\" (put, delete or get)"
+        );
+        assert!(err(json!([{"key": "a", "target": "version", "op": "=", "value": "x"}]), json!([]))
+            .starts_with("compare[0]:"));
         assert!(err(json!([{"key": "a", "prefix": "b", "target": "version", "op": "=", "value": 1}]), json!([]))
             .contains("exactly one"));
         assert!(err(json!({}), json!([])).contains("compare must be a JSON array"));
         assert!(err(json!([]), json!([{"op": "put", "key": "", "value": "v"}])).starts_with("success[0]: an empty key"));
-        assert!(err(json!([]), json!([{"op": "put", "key": "a", "value": "v", "x": 1}])).contains("unknown field \"x\""));
-        assert!(err(json!([]), json!([{"op": "put", "key": "a", "value": "1"}, {"op": "put", "key": "a", "value": "2"}]))
-            .starts_with("success[1]: the key is also written by success[0]"));
+        assert!(
+            err(json!([]), json!([{"op": "put", "key": "a", "value": "v", "x": 1}])).contains("unknown field \"x\"")
+        );
+        assert!(err(
+            json!([]),
+            json!([{"op": "put", "key": "a", "value": "1"}, {"op": "put", "key": "a", "value": "2"}])
+        )
+        .starts_with("success[1]: the key is also written by success[0]"));
         assert!(err(json!([]), json!([{"op": "put", "key": "p/1", "value": "1"}, {"op": "delete", "prefix": "p/"}]))
             .starts_with("success[0]:"));
         let many: Vec<Json> = (0..=MAX_TXN_OPS).map(|i| json!({"op": "get", "key": format!("k{i}")})).collect();

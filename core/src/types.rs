@@ -9,12 +9,23 @@ use crate::command::RequestId;
 /// One state-machine operation, decided by `apply` and executed by the backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvOp {
-    Put { key: String, value: String },
-    Delete { key: String },
-    Cas { key: String, expected: Option<String>, value: String },
+    Put {
+        key: String,
+        value: String,
+    },
+    Delete {
+        key: String,
+    },
+    Cas {
+        key: String,
+        expected: Option<String>,
+        value: String,
+    },
     Txn(crate::txn::Txn),
     /// Forget history below this revision (see [`Change`]).
-    Compact { revision: u64 },
+    Compact {
+        revision: u64,
+    },
 }
 
 impl KvOp {

@@ -561,7 +561,7 @@ impl<B: Backend> Node<B> {
         let me = self.id();
         for (index, id, ok) in changes {
             if id.node == me {
-                let result = ApplyResult { revision: index, flag: ok, duplicate: false };
+                let result = ApplyResult { revision: index, flag: ok, duplicate: false, wrote: false };
                 out.completed.push(Completion { id, index, result });
             }
             self.appended.remove(&index);
@@ -580,7 +580,7 @@ impl<B: Backend> Node<B> {
                 }
                 Planned::ClusterId { id, .. } => {
                     if id.node == me {
-                        let result = ApplyResult { revision: index, flag: true, duplicate: false };
+                        let result = ApplyResult { revision: index, flag: true, duplicate: false, wrote: false };
                         out.completed.push(Completion { id, index, result });
                     }
                     Some(id)

@@ -153,8 +153,9 @@ impl<B: Backend> Node<B> {
         let md = m.get_snapshot().get_metadata();
         self.streams_started += 1;
         let stream = (self.raw.raft.term << 32) | (self.streams_started & 0xffff_ffff);
-        let rows_total =
-            SnapshotData::decode(m.get_snapshot().get_data()).map(|d| d.kv_rows + d.request_rows + d.change_rows).unwrap_or(0);
+        let rows_total = SnapshotData::decode(m.get_snapshot().get_data())
+            .map(|d| d.kv_rows + d.request_rows + d.change_rows)
+            .unwrap_or(0);
         let s = OutStream {
             stream,
             index: md.index,
@@ -305,7 +306,10 @@ mod tests {
     #[test]
     fn a_transfer_sending_more_rows_than_it_announced_is_aborted() {
         let mut n = follower_of_1();
-        let row = |k: &str| Row::Kv { key: k.into(), row: crate::types::KvRow { value: "v".into(), mod_revision: 1, create_revision: 1, version: 1 } };
+        let row = |k: &str| Row::Kv {
+            key: k.into(),
+            row: crate::types::KvRow { value: "v".into(), mod_revision: 1, create_revision: 1, version: 1 },
+        };
         let chunk =
             |seq, rows, last| SnapFrame::Chunk { stream: 7, index: 50, term: 2, seq, rows, last, rows_total: 2 };
         n.receive_snap(1, chunk(0, vec![row("a"), row("b")], false)).unwrap();
@@ -325,7 +329,10 @@ mod tests {
     #[test]
     fn only_the_leader_starts_a_transfer() {
         let mut n = follower_of_1();
-        let rows = vec![Row::Kv { key: "a".into(), row: crate::types::KvRow { value: "v".into(), mod_revision: 1, create_revision: 1, version: 1 } }];
+        let rows = vec![Row::Kv {
+            key: "a".into(),
+            row: crate::types::KvRow { value: "v".into(), mod_revision: 1, create_revision: 1, version: 1 },
+        }];
         let frame = SnapFrame::Chunk { stream: 7, index: 50, term: 2, seq: 0, rows, last: true, rows_total: 1 };
         n.receive_snap(3, frame).unwrap();
         assert!(sent(&mut n).iter().all(|m| !matches!(m, Outbound::Snap { .. })), "node 3 is not the leader");

@@ -240,7 +240,9 @@ impl Sim {
         let (_, revision, compact, history) = &kvs[0];
         if let Some(r) = self.cfg.history_retention {
             if *revision > 2 * r && (*compact == 0 || history.keys().any(|(rev, _)| rev < compact)) {
-                return Err(format!("history not compacted by retention {r}: revision {revision}, compacted at {compact}"));
+                return Err(format!(
+                    "history not compacted by retention {r}: revision {revision}, compacted at {compact}"
+                ));
             }
         }
         // Every acknowledged put is there, or overwritten by a later revision.
