@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 PGRX_VERSION=0.18.0
-APT_PACKAGES="postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo pkg-config gcc make procps openssl"
+APT_PACKAGES="postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo pkg-config gcc make procps openssl python3-psycopg"
 export PATH="$HOME/.cargo/bin:$PATH"
 
 say() { echo "==> $*"; }

@@ -428,7 +428,7 @@ impl Cluster {
         let mut c = self.client(i);
         let r = c
             .query_one(
-                "SELECT count(*), coalesce(md5(string_agg(key || '=' || value || '@' || revision, ',' ORDER BY key)), '') \
+                "SELECT count(*), coalesce(md5(string_agg(key || '=' || value || '@' || mod_revision || '/' || create_revision || '/' || version, ',' ORDER BY key)), '') \
                  FROM raft_kv.kv",
                 &[],
             )

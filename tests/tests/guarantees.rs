@@ -192,7 +192,7 @@ fn a_write_retried_across_a_forced_leader_change_applies_once() {
         (idx.windows(2).all(|w| w[0] == w[1]) && idx[0] >= rev).then_some(())
     });
     for i in 1..=3 {
-        let r = c.client(i).query_one("SELECT value, revision FROM raft_kv.kv WHERE key = 'retried'", &[]).unwrap();
+        let r = c.client(i).query_one("SELECT value, mod_revision FROM raft_kv.kv WHERE key = 'retried'", &[]).unwrap();
         assert_eq!(r.get::<_, String>(0), value);
         assert_eq!(r.get::<_, i64>(1), rev, "node {i}: the write applied at a different revision");
         // The old leader's uncommitted copy was replaced by the committed log.

@@ -13,6 +13,7 @@ use raft_kv_core::eraftpb::{Entry, EntryType, Message, MessageType};
 use raft_kv_core::snapshot::{Row, SnapFrame};
 use raft_kv_core::transport::testing::RawPeer;
 use raft_kv_core::transport::Security;
+use raft_kv_core::types::KvRow;
 use raft_kv_tests::{wait_for, Ca, Cluster, Stop, CLUSTER_NAME};
 use rand::{Rng, SeedableRng};
 
@@ -197,7 +198,8 @@ fn malformed_messages_from_an_authenticated_peer_take_nothing_down() {
             p.message(&m).unwrap();
         }
         // Snapshot frames no transfer asked for, one with rows no node can store.
-        let rows = vec![Row::Kv { key: "pwned\0".into(), value: "x".into(), revision: 1 }];
+        let row = KvRow { value: "x".into(), mod_revision: 1, create_revision: 1, version: 1 };
+        let rows = vec![Row::Kv { key: "pwned\0".into(), row }];
         p.snap(to, SnapFrame::Chunk { stream: 9, index: 1 << 40, term: t, seq: 0, rows, last: true, rows_total: 1 })
             .unwrap();
         p.snap(to, SnapFrame::Ack { stream: 9, index: 1, term: t, seq: 3 }).unwrap();

@@ -62,7 +62,7 @@ fn write_on_follower_is_visible_everywhere() {
         });
     }
     println!("visible on all nodes {:?} after the write returned", t0.elapsed());
-    let r = c.client(leader).query_one("SELECT revision FROM raft_kv.kv WHERE key = 'config/mode'", &[]).unwrap();
+    let r = c.client(leader).query_one("SELECT mod_revision FROM raft_kv.kv WHERE key = 'config/mode'", &[]).unwrap();
     assert_eq!(r.get::<_, i64>(0), rev);
     // Delete reports whether the key existed, everywhere.
     assert!(fc.query_one("SELECT raft_delete('config/mode')", &[]).unwrap().get::<_, bool>(0));
@@ -173,7 +173,7 @@ fn crash_all_mid_load_loses_no_acknowledged_write() {
     for i in 1..=3 {
         let mut cl = c.client(i);
         for (k, (rev, val)) in &acked {
-            let r = cl.query_one("SELECT value, revision FROM raft_kv.kv WHERE key = $1", &[k]).unwrap();
+            let r = cl.query_one("SELECT value, mod_revision FROM raft_kv.kv WHERE key = $1", &[k]).unwrap();
             let (v, r): (String, i64) = (r.get(0), r.get(1));
             // A later, unacknowledged write may have committed, but never an older one.
             assert!(r >= *rev, "node {i}: {k} at revision {r}, acknowledged {rev}");
