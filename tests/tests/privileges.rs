@@ -6,21 +6,29 @@ use std::time::Duration;
 
 use raft_kv_tests::{Client, Cluster};
 
-/// Every raft_kv function, called with valid arguments.
+/// Every raft_kv function, called with valid arguments: first the readers' ones.
 const CALLS: &[&str] = &[
     "SELECT raft_get('k')",
     "SELECT raft_get('k', 'local')",
     "SELECT * FROM raft_scan('')",
     "SELECT * FROM raft_status()",
+    "SELECT * FROM raft_get_kv('k')",
+    "SELECT raft_get('k', 'local', 1)",
+    "SELECT * FROM raft_changes(1)",
+    "SELECT * FROM raft_watch('', 1, '0 seconds')",
     "SELECT * FROM raft_members()",
     "SELECT raft_set('k', 'v')",
     "SELECT raft_cas('k', NULL, 'v')",
     "SELECT raft_delete('k')",
+    "SELECT * FROM raft_txn('[]', '[]')",
     "SELECT raft_join(9, '127.0.0.1:1')",
     "SELECT raft_remove(9)",
     "SELECT raft_transfer_leader(9)",
+    "SELECT raft_compact(1)",
     "SELECT raft_kv.is_worker()",
 ];
+/// How many of `CALLS` a reader may make.
+const READER_CALLS: usize = 8;
 
 fn code(c: &mut Client, sql: &str) -> Option<String> {
     c.batch_execute(sql).err().map(|e| e.as_db_error().map(|d| d.code().code().to_string()).unwrap_or(e.to_string()))
@@ -65,14 +73,18 @@ fn roles_get_what_they_are_granted_and_nothing_more() {
     assert!(r.get::<_, Option<String>>(1).is_some());
     assert_eq!(r.get::<_, Option<String>>(2), None, "a reader must not see addresses");
     assert_eq!(r.get::<_, Option<String>>(3), None);
-    for call in &CALLS[4..] {
+    for call in &CALLS[..READER_CALLS] {
+        reader.batch_execute(call).unwrap_or_else(|e| panic!("reader: {call}: {e}"));
+    }
+    for call in &CALLS[READER_CALLS..] {
         assert_eq!(code(&mut reader, call).as_deref(), Some("42501"), "reader: {call}");
     }
     // A writer writes, but cannot change the membership or see it.
     let mut writer = as_role(&c, "writer");
     writer
         .batch_execute(
-            "SELECT raft_set('k', 'written'); SELECT raft_cas('k', 'written', 'cas'); SELECT raft_delete('gone')",
+            "SELECT raft_set('k', 'written'); SELECT raft_cas('k', 'written', 'cas'); SELECT raft_delete('gone'); \
+             SELECT * FROM raft_txn('[{\"key\": \"k\", \"target\": \"value\", \"op\": \"=\", \"value\": \"cas\"}]', '[]')",
         )
         .unwrap();
     for call in [
@@ -80,6 +92,7 @@ fn roles_get_what_they_are_granted_and_nothing_more() {
         "SELECT raft_join(9, '127.0.0.1:1')",
         "SELECT raft_remove(2)",
         "SELECT raft_transfer_leader(2)",
+        "SELECT raft_compact(1)",
     ] {
         assert_eq!(code(&mut writer, call).as_deref(), Some("42501"), "writer: {call}");
     }
@@ -87,6 +100,7 @@ fn roles_get_what_they_are_granted_and_nothing_more() {
     // The admin sees members and addresses; so does pg_monitor.
     let mut operator = as_role(&c, "operator");
     assert_eq!(operator.query("SELECT * FROM raft_members()", &[]).unwrap().len(), 3);
+    operator.batch_execute("SELECT raft_compact(1)").unwrap();
     let peers: Option<String> = operator.query_one("SELECT peers FROM raft_status()", &[]).unwrap().get(0);
     assert_eq!(peers.map(|p| p.split(',').count()), Some(3));
     let mut monitor = as_role(&c, "monitor");
@@ -153,6 +167,13 @@ fn a_search_path_hijack_does_not_make_a_role_superuser() {
         "SELECT raft_cas('x', 'v', 'w')",
         "SELECT raft_delete('x')",
         "SELECT * FROM raft_status()",
+        "SELECT * FROM raft_get_kv('x')",
+        "SELECT raft_get('x', 'local', 1)",
+        "SELECT * FROM raft_scan('', 'local', 1)",
+        "SELECT * FROM raft_changes(1, 'x')",
+        "SELECT * FROM raft_watch('x', 1, '0 seconds')",
+        "SELECT * FROM raft_txn('[{\"prefix\": \"x\", \"target\": \"version\", \"op\": \">\", \"value\": 0}]', \
+         '[{\"op\": \"get\", \"prefix\": \"x\"}, {\"op\": \"delete\", \"prefix\": \"y\"}]')",
     ] {
         m.batch_execute(call).unwrap_or_else(|e| panic!("{call}: {e}"));
         assert!(!is_super(&mut su), "{call} made mallory superuser");
