@@ -31,11 +31,18 @@ struct History {
     start: Instant,
     ops: Mutex<Vec<Op>>,
     local_reads: AtomicUsize,
+    /// Compare-and-sets made as `raft_txn` (checked as compare-and-sets).
+    txns: AtomicUsize,
 }
 
 impl History {
     fn new() -> Self {
-        History { start: Instant::now(), ops: Mutex::new(Vec::new()), local_reads: AtomicUsize::new(0) }
+        History {
+            start: Instant::now(),
+            ops: Mutex::new(Vec::new()),
+            local_reads: AtomicUsize::new(0),
+            txns: AtomicUsize::new(0),
+        }
     }
 
     fn now(&self) -> u64 {
@@ -113,12 +120,31 @@ fn client_loop(c: &Cluster, id: usize, seed: u64, stop: &AtomicBool, h: &History
                 Kind::Write(value.clone()),
                 cl.query_one("SELECT raft_set($1, $2)", &[&key, &value]).map(|_| Outcome::Written),
             ),
-            _ => {
+            75..=87 => {
                 let expected = last_seen.get(key).cloned().flatten();
                 (
                     Kind::Cas { expected: expected.clone(), new: value.clone() },
                     cl.query_one("SELECT raft_cas($1, $2, $3)", &[&key, &expected, &value])
                         .map(|r| Outcome::Cas(r.get(0))),
+                )
+            }
+            _ => {
+                // The same compare-and-set as a transaction: the value compared (an absent
+                // key: version 0), the put in the success branch, one log entry.
+                let expected = last_seen.get(key).cloned().flatten();
+                let compare = match &expected {
+                    Some(v) => format!(r#"[{{"key": "{key}", "target": "value", "op": "=", "value": "{v}"}}]"#),
+                    None => format!(r#"[{{"key": "{key}", "target": "version", "op": "=", "value": 0}}]"#),
+                };
+                let success = format!(r#"[{{"op": "put", "key": "{key}", "value": "{value}"}}]"#);
+                h.txns.fetch_add(1, Ordering::Relaxed);
+                (
+                    Kind::Cas { expected: expected.clone(), new: value.clone() },
+                    cl.query_one(
+                        "SELECT succeeded FROM raft_txn($1::text::jsonb, $2::text::jsonb)",
+                        &[&compare, &success],
+                    )
+                    .map(|r| Outcome::Cas(r.get(0))),
                 )
             }
         };
@@ -262,15 +288,17 @@ fn check_history(c: &Cluster, members: &[usize], h: History, label: &str, seed: 
     let ops = h.ops.into_inner().unwrap();
     let count = |f: &dyn Fn(&Op) -> bool| ops.iter().filter(|o| f(o)).count();
     println!(
-        "nemesis {label}: {faults} faults, {} operations ({} reads, {} writes, {} cas, {} unknown), {} local reads",
+        "nemesis {label}: {faults} faults, {} operations ({} reads, {} writes, {} cas of which {} by raft_txn, {} unknown), {} local reads",
         ops.len(),
         count(&|o| o.kind == Kind::Read),
         count(&|o| matches!(o.kind, Kind::Write(_))),
         count(&|o| matches!(o.kind, Kind::Cas { .. })),
+        h.txns.load(Ordering::Relaxed),
         count(&|o| o.outcome == Outcome::Unknown),
         h.local_reads.load(Ordering::Relaxed)
     );
     assert!(count(&|o| o.outcome == Outcome::Written) > 10, "the workload must make progress");
+    assert!(h.txns.load(Ordering::Relaxed) > 0, "the workload must include transactions");
     let t0 = Instant::now();
     if let Err(v) = linearizability::check(&ops) {
         if let Ok(path) = std::env::var("RAFT_KV_HISTORY_DUMP") {
