@@ -442,3 +442,59 @@ fn bad_history_arguments_are_clear_errors() {
     assert_eq!((kv.get::<_, i64>(0), kv.get::<_, i64>(1), kv.get::<_, i64>(2)), (r2, r1, 2));
     assert!(cl.query("SELECT * FROM raft_get_kv('absent')", &[]).unwrap().is_empty());
 }
+
+/// The README's Python watcher (examples/watch.py) follows a prefix on a follower through a
+/// restart of that server, and prints exactly the history.
+#[test]
+fn the_python_watcher_example_follows_a_prefix_through_a_restart() {
+    use std::io::{BufRead, BufReader};
+    let c = Cluster::start(3);
+    let (l, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    let f = if l == 1 { 2 } else { 1 };
+    let w = (1..=3).find(|&i| i != l && i != f).unwrap();
+    let mut cl = c.client(l);
+    let mut write = |n: usize| {
+        let k = format!("ex/{}", n % 4);
+        if n % 5 == 3 {
+            cl.query_one("SELECT raft_delete($1)", &[&k]).unwrap();
+        } else {
+            cl.query_one("SELECT raft_set($1, $2)", &[&k, &format!("v{n}")]).unwrap();
+        }
+        cl.query_one("SELECT raft_set('noise', $1)", &[&n.to_string()]).unwrap();
+    };
+    for n in 0..15 {
+        write(n);
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/watch.py");
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args([script, &c.node(w).conn_str(), "ex/", "1", "--count", "29"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("running examples/watch.py (needs python3-psycopg)");
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut lines = Vec::new();
+    for _ in 0..5 {
+        lines.push(out.next().unwrap().unwrap());
+    }
+    // The watcher's server restarts under it; it reconnects and carries on.
+    c.stop_node(w, raft_kv_tests::Stop::Fast);
+    for n in 15..30 {
+        write(n);
+    }
+    c.start_node(w);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for line in out.by_ref() {
+        lines.push(line.unwrap());
+        assert!(Instant::now() < deadline, "the watcher is too slow");
+    }
+    assert!(child.wait().unwrap().success());
+    let want: Vec<String> = c
+        .client(l)
+        .query("SELECT format('%s %s %s %s', revision, kind, key, coalesce(value, '')) FROM raft_changes(1, 'ex/')", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(want.len(), 29, "30 writes, one a delete of an absent key");
+    assert_eq!(lines, want);
+}
