@@ -3,6 +3,9 @@
 #
 #   bench/run.sh                                   1, 8 and 32 clients, 10 s per run
 #   BENCH_SECONDS=30 BENCH_CLIENTS="1 8 32 64" bench/run.sh
+#   BENCH_OPS="set_leader syncrep" bench/run.sh     only these rows (set_leader set_follower
+#                                                   syncrep single get_leader get_follower
+#                                                   get_local select)
 #
 # Two clusters run at once: a raft_kv cluster of 3 nodes (scripts/cluster.sh), and a primary
 # with two streaming standbys, synchronous_standby_names = 'ANY 1 (s1, s2)',
@@ -139,15 +142,16 @@ echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(gre
 echo "# postgres: $($PG_BIN/postgres --version), fsync=$(q "$LP" 'SHOW fsync'), synchronous_commit=$(q "$LP" 'SHOW synchronous_commit'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 printf '| %-34s | %7s | %8s | %7s | %7s | %9s |\n' operation clients "ops/s" "p50 ms" "p99 ms" "CPU ms/op"
 printf '|%s|%s|%s|%s|%s|%s|\n' "------------------------------------" "---------" "----------" "---------" "---------" "-----------"
+want() { [ -z "${BENCH_OPS:-}" ] || [[ " $BENCH_OPS " == *" $1 "* ]]; }
 for c in $CLIENTS; do
-  run "raft_set on the leader" "$LP" set.sql "$c"
-  run "raft_set on a follower" "$FP" set.sql "$c"
-  run "PG sync replication upsert" "$P0" upsert.sql "$c"
-  run "PG single-server upsert" "$LP" upsert.sql "$c"
-  run "raft_get linearizable, leader" "$LP" get.sql "$c"
-  run "raft_get linearizable, follower" "$FP" get.sql "$c"
-  run "raft_get 'local', follower" "$FP" get_local.sql "$c"
-  run "PG primary-key SELECT" "$FP" select.sql "$c"
+  want set_leader && run "raft_set on the leader" "$LP" set.sql "$c"
+  want set_follower && run "raft_set on a follower" "$FP" set.sql "$c"
+  want syncrep && run "PG sync replication upsert" "$P0" upsert.sql "$c"
+  want single && run "PG single-server upsert" "$LP" upsert.sql "$c"
+  want get_leader && run "raft_get linearizable, leader" "$LP" get.sql "$c"
+  want get_follower && run "raft_get linearizable, follower" "$FP" get.sql "$c"
+  want get_local && run "raft_get 'local', follower" "$FP" get_local.sql "$c"
+  want select && run "PG primary-key SELECT" "$FP" select.sql "$c"
 done
 
 # The issue-11 targets, as ratios within this run.

@@ -175,6 +175,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA raft_kv FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION raft_get(text, text, bigint), raft_get_kv(text, text, bigint), raft_scan(text, text, bigint),
     raft_changes(bigint, text, integer, text), raft_watch(text, bigint, interval, integer), raft_status(),
     raft_set(text, text, text), raft_cas(text, text, text, text), raft_delete(text, text),
+    raft_cas_rev(text, text, text, text), raft_delete_rev(text, text),
     raft_txn(jsonb, jsonb, jsonb, text), raft_compact(bigint),
     raft_join(bigint, text, boolean), raft_remove(bigint), raft_transfer_leader(bigint),
     raft_members() FROM PUBLIC;
@@ -192,7 +193,7 @@ GRANT EXECUTE ON FUNCTION raft_get(text, text, bigint), raft_get_kv(text, text, 
     raft_changes(bigint, text, integer, text), raft_watch(text, bigint, interval, integer), raft_status()
     TO raft_kv_reader;
 GRANT EXECUTE ON FUNCTION raft_set(text, text, text), raft_cas(text, text, text, text), raft_delete(text, text),
-    raft_txn(jsonb, jsonb, jsonb, text)
+    raft_cas_rev(text, text, text, text), raft_delete_rev(text, text), raft_txn(jsonb, jsonb, jsonb, text)
     TO raft_kv_writer;
 -- Compaction destroys history other clients may still be reading: an administrator's call.
 GRANT EXECUTE ON FUNCTION raft_join(bigint, text, boolean), raft_remove(bigint), raft_transfer_leader(bigint),

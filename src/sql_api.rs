@@ -242,22 +242,54 @@ fn raft_cas(
     new: Option<&str>,
     request_id: default!(Option<&str>, "NULL"),
 ) -> bool {
+    cas(key, expected, new, request_id).flag
+}
+
+fn cas(key: Option<&str>, expected: Option<&str>, new: Option<&str>, request_id: Option<&str>) -> requests::Reply {
     require_preload();
     let key = check_key(key);
     let new = check_value(new);
     if let Some(e) = expected {
         check_value(Some(e));
     }
-    request(Op::Cas, key, new, expected, check_request_id(request_id)).flag
+    request(Op::Cas, key, new, expected, check_request_id(request_id))
+}
+
+/// `raft_cas` with the store's revision once it applied (the write's, when it wrote).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn raft_cas_rev(
+    key: Option<&str>,
+    expected: Option<&str>,
+    new: Option<&str>,
+    request_id: default!(Option<&str>, "NULL"),
+) -> TableIterator<'static, (name!(succeeded, bool), name!(revision, i64))> {
+    let r = cas(key, expected, new, request_id);
+    TableIterator::once((r.flag, r.revision))
 }
 
 /// Deletes `key` through the Raft log; returns whether it existed.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn raft_delete(key: Option<&str>, request_id: default!(Option<&str>, "NULL")) -> bool {
+    delete(key, request_id).flag
+}
+
+fn delete(key: Option<&str>, request_id: Option<&str>) -> requests::Reply {
     require_preload();
     let key = check_key(key);
-    request(Op::Delete, key, "", None, check_request_id(request_id)).flag
+    request(Op::Delete, key, "", None, check_request_id(request_id))
+}
+
+/// `raft_delete` with the store's revision once it applied (the delete's, when the key existed).
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn raft_delete_rev(
+    key: Option<&str>,
+    request_id: default!(Option<&str>, "NULL"),
+) -> TableIterator<'static, (name!(deleted, bool), name!(revision, i64))> {
+    let r = delete(key, request_id);
+    TableIterator::once((r.flag, r.revision))
 }
 
 /// The value of `key`, NULL when absent. `'linearizable'` (the default) reflects every write

@@ -20,6 +20,8 @@ const CALLS: &[&str] = &[
     "SELECT raft_set('k', 'v')",
     "SELECT raft_cas('k', NULL, 'v')",
     "SELECT raft_delete('k')",
+    "SELECT * FROM raft_cas_rev('k', NULL, 'v')",
+    "SELECT * FROM raft_delete_rev('k')",
     "SELECT * FROM raft_txn('[]', '[]')",
     "SELECT raft_join(9, '127.0.0.1:1')",
     "SELECT raft_remove(9)",

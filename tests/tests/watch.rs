@@ -51,9 +51,9 @@ fn until_acked(
 }
 
 /// One writer: puts, deletes, transactions and compare-and-sets over keys in and out of the
-/// watched prefix. Returns the changes its acknowledged results imply. Deletes and
-/// compare-and-sets (which return no revision) touch only this writer's own keys, so the
-/// history tells where each applied; puts and transactions share keys with the others.
+/// watched prefix. Returns the changes its acknowledged results imply (each write reports its
+/// revision). Compare-and-sets and deletes touch this writer's own keys, so they succeed and
+/// delete predictably; puts and transactions share keys with the other writers.
 fn writer(c: &Cluster, w: usize, seed: u64, done: &AtomicUsize) -> Vec<Change> {
     let mut rng = StdRng::seed_from_u64(seed ^ (w as u64 * 7919));
     let mut conn = connect_any(c, w % 3 + 1);
@@ -74,22 +74,12 @@ fn writer(c: &Cluster, w: usize, seed: u64, done: &AtomicUsize) -> Vec<Change> {
             }
             4..=5 => {
                 let k = own(&mut rng);
-                let r = until_acked(c, &mut conn, &mut |cl| cl.query_one("SELECT raft_delete($1, $2)", &[&k, &rid]));
+                let r = until_acked(c, &mut conn, &mut |cl| {
+                    cl.query_one("SELECT deleted, revision FROM raft_delete_rev($1, $2)", &[&k, &rid])
+                });
                 last.remove(&k);
                 if r.get::<_, bool>(0) {
-                    let r = conn
-                        .1
-                        .query_one(
-                            "SELECT max(revision) FROM raft_changes(1, $1, 100000, 'local') WHERE key = $1 AND kind = 'delete'",
-                            &[&k],
-                        )
-                        .unwrap();
-                    out.push((
-                        r.get::<_, Option<i64>>(0).expect("the acknowledged delete is in the history"),
-                        k,
-                        "delete".into(),
-                        None,
-                    ));
+                    out.push((r.get(1), k, "delete".into(), None));
                 }
             }
             6..=7 => {
@@ -122,19 +112,18 @@ fn writer(c: &Cluster, w: usize, seed: u64, done: &AtomicUsize) -> Vec<Change> {
             }
             _ => {
                 // Compare-and-set on an own key against the value last written there: it
-                // succeeds unless the key was deleted (then it expects absence).
+                // succeeds (expecting absence when the key was deleted).
                 let k = own(&mut rng);
                 let expected = last.get(&k).cloned();
                 let r = until_acked(c, &mut conn, &mut |cl| {
-                    cl.query_one("SELECT raft_cas($1, $2, $3, $4)", &[&k, &expected, &v, &rid])
+                    cl.query_one(
+                        "SELECT succeeded, revision FROM raft_cas_rev($1, $2, $3, $4)",
+                        &[&k, &expected, &v, &rid],
+                    )
                 });
                 assert!(r.get::<_, bool>(0), "writer {w}: a CAS on its own key failed");
                 last.insert(k.clone(), v.clone());
-                let r = conn.1.query_one(
-                    "SELECT revision FROM raft_changes(1, $1, 100000, 'local') WHERE key = $1 AND value = $2",
-                    &[&k, &v],
-                );
-                out.push((r.unwrap().get(0), k, "put".into(), Some(v)));
+                out.push((r.get(1), k, "put".into(), Some(v)));
             }
         }
         done.fetch_add(1, Ordering::Relaxed);
@@ -490,7 +479,10 @@ fn the_python_watcher_example_follows_a_prefix_through_a_restart() {
     assert!(child.wait().unwrap().success());
     let want: Vec<String> = c
         .client(l)
-        .query("SELECT format('%s %s %s %s', revision, kind, key, coalesce(value, '')) FROM raft_changes(1, 'ex/')", &[])
+        .query(
+            "SELECT format('%s %s %s %s', revision, kind, key, coalesce(value, '')) FROM raft_changes(1, 'ex/')",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
