@@ -12,7 +12,7 @@ use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use raft_kv_core::command::{Command, RequestId};
 use raft_kv_core::config::format_peers;
-use raft_kv_core::node::{role_name, MemberChange, Node, NodeStatus, Outbound, Output};
+use raft_kv_core::node::{role_name, MemberChange, Node, NodeError, NodeStatus, Outbound, Output};
 use raft_kv_core::pending::{Answer, Pending};
 use raft_kv_core::raft::StateRole;
 use raft_kv_core::transport::{frame_limit, Event, Security, Transport, Waker};
@@ -61,6 +61,8 @@ pub struct RaftLoop {
     published_revision: (u64, u64),
     /// The history compaction last proposed, and when.
     compact_asked: Option<(u64, Instant)>,
+    /// Why the node must stop (a log entry it cannot read), once it must.
+    halted: Option<String>,
     /// (leader, term) of the last early election started, so it is logged once.
     early_election: Option<(u64, u64)>,
     /// When statistics held back by the last report must be flushed.
@@ -152,6 +154,7 @@ impl RaftLoop {
             published: None,
             published_revision: (u64::MAX, u64::MAX),
             compact_asked: None,
+            halted: None,
             early_election: None,
             stats_due: None,
             dropped_since_log: 0,
@@ -168,6 +171,10 @@ impl RaftLoop {
             self.tick(now);
             self.take_requests(now);
             self.ready();
+            if let Some(why) = self.halted.take() {
+                self.halt(&why);
+                return;
+            }
             self.maintenance();
             // Before answering: a client that saw its write applied finds the revision published.
             self.publish_revision();
@@ -178,6 +185,19 @@ impl RaftLoop {
         }
         pgrx::log!("raft_kv: node {} shutting down", self.me);
         self.transport.shutdown();
+    }
+
+    /// Stops for good (until the server restarts with an upgraded build): leaves the cluster,
+    /// fails the waiting requests, and says why in raft_status().state and the server log.
+    fn halt(self, why: &str) {
+        pgrx::warning!("raft_kv: node {} stopped: {why}", self.me);
+        self.transport.shutdown();
+        set_state(false, &format!("stopped: {why}"));
+        {
+            let mut sh = SHARED.exclusive();
+            requests::resolve_all(&mut sh, "the raft_kv worker stopped: it needs an upgrade");
+        }
+        while pause(Duration::from_secs(60)) {}
     }
 
     /// Sleeps until the next tick, a backend's request (the latch) or network input (the
@@ -329,14 +349,20 @@ impl RaftLoop {
         let me = self.me;
         let mut unreachable = Vec::new();
         let transport = &self.transport;
-        self.node
-            .handle_ready(&mut self.out, &mut |m: Outbound| {
-                let (to, snap) = (m.to(), matches!(m, Outbound::Snap { .. }));
-                if !transport.send(m) {
-                    unreachable.push((to, snap));
-                }
-            })
-            .unwrap_or_else(|e| pgrx::error!("raft_kv: storage failure: {e}"));
+        let done = self.node.handle_ready(&mut self.out, &mut |m: Outbound| {
+            let (to, snap) = (m.to(), matches!(m, Outbound::Snap { .. }));
+            if !transport.send(m) {
+                unreachable.push((to, snap));
+            }
+        });
+        match done {
+            Ok(()) => {}
+            Err(e @ NodeError::NeedsUpgrade { .. }) => {
+                self.halted = Some(e.to_string());
+                return;
+            }
+            Err(e) => pgrx::error!("raft_kv: storage failure: {e}"),
+        }
         for (to, snap) in unreachable {
             self.node.report_unreachable(to);
             if snap {

@@ -78,7 +78,7 @@ pub fn select_members(c: &pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) 
 
 /// Records what the freeze worker copied, for the Raft worker to pick up.
 pub fn write_frozen(c: &mut pgrx::spi::SpiClient<'_>, f: &Frozen) -> StoreResult<()> {
-    let members = bincode_members(&f.members);
+    let members = encode_members(&f.members);
     c.update(
         "INSERT INTO raft_kv.snapshot_meta (applied_index, kv_rows, request_rows, conf_state, members, \
          change_rows, revision, compact_revision) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -128,6 +128,6 @@ pub fn read_frozen(c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Option<Frozen>> 
 }
 
 /// Members in the encoding snapshots already use.
-fn bincode_members(members: &[Member]) -> Vec<u8> {
+fn encode_members(members: &[Member]) -> Vec<u8> {
     SnapshotData { members: members.to_vec(), ..Default::default() }.encode()
 }

@@ -76,6 +76,11 @@ fn check_proposed(e: &Entry) -> Result<(), Reason> {
         EntryType::EntryNormal if e.data.is_empty() => Ok(()),
         EntryType::EntryNormal => match Proposal::decode(&e.data) {
             Ok(p) => p.cmd.validate(),
+            // A leader never logs what it could not apply itself (a newer member must not
+            // propose a new format before every member reads it).
+            Err(crate::codec::DecodeError::NewerVersion { .. }) => {
+                Err("a proposal in a newer format than this leader's")
+            }
             Err(_) => Err("an undecodable proposal"),
         },
         EntryType::EntryConfChange => {

@@ -115,17 +115,15 @@ pub struct ApplyResult {
     pub wrote: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("undecodable log entry: {0}")]
-pub struct DecodeError(#[from] bincode::Error);
+pub use crate::codec::DecodeError;
 
 impl Proposal {
     pub fn encode(&self) -> Vec<u8> {
-        bincode::serialize(self).expect("serializing a proposal cannot fail")
+        crate::codec::encode(self)
     }
 
     pub fn decode(data: &[u8]) -> Result<Self, DecodeError> {
-        Ok(bincode::deserialize(data)?)
+        crate::codec::decode(data)
     }
 }
 

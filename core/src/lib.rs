@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod apply;
+pub mod codec;
 pub mod command;
 pub mod config;
 /// Test support (the `test-support` feature): never in the extension's library.

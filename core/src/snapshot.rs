@@ -33,10 +33,10 @@ pub enum SnapFrame {
 
 impl SnapFrame {
     pub fn encode(&self) -> Vec<u8> {
-        bincode::serialize(self).expect("serializing a snapshot frame cannot fail")
+        crate::codec::encode(self)
     }
     pub fn decode(b: &[u8]) -> Option<Self> {
-        bincode::deserialize(b).ok()
+        crate::codec::decode(b).ok()
     }
 }
 

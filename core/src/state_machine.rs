@@ -22,17 +22,24 @@ pub enum Planned {
     ClusterId { id: RequestId, cluster_id: u128 },
     /// A command no node can apply (a forged or corrupt entry): skipped on every node alike.
     Invalid { index: u64, reason: &'static str },
+    /// Written in a newer format than this build reads: this node must stop before it, not
+    /// skip it (the nodes that can read it apply it).
+    NeedsUpgrade { index: u64, version: u8 },
 }
 
 /// Appends the operation for `entry` (if any) to `ops` and says what the entry was.
 ///
-/// An undecodable normal entry is skipped rather than fatal: it was accepted by a quorum, so
-/// every node skips it identically and the state machines stay equal.
+/// A malformed normal entry is skipped rather than fatal: it was accepted by a quorum, so every
+/// node of this version skips it identically and the state machines stay equal. An entry of a
+/// newer format is another matter (see [`Planned::NeedsUpgrade`]).
 pub fn plan(entry: &Entry, ops: &mut Vec<OpAt>) -> Planned {
     match entry.get_entry_type() {
         EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => Planned::ConfChange,
         EntryType::EntryNormal if entry.data.is_empty() => Planned::Nothing,
         EntryType::EntryNormal => match Proposal::decode(&entry.data) {
+            Err(crate::codec::DecodeError::NewerVersion { found }) => {
+                Planned::NeedsUpgrade { index: entry.index, version: found }
+            }
             Err(_) => Planned::Invalid { index: entry.index, reason: "undecodable" },
             Ok(p) if p.cmd.validate().is_err() => {
                 Planned::Invalid { index: entry.index, reason: p.cmd.validate().unwrap_err() }
@@ -148,12 +155,19 @@ mod tests {
     }
 
     #[test]
-    fn garbage_entries_are_skipped_identically() {
-        let mut e = Entry::default();
-        e.index = 1;
-        e.data = vec![0xff; 3].into();
+    fn garbage_entries_are_skipped_identically_newer_formats_are_not() {
+        let entry = |data: Vec<u8>| {
+            let mut e = Entry::default();
+            e.index = 1;
+            e.data = data.into();
+            e
+        };
         let mut ops = Vec::new();
-        assert_eq!(plan(&e, &mut ops), Planned::Invalid { index: 1, reason: "undecodable" });
+        for garbage in [vec![1, 0xff, 0xff, 0xff], vec![0, 1, 2]] {
+            assert_eq!(plan(&entry(garbage), &mut ops), Planned::Invalid { index: 1, reason: "undecodable" });
+        }
+        let newer = crate::codec::FORMAT_VERSION + 1;
+        assert_eq!(plan(&entry(vec![newer, 0, 0]), &mut ops), Planned::NeedsUpgrade { index: 1, version: newer });
         assert!(ops.is_empty());
     }
 }

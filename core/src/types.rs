@@ -183,14 +183,14 @@ pub struct SnapshotData {
 
 impl SnapshotData {
     pub fn encode(&self) -> Vec<u8> {
-        bincode::serialize(self).expect("serializing snapshot data cannot fail")
+        crate::codec::encode(self)
     }
 
-    pub fn decode(b: &[u8]) -> Result<Self, bincode::Error> {
+    pub fn decode(b: &[u8]) -> Result<Self, crate::codec::DecodeError> {
         if b.is_empty() {
             return Ok(Self::default());
         }
-        bincode::deserialize(b)
+        crate::codec::decode(b)
     }
 }
 
@@ -206,10 +206,10 @@ pub struct ConfChangeContext {
 
 impl ConfChangeContext {
     pub fn encode(&self) -> Vec<u8> {
-        bincode::serialize(self).expect("serializing a context cannot fail")
+        crate::codec::encode(self)
     }
     pub fn decode(b: &[u8]) -> Option<Self> {
-        bincode::deserialize(b).ok()
+        crate::codec::decode(b).ok()
     }
 }
 

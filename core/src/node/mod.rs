@@ -59,6 +59,14 @@ pub enum NodeError {
     Store(#[from] StoreError),
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
+    /// A committed entry is in a newer format than this build reads: the node stops before
+    /// applying it (and anything after it) until it is upgraded.
+    #[error(
+        "the committed log entry at index {index} is in format version {version}; this build reads up to version {}: \
+         upgrade raft_kv on this node",
+        crate::codec::FORMAT_VERSION
+    )]
+    NeedsUpgrade { index: u64, version: u8 },
 }
 
 /// Why a proposal was refused before it could reach any log (so it certainly did not happen).
@@ -534,6 +542,10 @@ impl<B: Backend> Node<B> {
                 }
             }
             let plan = state_machine::plan(e, &mut batch.ops);
+            if let Planned::NeedsUpgrade { index, version } = plan {
+                // Nothing of this batch is written: not the entry, nor anything after it.
+                return Err(NodeError::NeedsUpgrade { index, version });
+            }
             if let Planned::ClusterId { cluster_id, .. } = plan {
                 // The first applied wins; the batch may already hold one.
                 if self.raw.store().cluster_id() == 0 && batch.cluster_id.is_none() {
@@ -646,5 +658,48 @@ pub fn role_name(r: StateRole) -> &'static str {
         StateRole::Candidate => "candidate",
         StateRole::Leader => "leader",
         StateRole::PreCandidate => "pre-candidate",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{Command, RequestId};
+    use crate::mem_backend::MemBackend;
+
+    #[test]
+    fn a_committed_entry_of_a_newer_format_stops_the_node_before_it() {
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let one = Member { id: 1, address: "a".into(), promote: false };
+        let backend = MemBackend::new();
+        let mut n = Node::open(backend.clone(), &NodeOptions::new(1), &[one], &logger).unwrap();
+        let step = |n: &mut Node<MemBackend>| {
+            n.tick().unwrap();
+            n.handle_ready(&mut Output::default(), &mut |_| {})
+        };
+        while !n.is_leader() {
+            step(&mut n).unwrap();
+        }
+        let put = |seq, key: &str| Proposal {
+            id: RequestId { node: 1, nonce: 1, seq },
+            cmd: Command::Put { key: key.into(), value: "v".into() },
+        };
+        n.propose(&put(1, "before")).unwrap();
+        let mut newer = put(2, "newer").encode();
+        newer[0] = crate::codec::FORMAT_VERSION + 1;
+        n.raw.propose(Vec::new(), newer).unwrap();
+        n.propose(&put(3, "after")).unwrap();
+        let err = loop {
+            if let Err(e) = step(&mut n) {
+                break e;
+            }
+        };
+        let NodeError::NeedsUpgrade { index, version } = err else { panic!("{err}") };
+        assert_eq!(version, crate::codec::FORMAT_VERSION + 1);
+        assert!(err.to_string().contains("upgrade raft_kv"), "{err}");
+        // Nothing at or after the entry was applied.
+        let kv = backend.kv();
+        assert!(!kv.contains_key("after") && !kv.contains_key("newer"));
+        assert!(backend.inner.lock().unwrap().state.applied < index);
     }
 }
