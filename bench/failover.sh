@@ -2,7 +2,8 @@
 # Failover times at default settings: 3 nodes under a light write load (one client writing
 # every 10 ms through a surviving node); the leader is crashed ROUNDS times by an immediate
 # shutdown (SIGQUIT to the postmaster, as pg_ctl stop -m immediate), ROUNDS times by kill -9
-# of all its processes, then silenced (SIGSTOP) ROUNDS times. Reports p50/p90/max of the time until
+# of all its processes, silenced (SIGSTOP) ROUNDS times, then stopped as planned (fast
+# shutdown, which hands leadership over first) ROUNDS times. Reports p50/p90/max of the time until
 # a new leader accepts a write, and of the longest gap between the client's writes.
 #
 #   bench/failover.sh            20 rounds of each

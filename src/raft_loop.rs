@@ -183,8 +183,68 @@ impl RaftLoop {
             self.publish_status();
             self.report_table_stats();
         }
+        self.hand_over_leadership();
         pgrx::log!("raft_kv: node {} shutting down", self.me);
         self.transport.shutdown();
+    }
+
+    /// On shutdown (SIGTERM: a smart or fast stop, a restart), a leader first hands leadership to
+    /// its most caught-up voter, so the cluster does not wait out an election timeout: it keeps
+    /// running its loop (replicating, answering) until that voter leads, for at most one
+    /// election timeout.
+    fn hand_over_leadership(&mut self) {
+        if !self.node.is_leader() {
+            return;
+        }
+        let st = self.node.status();
+        let target = st
+            .members
+            .iter()
+            .filter(|m| m.voter && m.id != self.me)
+            .max_by_key(|m| (m.recent_active.unwrap_or(false), m.matched.unwrap_or(0)))
+            .map(|m| m.id);
+        let Some(target) = target else { return };
+        let started = Instant::now();
+        let deadline = started + self.patience;
+        pgrx::log!("raft_kv: node {} is shutting down: handing leadership to node {target}", self.me);
+        self.node.transfer_leader(target);
+        while Instant::now() < deadline {
+            // SAFETY: MyLatch is this process's latch; the eventfd stays open for the loop's life.
+            unsafe {
+                pg_sys::WaitLatchOrSocket(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET
+                        | pg_sys::WL_SOCKET_READABLE
+                        | pg_sys::WL_TIMEOUT
+                        | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                    self.efd.0,
+                    self.tick.as_millis().max(1) as std::ffi::c_long,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
+            self.receive();
+            let now = Instant::now();
+            self.tick(now);
+            self.ready();
+            if self.halted.is_some() {
+                return;
+            }
+            self.answer();
+            self.raft_log.flush();
+            if self.node.leader_id() == target {
+                pgrx::log!(
+                    "raft_kv: node {target} leads after {} ms; node {} stops",
+                    started.elapsed().as_millis(),
+                    self.me
+                );
+                return;
+            }
+        }
+        pgrx::log!(
+            "raft_kv: node {target} did not take over within the election timeout; node {} stops anyway",
+            self.me
+        );
     }
 
     /// Stops for good (until the server restarts with an upgraded build): leaves the cluster,

@@ -1,6 +1,7 @@
 //! Failover times at default settings (bench/failover.sh runs it): a 3-node cluster under a
 //! light write load; the leader is crashed (SIGQUIT to its postmaster, as `pg_ctl stop -m
-//! immediate` does; `kill -9` of all its processes) or silenced (SIGSTOP), ROUNDS times each.
+//! immediate` does; `kill -9` of all its processes), silenced (SIGSTOP) or stopped as planned
+//! (SIGINT, as `pg_ctl stop -m fast`: it hands leadership over), ROUNDS times each.
 //! Each round reports the time from the fault until a new leader accepts a write, and the
 //! longest gap between two successful writes of a client writing through a surviving node.
 //!
@@ -20,6 +21,9 @@ enum Fault {
     /// SIGKILL to every process of the server.
     Kill9,
     Sigstop,
+    /// SIGINT to the postmaster: `pg_ctl stop -m fast`, a planned stop (the leader hands
+    /// leadership over first).
+    Fast,
 }
 
 struct Round {
@@ -68,6 +72,11 @@ fn round(c: &Cluster, fault: Fault) -> Round {
                 }
             }
             Fault::Sigstop => c.pause(leader, true),
+            Fault::Fast => {
+                let pm = c.node(leader).postmaster_pid().expect("the leader's postmaster");
+                // SAFETY: as above.
+                unsafe { libc::kill(pm, libc::SIGINT) };
+            }
         }
         let accepted = wait_for(Duration::from_secs(30), "a new leader accepting writes", || {
             for (i, p) in probes.iter_mut() {
@@ -89,8 +98,8 @@ fn round(c: &Cluster, fault: Fault) -> Round {
     let done = done.into_inner().unwrap();
     let stall = done.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
     match fault {
-        Fault::Immediate => {
-            wait_for(Duration::from_secs(30), "the crashed server to exit", || {
+        Fault::Immediate | Fault::Fast => {
+            wait_for(Duration::from_secs(30), "the stopped server to exit", || {
                 c.node(leader).postmaster_pid().is_none().then_some(())
             });
             c.start_node(leader)
@@ -124,6 +133,7 @@ fn main() {
         (Fault::Immediate, "crash: immediate shutdown (SIGQUIT)"),
         (Fault::Kill9, "crash: `kill -9` of every process"),
         (Fault::Sigstop, "silent: SIGSTOP"),
+        (Fault::Fast, "planned: fast shutdown (SIGINT), leadership handed over"),
     ];
     for (fault, name) in faults {
         let mut accept = Vec::new();
