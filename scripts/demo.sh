@@ -61,11 +61,19 @@ a=${others%% *}; b=${others#* }; b=${b%% }
 echo "node $a: raft_set('config/mode', 'degraded') -> revision $(sql "$a" "SELECT raft_set('config/mode', 'degraded')")"
 echo "node $b: raft_get('config/mode') = $(sql "$b" "SELECT raft_get('config/mode')")"
 
+step "History and a transaction: every change has a revision; raft_txn is atomic at one"
+echo "node $b: raft_txn(if config/mode = 'degraded' then put config/mode 'active' and config/epoch '2') ->"
+$cluster psql "$b" -q -c "SELECT succeeded, revision FROM raft_txn(
+  '[{\"key\": \"config/mode\", \"target\": \"value\", \"op\": \"=\", \"value\": \"degraded\"}]',
+  '[{\"op\": \"put\", \"key\": \"config/mode\", \"value\": \"active\"}, {\"op\": \"put\", \"key\": \"config/epoch\", \"value\": \"2\"}]')"
+echo "node $a: raft_changes(1, 'config/'), the change feed a watcher follows:"
+$cluster psql "$a" -q -c "SELECT revision, key, kind, value, prev_value FROM raft_changes(1, 'config/')"
+
 step "Restart the old leader (node $leader): it rejoins as a follower and catches up"
 $cluster start "$leader"
 wait_leader 1 2 3 >/dev/null
 for _ in $(seq 1 50); do
-  [ "$(sql "$leader" "SELECT raft_get('config/mode')")" = degraded ] && break
+  [ "$(sql "$leader" "SELECT raft_get('config/mode')")" = active ] && break
   sleep 0.1
 done
 echo "node $leader: raft_get('config/mode') = $(sql "$leader" "SELECT raft_get('config/mode')")"
