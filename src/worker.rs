@@ -28,6 +28,9 @@ pub fn register() {
         .load();
 }
 
+/// The extension version this library implements (its SQL must be installed at this version).
+const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn raft_kv_worker_main(_arg: pg_sys::Datum) {
@@ -61,22 +64,28 @@ pub extern "C-unwind" fn raft_kv_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&settings.database), None);
     pin_search_path();
     crate::spi::worker_session();
-    let mut announced = false;
+    // Wait for the extension, and for its SQL to match this library (after a package upgrade
+    // the new library runs on the old SQL until ALTER EXTENSION raft_kv UPDATE).
+    let mut announced = String::new();
     loop {
-        let present = in_txn(|| {
-            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'raft_kv')")
+        let installed = in_txn(|| {
+            Spi::get_one::<String>("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'raft_kv'")
                 .ok()
                 .flatten()
-                .unwrap_or(false)
         });
-        if present {
-            break;
-        }
-        if !announced {
-            announced = true;
-            let state = format!("waiting for CREATE EXTENSION raft_kv in database \"{}\"", settings.database);
+        let state = match installed.as_deref() {
+            Some(LIBRARY_VERSION) => break,
+            Some(v) => format!(
+                "version mismatch: the loaded raft_kv library is version {LIBRARY_VERSION} but the extension installed \
+                 in database \"{}\" is version {v}; run ALTER EXTENSION raft_kv UPDATE there",
+                settings.database
+            ),
+            None => format!("waiting for CREATE EXTENSION raft_kv in database \"{}\"", settings.database),
+        };
+        if announced != state {
             pgrx::log!("raft_kv: {state}");
             set_state(false, &state);
+            announced = state;
         }
         if !pause(Duration::from_millis(500)) {
             return exit_cleanly();

@@ -55,3 +55,36 @@ fn a_committed_entry_of_a_newer_format_stops_the_node_instead_of_being_skipped()
     c.wait_leader(&others, Duration::from_secs(20));
     c.client(others[0]).query_one("SELECT raft_set('after', 'v')", &[]).unwrap();
 }
+
+/// After a package upgrade the new library may run on the old SQL: the worker says exactly
+/// what to run, serves nothing meanwhile, and starts once the versions match.
+#[test]
+fn a_library_that_does_not_match_the_installed_sql_says_what_to_run() {
+    let c = Cluster::start(3);
+    let (l, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    let f = if l == 1 { 2 } else { 1 };
+    let version: String =
+        c.client(f).query_one("SELECT extversion FROM pg_extension WHERE extname = 'raft_kv'", &[]).unwrap().get(0);
+    c.client(f).batch_execute("UPDATE pg_extension SET extversion = '0.0.1' WHERE extname = 'raft_kv'").unwrap();
+    c.stop_node(f, Stop::Fast);
+    c.start_node(f);
+    let state: String = wait_for(Duration::from_secs(20), "the worker to report the mismatch", || {
+        let s: String = c.client(f).query_one("SELECT state FROM raft_status()", &[]).ok()?.get(0);
+        s.starts_with("version mismatch").then_some(s)
+    });
+    assert!(state.contains(&format!("library is version {version}")), "{state}");
+    assert!(state.contains("is version 0.0.1; run ALTER EXTENSION raft_kv UPDATE"), "{state}");
+    let e = c.client(f).query_one("SELECT raft_set('x', 'y')", &[]).unwrap_err();
+    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+    assert!(msg.contains("version mismatch"), "{msg}");
+    // Once the SQL matches (what ALTER EXTENSION ... UPDATE would do), the node rejoins.
+    c.client(f)
+        .batch_execute(&format!("UPDATE pg_extension SET extversion = '{version}' WHERE extname = 'raft_kv'"))
+        .unwrap();
+    wait_for(Duration::from_secs(20), "the node to run again", || {
+        let s: String = c.client(f).query_one("SELECT state FROM raft_status()", &[]).ok()?.get(0);
+        (s == "running").then_some(())
+    });
+    c.client(f).query_one("SELECT raft_set('after', 'v')", &[]).unwrap();
+    c.assert_converged(&[1, 2, 3]);
+}
