@@ -267,6 +267,21 @@ impl Sim {
         let rid = RequestId { node: id, nonce: 0, seq: self.seq };
         let cmd = if key.starts_with("del/") {
             Command::Delete { key: key.to_string() }
+        } else if self.seq % 5 == 0 {
+            // A transaction that writes the key whichever branch it takes; if the key existed
+            // it also writes a "t/" key, else it deletes every "t/" key (two keys, one revision).
+            use crate::txn::{CmpOp, Compare, Scope, Target, Txn, TxnOp};
+            let put = TxnOp::Put { key: key.to_string(), value: value.to_string() };
+            let side = TxnOp::Put { key: format!("t/{}", self.seq % 3), value: value.to_string() };
+            Command::Txn(Txn {
+                compare: vec![Compare {
+                    scope: Scope::Key(key.to_string()),
+                    target: Target::Version(0),
+                    op: CmpOp::Gt,
+                }],
+                success: vec![put.clone(), side],
+                failure: vec![put, TxnOp::Delete(Scope::Prefix("t/".into())), TxnOp::Get(Scope::Prefix(String::new()))],
+            })
         } else {
             Command::Put { key: key.to_string(), value: value.to_string() }
         };
@@ -443,7 +458,10 @@ impl Sim {
                 if !self.applied_once.insert(c.id) {
                     return Err(format!("step {}: request {:?} applied twice (again at {})", self.step, c.id, c.index));
                 }
-                let is_put = self.proposed.iter().any(|(r, cmd)| *r == c.id && matches!(cmd, Command::Put { .. }));
+                let is_put = self
+                    .proposed
+                    .iter()
+                    .any(|(r, cmd)| *r == c.id && matches!(cmd, Command::Put { .. } | Command::Txn(_)));
                 if is_put {
                     self.report.acknowledged += 1;
                     let key = self.key_of(id, c.index);
@@ -481,7 +499,15 @@ impl Sim {
     fn key_of(&self, id: u64, index: u64) -> String {
         let mut b = self.backends[&id].clone();
         let e = b.read_entries(index, index + 1).expect("applied entry is stored");
-        Proposal::decode(&e[0].data).map(|p| p.cmd.key().to_string()).unwrap_or_default()
+        match Proposal::decode(&e[0].data).map(|p| p.cmd) {
+            // The key every branch of the simulation's transactions writes.
+            Ok(Command::Txn(t)) => match t.success.first() {
+                Some(crate::txn::TxnOp::Put { key, .. }) => key.clone(),
+                _ => String::new(),
+            },
+            Ok(cmd) => cmd.key().to_string(),
+            Err(_) => String::new(),
+        }
     }
 
     fn check(&mut self) -> Result<(), String> {
