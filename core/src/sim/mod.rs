@@ -267,7 +267,7 @@ impl Sim {
         let rid = RequestId { node: id, nonce: 0, seq: self.seq };
         let cmd = if key.starts_with("del/") {
             Command::Delete { key: key.to_string() }
-        } else if self.seq % 5 == 0 {
+        } else if self.seq.is_multiple_of(5) {
             // A transaction that writes the key whichever branch it takes; if the key existed
             // it also writes a "t/" key, else it deletes every "t/" key (two keys, one revision).
             use crate::txn::{CmpOp, Compare, Scope, Target, Txn, TxnOp};
