@@ -362,10 +362,9 @@ fn raft_watch(
     let deadline = std::time::Instant::now() + std::time::Duration::from_micros(timeout_us as u64);
     let mut from = since;
     loop {
+        // Raises the compacted error for `since` on the first pass; later passes start past
+        // revisions already read, whose compaction no longer matters.
         let (bounds, rows) = changes_page(from, prefix, max_rows);
-        if from == since && since < bounds.compact {
-            compacted(since, bounds.compact)
-        }
         if !rows.is_empty() {
             return TableIterator::new(rows);
         }
@@ -415,8 +414,8 @@ fn raft_compact(revision: Option<i64>) -> i64 {
     };
     let reply = request(Op::Compact, "", &at.to_string(), None, None);
     if !reply.flag {
-        let (revision, compact) = shmem::revisions();
-        if at > revision.max(reply.revision as u64) {
+        // Not moved: either past the store's revision when it applied, or compacted already.
+        if at > reply.revision as u64 {
             raise(
                 Code::ERRCODE_INVALID_PARAMETER_VALUE,
                 format!("raft_kv cannot compact at revision {at}: the store's revision is {}", reply.revision),
@@ -425,7 +424,7 @@ fn raft_compact(revision: Option<i64>) -> i64 {
             )
         }
         // Already compacted at or past it.
-        return compact as i64;
+        return shmem::revisions().1.max(at) as i64;
     }
     at as i64
 }

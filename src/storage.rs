@@ -358,27 +358,12 @@ impl Backend for PgBackend {
                     .map_err(spi_err)?;
                 }
                 if !changes.is_empty() {
-                    let h = &changes;
-                    let hcol = |f: &dyn Fn(&Change) -> i64| -> Vec<i64> { h.iter().map(|c| f(c)).collect() };
-                    let htext = |f: &dyn Fn(&Change) -> Option<String>| -> Vec<Option<String>> {
-                        h.iter().map(|c| f(c)).collect()
-                    };
-                    let prev_mod: Vec<Option<i64>> = h.iter().map(|c| c.prev_mod_revision.map(|r| r as i64)).collect();
                     c.update(
                         &self.q("INSERT INTO raft_kv.snapshot_changes SELECT * FROM unnest($1::bigint[], $2::text[], \
                                  $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[]) \
                                  ON CONFLICT (revision, key) DO NOTHING"),
                         None,
-                        &[
-                            hcol(&|c| c.revision as i64).into(),
-                            htext(&|c| Some(c.key.clone())).into(),
-                            htext(&|c| Some(c.kind.as_str().to_string())).into(),
-                            htext(&|c| c.value.clone()).into(),
-                            htext(&|c| c.prev_value.clone()).into(),
-                            hcol(&|c| c.create_revision as i64).into(),
-                            hcol(&|c| c.version as i64).into(),
-                            prev_mod.into(),
-                        ],
+                        &change_columns(&changes),
                     )
                     .map_err(spi_err)?;
                 }
@@ -663,15 +648,12 @@ fn write_batch(
             let delete = plans.get(c, schema, DELETE_SQL, &[TEXTARRAY])?;
             c.update(delete, None, &[gone.into()]).map_err(spi_err)?;
         }
-        let h = &fx.changes;
-        let hcol = |f: &dyn Fn(&Change) -> i64| -> Vec<i64> { h.iter().map(f).collect() };
-        let htext = |f: &dyn Fn(&Change) -> Option<String>| -> Vec<Option<String>> { h.iter().map(f).collect() };
         let args = [
             TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, BOOLARRAY, INT8ARRAY,
             INT8ARRAY, INT8ARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY,
         ];
         let effects = plans.get(c, schema, EFFECTS_SQL, &args)?;
-        let prev_mod: Vec<Option<i64>> = h.iter().map(|c| c.prev_mod_revision.map(|r| r as i64)).collect();
+        let [revision, key, kind, value, prev_value, create, version, prev_mod] = change_columns(&fx.changes);
         c.update(
             effects,
             None,
@@ -686,14 +668,14 @@ fn write_batch(
                 flags.into(),
                 creates.into(),
                 versions.into(),
-                hcol(&|c| c.revision as i64).into(),
-                htext(&|c| Some(c.key.clone())).into(),
-                htext(&|c| Some(c.kind.as_str().to_string())).into(),
-                htext(&|c| c.value.clone()).into(),
-                htext(&|c| c.prev_value.clone()).into(),
-                hcol(&|c| c.create_revision as i64).into(),
-                hcol(&|c| c.version as i64).into(),
-                prev_mod.into(),
+                revision,
+                key,
+                kind,
+                value,
+                prev_value,
+                create,
+                version,
+                prev_mod,
             ],
         )
         .map_err(spi_err)?;
@@ -743,6 +725,23 @@ fn write_batch(
         .map_err(spi_err)?;
     }
     Ok(())
+}
+
+/// History rows as the arrays `unnest` takes, in `raft_kv.changes`' column order.
+fn change_columns<C: std::borrow::Borrow<Change>>(h: &[C]) -> [pgrx::datum::DatumWithOid<'static>; 8] {
+    let num = |f: fn(&Change) -> i64| -> Vec<i64> { h.iter().map(|c| f(c.borrow())).collect() };
+    let text = |f: fn(&Change) -> Option<String>| -> Vec<Option<String>> { h.iter().map(|c| f(c.borrow())).collect() };
+    let prev_mod: Vec<Option<i64>> = h.iter().map(|c| c.borrow().prev_mod_revision.map(|r| r as i64)).collect();
+    [
+        num(|c| c.revision as i64).into(),
+        text(|c| Some(c.key.clone())).into(),
+        text(|c| Some(c.kind.as_str().to_string())).into(),
+        text(|c| c.value.clone()).into(),
+        text(|c| c.prev_value.clone()).into(),
+        num(|c| c.create_revision as i64).into(),
+        num(|c| c.version as i64).into(),
+        prev_mod.into(),
+    ]
 }
 
 /// A history row as `SELECT revision, key, kind, value, prev_value, create_revision, version,

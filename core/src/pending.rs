@@ -414,9 +414,8 @@ mod tests {
         assert!(p.is_empty());
     }
 
-    #[test]
-    fn reads_waiting_together_share_one_read_index_request() {
-        // Node 2 follows node 1: every ReadIndex request it makes is a message to count.
+    /// Node 2 of two, following node 1 after one heartbeat; nothing it sends is delivered.
+    fn follower_of_node_1() -> Node<MemBackend> {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let two: Vec<_> = (1..=2).map(|id| crate::types::Member { id, address: "a".into(), promote: false }).collect();
         let mut n = Node::open(MemBackend::new(), &NodeOptions::new(2), &two, &logger).unwrap();
@@ -424,6 +423,13 @@ mod tests {
         hb.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
         (hb.from, hb.to, hb.term) = (1, 2, n.status().term.max(1));
         n.step(hb);
+        n
+    }
+
+    #[test]
+    fn reads_waiting_together_share_one_read_index_request() {
+        // Node 2 follows node 1: every ReadIndex request it makes is a message to count.
+        let mut n = follower_of_node_1();
         let asked = |n: &mut Node<MemBackend>| {
             let mut out = Output::default();
             let mut ctxs = Vec::new();
@@ -473,13 +479,7 @@ mod tests {
     #[test]
     fn a_forwarded_write_lost_on_the_way_is_proposed_again() {
         // Node 2 follows node 1, whose messages we deliver but whose answers never come.
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let two: Vec<_> = (1..=2).map(|id| crate::types::Member { id, address: "a".into(), promote: false }).collect();
-        let mut n = Node::open(MemBackend::new(), &NodeOptions::new(2), &two, &logger).unwrap();
-        let mut hb = raft::eraftpb::Message::default();
-        hb.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
-        (hb.from, hb.to, hb.term) = (1, 2, n.status().term.max(1));
-        n.step(hb);
+        let mut n = follower_of_node_1();
         assert_eq!(n.leader_id(), 1);
         let proposals = |n: &mut Node<MemBackend>| {
             let mut out = Output::default();

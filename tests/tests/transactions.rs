@@ -205,6 +205,19 @@ struct Transfer {
     to_value: i64,
 }
 
+/// The open connection, or an attempt at the next node's (None, after a pause, if it is down).
+fn connected<'a>(c: &Cluster, conn: &'a mut Option<Client>, node: &mut usize) -> Option<&'a mut Client> {
+    if conn.is_none() {
+        *node = *node % 3 + 1;
+        *conn = c.try_client(*node);
+        if conn.is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        return None;
+    }
+    conn.as_mut()
+}
+
 /// One client: read two accounts, then move an amount with a transaction that holds only if
 /// neither changed since (mod_revision), retrying the same request id until answered.
 fn bank_client(
@@ -220,14 +233,7 @@ fn bank_client(
     let mut conn: Option<Client> = None;
     let mut n = 0;
     while !stop.load(Ordering::Relaxed) {
-        let Some(cl) = conn.as_mut() else {
-            node = node % 3 + 1;
-            conn = c.try_client(node);
-            if conn.is_none() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            continue;
-        };
+        let Some(cl) = connected(c, &mut conn, &mut node) else { continue };
         let a = rng.gen_range(0..ACCOUNTS);
         let b = (a + rng.gen_range(1..ACCOUNTS)) % ACCOUNTS;
         let (from, to) = (format!("acct/{a}"), format!("acct/{b}"));
@@ -257,14 +263,7 @@ fn bank_client(
                              {"op": "put", "key": to, "value": (tv + amount).to_string()}]);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let Some(cl) = conn.as_mut() else {
-                node = node % 3 + 1;
-                conn = c.try_client(node);
-                if conn.is_none() {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                continue;
-            };
+            let Some(cl) = connected(c, &mut conn, &mut node) else { continue };
             let r = cl.query_one(
                 "SELECT succeeded, revision FROM raft_txn($1::text::jsonb, $2::text::jsonb, '[]', $3)",
                 &[&compare.to_string(), &success.to_string(), &rid],
