@@ -209,20 +209,7 @@ impl RaftLoop {
         pgrx::log!("raft_kv: node {} is shutting down: handing leadership to node {target}", self.me);
         self.node.transfer_leader(target);
         while Instant::now() < deadline {
-            // SAFETY: MyLatch is this process's latch; the eventfd stays open for the loop's life.
-            unsafe {
-                pg_sys::WaitLatchOrSocket(
-                    pg_sys::MyLatch,
-                    (pg_sys::WL_LATCH_SET
-                        | pg_sys::WL_SOCKET_READABLE
-                        | pg_sys::WL_TIMEOUT
-                        | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                    self.efd.0,
-                    self.tick.as_millis().max(1) as std::ffi::c_long,
-                    pg_sys::PG_WAIT_EXTENSION,
-                );
-                pg_sys::ResetLatch(pg_sys::MyLatch);
-            }
+            self.sleep();
             self.receive();
             let now = Instant::now();
             self.tick(now);
@@ -261,8 +248,8 @@ impl RaftLoop {
     }
 
     /// Sleeps until the next tick, a backend's request (the latch) or network input (the
-    /// eventfd); false when the worker must exit.
-    fn wait(&mut self) -> bool {
+    /// eventfd).
+    fn sleep(&self) {
         let wait_ms = self.next_tick.saturating_duration_since(Instant::now()).as_millis() as std::ffi::c_long;
         // SAFETY: MyLatch is this process's latch; the eventfd stays open for the loop's life.
         unsafe {
@@ -276,6 +263,11 @@ impl RaftLoop {
             );
             pg_sys::ResetLatch(pg_sys::MyLatch);
         }
+    }
+
+    /// `sleep`, then the signals: false when the worker must exit.
+    fn wait(&mut self) -> bool {
+        self.sleep();
         pgrx::check_for_interrupts!();
         if BackgroundWorker::sigterm_received() {
             return false;

@@ -83,7 +83,9 @@ fn raft_txn(
     let branch = if reply.flag { &txn.success } else { &txn.failure };
     // This transaction's own changes are those at its revision, if it wrote. A retry answered
     // from the first call's result does not say whether that call wrote: the history does.
-    let at_revision = changes_at(revision);
+    // Read only when needed: to decide that, or to count a delete's keys.
+    let needs_history = reply.wrote.is_none() || branch.iter().any(|op| matches!(op, TxnOp::Delete(_)));
+    let at_revision = if needs_history { changes_at(revision) } else { Vec::new() };
     let wrote = reply.wrote.unwrap_or_else(|| {
         branch.iter().any(|op| match op {
             TxnOp::Put { key, .. } => at_revision.iter().any(|(k, _)| k == key),
