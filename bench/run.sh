@@ -23,57 +23,26 @@ unset RUST_BACKTRACE RUST_LIB_BACKTRACE
 SECS=${BENCH_SECONDS:-10}
 CLIENTS=${BENCH_CLIENTS:-1 8 32}
 KEYS=100000
-PG_BIN=/usr/lib/postgresql/15/bin
+. bench/lib.sh
 WORK=$(mktemp -d /tmp/raft_kv-bench-XXXXXX)
 chmod 755 "$WORK"
 RK=$WORK/raft SR=$WORK/syncrep
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 cleanup() {
   scripts/cluster.sh down --dir "$RK" >/dev/null 2>&1 || true
-  for n in s2 s1 p; do [ -d "$SR/$n" ] && as_pg "$PG_BIN/pg_ctl" -D "$SR/$n" -m immediate -w stop >/dev/null 2>&1 || true; done
+  syncrep_down "$SR"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 # --- the raft_kv cluster
 scripts/cluster.sh up 3 --dir "$RK" >/dev/null
-rk_port() { awk -v i="$1" '$1 == i { print $2 }' "$RK/nodes"; }
-q() { "$PG_BIN/psql" -X -Atq -h 127.0.0.1 -p "$1" -U postgres -d postgres -c "$2"; }
-leader=0
-for _ in $(seq 1 100); do
-  leader=$(q "$(rk_port 1)" "SELECT coalesce(leader_id, 0) FROM raft_status()")
-  [ "$leader" != 0 ] && break
-  sleep 0.1
-done
-[ "$leader" != 0 ] || { echo "no leader" >&2; exit 1; }
+leader=$(rk_leader "$RK")
 follower=$(( leader % 3 + 1 ))
-LP=$(rk_port "$leader") FP=$(rk_port "$follower")
+LP=$(rk_port "$RK" "$leader") FP=$(rk_port "$RK" "$follower")
 
 # --- the synchronous-replication cluster: same initdb and settings as scripts/cluster.sh
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-mkdir -p "$SR"; [ "$(id -u)" = 0 ] && chown postgres: "$SR"
-P0=$(free_port) P1=$(free_port) P2=$(free_port)
-as_pg "$PG_BIN/initdb" -D "$SR/p" -A trust -U postgres --no-sync >"$WORK/initdb.log" 2>&1
-as_pg tee -a "$SR/p/postgresql.conf" >/dev/null <<EOF
-port = $P0
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$SR'
-synchronous_standby_names = 'ANY 1 (s1, s2)'
-synchronous_commit = on
-EOF
-as_pg "$PG_BIN/pg_ctl" -D "$SR/p" -l "$SR/p.log" -w start >/dev/null
-for s in 1 2; do
-  port=$([ $s = 1 ] && echo "$P1" || echo "$P2")
-  as_pg "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$P0" -U postgres -D "$SR/s$s" -R -X stream >/dev/null
-  as_pg tee -a "$SR/s$s/postgresql.conf" >/dev/null <<<"port = $port"
-  as_pg tee -a "$SR/s$s/postgresql.auto.conf" >/dev/null \
-    <<<"primary_conninfo = 'host=127.0.0.1 port=$P0 user=postgres application_name=s$s'"
-  as_pg "$PG_BIN/pg_ctl" -D "$SR/s$s" -l "$SR/s$s.log" -w start >/dev/null
-done
-for _ in $(seq 1 100); do
-  [ "$(q "$P0" "SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')")" = 2 ] && break
-  sleep 0.1
-done
+syncrep_up "$SR"
+P0=$SR_PORT
 
 # --- data: the same keys and values everywhere
 KEY="'bench/' || lpad(g::text, 10, '0')"
@@ -116,7 +85,6 @@ cat >"$WORK/select.sql" <<'EOF'
 SELECT value FROM bench_kv WHERE key = 'bench/' || lpad(:k::text, 10, '0');
 EOF
 
-busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
 # run LABEL PORT SCRIPT CLIENTS -> one table row; remembers "tps p50 p99 cpu" under LABEL.CLIENTS
 declare -A R
 run() {

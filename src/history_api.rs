@@ -130,16 +130,31 @@ pub(crate) fn changes_at(revision: u64) -> Vec<(String, bool)> {
 pub(crate) fn scan_at(prefix: &str, at: Option<u64>) -> Vec<(String, KvRow)> {
     let upper = prefix_end(prefix);
     let Some(at) = at else {
-        let sql = "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
-                   WHERE key OPERATOR(pg_catalog.>=) $1 AND ($2::text IS NULL OR key OPERATOR(pg_catalog.<) $2) \
-                   ORDER BY key";
-        return fresh_select(sql, &[TEXT, TEXT], &[prefix.into(), upper.as_deref().into()], |t| {
+        // Two statements, not one with "$2 IS NULL OR": a kept generic plan can only bound the
+        // index scan by a condition it always has, and would otherwise read to the table's end.
+        let read = |t: pgrx::spi::SpiTupleTable| {
             let mut rows = Vec::with_capacity(t.len());
             for r in t {
                 rows.push((r.get::<String>(1)?.unwrap_or_default(), row_of(&r, 2)?));
             }
             Ok(rows)
-        });
+        };
+        return match upper {
+            Some(upper) => fresh_select(
+                "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
+                 WHERE key OPERATOR(pg_catalog.>=) $1 AND key OPERATOR(pg_catalog.<) $2 ORDER BY key",
+                &[TEXT, TEXT],
+                &[prefix.into(), upper.as_str().into()],
+                read,
+            ),
+            None => fresh_select(
+                "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
+                 WHERE key OPERATOR(pg_catalog.>=) $1 ORDER BY key",
+                &[TEXT],
+                &[prefix.into()],
+                read,
+            ),
+        };
     };
     let sql = "WITH later AS (SELECT DISTINCT ON (key) * FROM raft_kv.changes \
                  WHERE revision OPERATOR(pg_catalog.>) $3 AND key OPERATOR(pg_catalog.>=) $1 \

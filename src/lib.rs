@@ -87,6 +87,20 @@ CREATE TABLE raft_kv.changes (
 -- Reads at a past revision look for a key's first change after it.
 CREATE INDEX changes_key ON raft_kv.changes (key, revision);
 
+-- Values and log entries are compressed with lz4 where the server was built with it: with
+-- pglz, compressing took 78 % of the CPU of writing 1 MiB values (the entry, the value and the
+-- history row, on every node). The snapshot tables copy this (LIKE ... INCLUDING ALL).
+DO $$
+BEGIN
+    ALTER TABLE raft_kv.log ALTER COLUMN data SET COMPRESSION lz4;
+    ALTER TABLE raft_kv.kv ALTER COLUMN value SET COMPRESSION lz4;
+    ALTER TABLE raft_kv.changes ALTER COLUMN value SET COMPRESSION lz4,
+                                ALTER COLUMN prev_value SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported THEN
+    NULL;
+END
+$$;
+
 COMMENT ON SCHEMA raft_kv IS 'raft_kv internal state: the Raft log, hard state and the key-value table';
 -- Applied request ids (nonce, seq), so a retried proposal is answered instead of applied
 -- twice. node is the node that proposed it. Forgotten after DEDUP_WINDOW log entries.

@@ -1,0 +1,67 @@
+# Shared by the bench scripts (sourced): the PostgreSQL tools, a raft_kv cluster's ports and
+# leader, and the synchronous-replication baseline every raft_kv write is compared with.
+PG_BIN=/usr/lib/postgresql/15/bin
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+q() { "$PG_BIN/psql" -X -Atq -h 127.0.0.1 -p "$1" -U postgres -d postgres -c "$2"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
+machine() {
+  echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+}
+
+# rk_port DIR I: node I's SQL port in the cluster in DIR (scripts/cluster.sh)
+rk_port() { awk -v i="$2" '$1 == i { print $2 }' "$1/nodes"; }
+# rk_leader DIR: the leader's node id, once there is one (10 s at most)
+rk_leader() {
+  local leader=0
+  for _ in $(seq 1 100); do
+    leader=$(q "$(rk_port "$1" 1)" "SELECT coalesce(leader_id, 0) FROM raft_status()")
+    [ "$leader" != 0 ] && break
+    sleep 0.1
+  done
+  [ "$leader" != 0 ] || { echo "no leader" >&2; return 1; }
+  echo "$leader"
+}
+# worker_rss_kib PORT: the raft_kv worker's private memory (RssAnon) on that server, KiB
+worker_rss_kib() {
+  local pid
+  pid=$(q "$1" "SELECT worker_pid FROM raft_status()") || return 1
+  awk '/^RssAnon:/ { print $2 }' "/proc/$pid/status"
+}
+
+# syncrep_up DIR: a primary with two streaming standbys, synchronous_standby_names =
+# 'ANY 1 (s1, s2)', synchronous_commit = on, initdb'd as scripts/cluster.sh does; sets
+# SR_PORT (the primary's). syncrep_down DIR stops them.
+syncrep_up() {
+  local sr=$1 p1 p2 port
+  mkdir -p "$sr"; [ "$(id -u)" = 0 ] && chown postgres: "$sr"
+  SR_PORT=$(free_port) p1=$(free_port) p2=$(free_port)
+  as_pg "$PG_BIN/initdb" -D "$sr/p" -A trust -U postgres --no-sync >"$sr/initdb.log" 2>&1
+  as_pg tee -a "$sr/p/postgresql.conf" >/dev/null <<CONF
+port = $SR_PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$sr'
+synchronous_standby_names = 'ANY 1 (s1, s2)'
+synchronous_commit = on
+CONF
+  as_pg "$PG_BIN/pg_ctl" -D "$sr/p" -l "$sr/p.log" -w start >/dev/null
+  for s in 1 2; do
+    port=$([ $s = 1 ] && echo "$p1" || echo "$p2")
+    as_pg "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$SR_PORT" -U postgres -D "$sr/s$s" -R -X stream >/dev/null
+    as_pg tee -a "$sr/s$s/postgresql.conf" >/dev/null <<<"port = $port"
+    as_pg tee -a "$sr/s$s/postgresql.auto.conf" >/dev/null \
+      <<<"primary_conninfo = 'host=127.0.0.1 port=$SR_PORT user=postgres application_name=s$s'"
+    as_pg "$PG_BIN/pg_ctl" -D "$sr/s$s" -l "$sr/s$s.log" -w start >/dev/null
+  done
+  for _ in $(seq 1 100); do
+    [ "$(q "$SR_PORT" "SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')")" = 2 ] && return 0
+    sleep 0.1
+  done
+  echo "the standbys did not become synchronous" >&2
+  return 1
+}
+syncrep_down() {
+  for n in s2 s1 p; do
+    [ -d "$1/$n" ] && as_pg "$PG_BIN/pg_ctl" -D "$1/$n" -m immediate -w stop >/dev/null 2>&1 || true
+  done
+}
