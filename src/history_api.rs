@@ -74,6 +74,8 @@ fn row_of(r: &pgrx::spi::SpiHeapTupleData<'_>, from: usize) -> Result<KvRow, pgr
         mod_revision: g(1)?,
         create_revision: g(2)?,
         version: g(3)?,
+        // Reads report no lease (the history does not record them; see raft_lease_ttl).
+        lease: 0,
     })
 }
 

@@ -13,6 +13,7 @@ use pgrx::prelude::*;
 mod freeze;
 mod guc;
 mod history_api;
+mod lease_api;
 mod peers;
 mod raft_log;
 mod raft_loop;
@@ -66,7 +67,18 @@ CREATE TABLE raft_kv.kv (
     value           text   NOT NULL,
     mod_revision    bigint NOT NULL,
     create_revision bigint NOT NULL,
-    version         bigint NOT NULL
+    version         bigint NOT NULL,
+    -- The lease the key is attached to (0: none); it goes when the lease does.
+    lease           bigint NOT NULL DEFAULT 0
+);
+CREATE INDEX kv_lease ON raft_kv.kv (lease) WHERE lease <> 0;
+
+-- Leases (etcd's): granted, kept alive, revoked and expired through the log. refreshes counts
+-- grants and keepalives; an expiry decided on an older count does nothing.
+CREATE TABLE raft_kv.leases (
+    id        bigint PRIMARY KEY,
+    ttl_ms    bigint NOT NULL,
+    refreshes bigint NOT NULL
 );
 
 -- History: every change to a key, at the revision that made it, written in the transaction
@@ -138,9 +150,11 @@ CREATE UNLOGGED TABLE raft_kv.snapshot_meta (
     members          bytea  NOT NULL,
     change_rows      bigint NOT NULL,
     revision         bigint NOT NULL,
-    compact_revision bigint NOT NULL
+    compact_revision bigint NOT NULL,
+    leases           bytea  NOT NULL DEFAULT ''
 );
 
+REVOKE ALL ON raft_kv.leases FROM PUBLIC;
 REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv, raft_kv.requests, raft_kv.members, raft_kv.changes,
     raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes, raft_kv.snapshot_meta FROM PUBLIC;
 REVOKE ALL ON SCHEMA raft_kv FROM PUBLIC;
@@ -161,7 +175,7 @@ $$;
 DO $$
 DECLARE t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['log', 'state', 'kv', 'requests', 'members', 'changes',
+    FOREACH t IN ARRAY ARRAY['log', 'state', 'kv', 'requests', 'members', 'changes', 'leases',
                              'snapshot_kv', 'snapshot_requests', 'snapshot_changes', 'snapshot_meta'] LOOP
         EXECUTE pg_catalog.format('CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE '
                        'ON raft_kv.%I FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write()', t);
@@ -188,7 +202,9 @@ GRANT raft_kv_writer TO raft_kv_admin;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA raft_kv FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION raft_get(text, text, bigint), raft_get_kv(text, text, bigint), raft_scan(text, text, bigint),
     raft_changes(bigint, text, integer, text), raft_watch(text, bigint, interval, integer), raft_status(),
-    raft_set(text, text, text), raft_cas(text, text, text, text), raft_delete(text, text),
+    raft_lease_ttl(bigint, text), raft_leases(text),
+    raft_lease_grant(interval), raft_lease_keepalive(bigint), raft_lease_revoke(bigint),
+    raft_set(text, text, text, bigint), raft_cas(text, text, text, text), raft_delete(text, text),
     raft_cas_rev(text, text, text, text), raft_delete_rev(text, text),
     raft_txn(jsonb, jsonb, jsonb, text), raft_compact(bigint),
     raft_join(bigint, text, boolean), raft_remove(bigint), raft_transfer_leader(bigint),
@@ -202,11 +218,14 @@ REVOKE ALL ON raft_kv.revisions FROM PUBLIC;
 -- Readers read raft_kv.kv and the history with their own rights (the functions are not
 -- SECURITY DEFINER).
 GRANT USAGE ON SCHEMA raft_kv TO raft_kv_reader;
-GRANT SELECT ON raft_kv.kv, raft_kv.changes, raft_kv.revisions TO raft_kv_reader;
+GRANT SELECT ON raft_kv.kv, raft_kv.changes, raft_kv.revisions, raft_kv.leases TO raft_kv_reader;
 GRANT EXECUTE ON FUNCTION raft_get(text, text, bigint), raft_get_kv(text, text, bigint), raft_scan(text, text, bigint),
-    raft_changes(bigint, text, integer, text), raft_watch(text, bigint, interval, integer), raft_status()
+    raft_changes(bigint, text, integer, text), raft_watch(text, bigint, interval, integer), raft_status(),
+    raft_lease_ttl(bigint, text), raft_leases(text)
     TO raft_kv_reader;
-GRANT EXECUTE ON FUNCTION raft_set(text, text, text), raft_cas(text, text, text, text), raft_delete(text, text),
+GRANT EXECUTE ON FUNCTION raft_lease_grant(interval), raft_lease_keepalive(bigint), raft_lease_revoke(bigint)
+    TO raft_kv_writer;
+GRANT EXECUTE ON FUNCTION raft_set(text, text, text, bigint), raft_cas(text, text, text, text), raft_delete(text, text),
     raft_cas_rev(text, text, text, text), raft_delete_rev(text, text), raft_txn(jsonb, jsonb, jsonb, text)
     TO raft_kv_writer;
 -- Compaction destroys history other clients may still be reading: an administrator's call.
@@ -254,6 +273,7 @@ mod tests {
              CREATE TABLE contract.snapshot_kv (LIKE raft_kv.snapshot_kv INCLUDING ALL);
              CREATE TABLE contract.snapshot_requests (LIKE raft_kv.snapshot_requests INCLUDING ALL);
              CREATE TABLE contract.changes (LIKE raft_kv.changes INCLUDING ALL);
+             CREATE TABLE contract.leases (LIKE raft_kv.leases INCLUDING ALL);
              CREATE TABLE contract.snapshot_changes (LIKE raft_kv.snapshot_changes INCLUDING ALL);",
         )
         .unwrap();

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
-use raft_kv_core::command::{Command, RequestId};
+use raft_kv_core::command::{Command, Proposal, RequestId};
+use raft_kv_core::lease::LeaseClock;
 use raft_kv_core::config::format_peers;
 use raft_kv_core::node::{role_name, MemberChange, Node, NodeError, NodeStatus, Outbound, Output};
 use raft_kv_core::pending::{Answer, Pending};
@@ -70,6 +71,8 @@ pub struct RaftLoop {
     /// Dropped messages are logged at most once a second.
     dropped_since_log: u64,
     last_drop_log: Option<Instant>,
+    /// Lease deadlines; the leader proposes the expiry of those past theirs.
+    leases: LeaseClock,
 }
 
 impl RaftLoop {
@@ -126,6 +129,10 @@ impl RaftLoop {
         }
         let cluster_id = node.cluster_id();
         transport.set_cluster_id(cluster_id);
+        let mut leases = LeaseClock::default();
+        let stored = in_txn(|| node.storage().leases())
+            .unwrap_or_else(|e| pgrx::error!("raft_kv: cannot read the leases: {e}"));
+        leases.load(stored, crate::shmem::mono_ms());
         // Reads ask again for a read index after about a heartbeat without an answer.
         let read_retry = settings.tick * settings.opts.heartbeat_ticks as u32 * 2;
         Some(RaftLoop {
@@ -159,6 +166,7 @@ impl RaftLoop {
             stats_due: None,
             dropped_since_log: 0,
             last_drop_log: None,
+            leases,
         })
     }
 
@@ -354,7 +362,11 @@ impl RaftLoop {
         for t in self.taken.drain(..) {
             let client = (t.slot, t.gen);
             let cmd = match t.op {
-                Op::Set => Command::Put { key: t.key, value: t.value },
+                Op::Set if t.target == 0 => Command::Put { key: t.key, value: t.value },
+                Op::Set => Command::PutLease { key: t.key, value: t.value, lease: t.target },
+                Op::LeaseGrant => Command::LeaseGrant { id: t.target, ttl_ms: t.arg },
+                Op::LeaseKeepAlive => Command::LeaseKeepAlive { id: t.target },
+                Op::LeaseRevoke => Command::LeaseRevoke { id: t.target },
                 Op::Delete => Command::Delete { key: t.key },
                 Op::Cas => Command::Cas { key: t.key, expected: t.expected, value: t.value },
                 // The backend built both from typed values; refuse anything else unapplied.
@@ -421,6 +433,13 @@ impl RaftLoop {
                 self.node.send_failed(to);
             }
         }
+        let now = crate::shmem::mono_ms();
+        if let Some(all) = self.out.leases_installed.take() {
+            self.leases.load(all, now);
+        }
+        for (id, lease) in self.out.lease_changes.drain(..) {
+            self.leases.applied(id, lease, now);
+        }
         for (index, reason) in self.out.invalid.drain(..) {
             pgrx::warning!("raft_kv: skipped the log entry at index {index}: {reason}; every node skips it alike");
         }
@@ -445,6 +464,11 @@ impl RaftLoop {
             self.out.role_changed = false;
             let st = self.node.status();
             if (st.role, st.leader_id) != self.last_role {
+                if st.role == StateRole::Leader && self.last_role.0 != StateRole::Leader {
+                    // etcd's rule: a new leader gives every lease its full TTL again, so a
+                    // failover never expires a live lease early.
+                    self.leases.restart_all(now);
+                }
                 self.last_role = (st.role, st.leader_id);
                 let leader = if st.leader_id == 0 { "unknown".to_string() } else { st.leader_id.to_string() };
                 pgrx::log!("raft_kv: node {me} is {} in term {}; leader is {leader}", role_name(st.role), st.term);
@@ -520,6 +544,17 @@ impl RaftLoop {
                 }
             }
         }
+        // Leases past their deadline: the leader proposes their expiry, naming the refresh
+        // count it saw (a keepalive that applies first makes the expiry do nothing).
+        if self.node.is_leader() {
+            for (id, refreshes) in self.leases.due(crate::shmem::mono_ms()) {
+                let p = Proposal { id: self.internal_id(), cmd: Command::LeaseExpire { id, refreshes } };
+                let _ = self.node.propose(&p);
+            }
+        }
+        if let Some(deadlines) = self.leases.take_changed() {
+            crate::shmem::publish_leases(&deadlines);
+        }
         let threshold = guc::SNAPSHOT_THRESHOLD.get() as u64;
         if self
             .node
@@ -539,10 +574,12 @@ impl RaftLoop {
     fn answer(&mut self) {
         for ((slot, gen), answer) in self.answers.drain(..) {
             let (outcome, reply, msg) = match answer {
-                Answer::Done { revision, flag, wrote } => (Outcome::Ok, (revision as i64, flag, wrote), ""),
-                Answer::NotCommitted(m) => (Outcome::NotCommitted, (0, false, None), m),
-                Answer::Unknown(m) => (Outcome::Unknown, (0, false, None), m),
-                Answer::ReadFailed(m) => (Outcome::ReadFailed, (0, false, None), m),
+                Answer::Done { revision, flag, wrote, refused } => {
+                    (Outcome::Ok, (revision as i64, flag, wrote, refused.map_or(0, |r| r.code())), "")
+                }
+                Answer::NotCommitted(m) => (Outcome::NotCommitted, (0, false, None, 0), m),
+                Answer::Unknown(m) => (Outcome::Unknown, (0, false, None, 0), m),
+                Answer::ReadFailed(m) => (Outcome::ReadFailed, (0, false, None, 0), m),
             };
             requests::complete(slot, gen, outcome, reply, msg);
         }

@@ -24,6 +24,8 @@ pub struct Reply {
     pub flag: bool,
     /// Whether the request's own entry changed something (`None`: not known, e.g. a retry).
     pub wrote: Option<bool>,
+    /// Why the state machine refused it (`None` also for a retry of a refused request).
+    pub refused: Option<raft_kv_core::lease::Refusal>,
 }
 
 /// Why a request failed, as the SQL layer reports it.
@@ -47,14 +49,16 @@ pub struct Request<'a> {
     pub expected: Option<&'a str>,
     /// Writes only: the client's name for the request, making retries idempotent.
     pub request_id: Option<&'a str>,
-    /// Membership requests: the node concerned.
+    /// Membership requests: the node concerned; lease requests and leased puts: the lease.
     pub target: u64,
+    /// Lease grants: the TTL in milliseconds.
+    pub arg: u64,
     pub as_learner: bool,
 }
 
 /// Submits a request and waits for its outcome.
 pub fn submit(req: &Request) -> Result<Reply, RequestError> {
-    let Request { op, key, value, expected, request_id, target, as_learner } = *req;
+    let Request { op, key, value, expected, request_id, target, arg, as_learner } = *req;
     let timeout_ms = guc::APPLY_TIMEOUT_MS.get().max(1) as u32;
     let exp = expected.unwrap_or("");
     let rid = request_id.unwrap_or("");
@@ -92,6 +96,7 @@ pub fn submit(req: &Request) -> Result<Reply, RequestError> {
         s.exp_len = exp.len() as u32;
         s.rid_len = rid.len() as u32;
         s.target = target;
+        s.arg = arg;
         s.as_learner = as_learner;
         s.outcome = 0;
         if seg.is_null() {
@@ -186,7 +191,8 @@ fn wait(idx: usize, gen: u64, epoch: u64, deadline: Instant) -> Result<Reply, Re
                             2 => Some(true),
                             _ => None,
                         };
-                        Ok(Reply { revision: s.revision, flag: s.flag, wrote })
+                        let refused = raft_kv_core::lease::Refusal::from_code(s.refused);
+                        Ok(Reply { revision: s.revision, flag: s.flag, wrote, refused })
                     }
                     x if x == Outcome::NotCommitted as u8 => Err(RequestError::NotCommitted(msg)),
                     x if x == Outcome::ReadFailed as u8 => Err(RequestError::ReadFailed(msg)),
@@ -232,6 +238,7 @@ pub struct Taken {
     pub expected: Option<String>,
     pub request_id: Option<String>,
     pub target: u64,
+    pub arg: u64,
     pub as_learner: bool,
     pub deadline: Instant,
 }
@@ -253,7 +260,7 @@ pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u6
             continue;
         }
         if s.epoch != epoch {
-            finish(s, Outcome::NotCommitted, 0, false, None, "the raft_kv worker restarted before taking the request");
+            finish(s, Outcome::NotCommitted, (0, false, None, 0), "the raft_kv worker restarted before taking the request");
             continue;
         }
         let (Some(op), Some((key, value, expected, request_id))) = (Op::from_u8(s.op), read_payload(s)) else {
@@ -271,6 +278,7 @@ pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u6
             expected,
             request_id,
             target: s.target,
+            arg: s.arg,
             as_learner: s.as_learner,
             deadline: now + Duration::from_millis(s.timeout_ms as u64),
         });
@@ -305,7 +313,8 @@ fn read_payload(s: &Slot) -> Option<Payload> {
     Some((key, value, expected, request_id))
 }
 
-fn finish(s: &mut Slot, outcome: Outcome, revision: i64, flag: bool, wrote: Option<bool>, message: &str) {
+fn finish(s: &mut Slot, outcome: Outcome, reply: (i64, bool, Option<bool>, u8), message: &str) {
+    let (revision, flag, wrote, refused) = reply;
     if s.abandoned {
         s.state = SlotState::Free as u8;
         return;
@@ -313,6 +322,7 @@ fn finish(s: &mut Slot, outcome: Outcome, revision: i64, flag: bool, wrote: Opti
     s.outcome = outcome as u8;
     s.revision = revision;
     s.flag = flag;
+    s.refused = refused;
     s.wrote = match wrote {
         None => 0,
         Some(false) => 1,
@@ -324,12 +334,11 @@ fn finish(s: &mut Slot, outcome: Outcome, revision: i64, flag: bool, wrote: Opti
 }
 
 /// Worker: reports the outcome of a request it took.
-pub fn complete(slot: usize, gen: u64, outcome: Outcome, reply: (i64, bool, Option<bool>), message: &str) {
-    let (revision, flag, wrote) = reply;
+pub fn complete(slot: usize, gen: u64, outcome: Outcome, reply: (i64, bool, Option<bool>, u8), message: &str) {
     let mut sh = SHARED.exclusive();
     let s = &mut sh.slots[slot];
     if s.gen == gen && s.state == SlotState::Taken as u8 {
-        finish(s, outcome, revision, flag, wrote, message);
+        finish(s, outcome, reply, message);
     }
 }
 
@@ -338,8 +347,8 @@ pub fn complete(slot: usize, gen: u64, outcome: Outcome, reply: (i64, bool, Opti
 pub fn resolve_all(sh: &mut shmem::Shared, why: &str) {
     for s in sh.slots.iter_mut().take(NSLOTS) {
         match s.state {
-            x if x == SlotState::Taken as u8 => finish(s, Outcome::Unknown, 0, false, None, why),
-            x if x == SlotState::Submitted as u8 => finish(s, Outcome::NotCommitted, 0, false, None, why),
+            x if x == SlotState::Taken as u8 => finish(s, Outcome::Unknown, (0, false, None, 0), why),
+            x if x == SlotState::Submitted as u8 => finish(s, Outcome::NotCommitted, (0, false, None, 0), why),
             _ => {}
         }
     }

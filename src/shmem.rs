@@ -17,6 +17,7 @@ pub const NSLOTS: usize = 512;
 /// Key, value and expected-value bytes carried inside a slot; larger requests travel in a DSM segment.
 pub const INLINE_BYTES: usize = 2048;
 pub const MAX_MEMBERS: usize = raft_kv_core::config::MAX_MEMBERS;
+pub const MAX_LEASES: usize = raft_kv_core::lease::MAX_LEASES as usize;
 
 /// A bounded UTF-8 string stored inline.
 #[repr(C)]
@@ -117,11 +118,28 @@ pub enum Op {
     Txn = 8,
     /// History compaction: the value holds the revision.
     Compact = 9,
+    /// Leases: `target` is the lease id; a grant's TTL (ms) is in `arg`.
+    LeaseGrant = 10,
+    LeaseKeepAlive = 11,
+    LeaseRevoke = 12,
 }
 
 impl Op {
     pub fn from_u8(v: u8) -> Option<Op> {
-        [Op::Set, Op::Delete, Op::Cas, Op::Read, Op::Join, Op::Remove, Op::Transfer, Op::Txn, Op::Compact]
+        [
+            Op::Set,
+            Op::Delete,
+            Op::Cas,
+            Op::Read,
+            Op::Join,
+            Op::Remove,
+            Op::Transfer,
+            Op::Txn,
+            Op::Compact,
+            Op::LeaseGrant,
+            Op::LeaseKeepAlive,
+            Op::LeaseRevoke,
+        ]
             .into_iter()
             .find(|o| *o as u8 == v)
     }
@@ -159,7 +177,10 @@ pub struct Slot {
     /// A client-chosen request id follows the expected value; 0 bytes when none.
     pub rid_len: u32,
     /// Membership requests: the node concerned, and for Join whether it stays a learner.
+    /// Lease requests and leased puts (Set): the lease (0: none).
     pub target: u64,
+    /// Lease grants: the TTL in milliseconds.
+    pub arg: u64,
     pub as_learner: bool,
     /// DSM handle holding key and value when they do not fit inline; 0 when inline.
     pub dsm: u32,
@@ -169,6 +190,8 @@ pub struct Slot {
     pub flag: bool,
     /// Whether the request's entry changed something: 0 unknown, 1 no, 2 yes.
     pub wrote: u8,
+    /// Why the state machine refused the request: a `Refusal` code, 0 for none.
+    pub refused: u8,
     pub message: FixedStr<256>,
 }
 
@@ -180,6 +203,9 @@ pub struct Shared {
     pub slots: [Slot; NSLOTS],
     /// Broadcast by the worker whenever the revision moves: `raft_watch` sleeps on it.
     pub watch: pg_sys::ConditionVariable,
+    /// Each lease's deadline as this node's worker tracks it (see [`mono_ms`]), by lease id.
+    pub n_leases: u32,
+    pub leases: [(u64, u64); MAX_LEASES],
 }
 
 impl Default for Shared {
@@ -234,6 +260,31 @@ pub fn publish_revision(revision: u64, compact_revision: u64) {
     // SAFETY: the condition variable is in shared memory, initialised (see Default); the
     // worker has a PGPROC.
     unsafe { pg_sys::ConditionVariableBroadcast(cv) };
+}
+
+/// Milliseconds of CLOCK_MONOTONIC: the same clock in every process of this host, and one that
+/// wall-clock changes do not move, so lease deadlines are published in it.
+pub fn mono_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Publishes every lease's deadline (sorted by id).
+pub fn publish_leases(deadlines: &[(u64, u64)]) {
+    let mut sh = SHARED.exclusive();
+    let n = deadlines.len().min(MAX_LEASES);
+    sh.leases[..n].copy_from_slice(&deadlines[..n]);
+    sh.n_leases = n as u32;
+}
+
+/// Milliseconds left of lease `id`'s TTL as this node's worker sees it, if it knows the lease.
+pub fn lease_remaining_ms(id: u64) -> Option<u64> {
+    let sh = SHARED.share();
+    let leases = &sh.leases[..sh.n_leases as usize];
+    let i = leases.binary_search_by_key(&id, |l| l.0).ok()?;
+    Some(leases[i].1.saturating_sub(mono_ms()))
 }
 
 /// The revision and compaction point this node last published.

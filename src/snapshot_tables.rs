@@ -2,6 +2,7 @@
 //! history (`raft_kv.changes`) into the unlogged snapshot tables with what they belong to
 //! (`raft_kv.snapshot_meta`), and reading it back.
 
+use raft_kv_core::lease::LeaseRow;
 use raft_kv_core::snapshot::Frozen;
 use raft_kv_core::storage::{decode_conf_state, encode_conf_state, StoreError, StoreResult};
 use raft_kv_core::types::{Member, SnapshotData};
@@ -16,7 +17,8 @@ pub fn freeze_tables(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> Strin
         .map_err(spi_err)?;
     let kv = c
         .update(
-            &q("INSERT INTO raft_kv.snapshot_kv SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv"),
+            &q("INSERT INTO raft_kv.snapshot_kv SELECT key, value, mod_revision, create_revision, version, lease \
+                FROM raft_kv.kv"),
             None,
             &[],
         )
@@ -52,7 +54,9 @@ pub fn freeze_tables(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> Strin
     let revision = t.get::<i64>(3).map_err(spi_err)?.unwrap_or(0) as u64;
     let compact_revision = t.get::<i64>(4).map_err(spi_err)?.unwrap_or(0) as u64;
     let members = select_members(c, q)?;
+    let leases = select_leases(c, q)?;
     Ok(Frozen {
+        leases,
         index,
         kv_rows: kv as u64,
         request_rows: requests as u64,
@@ -62,6 +66,16 @@ pub fn freeze_tables(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> Strin
         conf_state,
         members,
     })
+}
+
+/// Every lease (at most `MAX_LEASES`: they travel inside the snapshot message).
+pub fn select_leases(c: &pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<Vec<(u64, LeaseRow)>> {
+    let mut out = Vec::new();
+    for r in c.select(&q("SELECT id, ttl_ms, refreshes FROM raft_kv.leases ORDER BY id"), None, &[]).map_err(spi_err)? {
+        let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+        out.push((g(1)?, LeaseRow { ttl_ms: g(2)?, refreshes: g(3)? }));
+    }
+    Ok(out)
 }
 
 pub fn select_members(c: &pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<Vec<Member>> {
@@ -79,9 +93,10 @@ pub fn select_members(c: &pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) 
 /// Records what the freeze worker copied, for the Raft worker to pick up.
 pub fn write_frozen(c: &mut pgrx::spi::SpiClient<'_>, f: &Frozen) -> StoreResult<()> {
     let members = encode_members(&f.members);
+    let leases = SnapshotData { leases: f.leases.clone(), ..Default::default() }.encode();
     c.update(
         "INSERT INTO raft_kv.snapshot_meta (applied_index, kv_rows, request_rows, conf_state, members, \
-         change_rows, revision, compact_revision) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+         change_rows, revision, compact_revision, leases) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         None,
         &[
             (f.index as i64).into(),
@@ -92,6 +107,7 @@ pub fn write_frozen(c: &mut pgrx::spi::SpiClient<'_>, f: &Frozen) -> StoreResult
             (f.change_rows as i64).into(),
             (f.revision as i64).into(),
             (f.compact_revision as i64).into(),
+            leases.into(),
         ],
     )
     .map_err(spi_err)?;
@@ -102,7 +118,7 @@ pub fn read_frozen(c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Option<Frozen>> 
     let t = c
         .select(
             "SELECT applied_index, kv_rows, request_rows, conf_state, members, change_rows, revision, \
-             compact_revision FROM raft_kv.snapshot_meta",
+             compact_revision, leases FROM raft_kv.snapshot_meta",
             None,
             &[],
         )
@@ -113,6 +129,7 @@ pub fn read_frozen(c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Option<Frozen>> 
     let t = t.first();
     let g = |i| t.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
     let members: Vec<u8> = t.get(5).map_err(spi_err)?.unwrap_or_default();
+    let leases: Vec<u8> = t.get(9).map_err(spi_err)?.unwrap_or_default();
     Ok(Some(Frozen {
         index: g(1)?,
         kv_rows: g(2)?,
@@ -124,6 +141,9 @@ pub fn read_frozen(c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Option<Frozen>> 
         members: SnapshotData::decode(&members)
             .map_err(|e| StoreError::Corrupt(format!("frozen members: {e}")))?
             .members,
+        leases: SnapshotData::decode(&leases)
+            .map_err(|e| StoreError::Corrupt(format!("frozen leases: {e}")))?
+            .leases,
     }))
 }
 

@@ -81,16 +81,44 @@ pub(crate) fn request(
     expected: Option<&str>,
     request_id: Option<&str>,
 ) -> requests::Reply {
+    request_on(op, key, value, expected, request_id, (0, 0))
+}
+
+/// [`request`] with a lease (or other target) and a numeric argument: `(target, arg)`.
+pub(crate) fn request_on(
+    op: Op,
+    key: &str,
+    value: &str,
+    expected: Option<&str>,
+    request_id: Option<&str>,
+    (target, arg): (u64, u64),
+) -> requests::Reply {
     // A client's request id names one command of one role: another role, or another command
     // under the same id, is a new request and can neither read nor block the first one's
     // outcome.
     let scoped = request_id.map(|id| {
         // SAFETY: reads the session's current user id; no preconditions.
         let role = unsafe { pg_sys::GetUserId() }.to_u32();
-        scoped_request_key(role, op as u8, &[Some(key), Some(value), expected], id)
+        let (t, a) = (target.to_string(), arg.to_string());
+        let numbers = format!("{t}/{a}");
+        // Without a target, the key is what it always was (a retry across an upgrade matches).
+        let args: &[Option<&str>] = if (target, arg) == (0, 0) {
+            &[Some(key), Some(value), expected]
+        } else {
+            &[Some(key), Some(value), expected, Some(&numbers)]
+        };
+        scoped_request_key(role, op as u8, args, id)
     });
-    let req =
-        requests::Request { op, key, value, expected, request_id: scoped.as_deref(), target: 0, as_learner: false };
+    let req = requests::Request {
+        op,
+        key,
+        value,
+        expected,
+        request_id: scoped.as_deref(),
+        target,
+        arg,
+        as_learner: false,
+    };
     submit(&req)
 }
 
@@ -225,11 +253,22 @@ pub(crate) fn check_request_id(id: Option<&str>) -> Option<&str> {
 /// "outcome unknown" error, say) returns the first call's revision without writing again.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn raft_set(key: Option<&str>, value: Option<&str>, request_id: default!(Option<&str>, "NULL")) -> i64 {
+fn raft_set(
+    key: Option<&str>,
+    value: Option<&str>,
+    request_id: default!(Option<&str>, "NULL"),
+    lease: default!(Option<i64>, "NULL"),
+) -> i64 {
     require_preload();
     let key = check_key(key);
     let value = check_value(value);
-    request(Op::Set, key, value, None, check_request_id(request_id)).revision
+    let lease = lease.map_or(0, |l| crate::lease_api::lease_arg(Some(l)));
+    let r = request_on(Op::Set, key, value, None, check_request_id(request_id), (lease, 0));
+    if !r.flag {
+        // Only a put attached to a lease can be refused.
+        crate::lease_api::refused(r.refused, lease)
+    }
+    r.revision
 }
 
 /// Writes `new` only if the key's current value equals `expected` (NULL: the key is absent),
@@ -391,7 +430,8 @@ fn no_change_pending(pending: bool) {
 }
 
 fn admin(op: Op, target: u64, address: &str, as_learner: bool) -> requests::Reply {
-    let req = requests::Request { op, key: address, value: "", expected: None, request_id: None, target, as_learner };
+    let req =
+        requests::Request { op, key: address, value: "", expected: None, request_id: None, target, arg: 0, as_learner };
     submit(&req)
 }
 

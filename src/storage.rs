@@ -8,6 +8,7 @@ use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{PgBuiltInOids, PgOid};
 use raft_kv_core::apply::{Effects, Lookup, Needs};
 use raft_kv_core::eraftpb::{Entry, EntryType};
+use raft_kv_core::lease::LeaseRow;
 use raft_kv_core::snapshot::{Cursor, Frozen, Row};
 use raft_kv_core::storage::{
     decode_conf_state, encode_conf_state, Backend, PersistedState, StoreError, StoreResult, WriteBatch,
@@ -211,7 +212,7 @@ impl Backend for PgBackend {
                 Cursor::Kv(after) => {
                     let filter = if after.is_some() { "WHERE key > $2" } else { "WHERE $2::text IS NULL" };
                     let sql = self.q(&format!(
-                        "SELECT key, value, mod_revision, create_revision, version FROM ( \
+                        "SELECT key, value, mod_revision, create_revision, version, lease FROM ( \
                            SELECT *, octet_length(key) + octet_length(value) + 32 AS size, \
                                   sum(octet_length(key) + octet_length(value) + 32) \
                                     OVER (ORDER BY key ROWS UNBOUNDED PRECEDING) AS upto \
@@ -230,6 +231,7 @@ impl Backend for PgBackend {
                                 mod_revision: g(3)?,
                                 create_revision: g(4)?,
                                 version: g(5)?,
+                                lease: g(6)?,
                             },
                         });
                     }
@@ -318,7 +320,7 @@ impl Backend for PgBackend {
     /// Received rows go to the unlogged snapshot tables; a chunk sent again overwrites itself.
     fn stage_snapshot(&mut self, rows: &[Row]) -> StoreResult<()> {
         let (mut keys, mut values) = (Vec::new(), Vec::new());
-        let mut meta: [Vec<i64>; 3] = Default::default();
+        let mut meta: [Vec<i64>; 4] = Default::default();
         let mut req: [Vec<i64>; 4] = Default::default();
         let mut flags = Vec::new();
         let mut changes = Vec::new();
@@ -327,7 +329,7 @@ impl Backend for PgBackend {
                 Row::Kv { key, row } => {
                     keys.push(key.as_str());
                     values.push(row.value.as_str());
-                    for (col, v) in meta.iter_mut().zip([row.mod_revision, row.create_revision, row.version]) {
+                    for (col, v) in meta.iter_mut().zip([row.mod_revision, row.create_revision, row.version, row.lease]) {
                         col.push(v as i64);
                     }
                 }
@@ -345,15 +347,16 @@ impl Backend for PgBackend {
                 // Staged rows need not survive a crash: a transfer starts over.
                 crate::spi::local_async_commit();
                 if !keys.is_empty() {
-                    let [m, cr, v] = meta.clone();
+                    let [m, cr, v, l] = meta.clone();
                     c.update(
-                        &self.q("INSERT INTO raft_kv.snapshot_kv (key, value, mod_revision, create_revision, version) \
-                                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) \
+                        &self.q("INSERT INTO raft_kv.snapshot_kv (key, value, mod_revision, create_revision, version, lease) \
+                                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
+                                     $6::bigint[]) \
                                  ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
                                      mod_revision = EXCLUDED.mod_revision, create_revision = EXCLUDED.create_revision, \
-                                     version = EXCLUDED.version"),
+                                     version = EXCLUDED.version, lease = EXCLUDED.lease"),
                         None,
-                        &[keys.clone().into(), values.clone().into(), m.into(), cr.into(), v.into()],
+                        &[keys.clone().into(), values.clone().into(), m.into(), cr.into(), v.into(), l.into()],
                     )
                     .map_err(spi_err)?;
                 }
@@ -387,6 +390,11 @@ impl Backend for PgBackend {
         in_txn(|| Spi::connect(|c| self.read_members(c)))
     }
 
+    fn leases(&mut self) -> StoreResult<Vec<(u64, LeaseRow)>> {
+        let q = |sql: &str| self.q(sql);
+        in_txn(|| Spi::connect(|c| crate::snapshot_tables::select_leases(&c, &q)))
+    }
+
     /// One statement, whatever the batch's size: the keys' rows, the request ids' rows and
     /// the store's revisions; one more per prefix a transaction reads (rare).
     fn lookup(&mut self, needs: &Needs) -> StoreResult<Lookup> {
@@ -409,10 +417,8 @@ impl Backend for PgBackend {
                         1 => {
                             let key: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
                             let value: String = r.get(3).map_err(spi_err)?.unwrap_or_default();
-                            out.kv.insert(
-                                key,
-                                KvRow { value, mod_revision: g(4)?, create_revision: g(5)?, version: g(6)? },
-                            );
+                            let (mod_revision, create_revision, version, lease) = (g(4)?, g(5)?, g(6)?, g(9)?);
+                            out.kv.insert(key, KvRow { value, mod_revision, create_revision, version, lease });
                         }
                         2 => {
                             let flag = r.get::<bool>(8).map_err(spi_err)?.unwrap_or(false);
@@ -425,7 +431,7 @@ impl Backend for PgBackend {
                     let upper = raft_kv_core::command::prefix_end(p);
                     let t = c
                         .select(
-                            &self.q("SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
+                            &self.q("SELECT key, value, mod_revision, create_revision, version, lease FROM raft_kv.kv \
                                      WHERE key >= $1 AND ($2::text IS NULL OR key < $2)"),
                             None,
                             &[p.as_str().into(), upper.into()],
@@ -435,8 +441,44 @@ impl Backend for PgBackend {
                         let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
                         let key: String = r.get(1).map_err(spi_err)?.unwrap_or_default();
                         let value: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
-                        out.kv
-                            .insert(key, KvRow { value, mod_revision: g(3)?, create_revision: g(4)?, version: g(5)? });
+                        let (mod_revision, create_revision, version, lease) = (g(3)?, g(4)?, g(5)?, g(6)?);
+                        out.kv.insert(key, KvRow { value, mod_revision, create_revision, version, lease });
+                    }
+                }
+                if !needs.leases.is_empty() {
+                    let ids: Vec<i64> = needs.leases.iter().map(|l| *l as i64).collect();
+                    let t = c.select(&self.q(LEASES_SQL), None, &[ids.into()]).map_err(spi_err)?;
+                    for r in t {
+                        let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+                        out.leases.insert(g(1)?, (LeaseRow { ttl_ms: g(2)?, refreshes: g(3)? }, g(4)?));
+                    }
+                }
+                if needs.lease_total {
+                    out.lease_count = c
+                        .select(&self.q("SELECT count(*) FROM raft_kv.leases"), None, &[])
+                        .map_err(spi_err)?
+                        .first()
+                        .get::<i64>(1)
+                        .map_err(spi_err)?
+                        .unwrap_or(0) as u64;
+                }
+                if !needs.lease_keys.is_empty() {
+                    let ids: Vec<i64> = needs.lease_keys.iter().map(|l| *l as i64).collect();
+                    let t = c
+                        .select(
+                            &self.q("SELECT key, value, mod_revision, create_revision, version, lease FROM raft_kv.kv \
+                                     WHERE lease = ANY ($1) AND lease <> 0"),
+                            None,
+                            &[ids.into()],
+                        )
+                        .map_err(spi_err)?;
+                    for r in t {
+                        let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+                        let key: String = r.get(1).map_err(spi_err)?.unwrap_or_default();
+                        let value: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
+                        let (mod_revision, create_revision, version, lease) = (g(3)?, g(4)?, g(5)?, g(6)?);
+                        out.lease_keys.entry(lease).or_default().push(key.clone());
+                        out.kv.insert(key, KvRow { value, mod_revision, create_revision, version, lease });
                     }
                 }
                 Ok(out)
@@ -468,28 +510,39 @@ impl Backend for PgBackend {
 /// being flattened into a join by OFFSET 0), so their
 /// generic plans never scan a table, whatever its size or statistics.
 const LOOKUP_SQL: &str =
-    "SELECT 1, kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.version, NULL::bigint, NULL::boolean \
+    "SELECT 1, kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.version, NULL::bigint, NULL::boolean, \
+            kv.lease \
      FROM unnest($1::text[]) AS k(key), LATERAL (SELECT * FROM raft_kv.kv WHERE kv.key = k.key OFFSET 0) kv \
      UNION ALL \
-     SELECT 2, NULL, NULL, r.revision, r.nonce, r.seq, r.node, r.flag \
+     SELECT 2, NULL, NULL, r.revision, r.nonce, r.seq, r.node, r.flag, NULL \
      FROM unnest($2::bigint[], $3::bigint[]) AS i(nonce, seq), \
      LATERAL (SELECT * FROM raft_kv.requests r WHERE r.nonce = i.nonce AND r.seq = i.seq OFFSET 0) r \
      UNION ALL \
-     SELECT 3, NULL, NULL, s.revision, s.compact_revision, NULL, NULL, NULL FROM raft_kv.state s WHERE s.id = 1";
+     SELECT 3, NULL, NULL, s.revision, s.compact_revision, NULL, NULL, NULL, NULL FROM raft_kv.state s WHERE s.id = 1";
+/// The leases a batch names, each with how many keys are attached (the partial index on
+/// kv.lease serves the count). Run only for batches with lease operations or leased puts.
+const LEASES_SQL: &str = "SELECT l.id, l.ttl_ms, l.refreshes, \
+         (SELECT count(*) FROM raft_kv.kv WHERE kv.lease = l.id AND kv.lease <> 0) \
+     FROM raft_kv.leases l WHERE l.id = ANY ($1::bigint[])";
 
 /// A batch's effects: the keys written and the request ids recorded, in one statement; the
 /// keys deleted, when there are any, in one more (`DELETE_SQL`). No key is both written and
 /// deleted (the effects hold each key's final state), so the two never touch the same row.
-const EFFECTS_SQL: &str = "WITH put AS (INSERT INTO raft_kv.kv (key, value, mod_revision, create_revision, version) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $9::bigint[], $10::bigint[]) \
+const EFFECTS_SQL: &str = "WITH put AS (INSERT INTO raft_kv.kv (key, value, mod_revision, create_revision, version, lease) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $9::bigint[], $10::bigint[], $19::bigint[]) \
              ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, mod_revision = EXCLUDED.mod_revision, \
-                 create_revision = EXCLUDED.create_revision, version = EXCLUDED.version), \
+                 create_revision = EXCLUDED.create_revision, version = EXCLUDED.version, lease = EXCLUDED.lease), \
      history AS (INSERT INTO raft_kv.changes (revision, key, kind, value, prev_value, create_revision, version, \
                  prev_mod_revision) \
              SELECT * FROM unnest($11::bigint[], $12::text[], $13::text[], $14::text[], $15::text[], $16::bigint[], \
                  $17::bigint[], $18::bigint[])) \
      INSERT INTO raft_kv.requests (nonce, seq, node, revision, flag) \
      SELECT * FROM unnest($4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::boolean[])";
+/// A batch's lease effects: leases granted or refreshed, and leases gone.
+const LEASE_UPSERT_SQL: &str = "INSERT INTO raft_kv.leases (id, ttl_ms, refreshes) \
+     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) \
+     ON CONFLICT (id) DO UPDATE SET ttl_ms = EXCLUDED.ttl_ms, refreshes = EXCLUDED.refreshes";
+const LEASE_DELETE_SQL: &str = "DELETE FROM raft_kv.leases WHERE id = ANY ($1::bigint[])";
 /// Forgets history below a compaction point (the primary key's leading column serves it).
 const COMPACT_HISTORY_SQL: &str = "DELETE FROM raft_kv.changes WHERE revision < $1";
 /// Probes the primary key per element; run only when a batch deletes something, so a plan
@@ -563,7 +616,7 @@ fn write_batch(
                 )));
             }
         }
-        for table in ["log", "kv", "requests", "members", "changes"] {
+        for table in ["log", "kv", "requests", "members", "changes", "leases"] {
             c.update(&q(&format!("DELETE FROM raft_kv.{table}")), None, &[]).map_err(spi_err)?;
         }
         if staged {
@@ -585,6 +638,10 @@ fn write_batch(
         }
         for mem in &data.members {
             upsert_member(c, q, mem)?;
+        }
+        if !data.leases.is_empty() {
+            let (ids, ttls, refreshes) = lease_columns(data.leases.iter().map(|(id, l)| (*id, Some(*l))));
+            c.update(&q(LEASE_UPSERT_SQL), None, &[ids.into(), ttls.into(), refreshes.into()]).map_err(spi_err)?;
         }
         if data.cluster_id != 0 {
             write_cluster_id(c, q, data.cluster_id)?;
@@ -625,8 +682,18 @@ fn write_batch(
         let compact = plans.get(c, schema, COMPACT_HISTORY_SQL, &[INT8])?;
         c.update(compact, None, &[(cut as i64).into()]).map_err(spi_err)?;
     }
-    let (mut keys, mut values, mut revs, mut creates, mut versions, mut gone) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    if !fx.leases.is_empty() {
+        let (ids, ttls, refreshes) = lease_columns(fx.leases.iter().map(|(id, l)| (*id, *l)));
+        let upsert = plans.get(c, schema, LEASE_UPSERT_SQL, &[INT8ARRAY, INT8ARRAY, INT8ARRAY])?;
+        c.update(upsert, None, &[ids.into(), ttls.into(), refreshes.into()]).map_err(spi_err)?;
+        let gone: Vec<i64> = fx.leases.iter().filter(|(_, l)| l.is_none()).map(|(id, _)| *id as i64).collect();
+        if !gone.is_empty() {
+            let delete = plans.get(c, schema, LEASE_DELETE_SQL, &[INT8ARRAY])?;
+            c.update(delete, None, &[gone.into()]).map_err(spi_err)?;
+        }
+    }
+    let (mut keys, mut values, mut revs, mut creates, mut versions, mut leases, mut gone) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (key, now) in &fx.kv {
         match now {
             Some(r) => {
@@ -635,6 +702,7 @@ fn write_batch(
                 revs.push(r.mod_revision as i64);
                 creates.push(r.create_revision as i64);
                 versions.push(r.version as i64);
+                leases.push(r.lease as i64);
             }
             None => gone.push(key.clone()),
         }
@@ -651,6 +719,7 @@ fn write_batch(
         let args = [
             TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, BOOLARRAY, INT8ARRAY,
             INT8ARRAY, INT8ARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY,
+            INT8ARRAY,
         ];
         let effects = plans.get(c, schema, EFFECTS_SQL, &args)?;
         let [revision, key, kind, value, prev_value, create, version, prev_mod] = change_columns(&fx.changes);
@@ -676,6 +745,7 @@ fn write_batch(
                 create,
                 version,
                 prev_mod,
+                leases.into(),
             ],
         )
         .map_err(spi_err)?;
@@ -725,6 +795,19 @@ fn write_batch(
         .map_err(spi_err)?;
     }
     Ok(())
+}
+
+/// Leases as the arrays `unnest` takes (id, ttl_ms, refreshes); leases gone are left out.
+fn lease_columns(leases: impl Iterator<Item = (u64, Option<LeaseRow>)>) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
+    let (mut ids, mut ttls, mut refreshes) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, l) in leases {
+        if let Some(l) = l {
+            ids.push(id as i64);
+            ttls.push(l.ttl_ms as i64);
+            refreshes.push(l.refreshes as i64);
+        }
+    }
+    (ids, ttls, refreshes)
 }
 
 /// History rows as the arrays `unnest` takes, in `raft_kv.changes`' column order.

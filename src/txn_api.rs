@@ -79,6 +79,18 @@ fn raft_txn(
         )
     }
     let reply = request(Op::Txn, "", &encoded, None, check_request_id(request_id));
+    if let Some(r) = reply.refused {
+        // A put named a lease that is gone or full: the transaction did nothing.
+        let lease = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .filter_map(|op| op.put())
+            .map(|p| p.2)
+            .find(|l| *l != 0)
+            .unwrap_or(0);
+        crate::lease_api::refused(Some(r), lease)
+    }
     let revision = reply.revision as u64;
     let branch = if reply.flag { &txn.success } else { &txn.failure };
     // This transaction's own changes are those at its revision, if it wrote. A retry answered
@@ -88,7 +100,7 @@ fn raft_txn(
     let at_revision = if needs_history { changes_at(revision) } else { Vec::new() };
     let wrote = reply.wrote.unwrap_or_else(|| {
         branch.iter().any(|op| match op {
-            TxnOp::Put { key, .. } => at_revision.iter().any(|(k, _)| k == key),
+            TxnOp::Put { key, .. } | TxnOp::PutLease { key, .. } => at_revision.iter().any(|(k, _)| k == key),
             TxnOp::Delete(s) => at_revision.iter().any(|(k, deleted)| *deleted && s.contains(k)),
             TxnOp::Get(_) => false,
         })
@@ -97,7 +109,7 @@ fn raft_txn(
     let responses: Vec<Value> = branch
         .iter()
         .map(|op| match op {
-            TxnOp::Put { key, .. } => json!({"op": "put", "key": key, "revision": revision}),
+            TxnOp::Put { key, .. } | TxnOp::PutLease { key, .. } => json!({"op": "put", "key": key, "revision": revision}),
             TxnOp::Delete(s) => {
                 let deleted = if wrote { at_revision.iter().filter(|(k, d)| *d && s.contains(k)).count() } else { 0 };
                 let (field, v) = scope_json(s);

@@ -9,7 +9,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::command::ApplyResult;
-use crate::txn::{Scope, TxnOp};
+use crate::lease::{LeaseRow, Refusal, MAX_KEYS_PER_LEASE, MAX_LEASES};
+use crate::txn::Scope;
 use crate::types::{dedup_prune_below, Change, ChangeKind, KvOp, KvRow, OpAt};
 
 /// What a batch's decisions depend on: the stored state of each key it touches (and of every
@@ -21,6 +22,12 @@ pub struct Lookup {
     pub requests: HashMap<(u64, u64), (u64, u64, bool)>,
     pub revision: u64,
     pub compact_revision: u64,
+    /// The needed leases that exist, with how many keys each has attached.
+    pub leases: HashMap<u64, (LeaseRow, u64)>,
+    /// How many leases exist.
+    pub lease_count: u64,
+    /// The keys attached to each lease of [`Needs::lease_keys`] (their rows are in `kv`).
+    pub lease_keys: HashMap<u64, Vec<String>>,
 }
 
 /// What applying a batch changes, for a backend to persist as it is.
@@ -38,6 +45,8 @@ pub struct Effects {
     pub revision: Option<u64>,
     /// The new history compaction point: history below it is to be forgotten.
     pub compact_revision: Option<u64>,
+    /// The final state of every lease the batch changed; `None`: gone.
+    pub leases: BTreeMap<u64, Option<LeaseRow>>,
 }
 
 impl Effects {
@@ -48,6 +57,7 @@ impl Effects {
             && self.changes.is_empty()
             && self.revision.is_none()
             && self.compact_revision.is_none()
+            && self.leases.is_empty()
     }
 }
 
@@ -57,6 +67,12 @@ pub struct Needs {
     pub keys: Vec<String>,
     pub prefixes: Vec<String>,
     pub ids: Vec<(u64, u64)>,
+    /// Leases to look up, with their number of attached keys.
+    pub leases: Vec<u64>,
+    /// Leases whose attached keys (and their rows) to look up.
+    pub lease_keys: Vec<u64>,
+    /// Whether to count every lease (a grant checks the cap).
+    pub lease_total: bool,
 }
 
 /// The keys, prefixes and request ids whose stored state the batch's decisions read.
@@ -70,7 +86,14 @@ pub fn needs(ops: &[OpAt]) -> Needs {
     let mut ids: Vec<(u64, u64)> = ops.iter().map(|o| (o.id.nonce, o.id.seq)).collect();
     ids.sort();
     ids.dedup();
-    Needs { keys, prefixes, ids }
+    let mut leases: Vec<u64> = ops.iter().flat_map(|o| o.op.leases()).collect();
+    leases.sort_unstable();
+    leases.dedup();
+    let mut lease_keys: Vec<u64> = ops.iter().flat_map(|o| o.op.lease_keys()).collect();
+    lease_keys.sort_unstable();
+    lease_keys.dedup();
+    let lease_total = ops.iter().any(|o| matches!(o.op, KvOp::LeaseGrant { .. }));
+    Needs { keys, prefixes, ids, leases, lease_keys, lease_total }
 }
 
 /// The state as the batch has made it so far.
@@ -79,7 +102,57 @@ struct View<'a> {
     fx: &'a Effects,
 }
 
+/// Leases as the batch has changed them so far: keys attached (by lease) and leases existing.
+#[derive(Default)]
+struct LeaseTally {
+    attached: HashMap<u64, i64>,
+    count: i64,
+}
+
 impl View<'_> {
+    fn lease(&self, id: u64) -> Option<LeaseRow> {
+        match self.fx.leases.get(&id) {
+            Some(now) => *now,
+            None => self.before.leases.get(&id).map(|l| l.0),
+        }
+    }
+
+    fn attached(&self, id: u64, tally: &LeaseTally) -> i64 {
+        self.before.leases.get(&id).map_or(0, |l| l.1 as i64) + tally.attached.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Whether `key` may be written attached to `lease` (0: none).
+    fn check_put(&self, key: &str, lease: u64, tally: &LeaseTally) -> Result<(), Refusal> {
+        if lease == 0 {
+            return Ok(());
+        }
+        if self.lease(lease).is_none() {
+            return Err(Refusal::LeaseNotFound);
+        }
+        let already = self.get(key).is_some_and(|r| r.lease == lease);
+        if !already && self.attached(lease, tally) >= MAX_KEYS_PER_LEASE as i64 {
+            return Err(Refusal::LeaseFull);
+        }
+        Ok(())
+    }
+
+    /// The existing keys attached to `lease`, in key order.
+    fn keys_of(&self, lease: u64) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .before
+            .lease_keys
+            .get(&lease)
+            .into_iter()
+            .flatten()
+            .chain(self.fx.kv.keys())
+            .filter(|k| self.get(k).is_some_and(|r| r.lease == lease))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
     fn get(&self, key: &str) -> Option<&KvRow> {
         match self.fx.kv.get(key) {
             Some(now) => now.as_ref(),
@@ -125,28 +198,46 @@ impl View<'_> {
 ///   at the transaction's revision).
 /// - Compact moves the history compaction point up to at most the current revision; its
 ///   flag says whether it moved.
+/// - Every put attaches the key to the lease it names, or to none (etcd's rule); a put naming
+///   a lease that does not exist, or one with [`MAX_KEYS_PER_LEASE`] keys, is refused, and so
+///   is a transaction holding one in the branch it takes.
+/// - LeaseGrant creates a lease (refused if the id exists or [`MAX_LEASES`] do), LeaseKeepAlive
+///   counts one more refresh (refused for a missing lease), LeaseRevoke deletes the lease and
+///   its keys at one revision (refused for a missing lease). LeaseExpire does what a revoke
+///   does only if the lease's refresh count is still the one it names, else nothing; its
+///   flag says whether it expired the lease. None of these changes the revision by itself.
 pub fn decide(ops: &[OpAt], before: &Lookup) -> (Vec<ApplyResult>, Effects) {
     let mut fx = Effects::default();
     let mut results = Vec::with_capacity(ops.len());
     let mut rev = before.revision;
     let mut compact = before.compact_revision;
+    let mut tally = LeaseTally::default();
     for o in ops {
         let rid = (o.id.nonce, o.id.seq);
         if let Some(&(_, revision, flag)) = fx.requests.get(&rid).or_else(|| before.requests.get(&rid)) {
-            results.push(ApplyResult { revision, flag, duplicate: true, wrote: false });
+            results.push(ApplyResult { revision, flag, duplicate: true, wrote: false, refused: None });
             continue;
         }
         let view = View { before, fx: &fx };
-        // Each write: the key and its new value (None: delete).
-        let (flag, writes): (bool, Vec<(String, Option<String>)>) = match &o.op {
-            KvOp::Put { key, value } => (true, vec![(key.clone(), Some(value.clone()))]),
+        // Each write: the key and its new value and lease (None: delete).
+        type Write = (String, Option<(String, u64)>);
+        let mut refused = None;
+        let mut lease_change = None;
+        let (flag, writes): (bool, Vec<Write>) = match &o.op {
+            KvOp::Put { key, value, lease } => match view.check_put(key, *lease, &tally) {
+                Ok(()) => (true, vec![(key.clone(), Some((value.clone(), *lease)))]),
+                Err(r) => {
+                    refused = Some(r);
+                    (false, Vec::new())
+                }
+            },
             KvOp::Delete { key } => {
                 let exists = view.get(key).is_some();
                 (exists, if exists { vec![(key.clone(), None)] } else { Vec::new() })
             }
             KvOp::Cas { key, expected, value } => {
                 let matches = view.get(key).map(|r| r.value.as_str()) == expected.as_deref();
-                (matches, if matches { vec![(key.clone(), Some(value.clone()))] } else { Vec::new() })
+                (matches, if matches { vec![(key.clone(), Some((value.clone(), 0)))] } else { Vec::new() })
             }
             KvOp::Txn(t) => {
                 let holds = t.compare.iter().all(|c| {
@@ -155,14 +246,30 @@ pub fn decide(ops: &[OpAt], before: &Lookup) -> (Vec<ApplyResult>, Effects) {
                     c.holds(&rows)
                 });
                 let mut writes = Vec::new();
+                let mut branch_tally = LeaseTally::default();
                 for op in if holds { &t.success } else { &t.failure } {
-                    match op {
-                        TxnOp::Put { key, value } => writes.push((key.clone(), Some(value.clone()))),
-                        TxnOp::Delete(scope) => writes.extend(view.keys_in(scope).into_iter().map(|k| (k, None))),
-                        TxnOp::Get(_) => {}
+                    if let Some((key, value, lease)) = op.put() {
+                        if let Err(r) = view.check_put(key, lease, &tally).and_then(|()| {
+                            // Puts earlier in this branch count against the cap too.
+                            let n = view.attached(lease, &tally) + branch_tally.attached.get(&lease).copied().unwrap_or(0);
+                            if lease != 0 && n >= MAX_KEYS_PER_LEASE as i64 {
+                                Err(Refusal::LeaseFull)
+                            } else {
+                                Ok(())
+                            }
+                        }) {
+                            refused.get_or_insert(r);
+                        }
+                        *branch_tally.attached.entry(lease).or_default() += 1;
+                        writes.push((key.to_string(), Some((value.to_string(), lease))));
+                    } else if let crate::txn::TxnOp::Delete(scope) = op {
+                        writes.extend(view.keys_in(scope).into_iter().map(|k| (k, None)));
                     }
                 }
-                (holds, writes)
+                if refused.is_some() {
+                    writes.clear();
+                }
+                (holds && refused.is_none(), writes)
             }
             KvOp::Compact { revision } => {
                 let moves = *revision > compact && *revision <= rev;
@@ -172,20 +279,70 @@ pub fn decide(ops: &[OpAt], before: &Lookup) -> (Vec<ApplyResult>, Effects) {
                 }
                 (moves, Vec::new())
             }
+            KvOp::LeaseGrant { id, ttl_ms } => {
+                if view.lease(*id).is_some() {
+                    refused = Some(Refusal::LeaseExists);
+                } else if before.lease_count as i64 + tally.count >= MAX_LEASES as i64 {
+                    refused = Some(Refusal::TooManyLeases);
+                } else {
+                    lease_change = Some((*id, Some(LeaseRow { ttl_ms: *ttl_ms, refreshes: 1 })));
+                }
+                (refused.is_none(), Vec::new())
+            }
+            KvOp::LeaseKeepAlive { id } => match view.lease(*id) {
+                Some(l) => {
+                    lease_change = Some((*id, Some(LeaseRow { refreshes: l.refreshes + 1, ..l })));
+                    (true, Vec::new())
+                }
+                None => {
+                    refused = Some(Refusal::LeaseNotFound);
+                    (false, Vec::new())
+                }
+            },
+            KvOp::LeaseRevoke { id } | KvOp::LeaseExpire { id, .. } => {
+                let current = match &o.op {
+                    KvOp::LeaseExpire { refreshes, .. } => view.lease(*id).filter(|l| l.refreshes == *refreshes),
+                    _ => view.lease(*id),
+                };
+                match current {
+                    Some(_) => {
+                        lease_change = Some((*id, None));
+                        (true, view.keys_of(*id).into_iter().map(|k| (k, None)).collect())
+                    }
+                    None => {
+                        if matches!(o.op, KvOp::LeaseRevoke { .. }) {
+                            refused = Some(Refusal::LeaseNotFound);
+                        }
+                        (false, Vec::new())
+                    }
+                }
+            }
         };
+        if let Some((id, now)) = lease_change {
+            let existed = View { before, fx: &fx }.lease(id).is_some();
+            tally.count += now.is_some() as i64 - existed as i64;
+            fx.leases.insert(id, now);
+        }
         let wrote = !writes.is_empty();
         if wrote {
             rev += 1;
             let mut changes = Vec::new();
             for (key, new) in writes {
                 let old = View { before, fx: &fx }.get(&key).cloned();
+                let old_lease = old.as_ref().map_or(0, |o| o.lease);
+                let new_lease = new.as_ref().map_or(0, |n| n.1);
+                if old_lease != new_lease {
+                    *tally.attached.entry(old_lease).or_default() -= 1;
+                    *tally.attached.entry(new_lease).or_default() += 1;
+                }
                 let change = match (new, &old) {
-                    (Some(value), _) => {
+                    (Some((value, lease)), _) => {
                         let row = KvRow {
                             value: value.clone(),
                             mod_revision: rev,
                             create_revision: old.as_ref().map_or(rev, |o| o.create_revision),
                             version: old.as_ref().map_or(1, |o| o.version + 1),
+                            lease,
                         };
                         let c = Change {
                             revision: rev,
@@ -223,7 +380,7 @@ pub fn decide(ops: &[OpAt], before: &Lookup) -> (Vec<ApplyResult>, Effects) {
             fx.changes.extend(changes);
         }
         fx.requests.insert(rid, (o.id.node, rev, flag));
-        results.push(ApplyResult { revision: rev, flag, duplicate: false, wrote });
+        results.push(ApplyResult { revision: rev, flag, duplicate: false, wrote, refused });
     }
     if rev != before.revision {
         fx.revision = Some(rev);
@@ -236,26 +393,26 @@ pub fn decide(ops: &[OpAt], before: &Lookup) -> (Vec<ApplyResult>, Effects) {
 mod tests {
     use super::*;
     use crate::command::RequestId;
-    use crate::txn::{CmpOp, Compare, Target, Txn};
+    use crate::txn::{CmpOp, Compare, Target, Txn, TxnOp};
 
     fn op(index: u64, seq: u64, op: KvOp) -> OpAt {
         OpAt { id: RequestId { node: 1, nonce: 1, seq }, index, op }
     }
     fn put(k: &str, v: &str) -> KvOp {
-        KvOp::Put { key: k.into(), value: v.into() }
+        KvOp::Put { key: k.into(), value: v.into(), lease: 0 }
     }
     fn cas(k: &str, expected: Option<&str>, v: &str) -> KvOp {
         KvOp::Cas { key: k.into(), expected: expected.map(Into::into), value: v.into() }
     }
     fn ok(revision: u64, flag: bool) -> ApplyResult {
-        ApplyResult { revision, flag, duplicate: false, wrote: false }
+        ApplyResult { revision, flag, duplicate: false, wrote: false, refused: None }
     }
     /// Results, with whether each wrote left out (checked separately).
     fn res(r: Vec<ApplyResult>) -> Vec<ApplyResult> {
         r.into_iter().map(|r| ApplyResult { wrote: false, ..r }).collect()
     }
     fn row(value: &str, m: u64, c: u64, v: u64) -> KvRow {
-        KvRow { value: value.into(), mod_revision: m, create_revision: c, version: v }
+        KvRow { value: value.into(), mod_revision: m, create_revision: c, version: v, lease: 0 }
     }
 
     #[test]
@@ -307,10 +464,10 @@ mod tests {
         before.requests.insert((1, 7), (1, 5, true));
         let ops = [op(20, 7, put("k", "again")), op(21, 8, put("k", "v")), op(22, 8, put("k", "retry"))];
         let (res, fx) = decide(&ops, &before);
-        assert_eq!(res[0], ApplyResult { revision: 5, flag: true, duplicate: true, wrote: false });
+        assert_eq!(res[0], ApplyResult { revision: 5, flag: true, duplicate: true, wrote: false, refused: None });
         assert_eq!(
             res[2],
-            ApplyResult { revision: 10, flag: true, duplicate: true, wrote: false },
+            ApplyResult { revision: 10, flag: true, duplicate: true, wrote: false, refused: None },
             "a retry within the batch"
         );
         assert_eq!(fx.kv.get("k"), Some(&Some(row("v", 10, 10, 1))));
@@ -380,6 +537,107 @@ mod tests {
         assert_eq!(r, vec![ok(50, false), ok(50, false), ok(50, true), ok(50, false)]);
         assert_eq!(fx.compact_revision, Some(30));
         assert_eq!(fx.revision, None);
+    }
+
+    fn leased(k: &str, v: &str, lease: u64) -> KvOp {
+        KvOp::Put { key: k.into(), value: v.into(), lease }
+    }
+
+    #[test]
+    fn a_lease_expires_or_is_revoked_with_its_keys_at_one_revision() {
+        let before = Lookup { revision: 5, ..Default::default() };
+        let ops = [
+            op(1, 1, KvOp::LeaseGrant { id: 9, ttl_ms: 3_000 }),
+            op(2, 2, leased("svc/a", "1", 9)),
+            op(3, 3, leased("svc/b", "2", 9)),
+            op(4, 4, KvOp::LeaseKeepAlive { id: 9 }),
+            // Decided on the view before the keepalive: a keepalive applied since wins.
+            op(5, 5, KvOp::LeaseExpire { id: 9, refreshes: 1 }),
+            op(6, 6, KvOp::LeaseExpire { id: 9, refreshes: 2 }),
+            op(7, 7, KvOp::LeaseKeepAlive { id: 9 }),
+            op(8, 8, KvOp::LeaseRevoke { id: 9 }),
+        ];
+        let (r, fx) = decide(&ops, &before);
+        let flags: Vec<(u64, bool, Option<Refusal>)> = r.iter().map(|r| (r.revision, r.flag, r.refused)).collect();
+        assert_eq!(
+            flags,
+            vec![
+                (5, true, None), // a grant changes no key: no new revision
+                (6, true, None),
+                (7, true, None),
+                (7, true, None),
+                (7, false, None), // stale: nothing happens
+                (8, true, None),  // both keys deleted at revision 8
+                (8, false, Some(Refusal::LeaseNotFound)),
+                (8, false, Some(Refusal::LeaseNotFound)),
+            ]
+        );
+        assert_eq!(fx.kv.get("svc/a"), Some(&None));
+        assert_eq!(fx.kv.get("svc/b"), Some(&None));
+        let deletes: Vec<(u64, &str, ChangeKind)> =
+            fx.changes.iter().filter(|c| c.revision == 8).map(|c| (c.revision, c.key.as_str(), c.kind)).collect();
+        assert_eq!(deletes, vec![(8, "svc/a", ChangeKind::Delete), (8, "svc/b", ChangeKind::Delete)]);
+        assert_eq!(fx.leases.get(&9), Some(&None));
+
+        // A stored lease with a key: revoking it finds the key through the lookup.
+        let mut before = Lookup { revision: 20, lease_count: 1, ..Default::default() };
+        before.leases.insert(4, (LeaseRow { ttl_ms: 2_000, refreshes: 7 }, 1));
+        before.lease_keys.insert(4, vec!["lock/x".into()]);
+        before.kv.insert("lock/x".into(), KvRow { lease: 4, ..row("me", 20, 20, 1) });
+        let (r, fx) = decide(&[op(1, 1, KvOp::LeaseExpire { id: 4, refreshes: 7 })], &before);
+        assert_eq!((r[0].revision, r[0].flag), (21, true));
+        assert_eq!(fx.kv.get("lock/x"), Some(&None));
+    }
+
+    #[test]
+    fn puts_attach_detach_and_are_refused_for_a_missing_or_full_lease() {
+        let mut before = Lookup { revision: 1, lease_count: MAX_LEASES - 1, ..Default::default() };
+        before.leases.insert(1, (LeaseRow { ttl_ms: 5_000, refreshes: 1 }, MAX_KEYS_PER_LEASE - 1));
+        before.kv.insert("held".into(), KvRow { lease: 1, ..row("v", 1, 1, 1) });
+        let txn = |lease| {
+            KvOp::Txn(Txn {
+                compare: Vec::new(),
+                success: vec![
+                    TxnOp::Put { key: "t1".into(), value: "x".into() },
+                    TxnOp::PutLease { key: "t2".into(), value: "x".into(), lease },
+                ],
+                failure: Vec::new(),
+            })
+        };
+        let ops = [
+            op(1, 1, leased("k", "v", 2)),   // no lease 2
+            op(2, 2, txn(2)),                // refused whole: t1 is not written either
+            op(3, 3, leased("new", "v", 1)), // the last free place on lease 1
+            op(4, 4, leased("more", "v", 1)),
+            op(5, 5, leased("new", "again", 1)), // already attached: no new place needed
+            op(6, 6, put("held", "detached")),    // a put without a lease detaches
+            op(7, 7, leased("more", "v", 1)),     // so there is room again
+            op(8, 8, KvOp::LeaseGrant { id: 1, ttl_ms: 1 }),
+            op(9, 9, KvOp::LeaseGrant { id: 3, ttl_ms: 1 }),
+            op(10, 10, KvOp::LeaseGrant { id: 4, ttl_ms: 1 }),
+        ];
+        let (r, fx) = decide(&ops, &before);
+        let refused: Vec<Option<Refusal>> = r.iter().map(|r| r.refused).collect();
+        use Refusal::*;
+        assert_eq!(
+            refused,
+            vec![
+                Some(LeaseNotFound),
+                Some(LeaseNotFound),
+                None,
+                Some(LeaseFull),
+                None,
+                None,
+                None,
+                Some(LeaseExists),
+                None,
+                Some(TooManyLeases)
+            ]
+        );
+        assert!(!fx.kv.contains_key("t1") && !fx.kv.contains_key("k"));
+        assert_eq!(fx.kv["held"].as_ref().unwrap().lease, 0);
+        assert_eq!(fx.kv["more"].as_ref().unwrap().lease, 1);
+        assert!(r.iter().filter(|r| r.refused.is_some()).all(|r| !r.flag && !r.wrote));
     }
 
     #[test]

@@ -91,6 +91,32 @@ pub enum Command {
     Compact {
         revision: u64,
     },
+    // Leases (see `lease`). New kinds go at the end: the encoding numbers variants in order.
+    /// Creates lease `id` (chosen by the proposer) with a TTL.
+    LeaseGrant {
+        id: u64,
+        ttl_ms: u64,
+    },
+    /// Restarts lease `id`'s TTL.
+    LeaseKeepAlive {
+        id: u64,
+    },
+    /// Deletes lease `id` and every key attached to it, at one revision.
+    LeaseRevoke {
+        id: u64,
+    },
+    /// The leader's decision that lease `id` expired, taken when it had seen `refreshes`
+    /// grants and keepalives: applies as a revoke only if no keepalive applied since.
+    LeaseExpire {
+        id: u64,
+        refreshes: u64,
+    },
+    /// Writes `key = value` attached to lease `lease`.
+    PutLease {
+        key: String,
+        value: String,
+        lease: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +139,8 @@ pub struct ApplyResult {
     pub duplicate: bool,
     /// This entry changed something (so `revision` is the revision of its own writes).
     pub wrote: bool,
+    /// Why the request was refused (it changed nothing), if it was.
+    pub refused: Option<crate::lease::Refusal>,
 }
 
 pub use crate::codec::DecodeError;
@@ -162,26 +190,39 @@ impl Command {
         match self {
             Command::ClusterId { id } => return if *id == 0 { Err("a zero cluster id") } else { Ok(()) },
             Command::Txn(t) => return t.validate().map_err(|_| "an invalid transaction"),
-            Command::Compact { .. } => return Ok(()),
+            Command::Compact { .. } | Command::LeaseKeepAlive { .. } | Command::LeaseRevoke { .. } => return Ok(()),
+            Command::LeaseExpire { .. } => return Ok(()),
+            Command::LeaseGrant { id, ttl_ms } => {
+                return if *id == 0 || *id > i64::MAX as u64 {
+                    Err("a lease id out of range")
+                } else if *ttl_ms == 0 || *ttl_ms > crate::lease::MAX_TTL_MS {
+                    Err("a lease TTL out of range")
+                } else {
+                    Ok(())
+                }
+            }
             _ => {}
         }
         check_key(self.key())?;
         match self {
-            Command::ClusterId { .. } | Command::Txn(_) | Command::Compact { .. } => Ok(()),
-            Command::Put { value, .. } => check_value(value),
+            Command::Put { value, .. } | Command::PutLease { value, .. } => check_value(value),
             Command::Delete { .. } => Ok(()),
             Command::Cas { expected, value, .. } => {
                 check_value(value)?;
                 expected.as_deref().map_or(Ok(()), check_value)
             }
+            _ => Ok(()),
         }
     }
 
     /// The key a single-key command touches ("" for the others).
     pub fn key(&self) -> &str {
         match self {
-            Command::Put { key, .. } | Command::Delete { key } | Command::Cas { key, .. } => key,
-            Command::ClusterId { .. } | Command::Txn(_) | Command::Compact { .. } => "",
+            Command::Put { key, .. }
+            | Command::PutLease { key, .. }
+            | Command::Delete { key }
+            | Command::Cas { key, .. } => key,
+            _ => "",
         }
     }
 }

@@ -159,6 +159,7 @@ pub fn check_snapshot_store<B: Backend>(mut b: B) {
                 revision: frozen.revision,
                 compact_revision: frozen.compact_revision,
                 cluster_id: 0,
+                leases: frozen.leases.clone(),
             }
             .encode()
             .into(),
@@ -178,6 +179,7 @@ pub fn check_snapshot_store<B: Backend>(mut b: B) {
     let again = freeze_now(&mut b);
     assert_eq!((again.index, again.kv_rows, again.request_rows), (40, kv_rows, request_rows));
     assert_eq!((again.revision, again.compact_revision), (frozen.revision, frozen.compact_revision));
+    assert_eq!(b.leases().unwrap(), frozen.leases, "the leases are installed from the snapshot");
     assert_eq!(again.conf_state.voters, vec![1]);
     assert_eq!(read_all(&mut b, 1 << 20).0, rows);
     // The installed state behaves like the replayed one: a retried request is a duplicate.
@@ -185,8 +187,9 @@ pub fn check_snapshot_store<B: Backend>(mut b: B) {
     assert!(again[0].duplicate);
 }
 
-/// A log of puts, deletes, compare-and-sets, transactions and compactions over a few keys,
-/// with no-op entries mixed in.
+/// A log of puts, deletes, compare-and-sets, transactions, compactions and lease operations
+/// (grants, puts attached to leases, keepalives, revokes, current and stale expiries) over a
+/// few keys, with no-op entries mixed in.
 pub fn sample_log(n: u64) -> Vec<Entry> {
     use crate::command::{Command, Proposal, RequestId};
     use crate::txn::{CmpOp, Compare, Scope, Target, Txn, TxnOp};
@@ -196,7 +199,22 @@ pub fn sample_log(n: u64) -> Vec<Entry> {
             e.index = i;
             e.term = 1;
             let key = format!("k{}", i % 5);
+            let lease = 1 + (i / 17) % 3;
+            // Each block of 17 entries: grant lease L, attach keys to it (and to a lease that
+            // does not exist), expire it (in odd blocks, before any keepalive: effective), keep
+            // it alive, expire it on a stale view (no effect), revoke it.
+            let lease_cmd = match i % 17 {
+                1 => Some(Command::LeaseGrant { id: lease, ttl_ms: 5_000 }),
+                2 => Some(Command::PutLease { key: key.clone(), value: format!("l{i}"), lease }),
+                7 => Some(Command::PutLease { key: key.clone(), value: format!("l{i}"), lease: lease + 1 }),
+                10 if (i / 17) % 2 == 1 => Some(Command::LeaseExpire { id: lease, refreshes: 1 }),
+                12 => Some(Command::LeaseKeepAlive { id: lease }),
+                14 => Some(Command::LeaseExpire { id: lease, refreshes: 1 }),
+                15 => Some(Command::LeaseRevoke { id: lease }),
+                _ => None,
+            };
             let cmd = match i % 11 {
+                _ if lease_cmd.is_some() => lease_cmd,
                 0 => None,
                 3 | 5 => Some(Command::Delete { key }),
                 // Compare-and-set that succeeds (the key holds the value written 5 entries
@@ -212,13 +230,15 @@ pub fn sample_log(n: u64) -> Vec<Entry> {
                 6 => Some(Command::Txn(Txn {
                     compare: vec![Compare {
                         scope: Scope::Key(key.clone()),
-                        target: Target::Version(1),
+                        target: Target::Version(0),
                         op: CmpOp::Gt,
                     }],
-                    success: vec![
+                    success: [
                         TxnOp::Put { key: format!("t{}", i % 3), value: format!("t{i}") },
                         TxnOp::Delete(Scope::Prefix("k3".into())),
-                    ],
+                        TxnOp::PutLease { key: "tl".into(), value: format!("t{i}"), lease: 2 },
+                    ][..if i % 2 == 0 { 3 } else { 2 }]
+                        .to_vec(),
                     failure: vec![TxnOp::Put { key, value: format!("f{i}") }, TxnOp::Get(Scope::Prefix("t".into()))],
                 })),
                 10 if i > 20 => Some(Command::Compact { revision: i / 4 }),

@@ -11,6 +11,7 @@ pub mod apply;
 pub mod codec;
 pub mod command;
 pub mod config;
+pub mod lease;
 /// Test support (the `test-support` feature): never in the extension's library.
 #[cfg(any(test, feature = "test-support"))]
 pub mod contract;

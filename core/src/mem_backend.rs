@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use raft::eraftpb::Entry;
 
 use crate::apply::{Effects, Lookup, Needs};
+use crate::lease::LeaseRow;
 use crate::snapshot::{Cursor, Frozen, Row};
 use crate::storage::{Backend, PersistedState, StoreError, StoreResult, WriteBatch};
 use crate::types::{Change, KvRow, Member, SnapshotData};
@@ -25,12 +26,14 @@ pub struct MemState {
     pub changes: BTreeMap<(u64, String), Change>,
     pub revision: u64,
     pub compact_revision: u64,
+    pub leases: BTreeMap<u64, LeaseRow>,
     /// The snapshot store: a frozen copy to send, or rows being received.
     pub snap_kv: BTreeMap<String, KvRow>,
     pub snap_requests: BTreeMap<(u64, u64), (u64, u64, bool)>,
     pub snap_changes: BTreeMap<(u64, String), Change>,
     /// The frozen copy's revision and compaction point.
     pub snap_revisions: (u64, u64),
+    pub snap_leases: Vec<(u64, LeaseRow)>,
 }
 
 /// Bugs the simulation can inject into [`MemBackend`] to show it would catch them.
@@ -92,11 +95,25 @@ impl Backend for MemBackend {
                     .map(|(k, r)| (k.clone(), r.clone())),
             );
         }
+        let attached = |lease: u64| s.kv.iter().filter(move |(_, r)| r.lease == lease).map(|(k, _)| k.clone());
+        let mut lease_keys = std::collections::HashMap::new();
+        for &l in &needs.lease_keys {
+            let keys: Vec<String> = attached(l).collect();
+            kv.extend(keys.iter().map(|k| (k.clone(), s.kv[k].clone())));
+            lease_keys.insert(l, keys);
+        }
         Ok(Lookup {
             kv,
             requests: needs.ids.iter().filter_map(|id| Some((*id, *s.requests.get(id)?))).collect(),
             revision: s.revision,
             compact_revision: s.compact_revision,
+            leases: needs
+                .leases
+                .iter()
+                .filter_map(|l| Some((*l, (*s.leases.get(l)?, attached(*l).count() as u64))))
+                .collect(),
+            lease_count: s.leases.len() as u64,
+            lease_keys,
         })
     }
 
@@ -124,6 +141,7 @@ impl Backend for MemBackend {
             s.changes = std::mem::take(&mut s.snap_changes);
             s.revision = data.revision;
             s.compact_revision = data.compact_revision;
+            s.leases = data.leases.iter().copied().collect();
             s.members = data.members.into_iter().map(|m| (m.id, m)).collect();
             if data.cluster_id != 0 {
                 s.state.cluster_id = data.cluster_id;
@@ -150,6 +168,12 @@ impl Backend for MemBackend {
             match now {
                 Some(v) => s.kv.insert(key.clone(), v.clone()),
                 None => s.kv.remove(key),
+            };
+        }
+        for (id, now) in &fx.leases {
+            match now {
+                Some(l) => s.leases.insert(*id, *l),
+                None => s.leases.remove(id),
             };
         }
         s.requests.extend(fx.requests.iter().map(|(k, v)| (*k, *v)));
@@ -194,7 +218,9 @@ impl Backend for MemBackend {
         s.snap_requests = s.requests.clone();
         s.snap_changes = s.changes.clone();
         s.snap_revisions = (s.revision, s.compact_revision);
+        s.snap_leases = s.leases.iter().map(|(k, v)| (*k, *v)).collect();
         Ok(Some(Frozen {
+            leases: s.snap_leases.clone(),
             index: s.state.applied,
             kv_rows: s.snap_kv.len() as u64,
             request_rows: s.snap_requests.len() as u64,
@@ -287,6 +313,10 @@ impl Backend for MemBackend {
     fn members(&mut self) -> StoreResult<Vec<Member>> {
         Ok(self.inner.lock().unwrap().members.values().cloned().collect())
     }
+
+    fn leases(&mut self) -> StoreResult<Vec<(u64, LeaseRow)>> {
+        Ok(self.inner.lock().unwrap().leases.iter().map(|(k, v)| (*k, *v)).collect())
+    }
 }
 
 fn k_last(rows: &[Row]) -> String {
@@ -327,6 +357,25 @@ mod tests {
         let txn = outcomes(|c| matches!(c, Command::Txn(_)));
         assert!(txn.contains(&true) && txn.contains(&false), "transactions taking both branches: {txn:?}");
         assert!(outcomes(|c| matches!(c, Command::Compact { .. })).contains(&true), "a compaction");
+        use crate::lease::Refusal;
+        let refusals = |f: fn(&Command) -> bool| -> Vec<Option<Refusal>> {
+            log.iter()
+                .filter_map(|e| Proposal::decode(&e.data).ok())
+                .zip(&res)
+                .filter(|(p, r)| f(&p.cmd) && !r.duplicate)
+                .map(|(_, r)| r.refused)
+                .collect()
+        };
+        let puts = refusals(|c| matches!(c, Command::PutLease { .. }));
+        assert!(puts.contains(&None) && puts.contains(&Some(Refusal::LeaseNotFound)), "lease puts: {puts:?}");
+        let grants = refusals(|c| matches!(c, Command::LeaseGrant { .. }));
+        assert!(grants.contains(&None), "lease grants: {grants:?}");
+        let expiries = outcomes(|c| matches!(c, Command::LeaseExpire { .. }));
+        assert!(expiries.contains(&true) && expiries.contains(&false), "current and stale expiries: {expiries:?}");
+        let revokes = refusals(|c| matches!(c, Command::LeaseRevoke { .. }));
+        assert!(revokes.contains(&None), "lease revokes: {revokes:?}");
+        let txn_refused = refusals(|c| matches!(c, Command::Txn(_)));
+        assert!(txn_refused.contains(&None), "transactions: {txn_refused:?}");
         assert!(res.iter().any(|r| !r.flag && !r.duplicate), "a delete of an absent key, or a failed CAS");
     }
 

@@ -22,7 +22,8 @@ pub enum Answer {
     /// request's entry changed something, `None` when not known: a retry of one applied
     /// before, or not a write); for reads, `revision` is the read index, applied on this node,
     /// at or after which the read must be served.
-    Done { revision: u64, flag: bool, wrote: Option<bool> },
+    /// `refused`: why the state machine refused a write (it changed nothing).
+    Done { revision: u64, flag: bool, wrote: Option<bool>, refused: Option<crate::lease::Refusal> },
     /// The write certainly did not happen.
     NotCommitted(&'static str),
     /// The write may or may not happen.
@@ -254,7 +255,7 @@ impl<T: Copy + PartialEq> Pending<T> {
         for c in out.completed.drain(..) {
             if let Some(w) = self.writes.remove(&c.id) {
                 let wrote = (!c.result.duplicate).then_some(c.result.wrote);
-                answers.push((w.client, Answer::Done { revision: c.result.revision, flag: c.result.flag, wrote }));
+                answers.push((w.client, Answer::Done { revision: c.result.revision, flag: c.result.flag, wrote, refused: c.result.refused }));
             }
         }
         for id in out.refused.drain(..) {
@@ -288,7 +289,7 @@ impl<T: Copy + PartialEq> Pending<T> {
         }
         self.reads.retain(|_, r| match r.index {
             Some(index) if index <= applied => {
-                answers.push((r.client, Answer::Done { revision: index, flag: false, wrote: None }));
+                answers.push((r.client, Answer::Done { revision: index, flag: false, wrote: None, refused: None }));
                 false
             }
             _ => true,
@@ -299,7 +300,7 @@ impl<T: Copy + PartialEq> Pending<T> {
     pub fn check_transfers(&mut self, leader: u64, answers: &mut Vec<(T, Answer)>) {
         self.transfers.retain(|t| {
             if t.target == leader {
-                answers.push((t.client, Answer::Done { revision: 0, flag: true, wrote: None }));
+                answers.push((t.client, Answer::Done { revision: 0, flag: true, wrote: None, refused: None }));
                 false
             } else {
                 true
@@ -554,7 +555,7 @@ mod tests {
         }
         answers.sort_by_key(|a| a.0);
         // The retry answers with the first application's revision; the later write stands.
-        assert_eq!(answers[1], (4, Answer::Done { revision: first, flag: true, wrote: None }));
+        assert_eq!(answers[1], (4, Answer::Done { revision: first, flag: true, wrote: None, refused: None }));
         let Answer::Done { revision: later, .. } = answers[0].1 else { panic!() };
         assert!(later > first);
     }

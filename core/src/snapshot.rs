@@ -106,6 +106,7 @@ pub struct Frozen {
     pub compact_revision: u64,
     pub conf_state: raft::eraftpb::ConfState,
     pub members: Vec<crate::types::Member>,
+    pub leases: Vec<(u64, crate::lease::LeaseRow)>,
 }
 
 /// Chunks sent and not yet acknowledged, per stream.

@@ -47,7 +47,12 @@ pub fn plan(entry: &Entry, ops: &mut Vec<OpAt>) -> Planned {
             Ok(p) => {
                 let op = match p.cmd {
                     Command::ClusterId { id } => return Planned::ClusterId { id: p.id, cluster_id: id },
-                    Command::Put { key, value } => KvOp::Put { key, value },
+                    Command::Put { key, value } => KvOp::Put { key, value, lease: 0 },
+                    Command::PutLease { key, value, lease } => KvOp::Put { key, value, lease },
+                    Command::LeaseGrant { id, ttl_ms } => KvOp::LeaseGrant { id, ttl_ms },
+                    Command::LeaseKeepAlive { id } => KvOp::LeaseKeepAlive { id },
+                    Command::LeaseRevoke { id } => KvOp::LeaseRevoke { id },
+                    Command::LeaseExpire { id, refreshes } => KvOp::LeaseExpire { id, refreshes },
                     Command::Delete { key } => KvOp::Delete { key },
                     Command::Cas { key, expected, value } => KvOp::Cas { key, expected, value },
                     Command::Txn(t) => KvOp::Txn(t),
@@ -90,7 +95,7 @@ mod tests {
     }
 
     fn ok(revision: u64, flag: bool) -> ApplyResult {
-        ApplyResult { revision, flag, duplicate: false, wrote: flag }
+        ApplyResult { revision, flag, duplicate: false, wrote: flag, refused: None }
     }
 
     #[test]
@@ -129,7 +134,7 @@ mod tests {
         let other = normal(2, Command::Put { key: "k".into(), value: "2".into() });
         let retry = proposal(3, 42, Command::Put { key: "k".into(), value: "1".into() });
         let res = apply(&mut b, &[first, other, retry]);
-        assert_eq!(res[2], ApplyResult { revision: 1, flag: true, duplicate: true, wrote: false });
+        assert_eq!(res[2], ApplyResult { revision: 1, flag: true, duplicate: true, wrote: false, refused: None });
         // The retry did not overwrite the later write.
         assert_eq!(b.kv().get("k"), Some(&("2".to_string(), 2)));
     }

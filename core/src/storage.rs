@@ -132,10 +132,15 @@ pub trait Backend {
     fn stage_snapshot(&mut self, rows: &[Row]) -> StoreResult<()>;
     /// The recorded member addresses.
     fn members(&mut self) -> StoreResult<Vec<Member>>;
+    /// Every lease.
+    fn leases(&mut self) -> StoreResult<Vec<(u64, crate::lease::LeaseRow)>>;
 }
 
-/// What [`apply_and_write`] returns: each op's result, the new revision, the new compaction point.
-pub type Applied = (Vec<ApplyResult>, Option<u64>, Option<u64>);
+/// What [`apply_and_write`] returns: each op's result, the new revision, the new compaction
+/// point, and the leases that changed.
+pub type Applied = (Vec<ApplyResult>, Option<u64>, Option<u64>, LeaseChanges);
+/// Leases whose state a write changed: the new state, `None` when gone.
+pub type LeaseChanges = Vec<(u64, Option<crate::lease::LeaseRow>)>;
 
 /// Bytes of full entries kept in memory; older entries are read from the backend on demand.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
@@ -272,12 +277,12 @@ impl<B: Backend> RaftStorage<B> {
     }
 
     /// Makes `batch` durable, its ops applied, and then updates the cache to match; returns
-    /// each op's result.
-    pub fn write(&self, batch: &WriteBatch) -> StoreResult<Vec<ApplyResult>> {
+    /// each op's result and the leases that changed.
+    pub fn write(&self, batch: &WriteBatch) -> StoreResult<(Vec<ApplyResult>, LeaseChanges)> {
         if batch.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
-        let (results, revision, compact_revision) = apply_and_write(&mut *self.backend.borrow_mut(), batch)?;
+        let (results, revision, compact_revision, leases) = apply_and_write(&mut *self.backend.borrow_mut(), batch)?;
         let mut c = self.cache.borrow_mut();
         if let Some(snap) = &batch.snapshot {
             let m = snap.get_metadata();
@@ -333,7 +338,12 @@ impl<B: Backend> RaftStorage<B> {
                 c.snapshot_term = term;
             }
         }
-        Ok(results)
+        Ok((results, leases))
+    }
+
+    /// Every lease the store holds.
+    pub fn leases(&self) -> StoreResult<Vec<(u64, crate::lease::LeaseRow)>> {
+        self.backend.borrow_mut().leases()
     }
 
     /// The key-value store's revision and history compaction point.
@@ -409,7 +419,8 @@ pub fn apply_and_write<B: Backend>(b: &mut B, batch: &WriteBatch) -> StoreResult
             apply::decide(&batch.ops, &before)
         };
         b.write(batch, &effects)?;
-        Ok((results, effects.revision, effects.compact_revision))
+        let leases = effects.leases.iter().map(|(k, v)| (*k, *v)).collect();
+        Ok((results, effects.revision, effects.compact_revision, leases))
     })
 }
 
@@ -518,6 +529,7 @@ impl<B: Backend> raft::Storage for RaftStorage<B> {
             change_rows: f.frozen.change_rows,
             revision: f.frozen.revision,
             compact_revision: f.frozen.compact_revision,
+            leases: f.frozen.leases.clone(),
         };
         let mut snap = Snapshot::default();
         snap.set_data(data.encode().into());

@@ -70,6 +70,23 @@ pub enum TxnOp {
     Delete(Scope),
     /// Answered from the state the compares saw (before this transaction's own writes).
     Get(Scope),
+    /// A put attached to a lease (a later variant: the encoding numbers them in order).
+    PutLease {
+        key: String,
+        value: String,
+        lease: u64,
+    },
+}
+
+impl TxnOp {
+    /// A put's key, value and lease (0: none).
+    pub fn put(&self) -> Option<(&str, &str, u64)> {
+        match self {
+            TxnOp::Put { key, value } => Some((key, value, 0)),
+            TxnOp::PutLease { key, value, lease } => Some((key, value, *lease)),
+            TxnOp::Delete(_) | TxnOp::Get(_) => None,
+        }
+    }
 }
 
 fn cmp<T: Ord>(a: T, op: CmpOp, b: T) -> bool {
@@ -104,7 +121,7 @@ impl Compare {
 impl Txn {
     fn scopes(&self) -> impl Iterator<Item = &Scope> {
         let ops = self.success.iter().chain(&self.failure).filter_map(|o| match o {
-            TxnOp::Put { .. } => None,
+            TxnOp::Put { .. } | TxnOp::PutLease { .. } => None,
             TxnOp::Delete(s) | TxnOp::Get(s) => Some(s),
         });
         self.compare.iter().map(|c| &c.scope).chain(ops)
@@ -112,10 +129,7 @@ impl Txn {
 
     /// Single keys whose state deciding the transaction reads.
     pub fn keys(&self) -> Vec<&str> {
-        let puts = self.success.iter().chain(&self.failure).filter_map(|o| match o {
-            TxnOp::Put { key, .. } => Some(key.as_str()),
-            _ => None,
-        });
+        let puts = self.success.iter().chain(&self.failure).filter_map(|o| o.put().map(|p| p.0));
         let scoped = self.scopes().filter_map(|s| match s {
             Scope::Key(k) => Some(k.as_str()),
             Scope::Prefix(_) => None,
@@ -160,12 +174,15 @@ impl Txn {
             for (i, o) in ops.iter().enumerate() {
                 let at = |e: &str| format!("{name}[{i}]: {e}");
                 match o {
-                    TxnOp::Put { key, value } => {
+                    TxnOp::Put { key, value } | TxnOp::PutLease { key, value, .. } => {
                         check_key(key).map_err(at)?;
                         check_value(value).map_err(at)?;
+                        if matches!(o, TxnOp::PutLease { lease: 0, .. }) {
+                            return Err(at("lease 0 is no lease"));
+                        }
                         for (j, other) in ops.iter().enumerate().filter(|(j, _)| *j != i) {
                             let clash = match other {
-                                TxnOp::Put { key: k, .. } => k == key && j < i,
+                                TxnOp::Put { key: k, .. } | TxnOp::PutLease { key: k, .. } => k == key && j < i,
                                 TxnOp::Delete(s) => s.contains(key),
                                 TxnOp::Get(_) => false,
                             };
@@ -259,7 +276,7 @@ fn parse_compare(v: &Json) -> Result<Compare, String> {
 }
 
 fn parse_op(v: &Json) -> Result<TxnOp, String> {
-    let o = object(v, &["op", "key", "prefix", "value"])?;
+    let o = object(v, &["op", "key", "prefix", "value", "lease"])?;
     match text(o, "op")? {
         Some("put") => {
             if o.contains_key("prefix") {
@@ -267,9 +284,20 @@ fn parse_op(v: &Json) -> Result<TxnOp, String> {
             }
             let key = text(o, "key")?.ok_or("a put needs \"key\"")?;
             let value = text(o, "value")?.ok_or("a put needs \"value\"")?;
-            Ok(TxnOp::Put { key: key.into(), value: value.into() })
+            match o.get("lease") {
+                None | Some(Json::Null) => Ok(TxnOp::Put { key: key.into(), value: value.into() }),
+                Some(l) => match l.as_i64() {
+                    Some(lease) if lease > 0 => {
+                        Ok(TxnOp::PutLease { key: key.into(), value: value.into(), lease: lease as u64 })
+                    }
+                    _ => Err("\"lease\" must be a lease id (a positive integer)".into()),
+                },
+            }
         }
         Some(kind @ ("delete" | "get")) => {
+            if o.contains_key("lease") {
+                return Err(format!("a {kind} takes no \"lease\""));
+            }
             if o.contains_key("value") {
                 return Err(format!("a {kind} takes no \"value\""));
             }
@@ -287,7 +315,7 @@ mod tests {
     use serde_json::json;
 
     fn row(value: &str, m: u64, c: u64, v: u64) -> KvRow {
-        KvRow { value: value.into(), mod_revision: m, create_revision: c, version: v }
+        KvRow { value: value.into(), mod_revision: m, create_revision: c, version: v, lease: 0 }
     }
 
     #[test]

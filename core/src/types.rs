@@ -9,9 +9,11 @@ use crate::command::RequestId;
 /// One state-machine operation, decided by `apply` and executed by the backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvOp {
+    /// `lease`: the lease the key is attached to from now on (0: none).
     Put {
         key: String,
         value: String,
+        lease: u64,
     },
     Delete {
         key: String,
@@ -26,6 +28,20 @@ pub enum KvOp {
     Compact {
         revision: u64,
     },
+    LeaseGrant {
+        id: u64,
+        ttl_ms: u64,
+    },
+    LeaseKeepAlive {
+        id: u64,
+    },
+    LeaseRevoke {
+        id: u64,
+    },
+    LeaseExpire {
+        id: u64,
+        refreshes: u64,
+    },
 }
 
 impl KvOp {
@@ -34,7 +50,28 @@ impl KvOp {
         match self {
             KvOp::Put { key, .. } | KvOp::Delete { key } | KvOp::Cas { key, .. } => vec![key],
             KvOp::Txn(t) => t.keys(),
-            KvOp::Compact { .. } => Vec::new(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The leases whose stored state (and number of attached keys) deciding this op reads.
+    pub fn leases(&self) -> Vec<u64> {
+        match self {
+            KvOp::Put { lease, .. } if *lease != 0 => vec![*lease],
+            KvOp::Txn(t) => t.success.iter().chain(&t.failure).filter_map(|o| o.put()).map(|p| p.2).filter(|l| *l != 0).collect(),
+            KvOp::LeaseGrant { id, .. }
+            | KvOp::LeaseKeepAlive { id }
+            | KvOp::LeaseRevoke { id }
+            | KvOp::LeaseExpire { id, .. } => vec![*id],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The leases whose attached keys this op may delete.
+    pub fn lease_keys(&self) -> Vec<u64> {
+        match self {
+            KvOp::LeaseRevoke { id } | KvOp::LeaseExpire { id, .. } => vec![*id],
+            _ => Vec::new(),
         }
     }
 
@@ -55,6 +92,8 @@ pub struct KvRow {
     pub mod_revision: u64,
     pub create_revision: u64,
     pub version: u64,
+    /// The lease the key is attached to (0: none).
+    pub lease: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -96,7 +135,8 @@ pub struct Change {
 }
 
 impl Change {
-    /// The key's state just before this change.
+    /// The key's state just before this change. The history does not record leases: a state
+    /// rebuilt from it has none.
     pub fn before(&self) -> Option<KvRow> {
         let prev_mod = self.prev_mod_revision?;
         let version = match self.kind {
@@ -108,6 +148,7 @@ impl Change {
             mod_revision: prev_mod,
             create_revision: self.create_revision,
             version,
+            lease: 0,
         })
     }
 }
@@ -179,6 +220,8 @@ pub struct SnapshotData {
     pub change_rows: u64,
     pub revision: u64,
     pub compact_revision: u64,
+    /// Every lease (at most `lease::MAX_LEASES`, so they travel in the message itself).
+    pub leases: Vec<(u64, crate::lease::LeaseRow)>,
 }
 
 impl SnapshotData {

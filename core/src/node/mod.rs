@@ -120,6 +120,10 @@ pub struct Output {
     pub refused: Vec<RequestId>,
     /// Committed entries no node can apply, skipped: (index, why).
     pub invalid: Vec<(u64, &'static str)>,
+    /// Leases whose applied state changed, in order (`None`: gone).
+    pub lease_changes: Vec<(u64, Option<crate::lease::LeaseRow>)>,
+    /// A snapshot replaced every lease with these.
+    pub leases_installed: Option<Vec<(u64, crate::lease::LeaseRow)>>,
 }
 
 /// Messages dropped by admission since last asked: how many, and the latest (sender, type, why).
@@ -466,6 +470,8 @@ impl<B: Backend> Node<B> {
                 let data = SnapshotData::decode(rd.snapshot().get_data())
                     .map_err(|e| StoreError::Corrupt(format!("snapshot data: {e}")))?;
                 self.members = data.members.into_iter().map(|m| (m.id, m)).collect();
+                out.leases_installed = Some(data.leases);
+                out.lease_changes.clear();
             }
             batch.entries = rd.entries().to_vec();
             if let Some(hs) = rd.hs() {
@@ -566,14 +572,15 @@ impl<B: Backend> Node<B> {
         if let Some(last) = committed.last() {
             batch.applied = Some(last.index);
         }
-        let results = self.raw.store().write(&batch)?;
+        let (results, leases) = self.raw.store().write(&batch)?;
+        out.lease_changes.extend(leases);
         for op in &batch.members {
             op.apply_to(&mut self.members);
         }
         let me = self.id();
         for (index, id, ok) in changes {
             if id.node == me {
-                let result = ApplyResult { revision: index, flag: ok, duplicate: false, wrote: false };
+                let result = ApplyResult { revision: index, flag: ok, duplicate: false, wrote: false, refused: None };
                 out.completed.push(Completion { id, index, result });
             }
             self.appended.remove(&index);
@@ -592,7 +599,7 @@ impl<B: Backend> Node<B> {
                 }
                 Planned::ClusterId { id, .. } => {
                     if id.node == me {
-                        let result = ApplyResult { revision: index, flag: true, duplicate: false, wrote: false };
+                        let result = ApplyResult { revision: index, flag: true, duplicate: false, wrote: false, refused: None };
                         out.completed.push(Completion { id, index, result });
                     }
                     Some(id)

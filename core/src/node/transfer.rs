@@ -308,7 +308,7 @@ mod tests {
         let mut n = follower_of_1();
         let row = |k: &str| Row::Kv {
             key: k.into(),
-            row: crate::types::KvRow { value: "v".into(), mod_revision: 1, create_revision: 1, version: 1 },
+            row: crate::types::KvRow { value: "v".into(), mod_revision: 1, create_revision: 1, version: 1, lease: 0 },
         };
         let chunk =
             |seq, rows, last| SnapFrame::Chunk { stream: 7, index: 50, term: 2, seq, rows, last, rows_total: 2 };
@@ -331,7 +331,7 @@ mod tests {
         let mut n = follower_of_1();
         let rows = vec![Row::Kv {
             key: "a".into(),
-            row: crate::types::KvRow { value: "v".into(), mod_revision: 1, create_revision: 1, version: 1 },
+            row: crate::types::KvRow { value: "v".into(), mod_revision: 1, create_revision: 1, version: 1, lease: 0 },
         }];
         let frame = SnapFrame::Chunk { stream: 7, index: 50, term: 2, seq: 0, rows, last: true, rows_total: 1 };
         n.receive_snap(3, frame).unwrap();
