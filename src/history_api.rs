@@ -395,7 +395,7 @@ fn raft_watch(
 
 /// Sleeps on the worker's condition variable until the published revision passes `seen`;
 /// false at the deadline. Cancel and statement_timeout interrupt it as usual.
-fn wait_for_revision_above(seen: u64, deadline: std::time::Instant) -> bool {
+pub(crate) fn wait_for_revision_above(seen: u64, deadline: std::time::Instant) -> bool {
     let cv = shmem::watch_cv();
     // SAFETY: the condition variable lives in shared memory and was initialised there; this
     // backend sleeps on one variable at a time and cancels the sleep before returning (and an

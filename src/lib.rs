@@ -10,6 +10,7 @@
 
 use pgrx::prelude::*;
 
+mod concurrency_api;
 mod freeze;
 mod guc;
 mod history_api;
@@ -204,6 +205,8 @@ REVOKE EXECUTE ON FUNCTION raft_get(text, text, bigint), raft_get_kv(text, text,
     raft_changes(bigint, text, integer, text), raft_watch(text, bigint, interval, integer), raft_status(),
     raft_lease_ttl(bigint, text), raft_leases(text),
     raft_lease_grant(interval), raft_lease_keepalive(bigint), raft_lease_revoke(bigint),
+    raft_lock(text, bigint, interval), raft_unlock(text, bigint), raft_campaign(text, bigint, text, interval),
+    raft_leader(text, text), raft_resign(text, bigint),
     raft_set(text, text, text, bigint), raft_cas(text, text, text, text), raft_delete(text, text),
     raft_cas_rev(text, text, text, text), raft_delete_rev(text, text),
     raft_txn(jsonb, jsonb, jsonb, text), raft_compact(bigint),
@@ -221,9 +224,11 @@ GRANT USAGE ON SCHEMA raft_kv TO raft_kv_reader;
 GRANT SELECT ON raft_kv.kv, raft_kv.changes, raft_kv.revisions, raft_kv.leases TO raft_kv_reader;
 GRANT EXECUTE ON FUNCTION raft_get(text, text, bigint), raft_get_kv(text, text, bigint), raft_scan(text, text, bigint),
     raft_changes(bigint, text, integer, text), raft_watch(text, bigint, interval, integer), raft_status(),
-    raft_lease_ttl(bigint, text), raft_leases(text)
+    raft_lease_ttl(bigint, text), raft_leases(text), raft_leader(text, text)
     TO raft_kv_reader;
-GRANT EXECUTE ON FUNCTION raft_lease_grant(interval), raft_lease_keepalive(bigint), raft_lease_revoke(bigint)
+GRANT EXECUTE ON FUNCTION raft_lease_grant(interval), raft_lease_keepalive(bigint), raft_lease_revoke(bigint),
+    raft_lock(text, bigint, interval), raft_unlock(text, bigint), raft_campaign(text, bigint, text, interval),
+    raft_resign(text, bigint)
     TO raft_kv_writer;
 GRANT EXECUTE ON FUNCTION raft_set(text, text, text, bigint), raft_cas(text, text, text, text), raft_delete(text, text),
     raft_cas_rev(text, text, text, text), raft_delete_rev(text, text), raft_txn(jsonb, jsonb, jsonb, text)

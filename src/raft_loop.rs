@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use raft_kv_core::command::{Command, Proposal, RequestId};
-use raft_kv_core::lease::LeaseClock;
 use raft_kv_core::config::format_peers;
+use raft_kv_core::lease::LeaseClock;
 use raft_kv_core::node::{role_name, MemberChange, Node, NodeError, NodeStatus, Outbound, Output};
 use raft_kv_core::pending::{Answer, Pending};
 use raft_kv_core::raft::StateRole;
@@ -130,8 +130,8 @@ impl RaftLoop {
         let cluster_id = node.cluster_id();
         transport.set_cluster_id(cluster_id);
         let mut leases = LeaseClock::default();
-        let stored = in_txn(|| node.storage().leases())
-            .unwrap_or_else(|e| pgrx::error!("raft_kv: cannot read the leases: {e}"));
+        let stored =
+            in_txn(|| node.storage().leases()).unwrap_or_else(|e| pgrx::error!("raft_kv: cannot read the leases: {e}"));
         leases.load(stored, crate::shmem::mono_ms());
         // Reads ask again for a read index after about a heartbeat without an answer.
         let read_retry = settings.tick * settings.opts.heartbeat_ticks as u32 * 2;

@@ -260,7 +260,12 @@ pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u6
             continue;
         }
         if s.epoch != epoch {
-            finish(s, Outcome::NotCommitted, (0, false, None, 0), "the raft_kv worker restarted before taking the request");
+            finish(
+                s,
+                Outcome::NotCommitted,
+                (0, false, None, 0),
+                "the raft_kv worker restarted before taking the request",
+            );
             continue;
         }
         let (Some(op), Some((key, value, expected, request_id))) = (Op::from_u8(s.op), read_payload(s)) else {

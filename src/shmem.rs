@@ -140,8 +140,8 @@ impl Op {
             Op::LeaseKeepAlive,
             Op::LeaseRevoke,
         ]
-            .into_iter()
-            .find(|o| *o as u8 == v)
+        .into_iter()
+        .find(|o| *o as u8 == v)
     }
 }
 

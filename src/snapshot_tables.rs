@@ -141,9 +141,7 @@ pub fn read_frozen(c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Option<Frozen>> 
         members: SnapshotData::decode(&members)
             .map_err(|e| StoreError::Corrupt(format!("frozen members: {e}")))?
             .members,
-        leases: SnapshotData::decode(&leases)
-            .map_err(|e| StoreError::Corrupt(format!("frozen leases: {e}")))?
-            .leases,
+        leases: SnapshotData::decode(&leases).map_err(|e| StoreError::Corrupt(format!("frozen leases: {e}")))?.leases,
     }))
 }
 

@@ -109,16 +109,8 @@ pub(crate) fn request_on(
         };
         scoped_request_key(role, op as u8, args, id)
     });
-    let req = requests::Request {
-        op,
-        key,
-        value,
-        expected,
-        request_id: scoped.as_deref(),
-        target,
-        arg,
-        as_learner: false,
-    };
+    let req =
+        requests::Request { op, key, value, expected, request_id: scoped.as_deref(), target, arg, as_learner: false };
     submit(&req)
 }
 

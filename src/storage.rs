@@ -329,7 +329,8 @@ impl Backend for PgBackend {
                 Row::Kv { key, row } => {
                     keys.push(key.as_str());
                     values.push(row.value.as_str());
-                    for (col, v) in meta.iter_mut().zip([row.mod_revision, row.create_revision, row.version, row.lease]) {
+                    for (col, v) in meta.iter_mut().zip([row.mod_revision, row.create_revision, row.version, row.lease])
+                    {
                         col.push(v as i64);
                     }
                 }
@@ -431,7 +432,8 @@ impl Backend for PgBackend {
                     let upper = raft_kv_core::command::prefix_end(p);
                     let t = c
                         .select(
-                            &self.q("SELECT key, value, mod_revision, create_revision, version, lease FROM raft_kv.kv \
+                            &self
+                                .q("SELECT key, value, mod_revision, create_revision, version, lease FROM raft_kv.kv \
                                      WHERE key >= $1 AND ($2::text IS NULL OR key < $2)"),
                             None,
                             &[p.as_str().into(), upper.into()],
@@ -466,7 +468,8 @@ impl Backend for PgBackend {
                     let ids: Vec<i64> = needs.lease_keys.iter().map(|l| *l as i64).collect();
                     let t = c
                         .select(
-                            &self.q("SELECT key, value, mod_revision, create_revision, version, lease FROM raft_kv.kv \
+                            &self
+                                .q("SELECT key, value, mod_revision, create_revision, version, lease FROM raft_kv.kv \
                                      WHERE lease = ANY ($1) AND lease <> 0"),
                             None,
                             &[ids.into()],
@@ -528,7 +531,8 @@ const LEASES_SQL: &str = "SELECT l.id, l.ttl_ms, l.refreshes, \
 /// A batch's effects: the keys written and the request ids recorded, in one statement; the
 /// keys deleted, when there are any, in one more (`DELETE_SQL`). No key is both written and
 /// deleted (the effects hold each key's final state), so the two never touch the same row.
-const EFFECTS_SQL: &str = "WITH put AS (INSERT INTO raft_kv.kv (key, value, mod_revision, create_revision, version, lease) \
+const EFFECTS_SQL: &str =
+    "WITH put AS (INSERT INTO raft_kv.kv (key, value, mod_revision, create_revision, version, lease) \
              SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $9::bigint[], $10::bigint[], $19::bigint[]) \
              ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, mod_revision = EXCLUDED.mod_revision, \
                  create_revision = EXCLUDED.create_revision, version = EXCLUDED.version, lease = EXCLUDED.lease), \

@@ -53,7 +53,7 @@ fn raft_txn(
     let max = guc::MAX_VALUE_BYTES.get() as usize;
     for (name, ops) in [("success", &txn.success), ("failure", &txn.failure)] {
         for (i, op) in ops.iter().enumerate() {
-            if let TxnOp::Put { value, .. } = op {
+            if let Some((_, value, _)) = op.put() {
                 if value.len() > max {
                     raise(
                         Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
@@ -109,7 +109,9 @@ fn raft_txn(
     let responses: Vec<Value> = branch
         .iter()
         .map(|op| match op {
-            TxnOp::Put { key, .. } | TxnOp::PutLease { key, .. } => json!({"op": "put", "key": key, "revision": revision}),
+            TxnOp::Put { key, .. } | TxnOp::PutLease { key, .. } => {
+                json!({"op": "put", "key": key, "revision": revision})
+            }
             TxnOp::Delete(s) => {
                 let deleted = if wrote { at_revision.iter().filter(|(k, d)| *d && s.contains(k)).count() } else { 0 };
                 let (field, v) = scope_json(s);

@@ -251,7 +251,8 @@ pub fn decide(ops: &[OpAt], before: &Lookup) -> (Vec<ApplyResult>, Effects) {
                     if let Some((key, value, lease)) = op.put() {
                         if let Err(r) = view.check_put(key, lease, &tally).and_then(|()| {
                             // Puts earlier in this branch count against the cap too.
-                            let n = view.attached(lease, &tally) + branch_tally.attached.get(&lease).copied().unwrap_or(0);
+                            let n =
+                                view.attached(lease, &tally) + branch_tally.attached.get(&lease).copied().unwrap_or(0);
                             if lease != 0 && n >= MAX_KEYS_PER_LEASE as i64 {
                                 Err(Refusal::LeaseFull)
                             } else {
@@ -610,8 +611,8 @@ mod tests {
             op(3, 3, leased("new", "v", 1)), // the last free place on lease 1
             op(4, 4, leased("more", "v", 1)),
             op(5, 5, leased("new", "again", 1)), // already attached: no new place needed
-            op(6, 6, put("held", "detached")),    // a put without a lease detaches
-            op(7, 7, leased("more", "v", 1)),     // so there is room again
+            op(6, 6, put("held", "detached")),   // a put without a lease detaches
+            op(7, 7, leased("more", "v", 1)),    // so there is room again
             op(8, 8, KvOp::LeaseGrant { id: 1, ttl_ms: 1 }),
             op(9, 9, KvOp::LeaseGrant { id: 3, ttl_ms: 1 }),
             op(10, 10, KvOp::LeaseGrant { id: 4, ttl_ms: 1 }),

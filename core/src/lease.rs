@@ -100,7 +100,8 @@ impl LeaseClock {
         match lease {
             Some(l) => {
                 let deadline = now.saturating_add(l.ttl_ms);
-                self.leases.insert(id, Tracked { ttl_ms: l.ttl_ms, refreshes: l.refreshes, deadline, proposed_at: None });
+                self.leases
+                    .insert(id, Tracked { ttl_ms: l.ttl_ms, refreshes: l.refreshes, deadline, proposed_at: None });
             }
             None => {
                 self.leases.remove(&id);

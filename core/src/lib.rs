@@ -11,10 +11,10 @@ pub mod apply;
 pub mod codec;
 pub mod command;
 pub mod config;
-pub mod lease;
 /// Test support (the `test-support` feature): never in the extension's library.
 #[cfg(any(test, feature = "test-support"))]
 pub mod contract;
+pub mod lease;
 #[cfg(any(test, feature = "test-support"))]
 pub mod mem_backend;
 pub mod node;

@@ -255,7 +255,10 @@ impl<T: Copy + PartialEq> Pending<T> {
         for c in out.completed.drain(..) {
             if let Some(w) = self.writes.remove(&c.id) {
                 let wrote = (!c.result.duplicate).then_some(c.result.wrote);
-                answers.push((w.client, Answer::Done { revision: c.result.revision, flag: c.result.flag, wrote, refused: c.result.refused }));
+                answers.push((
+                    w.client,
+                    Answer::Done { revision: c.result.revision, flag: c.result.flag, wrote, refused: c.result.refused },
+                ));
             }
         }
         for id in out.refused.drain(..) {

@@ -58,7 +58,9 @@ impl KvOp {
     pub fn leases(&self) -> Vec<u64> {
         match self {
             KvOp::Put { lease, .. } if *lease != 0 => vec![*lease],
-            KvOp::Txn(t) => t.success.iter().chain(&t.failure).filter_map(|o| o.put()).map(|p| p.2).filter(|l| *l != 0).collect(),
+            KvOp::Txn(t) => {
+                t.success.iter().chain(&t.failure).filter_map(|o| o.put()).map(|p| p.2).filter(|l| *l != 0).collect()
+            }
             KvOp::LeaseGrant { id, .. }
             | KvOp::LeaseKeepAlive { id }
             | KvOp::LeaseRevoke { id }

@@ -198,7 +198,7 @@ fn malformed_messages_from_an_authenticated_peer_take_nothing_down() {
             p.message(&m).unwrap();
         }
         // Snapshot frames no transfer asked for, one with rows no node can store.
-        let row = KvRow { value: "x".into(), mod_revision: 1, create_revision: 1, version: 1 };
+        let row = KvRow { value: "x".into(), mod_revision: 1, create_revision: 1, version: 1, lease: 0 };
         let rows = vec![Row::Kv { key: "pwned\0".into(), row }];
         p.snap(to, SnapFrame::Chunk { stream: 9, index: 1 << 40, term: t, seq: 0, rows, last: true, rows_total: 1 })
             .unwrap();

@@ -599,7 +599,8 @@ impl<B: Backend> Node<B> {
                 }
                 Planned::ClusterId { id, .. } => {
                     if id.node == me {
-                        let result = ApplyResult { revision: index, flag: true, duplicate: false, wrote: false, refused: None };
+                        let result =
+                            ApplyResult { revision: index, flag: true, duplicate: false, wrote: false, refused: None };
                         out.completed.push(Completion { id, index, result });
                     }
                     Some(id)
