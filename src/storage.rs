@@ -393,7 +393,7 @@ impl Backend for PgBackend {
 
     fn leases(&mut self) -> StoreResult<Vec<(u64, LeaseRow)>> {
         let q = |sql: &str| self.q(sql);
-        in_txn(|| Spi::connect(|c| crate::snapshot_tables::select_leases(&c, &q)))
+        in_txn(|| Spi::connect(|c| crate::snapshot_tables::select_leases(c, &q)))
     }
 
     /// One statement, whatever the batch's size: the keys' rows, the request ids' rows and

@@ -16,6 +16,8 @@ const CALLS: &[&str] = &[
     "SELECT raft_get('k', 'local', 1)",
     "SELECT * FROM raft_changes(1)",
     "SELECT * FROM raft_watch('', 1, '0 seconds')",
+    "SELECT * FROM raft_leases()",
+    "SELECT * FROM raft_leader('election')",
     "SELECT * FROM raft_members()",
     "SELECT raft_set('k', 'v')",
     "SELECT raft_cas('k', NULL, 'v')",
@@ -23,6 +25,13 @@ const CALLS: &[&str] = &[
     "SELECT * FROM raft_cas_rev('k', NULL, 'v')",
     "SELECT * FROM raft_delete_rev('k')",
     "SELECT * FROM raft_txn('[]', '[]')",
+    "SELECT raft_lease_grant('10s')",
+    "SELECT raft_lease_keepalive(1)",
+    "SELECT raft_lease_revoke(1)",
+    "SELECT raft_lock('lock', 1, '0s')",
+    "SELECT raft_unlock('lock', 1)",
+    "SELECT raft_campaign('election', 1, 'v', '0s')",
+    "SELECT raft_resign('election', 1)",
     "SELECT raft_join(9, '127.0.0.1:1')",
     "SELECT raft_remove(9)",
     "SELECT raft_transfer_leader(9)",
@@ -30,7 +39,7 @@ const CALLS: &[&str] = &[
     "SELECT raft_kv.is_worker()",
 ];
 /// How many of `CALLS` a reader may make.
-const READER_CALLS: usize = 8;
+const READER_CALLS: usize = 10;
 
 fn code(c: &mut Client, sql: &str) -> Option<String> {
     c.batch_execute(sql).err().map(|e| e.as_db_error().map(|d| d.code().code().to_string()).unwrap_or(e.to_string()))
@@ -65,6 +74,8 @@ fn roles_get_what_they_are_granted_and_nothing_more() {
     for call in CALLS {
         assert_eq!(code(&mut nobody, call).as_deref(), Some("42501"), "nobody: {call}");
     }
+    let ttl = "SELECT * FROM raft_lease_ttl(1)";
+    assert_eq!(code(&mut nobody, ttl).as_deref(), Some("42501"), "nobody: {ttl}");
     // A reader reads (linearizably too) and sees the status, but no peer address.
     let mut reader = as_role(&c, "reader");
     let v: Option<String> = reader.query_one("SELECT raft_get('k')", &[]).unwrap().get(0);
@@ -78,6 +89,7 @@ fn roles_get_what_they_are_granted_and_nothing_more() {
     for call in &CALLS[..READER_CALLS] {
         reader.batch_execute(call).unwrap_or_else(|e| panic!("reader: {call}: {e}"));
     }
+    assert_eq!(code(&mut reader, ttl).as_deref(), Some("42704"), "reader: {ttl} runs (no such lease)");
     for call in &CALLS[READER_CALLS..] {
         assert_eq!(code(&mut reader, call).as_deref(), Some("42501"), "reader: {call}");
     }
@@ -86,7 +98,8 @@ fn roles_get_what_they_are_granted_and_nothing_more() {
     writer
         .batch_execute(
             "SELECT raft_set('k', 'written'); SELECT raft_cas('k', 'written', 'cas'); SELECT raft_delete('gone'); \
-             SELECT * FROM raft_txn('[{\"key\": \"k\", \"target\": \"value\", \"op\": \"=\", \"value\": \"cas\"}]', '[]')",
+             SELECT * FROM raft_txn('[{\"key\": \"k\", \"target\": \"value\", \"op\": \"=\", \"value\": \"cas\"}]', '[]'); \
+             SELECT raft_unlock('lock', l) FROM (SELECT raft_lease_grant('10s') AS l) g WHERE raft_lock('lock', l) > 0",
         )
         .unwrap();
     for call in [
