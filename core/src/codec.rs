@@ -11,7 +11,14 @@ use serde::{de::DeserializeOwned, Serialize};
 
 /// The newest format this build writes and reads. Raise it when a payload type changes shape
 /// or a command kind is added, and keep decoding the older versions.
-pub const FORMAT_VERSION: u8 = 1;
+///
+/// - 1: the first versioned format.
+/// - 2: leases. New command kinds (appended, so a version-1 command decodes alike), `KvRow`
+///   gains its lease and `SnapshotData` the leases (snapshot payloads of version 1 no longer
+///   decode). A log entry is written in the oldest version that can express it
+///   ([`encode_as`]), so a command that an older build knows is still readable by it, and one
+///   it does not know stops it instead of being skipped.
+pub const FORMAT_VERSION: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -24,14 +31,23 @@ pub enum DecodeError {
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_extend(value, vec![FORMAT_VERSION]).unwrap_or_else(|e| panic!("encoding cannot fail: {e}"))
+    encode_as(FORMAT_VERSION, value)
+}
+
+/// `value` labelled as `version`, for a payload whose encoding that older version shares.
+pub fn encode_as<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
+    debug_assert!((1..=FORMAT_VERSION).contains(&version));
+    postcard::to_extend(value, vec![version]).unwrap_or_else(|e| panic!("encoding cannot fail: {e}"))
 }
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     match bytes.split_first() {
         None => Err(DecodeError::Malformed("empty".into())),
         Some((&v, _)) if v > FORMAT_VERSION => Err(DecodeError::NewerVersion { found: v }),
-        Some((&1, rest)) => postcard::from_bytes(rest).map_err(|e| DecodeError::Malformed(e.to_string())),
+        // Each version's layout extends the one before for the payloads written in it.
+        Some((&(1..=FORMAT_VERSION), rest)) => {
+            postcard::from_bytes(rest).map_err(|e| DecodeError::Malformed(e.to_string()))
+        }
         Some((&v, _)) => Err(DecodeError::Malformed(format!("unknown format version {v}"))),
     }
 }

@@ -146,8 +146,9 @@ pub struct ApplyResult {
 pub use crate::codec::DecodeError;
 
 impl Proposal {
+    /// In the oldest format that can express the command (see `codec::FORMAT_VERSION`).
     pub fn encode(&self) -> Vec<u8> {
-        crate::codec::encode(self)
+        crate::codec::encode_as(self.cmd.format_version(), self)
     }
 
     pub fn decode(data: &[u8]) -> Result<Self, DecodeError> {
@@ -215,6 +216,22 @@ impl Command {
         }
     }
 
+    /// The oldest format version that knows this command.
+    pub fn format_version(&self) -> u8 {
+        let leased_txn = |t: &crate::txn::Txn| {
+            t.success.iter().chain(&t.failure).any(|o| matches!(o, crate::txn::TxnOp::PutLease { .. }))
+        };
+        match self {
+            Command::LeaseGrant { .. }
+            | Command::LeaseKeepAlive { .. }
+            | Command::LeaseRevoke { .. }
+            | Command::LeaseExpire { .. }
+            | Command::PutLease { .. } => 2,
+            Command::Txn(t) if leased_txn(t) => 2,
+            _ => 1,
+        }
+    }
+
     /// The key a single-key command touches ("" for the others).
     pub fn key(&self) -> &str {
         match self {
@@ -255,6 +272,21 @@ mod tests {
         assert_eq!(Proposal::decode(&p.encode()).unwrap(), p);
         let d = Proposal { id: p.id, cmd: Command::Delete { key: "k".into() } };
         assert_eq!(Proposal::decode(&d.encode()).unwrap(), d);
+    }
+
+    #[test]
+    fn a_command_is_written_in_the_oldest_format_that_knows_it() {
+        let id = RequestId { node: 1, nonce: 2, seq: 3 };
+        let old = Proposal { id, cmd: Command::Put { key: "k".into(), value: "v".into() } };
+        let new = Proposal { id, cmd: Command::LeaseKeepAlive { id: 9 } };
+        // A build of format 1 reads the first and stops at the second (NewerVersion).
+        assert_eq!(old.encode()[0], 1);
+        assert_eq!(new.encode()[0], 2);
+        assert_eq!(Proposal::decode(&new.encode()).unwrap(), new);
+        // Version 1's encoding of a command is the same bytes under either label.
+        let mut relabelled = old.encode();
+        relabelled[0] = 2;
+        assert_eq!(Proposal::decode(&relabelled).unwrap(), old);
     }
 
     #[test]

@@ -16,7 +16,7 @@ fn a_committed_entry_of_a_newer_format_stops_the_node_instead_of_being_skipped()
     }
     c.assert_converged(&[1, 2, 3]);
     // As if a newer build had written the follower's last applied entry: take the worker out
-    // (an invalid node id keeps it idle), mark the entry unapplied and give it format 2.
+    // (an invalid node id keeps it idle), mark the entry unapplied and give it format 99 (newer than any build).
     let mut cl = c.client(f);
     cl.batch_execute("ALTER SYSTEM SET raft_kv.node_id = 0").unwrap();
     c.stop_node(f, Stop::Fast);
@@ -29,7 +29,7 @@ fn a_committed_entry_of_a_newer_format_stops_the_node_instead_of_being_skipped()
     });
     cl2.batch_execute(&format!(
         "SET session_replication_role = replica; \
-         UPDATE raft_kv.log SET data = set_byte(data, 0, 2) WHERE idx = {idx}; \
+         UPDATE raft_kv.log SET data = set_byte(data, 0, 99) WHERE idx = {idx}; \
          UPDATE raft_kv.state SET applied_index = {idx} - 1"
     ))
     .unwrap();
@@ -41,7 +41,7 @@ fn a_committed_entry_of_a_newer_format_stops_the_node_instead_of_being_skipped()
         let s: String = c.client(f).query_one("SELECT state FROM raft_status()", &[]).ok()?.get(0);
         s.starts_with("stopped").then_some(s)
     });
-    assert!(state.contains(&format!("index {idx} is in format version 2")), "{state}");
+    assert!(state.contains(&format!("index {idx} is in format version 99")), "{state}");
     assert!(state.contains("upgrade raft_kv"), "{state}");
     assert!(c.node(f).log().contains("upgrade raft_kv on this node"));
     // It applied nothing from that entry on, and requests fail clearly instead of hanging.
