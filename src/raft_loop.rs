@@ -413,6 +413,7 @@ impl RaftLoop {
         let me = self.me;
         let mut unreachable = Vec::new();
         let transport = &self.transport;
+        let started = Instant::now();
         let done = self.node.handle_ready(&mut self.out, &mut |m: Outbound| {
             let (to, snap) = (m.to(), matches!(m, Outbound::Snap { .. }));
             if !transport.send(m) {
@@ -445,7 +446,10 @@ impl RaftLoop {
         }
         self.log_dropped();
         if let Some(index) = self.out.snapshot_installed.take() {
-            pgrx::log!("raft_kv: node {me} installed the snapshot at index {index}");
+            pgrx::log!(
+                "raft_kv: node {me} installed the snapshot at index {index} in {} ms",
+                started.elapsed().as_millis()
+            );
         }
         for (to, index) in self.node.take_failed_transfers() {
             pgrx::log!("raft_kv: the snapshot transfer at index {index} to node {to} failed; it will be sent again");

@@ -29,6 +29,9 @@ pub struct PgBackend {
     /// Freezes snapshots elsewhere (the Raft worker's: a background worker, see `freeze.rs`);
     /// `None`: synchronously, in the calling transaction.
     freezer: Option<Box<dyn Freezer>>,
+    /// Average bytes of the snapshot rows read last, so the next chunk's query reads about
+    /// as many rows as fit (a fixed row limit read ten times what one chunk sends).
+    snap_row_bytes: usize,
 }
 
 /// Statements of the write path, each parsed and planned once and kept across transactions,
@@ -67,12 +70,18 @@ impl PgBackend {
     /// Freezes snapshots synchronously, in the calling transaction (for the contract tests).
     #[cfg(any(test, feature = "pg_test"))]
     pub fn new(schema: &'static str) -> Self {
-        PgBackend { schema, lookup_plan: None, plans: Plans::default(), freezer: None }
+        PgBackend { schema, lookup_plan: None, plans: Plans::default(), freezer: None, snap_row_bytes: 64 }
     }
 
     /// The worker's backend over `raft_kv`'s tables, freezing snapshots with `freezer`.
     pub fn with_freezer(freezer: Box<dyn Freezer>) -> Self {
-        PgBackend { schema: "raft_kv", lookup_plan: None, plans: Plans::default(), freezer: Some(freezer) }
+        PgBackend {
+            schema: "raft_kv",
+            lookup_plan: None,
+            plans: Plans::default(),
+            freezer: Some(freezer),
+            snap_row_bytes: 64,
+        }
     }
 
     fn read_members(&self, c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Vec<Member>> {
@@ -207,7 +216,9 @@ impl Backend for PgBackend {
     /// Key-set pagination over the snapshot tables; a running sum stops a chunk at
     /// `max_bytes`, so large values never arrive in bulk.
     fn read_snapshot(&mut self, cursor: &Cursor, max_bytes: usize) -> StoreResult<(Vec<Row>, Cursor)> {
-        in_txn(|| {
+        // Enough rows for the chunk at the last rows' size, and some to spare.
+        let limit = (2 * max_bytes / self.snap_row_bytes.max(16)).clamp(16, 10_000) as i64;
+        let read = in_txn(|| {
             Spi::connect(|c| match cursor {
                 Cursor::Kv(after) => {
                     let filter = if after.is_some() { "WHERE key > $2" } else { "WHERE $2::text IS NULL" };
@@ -216,11 +227,12 @@ impl Backend for PgBackend {
                            SELECT *, octet_length(key) + octet_length(value) + 32 AS size, \
                                   sum(octet_length(key) + octet_length(value) + 32) \
                                     OVER (ORDER BY key ROWS UNBOUNDED PRECEDING) AS upto \
-                           FROM raft_kv.snapshot_kv {filter} ORDER BY key LIMIT 10000) s \
+                           FROM raft_kv.snapshot_kv {filter} ORDER BY key LIMIT $3) s \
                          WHERE upto - size < $1 ORDER BY key"
                     ));
-                    let t =
-                        c.select(&sql, None, &[(max_bytes as i64).into(), after.as_deref().into()]).map_err(spi_err)?;
+                    let t = c
+                        .select(&sql, None, &[(max_bytes as i64).into(), after.as_deref().into(), limit.into()])
+                        .map_err(spi_err)?;
                     let mut rows = Vec::with_capacity(t.len());
                     for r in t {
                         let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
@@ -278,11 +290,11 @@ impl Backend for PgBackend {
                                      + coalesce(octet_length(prev_value), 0) + 48) \
                                     OVER (ORDER BY revision, key ROWS UNBOUNDED PRECEDING) AS upto \
                            FROM raft_kv.snapshot_changes WHERE (revision, key) > ($2, $3) \
-                           ORDER BY revision, key LIMIT 10000) s \
+                           ORDER BY revision, key LIMIT $4) s \
                          WHERE upto - size < $1 ORDER BY revision, key",
                     );
                     let t = c
-                        .select(&sql, None, &[(max_bytes as i64).into(), rev.into(), key.as_str().into()])
+                        .select(&sql, None, &[(max_bytes as i64).into(), rev.into(), key.as_str().into(), limit.into()])
                         .map_err(spi_err)?;
                     let mut rows = Vec::with_capacity(t.len());
                     for r in t {
@@ -296,7 +308,11 @@ impl Backend for PgBackend {
                 }
                 Cursor::Done => Ok((Vec::new(), Cursor::Done)),
             })
-        })
+        })?;
+        if !read.0.is_empty() {
+            self.snap_row_bytes = read.0.iter().map(Row::bytes).sum::<usize>() / read.0.len();
+        }
+        Ok(read)
     }
 
     fn clear_snapshot_store(&mut self) -> StoreResult<()> {

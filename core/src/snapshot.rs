@@ -110,6 +110,6 @@ pub struct Frozen {
 }
 
 /// Chunks sent and not yet acknowledged, per stream.
-pub const WINDOW: u32 = 4;
+pub const WINDOW: u32 = 8;
 /// Default upper bound of one chunk's rows, in bytes (one row may exceed it alone).
 pub const DEFAULT_CHUNK_BYTES: usize = 256 << 10;
