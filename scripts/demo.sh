@@ -69,6 +69,18 @@ $cluster psql "$b" -q -c "SELECT succeeded, revision FROM raft_txn(
 echo "node $a: raft_changes(1, 'config/'), the change feed a watcher follows:"
 $cluster psql "$a" -q -c "SELECT revision, key, kind, value, prev_value FROM raft_changes(1, 'config/')"
 
+step "Leases: keys that go away when their owner stops keeping them alive"
+lease=$(sql "$a" "SELECT raft_lease_grant('2s')")
+echo "node $a: raft_lease_grant('2s') -> lease $lease"
+echo "node $a: raft_set('services/web', '10.0.0.7:80', lease => $lease) -> revision $(sql "$a" "SELECT raft_set('services/web', '10.0.0.7:80', lease => $lease)")"
+echo "node $b: raft_lock('jobs/nightly', $lease) -> fencing token $(sql "$b" "SELECT raft_lock('jobs/nightly', $lease)")"
+echo "nobody keeps lease $lease alive; the leader expires it about 2 s later, through the log:"
+for _ in $(seq 1 100); do
+  [ -z "$(sql "$b" "SELECT raft_get('services/web')")" ] && break
+  sleep 0.1
+done
+$cluster psql "$b" -q -c "SELECT revision, key, kind FROM raft_changes(1, '') WHERE key IN ('services/web') OR key LIKE 'jobs/nightly/%'"
+
 step "Restart the old leader (node $leader): it rejoins as a follower and catches up"
 $cluster start "$leader"
 wait_leader 1 2 3 >/dev/null
