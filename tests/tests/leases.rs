@@ -330,6 +330,18 @@ fn when_the_leaders_client_dies_another_campaigner_is_elected_within_its_ttl() {
             let row = c.client(n).query_one("SELECT value, revision FROM raft_leader('jobs/leader')", &[]).unwrap();
             assert_eq!((row.get::<_, String>(0), row.get::<_, i64>(1)), (expect.clone(), rev2), "node {n}");
         }
+        // An observer follows the election through the watch: it wakes on the next change.
+        let from: i64 = c.client(3).query_one("SELECT revision + 1 FROM raft_status()", &[]).unwrap().get(0);
+        let cluster = &c;
+        let observer = s.spawn(move || {
+            cluster
+                .client(3)
+                .query("SELECT key, kind FROM raft_watch('jobs/leader/', $1, '20 seconds')", &[&from])
+                .unwrap()
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect::<Vec<_>>()
+        });
         // The new leader resigns: the last campaigner follows.
         let resigned: bool = c
             .client(second + 1)
@@ -340,6 +352,18 @@ fn when_the_leaders_client_dies_another_campaigner_is_elected_within_its_ttl() {
         let (third, _, _) =
             wait_for(Duration::from_secs(10), "the third leader", || elected.lock().unwrap().get(2).copied());
         assert!(third != first && third != second);
+        let seen = observer.join().unwrap();
+        let resigned_key: String = c
+            .client(1)
+            .query_one(
+                "SELECT key FROM raft_changes(1, 'jobs/leader/') WHERE kind = 'delete' ORDER BY revision DESC LIMIT 1",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(seen, [(resigned_key, "delete".to_string())], "the observer saw the resignation");
+        let value: String = c.client(2).query_one("SELECT value FROM raft_leader('jobs/leader')", &[]).unwrap().get(0);
+        assert_eq!(value, format!("candidate-{}", third + 1), "and then reads the new leader");
         for m in &campaigners {
             m.stop.store(true, Ordering::Relaxed);
         }
