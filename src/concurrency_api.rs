@@ -96,6 +96,17 @@ fn wait_for_turn(prefix: &str, key: &str, mine: u64, deadline: Option<Instant>) 
     }
 }
 
+/// Waits for the turn of `key` (created at `mine`); its token, or `None` after leaving the
+/// line when the deadline passed.
+fn take_turn(prefix: &str, key: &str, mine: u64, deadline: Option<Instant>) -> Option<i64> {
+    if wait_for_turn(prefix, key, mine, deadline) {
+        Some(mine as i64)
+    } else {
+        request(Op::Delete, key, "", None, None);
+        None
+    }
+}
+
 fn deadline_of(wait: Option<Interval>) -> Option<Instant> {
     let micros = wait?.as_micros();
     if micros < 0 {
@@ -117,12 +128,7 @@ fn raft_lock(name: Option<&str>, lease: Option<i64>, wait: default!(Option<Inter
     let (prefix, key) = contender_key(name, lease);
     let deadline = deadline_of(wait);
     let mine = create_once(&key, "", lease);
-    if wait_for_turn(&prefix, &key, mine, deadline) {
-        Some(mine as i64)
-    } else {
-        request(Op::Delete, &key, "", None, None);
-        None
-    }
+    take_turn(&prefix, &key, mine, deadline)
 }
 
 /// Releases the lock `name` held (or waited for) with `lease`; returns whether it was held or
@@ -161,12 +167,7 @@ fn raft_campaign(
             refused(r.refused, lease)
         }
     }
-    if wait_for_turn(&prefix, &key, mine, deadline) {
-        Some(mine as i64)
-    } else {
-        request(Op::Delete, &key, "", None, None);
-        None
-    }
+    take_turn(&prefix, &key, mine, deadline)
 }
 
 /// The leader of `election`: its value, its leadership revision and its key; no row when

@@ -7,6 +7,7 @@
 use pgrx::datum::Interval;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode as Code;
+use pgrx::{PgBuiltInOids, PgOid};
 use raft_kv_core::lease::{Refusal, MAX_KEYS_PER_LEASE, MAX_LEASES, MAX_TTL_MS};
 
 use crate::guc;
@@ -15,7 +16,6 @@ use crate::shmem::{self, Op};
 use crate::sql_api::{consistency, fresh_select, raise, read_barrier, request_on, require_preload};
 
 const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
-use pgrx::{PgBuiltInOids, PgOid};
 
 /// The shortest TTL granted: two base election timeouts, so a lease outlives a failover's
 /// election. A shorter request is raised to it.

@@ -456,11 +456,8 @@ impl Backend for PgBackend {
                         )
                         .map_err(spi_err)?;
                     for r in t {
-                        let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
-                        let key: String = r.get(1).map_err(spi_err)?.unwrap_or_default();
-                        let value: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
-                        let (mod_revision, create_revision, version, lease) = (g(3)?, g(4)?, g(5)?, g(6)?);
-                        out.kv.insert(key, KvRow { value, mod_revision, create_revision, version, lease });
+                        let (key, row) = kv_row(&r)?;
+                        out.kv.insert(key, row);
                     }
                 }
                 if !needs.leases.is_empty() {
@@ -492,12 +489,9 @@ impl Backend for PgBackend {
                         )
                         .map_err(spi_err)?;
                     for r in t {
-                        let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
-                        let key: String = r.get(1).map_err(spi_err)?.unwrap_or_default();
-                        let value: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
-                        let (mod_revision, create_revision, version, lease) = (g(3)?, g(4)?, g(5)?, g(6)?);
-                        out.lease_keys.entry(lease).or_default().push(key.clone());
-                        out.kv.insert(key, KvRow { value, mod_revision, create_revision, version, lease });
+                        let (key, row) = kv_row(&r)?;
+                        out.lease_keys.entry(row.lease).or_default().push(key.clone());
+                        out.kv.insert(key, row);
                     }
                 }
                 Ok(out)
@@ -815,6 +809,14 @@ fn write_batch(
         .map_err(spi_err)?;
     }
     Ok(())
+}
+
+/// A row of `SELECT key, value, mod_revision, create_revision, version, lease FROM raft_kv.kv`.
+fn kv_row(r: &pgrx::spi::SpiHeapTupleData<'_>) -> StoreResult<(String, KvRow)> {
+    let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+    let key: String = r.get(1).map_err(spi_err)?.unwrap_or_default();
+    let value: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
+    Ok((key, KvRow { value, mod_revision: g(3)?, create_revision: g(4)?, version: g(5)?, lease: g(6)? }))
 }
 
 /// Leases as the arrays `unnest` takes (id, ttl_ms, refreshes); leases gone are left out.
