@@ -16,7 +16,6 @@ ROUNDS=${BENCH_ROUNDS:-2}
 export BENCH_OPS=${BENCH_OPS:-set_leader syncrep}
 export BENCH_CLIENTS=${BENCH_CLIENTS:-1 32}
 LIB=$(pg_config --pkglibdir) EXT=$(pg_config --sharedir)/extension
-VERSION=$(awk -F'"' '/^version/ { print $2; exit }' Cargo.toml)
 OUT=$(mktemp -d /tmp/raft_kv-compare-XXXXXX)
 trap 'git worktree remove --force "$OUT/tree" >/dev/null 2>&1 || true' EXIT
 
@@ -29,9 +28,16 @@ build() { # build COMMIT|"" DIR
   else
     scripts/setup.sh >/dev/null
   fi
-  cp "$LIB/raft_kv.so" "$EXT/raft_kv--$VERSION.sql" "$2/"
+  # Each build has its own version: the installed control file names it.
+  local version
+  version=$(awk -F"'" '/^default_version/ { print $2 }' "$EXT/raft_kv.control")
+  cp "$LIB/raft_kv.so" "$EXT/raft_kv.control" "$EXT/raft_kv--$version.sql" "$2/"
 }
-install() { cp "$1/raft_kv.so" "$LIB/"; cp "$1/raft_kv--$VERSION.sql" "$EXT/"; }
+install() { # the library, control file and SQL script of one build, and no other version's script
+  rm -f "$EXT"/raft_kv--*.sql
+  cp "$1/raft_kv.so" "$LIB/"
+  cp "$1"/raft_kv.control "$1"/raft_kv--*.sql "$EXT/"
+}
 
 echo "# building $OLD and ${NEW:-the working tree}" >&2
 build "$OLD" "$OUT/old"

@@ -54,4 +54,13 @@ if [ "${1:-}" != "--no-install" ]; then
   else
     cargo pgrx install --release --sudo --pg-config "$PG_CONFIG" >/dev/null
   fi
+  # A full script of another version would let CREATE EXTENSION ... VERSION install a schema this
+  # library does not match: keep only this version's (upgrade scripts, a--b.sql, stay).
+  version=$(awk -F"'" '/^default_version/ { print $2 }' raft_kv.control)
+  for f in "$($PG_CONFIG --sharedir)"/extension/raft_kv--*.sql; do
+    case "$(basename "$f")" in
+      "raft_kv--$version.sql" | raft_kv--*--*.sql) ;;
+      raft_kv--*.sql) [ -e "$f" ] && { if [ "$(id -u)" = 0 ]; then rm -f "$f"; else sudo rm -f "$f"; fi; } ;;
+    esac
+  done
 fi
