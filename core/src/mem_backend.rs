@@ -12,6 +12,9 @@ use crate::snapshot::{Cursor, Frozen, Row};
 use crate::storage::{Backend, PersistedState, StoreError, StoreResult, WriteBatch};
 use crate::types::{Change, KvRow, Member, SnapshotData};
 
+/// A node's key-value state with leases, as the simulation compares it.
+pub type StateView = (BTreeMap<String, (String, u64, u64)>, BTreeMap<u64, LeaseRow>);
+
 /// The durable state of [`MemBackend`], shared so a test can "crash" a node (drop it) and
 /// restart it on what was persisted.
 #[derive(Debug, Default, Clone)]
@@ -58,6 +61,12 @@ pub struct MemBackend {
 impl MemBackend {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// Each key's value, mod revision and lease, and every lease: what nodes must agree on.
+    pub fn kv_with_leases(&self) -> StateView {
+        let s = self.inner.lock().unwrap();
+        let kv = s.kv.iter().map(|(k, r)| (k.clone(), (r.value.clone(), r.mod_revision, r.lease))).collect();
+        (kv, s.leases.clone())
     }
     /// Each key's value and mod revision.
     pub fn kv(&self) -> BTreeMap<String, (String, u64)> {

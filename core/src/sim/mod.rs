@@ -92,7 +92,7 @@ pub struct Sim {
     /// index → (term, data) of every entry known committed somewhere.
     committed: BTreeMap<u64, (u64, Vec<u8>)>,
     /// applied index → kv state, as first seen on any node.
-    states: BTreeMap<u64, BTreeMap<String, (String, u64)>>,
+    states: BTreeMap<u64, crate::mem_backend::StateView>,
     acked: HashMap<RequestId, (String, u64)>,
     /// Every proposal, for retries and to know what a completion was.
     proposed: Vec<(RequestId, Command)>,
@@ -220,7 +220,7 @@ impl Sim {
             .values()
             .map(|b| {
                 let s = b.inner.lock().unwrap();
-                (s.kv.clone(), s.revision, s.compact_revision, s.changes.clone())
+                (s.kv.clone(), s.revision, s.compact_revision, s.changes.clone(), s.leases.clone())
             })
             .collect();
         if kvs.windows(2).any(|w| w[0] != w[1]) {
@@ -237,7 +237,7 @@ impl Sim {
                 .collect();
             return Err(format!("state machines differ after healing: {st:?}"));
         }
-        let (_, revision, compact, history) = &kvs[0];
+        let (_, revision, compact, history, _) = &kvs[0];
         if let Some(r) = self.cfg.history_retention {
             if *revision > 2 * r && (*compact == 0 || history.keys().any(|(rev, _)| rev < compact)) {
                 return Err(format!(
@@ -267,6 +267,18 @@ impl Sim {
         let rid = RequestId { node: id, nonce: 0, seq: self.seq };
         let cmd = if key.starts_with("del/") {
             Command::Delete { key: key.to_string() }
+        } else if key.starts_with('k') && self.seq % 7 == 3 {
+            // Lease operations on three lease ids, with keys of their own: grants, puts attached
+            // to them (refused when the lease is gone), keepalives, expiries naming a refresh
+            // count that may or may not hold, and revokes.
+            let lease = self.seq / 7 % 3 + 1;
+            match self.seq / 7 % 5 {
+                0 => Command::LeaseGrant { id: lease, ttl_ms: 1_000 },
+                1 => Command::PutLease { key: format!("lease/{}", self.seq % 4), value: value.to_string(), lease },
+                2 => Command::LeaseKeepAlive { id: lease },
+                3 => Command::LeaseExpire { id: lease, refreshes: self.seq % 3 },
+                _ => Command::LeaseRevoke { id: lease },
+            }
         } else if self.seq.is_multiple_of(5) {
             // A transaction that writes the key whichever branch it takes; if the key existed
             // it also writes a "t/" key, else it deletes every "t/" key (two keys, one revision).
@@ -554,7 +566,7 @@ impl Sim {
                 }
             }
             let applied = s.applied;
-            let kv = b.kv();
+            let kv = b.kv_with_leases();
             match self.states.get(&applied) {
                 Some(prev) if *prev != kv => {
                     return Err(format!("step {}: node {id} state at applied index {applied} differs", self.step))
