@@ -60,7 +60,7 @@ if [ "${1:-}" != "--no-install" ]; then
   for f in "$($PG_CONFIG --sharedir)"/extension/raft_kv--*.sql; do
     case "$(basename "$f")" in
       "raft_kv--$version.sql" | raft_kv--*--*.sql) ;;
-      raft_kv--*.sql) [ -e "$f" ] && { if [ "$(id -u)" = 0 ]; then rm -f "$f"; else sudo rm -f "$f"; fi; } ;;
+      raft_kv--*.sql) if [ "$(id -u)" = 0 ]; then rm -f "$f"; else sudo rm -f "$f"; fi ;;
     esac
   done
 fi
