@@ -24,6 +24,7 @@ mod shmem;
 mod snapshot_tables;
 mod spi;
 mod sql_api;
+mod stat_api;
 mod storage;
 mod txn_api;
 mod worker;
@@ -211,7 +212,7 @@ REVOKE EXECUTE ON FUNCTION raft_get(text, text, bigint), raft_get_kv(text, text,
     raft_cas_rev(text, text, text, text), raft_delete_rev(text, text),
     raft_txn(jsonb, jsonb, jsonb, text), raft_compact(bigint),
     raft_join(bigint, text, boolean), raft_remove(bigint), raft_transfer_leader(bigint),
-    raft_members() FROM PUBLIC;
+    raft_members(), raft_stat(), raft_stat_peers() FROM PUBLIC;
 
 -- The store's revision and history compaction point, for readers (the view runs with its
 -- owner's rights; the state row holds more than readers need).
@@ -238,6 +239,16 @@ GRANT EXECUTE ON FUNCTION raft_join(bigint, text, boolean), raft_remove(bigint),
     raft_members(), raft_compact(bigint) TO raft_kv_admin;
 -- Monitoring sees the whole status, peer addresses included, and the members.
 GRANT EXECUTE ON FUNCTION raft_status(), raft_members() TO pg_monitor;
+
+-- pg_stat-style views of this node's counters and its view of the peers (see stat_api.rs),
+-- for monitoring and administrators.
+CREATE VIEW raft_kv.stat AS
+    SELECT s.*, pg_catalog.pg_total_relation_size('raft_kv.log') AS log_bytes FROM @extschema@.raft_stat() s;
+CREATE VIEW raft_kv.stat_peers AS SELECT * FROM @extschema@.raft_stat_peers();
+REVOKE ALL ON raft_kv.stat, raft_kv.stat_peers FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION raft_stat(), raft_stat_peers() TO pg_monitor, raft_kv_admin;
+GRANT SELECT ON raft_kv.stat, raft_kv.stat_peers TO pg_monitor, raft_kv_admin;
+GRANT USAGE ON SCHEMA raft_kv TO pg_monitor;
 "#,
     name = "create_tables",
     finalize

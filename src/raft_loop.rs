@@ -16,6 +16,7 @@ use raft_kv_core::lease::LeaseClock;
 use raft_kv_core::node::{role_name, MemberChange, Node, NodeError, NodeStatus, Outbound, Output};
 use raft_kv_core::pending::{Answer, Pending};
 use raft_kv_core::raft::StateRole;
+use raft_kv_core::snapshot::SnapFrame;
 use raft_kv_core::transport::{frame_limit, Event, Security, Transport, Waker};
 use raft_kv_core::types::Member;
 
@@ -26,7 +27,7 @@ use crate::raft_log::RaftLog;
 use crate::requests::{self, Taken};
 use crate::settings::Settings;
 use crate::shmem::set_state;
-use crate::shmem::{Op, Outcome, SHARED};
+use crate::shmem::{Op, Outcome, Stats, SHARED};
 use crate::spi::in_txn;
 use crate::storage::PgBackend;
 
@@ -73,6 +74,13 @@ pub struct RaftLoop {
     last_drop_log: Option<Instant>,
     /// Lease deadlines; the leader proposes the expiry of those past theirs.
     leases: LeaseClock,
+    /// Counters for `raft_kv.stat`, and what was last published of them.
+    stats: Stats,
+    published_stats: Option<Stats>,
+    published_at: Option<Instant>,
+    /// Per peer: when a message last arrived (`mono_ms`), whether a connection is up.
+    contact: BTreeMap<u64, (u64, bool)>,
+    applied_seen: u64,
 }
 
 impl RaftLoop {
@@ -167,6 +175,11 @@ impl RaftLoop {
             dropped_since_log: 0,
             last_drop_log: None,
             leases,
+            stats: Stats::default(),
+            published_stats: None,
+            published_at: None,
+            contact: BTreeMap::new(),
+            applied_seen: 0,
         })
     }
 
@@ -293,9 +306,11 @@ impl RaftLoop {
     /// hellos, connection changes, refusals.
     fn receive(&mut self) {
         let (node, peers, transport) = (&mut self.node, &mut self.peers, &mut self.transport);
+        let (stats, contact) = (&mut self.stats, &mut self.contact);
         while let Ok(delivery) = transport.events().try_recv() {
             match delivery.event {
                 Event::Message(m) => {
+                    contact.entry(m.from).or_insert((0, true)).0 = crate::shmem::mono_ms();
                     if peers.admits(node, m.from) {
                         node.step(m);
                     }
@@ -307,6 +322,9 @@ impl RaftLoop {
                     pgrx::log!("raft_kv: refused a peer connection from {addr}: {reason}{more}");
                 }
                 Event::Snap { from, frame } => {
+                    if let SnapFrame::Chunk { rows, .. } = &frame {
+                        stats.snapshot_bytes_received += rows.iter().map(|r| r.bytes() as u64).sum::<u64>();
+                    }
                     if peers.admits(node, from) {
                         node.receive_snap(from, frame)
                             .unwrap_or_else(|e| pgrx::error!("raft_kv: storing a snapshot chunk failed: {e}"));
@@ -334,8 +352,12 @@ impl RaftLoop {
                         );
                     }
                 }
-                Event::Connected { peer, addr } => pgrx::log!("raft_kv: connected to node {peer} at {addr}"),
+                Event::Connected { peer, addr } => {
+                    contact.entry(peer).or_insert((0, true)).1 = true;
+                    pgrx::log!("raft_kv: connected to node {peer} at {addr}")
+                }
                 Event::Disconnected { peer, addr, error } => {
+                    contact.entry(peer).or_insert((0, false)).1 = false;
                     pgrx::log!("raft_kv: lost connection to node {peer} at {addr}: {error}")
                 }
             }
@@ -361,6 +383,14 @@ impl RaftLoop {
         }
         for t in self.taken.drain(..) {
             let client = (t.slot, t.gen);
+            if t.op == Op::Read {
+                self.stats.read_index_requests += 1;
+            } else if t.op != Op::Transfer {
+                self.stats.proposals += 1;
+                if !self.node.is_leader() {
+                    self.stats.forwarded += 1;
+                }
+            }
             let cmd = match t.op {
                 Op::Set if t.target == 0 => Command::Put { key: t.key, value: t.value },
                 Op::Set => Command::PutLease { key: t.key, value: t.value, lease: t.target },
@@ -414,8 +444,12 @@ impl RaftLoop {
         let mut unreachable = Vec::new();
         let transport = &self.transport;
         let started = Instant::now();
+        let snap_bytes = &mut self.stats.snapshot_bytes_sent;
         let done = self.node.handle_ready(&mut self.out, &mut |m: Outbound| {
             let (to, snap) = (m.to(), matches!(m, Outbound::Snap { .. }));
+            if let Outbound::Snap { frame: SnapFrame::Chunk { rows, .. }, .. } = &m {
+                *snap_bytes += rows.iter().map(|r| r.bytes() as u64).sum::<u64>();
+            }
             if !transport.send(m) {
                 unreachable.push((to, snap));
             }
@@ -428,6 +462,7 @@ impl RaftLoop {
             }
             Err(e) => pgrx::error!("raft_kv: storage failure: {e}"),
         }
+        self.stats.dropped_outbound += unreachable.len() as u64;
         for (to, snap) in unreachable {
             self.node.report_unreachable(to);
             if snap {
@@ -445,18 +480,24 @@ impl RaftLoop {
             pgrx::warning!("raft_kv: skipped the log entry at index {index}: {reason}; every node skips it alike");
         }
         self.log_dropped();
+        let applied = self.node.storage().applied();
+        self.stats.applied_entries += applied.saturating_sub(self.applied_seen);
+        self.applied_seen = applied;
         if let Some(index) = self.out.snapshot_installed.take() {
+            self.stats.snapshots_received += 1;
             pgrx::log!(
                 "raft_kv: node {me} installed the snapshot at index {index} in {} ms",
                 started.elapsed().as_millis()
             );
         }
         for (to, index) in self.node.take_failed_transfers() {
+            self.stats.snapshots_failed += 1;
             pgrx::log!("raft_kv: the snapshot transfer at index {index} to node {to} failed; it will be sent again");
         }
         let transfers = self.node.snapshot_transfers();
         if transfers != self.sending {
             for (to, index) in transfers.iter().filter(|t| !self.sending.contains(t)) {
+                self.stats.snapshots_sent += 1;
                 pgrx::log!("raft_kv: sending the snapshot at index {index} to node {to}");
             }
             self.sending = transfers;
@@ -468,7 +509,15 @@ impl RaftLoop {
             self.out.role_changed = false;
             let st = self.node.status();
             if (st.role, st.leader_id) != self.last_role {
+                let campaigning = |r: StateRole| matches!(r, StateRole::Candidate | StateRole::PreCandidate);
+                if campaigning(st.role) && !campaigning(self.last_role.0) {
+                    self.stats.elections_started += 1;
+                }
+                if st.leader_id != 0 && st.leader_id != self.last_role.1 {
+                    self.stats.leader_changes += 1;
+                }
                 if st.role == StateRole::Leader && self.last_role.0 != StateRole::Leader {
+                    self.stats.elections_won += 1;
                     // etcd's rule: a new leader gives every lease its full TTL again, so a
                     // failover never expires a live lease early.
                     self.leases.restart_all(now);
@@ -486,6 +535,7 @@ impl RaftLoop {
         if dropped.count == 0 {
             return;
         }
+        self.stats.dropped_inbound += dropped.count;
         self.dropped_since_log += dropped.count;
         if self.last_drop_log.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
             return;
@@ -583,7 +633,10 @@ impl RaftLoop {
                 }
                 Answer::NotCommitted(m) => (Outcome::NotCommitted, (0, false, None, 0), m),
                 Answer::Unknown(m) => (Outcome::Unknown, (0, false, None, 0), m),
-                Answer::ReadFailed(m) => (Outcome::ReadFailed, (0, false, None, 0), m),
+                Answer::ReadFailed(m) => {
+                    self.stats.read_index_failures += 1;
+                    (Outcome::ReadFailed, (0, false, None, 0), m)
+                }
             };
             requests::complete(slot, gen, outcome, reply, msg);
         }
@@ -626,9 +679,12 @@ impl RaftLoop {
     /// Publishes the status for raft_status() and raft_members() when it changed.
     fn publish_status(&mut self) {
         let st = self.node.status();
-        if self.published.as_ref() == Some(&st) {
+        // Unchanged: publish again only once a second, for the peers' last contact.
+        let fresh = self.published_at.is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+        if self.published.as_ref() == Some(&st) && self.published_stats == Some(self.stats) && fresh {
             return;
         }
+        self.published_at = Some(Instant::now());
         let mine = self.transport.local_addr();
         let mut sh = SHARED.exclusive();
         let s = &mut sh.status;
@@ -660,9 +716,14 @@ impl RaftLoop {
             row.has_progress = m.matched.is_some();
             row.matched = m.matched.unwrap_or(0);
             row.active = m.recent_active.unwrap_or(false);
+            let (last, up) = self.contact.get(&m.id).copied().unwrap_or((0, false));
+            row.last_contact_ms = last;
+            row.connected = up;
         }
+        s.stats = self.stats;
         drop(sh);
         self.published = Some(st);
+        self.published_stats = Some(self.stats);
     }
 }
 

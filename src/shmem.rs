@@ -41,6 +41,34 @@ impl<const N: usize> FixedStr<N> {
     }
 }
 
+/// Cumulative counters since the worker started (`raft_stat()`, view `raft_kv.stat`).
+#[repr(C)]
+#[derive(Copy, Clone, Default, PartialEq, Eq, Debug)]
+pub struct Stats {
+    /// Times this node became a (pre-)candidate, and a leader.
+    pub elections_started: u64,
+    pub elections_won: u64,
+    /// Times the leader this node knows changed to another node.
+    pub leader_changes: u64,
+    /// Writes and membership requests taken from backends, and those of them taken while
+    /// another node led (forwarded).
+    pub proposals: u64,
+    pub forwarded: u64,
+    /// Log entries applied.
+    pub applied_entries: u64,
+    pub read_index_requests: u64,
+    pub read_index_failures: u64,
+    pub snapshots_sent: u64,
+    pub snapshots_received: u64,
+    pub snapshots_failed: u64,
+    pub snapshot_bytes_sent: u64,
+    pub snapshot_bytes_received: u64,
+    /// Peer messages dropped by admission (malformed), and messages to peers that could not
+    /// be sent.
+    pub dropped_inbound: u64,
+    pub dropped_outbound: u64,
+}
+
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub struct MemberRow {
@@ -51,6 +79,10 @@ pub struct MemberRow {
     pub has_progress: bool,
     pub matched: u64,
     pub active: bool,
+    /// When a message from this peer last arrived (`mono_ms`; 0: never), and whether a
+    /// connection to it is up.
+    pub last_contact_ms: u64,
+    pub connected: bool,
 }
 
 /// What the worker publishes for `raft_status()` and `raft_members()`.
@@ -88,6 +120,7 @@ pub struct Status {
     pub compact_revision: u64,
     pub n_members: u32,
     pub members: [MemberRow; MAX_MEMBERS],
+    pub stats: Stats,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, Debug)]
