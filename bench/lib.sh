@@ -9,6 +9,15 @@ machine() {
   echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 }
 
+# bench_dirs NAME: a work directory (WORK) holding a raft_kv cluster's (RK) and the sync-rep
+# baseline's (SR) directories, all stopped and removed when the script exits.
+bench_dirs() {
+  WORK=$(mktemp -d "/tmp/raft_kv-$1-XXXXXX")
+  chmod 755 "$WORK"
+  RK=$WORK/raft SR=$WORK/syncrep
+  trap 'scripts/cluster.sh down --dir "$RK" >/dev/null 2>&1 || true; syncrep_down "$SR"; rm -rf "$WORK"' EXIT
+}
+
 # rk_port DIR I: node I's SQL port in the cluster in DIR (scripts/cluster.sh)
 rk_port() { awk -v i="$2" '$1 == i { print $2 }' "$1/nodes"; }
 # rk_leader DIR: the leader's node id, once there is one (10 s at most)

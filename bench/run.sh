@@ -24,15 +24,7 @@ SECS=${BENCH_SECONDS:-10}
 CLIENTS=${BENCH_CLIENTS:-1 8 32}
 KEYS=100000
 . bench/lib.sh
-WORK=$(mktemp -d /tmp/raft_kv-bench-XXXXXX)
-chmod 755 "$WORK"
-RK=$WORK/raft SR=$WORK/syncrep
-cleanup() {
-  scripts/cluster.sh down --dir "$RK" >/dev/null 2>&1 || true
-  syncrep_down "$SR"
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_dirs bench
 
 # --- the raft_kv cluster
 scripts/cluster.sh up 3 --dir "$RK" >/dev/null

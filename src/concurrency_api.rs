@@ -136,6 +136,11 @@ fn raft_lock(name: Option<&str>, lease: Option<i64>, wait: default!(Option<Inter
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn raft_unlock(name: Option<&str>, lease: Option<i64>) -> bool {
+    leave(name, lease)
+}
+
+/// Deletes the contender key of `lease` under `name`; whether it existed.
+fn leave(name: Option<&str>, lease: Option<i64>) -> bool {
     require_preload();
     let lease = lease_arg(lease);
     let (_, key) = contender_key(name, lease);
@@ -191,8 +196,5 @@ fn raft_leader(
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn raft_resign(election: Option<&str>, lease: Option<i64>) -> bool {
-    require_preload();
-    let lease = lease_arg(lease);
-    let (_, key) = contender_key(election, lease);
-    request(Op::Delete, &key, "", None, None).flag
+    leave(election, lease)
 }

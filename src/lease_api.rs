@@ -70,6 +70,17 @@ fn lease_request(op: Op, id: u64, arg: u64) -> Reply {
     request_on(op, "", "", None, None, (id, arg))
 }
 
+/// A keepalive or revoke of the lease `id` argument, which must exist.
+fn existing_lease_op(op: Op, id: Option<i64>) -> (u64, Reply) {
+    require_preload();
+    let id = lease_arg(id);
+    let r = lease_request(op, id, 0);
+    if !r.flag {
+        refused(r.refused, id)
+    }
+    (id, r)
+}
+
 /// A random positive lease id (the top bit clear, never 0).
 fn random_id() -> u64 {
     let mut b = [0u8; 8];
@@ -120,14 +131,9 @@ fn raft_lease_grant(ttl: Option<Interval>) -> i64 {
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn raft_lease_keepalive(id: Option<i64>) -> Interval {
-    require_preload();
-    let id = lease_arg(id);
-    let r = lease_request(Op::LeaseKeepAlive, id, 0);
-    if !r.flag {
-        refused(r.refused, id)
-    }
-    let ttl = lease_row(id).map(|(ttl, _)| ttl).unwrap_or(0);
-    interval_ms(shmem::lease_remaining_ms(id).unwrap_or(ttl))
+    let (id, _) = existing_lease_op(Op::LeaseKeepAlive, id);
+    let remaining = shmem::lease_remaining_ms(id).unwrap_or_else(|| lease_row(id).map_or(0, |(ttl, _)| ttl));
+    interval_ms(remaining)
 }
 
 /// Revokes lease `id`: it and every key attached to it are deleted, at one revision, which is
@@ -135,13 +141,7 @@ fn raft_lease_keepalive(id: Option<i64>) -> Interval {
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn raft_lease_revoke(id: Option<i64>) -> i64 {
-    require_preload();
-    let id = lease_arg(id);
-    let r = lease_request(Op::LeaseRevoke, id, 0);
-    if !r.flag {
-        refused(r.refused, id)
-    }
-    r.revision
+    existing_lease_op(Op::LeaseRevoke, id).1.revision
 }
 
 /// The granted TTL and this node's stored state of a lease, if it exists.

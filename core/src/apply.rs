@@ -103,7 +103,7 @@ struct View<'a> {
 }
 
 /// Leases as the batch has changed them so far: keys attached (by lease) and leases existing.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct LeaseTally {
     attached: HashMap<u64, i64>,
     count: i64,
@@ -246,22 +246,14 @@ pub fn decide(ops: &[OpAt], before: &Lookup) -> (Vec<ApplyResult>, Effects) {
                     c.holds(&rows)
                 });
                 let mut writes = Vec::new();
-                let mut branch_tally = LeaseTally::default();
+                // Puts earlier in the branch count against a lease's cap too.
+                let mut branch = tally.clone();
                 for op in if holds { &t.success } else { &t.failure } {
                     if let Some((key, value, lease)) = op.put() {
-                        if let Err(r) = view.check_put(key, lease, &tally).and_then(|()| {
-                            // Puts earlier in this branch count against the cap too.
-                            let n =
-                                view.attached(lease, &tally) + branch_tally.attached.get(&lease).copied().unwrap_or(0);
-                            if lease != 0 && n >= MAX_KEYS_PER_LEASE as i64 {
-                                Err(Refusal::LeaseFull)
-                            } else {
-                                Ok(())
-                            }
-                        }) {
+                        if let Err(r) = view.check_put(key, lease, &branch) {
                             refused.get_or_insert(r);
                         }
-                        *branch_tally.attached.entry(lease).or_default() += 1;
+                        *branch.attached.entry(lease).or_default() += 1;
                         writes.push((key.to_string(), Some((value.to_string(), lease))));
                     } else if let crate::txn::TxnOp::Delete(scope) = op {
                         writes.extend(view.keys_in(scope).into_iter().map(|k| (k, None)));

@@ -78,6 +78,9 @@ struct Tracked {
 #[derive(Debug, Default)]
 pub struct LeaseClock {
     leases: HashMap<u64, Tracked>,
+    /// No lease is due before this (monotonic ms): `due` returns at once until then, so the
+    /// leader's loop does not scan every lease on every pass.
+    next_due: u64,
     /// Something changed since [`LeaseClock::take_changed`] was last called.
     changed: bool,
 }
@@ -102,6 +105,7 @@ impl LeaseClock {
                 let deadline = now.saturating_add(l.ttl_ms);
                 self.leases
                     .insert(id, Tracked { ttl_ms: l.ttl_ms, refreshes: l.refreshes, deadline, proposed_at: None });
+                self.next_due = self.next_due.min(deadline);
             }
             None => {
                 self.leases.remove(&id);
@@ -116,6 +120,7 @@ impl LeaseClock {
             t.deadline = now.saturating_add(t.ttl_ms);
             t.proposed_at = None;
         }
+        self.next_due = 0;
         self.changed = true;
     }
 
@@ -123,12 +128,22 @@ impl LeaseClock {
     /// to name in the expiry; marks them proposed. For the leader only.
     pub fn due(&mut self, now: u64) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
+        if now < self.next_due {
+            return out;
+        }
+        self.next_due = u64::MAX;
         for (id, t) in self.leases.iter_mut() {
             let recent = t.proposed_at.is_some_and(|p| now < p.saturating_add(REPROPOSE_AFTER_MS));
             if t.deadline <= now && !recent {
                 t.proposed_at = Some(now);
                 out.push((*id, t.refreshes));
             }
+            // When this lease next needs a look: its deadline, or the time to propose again.
+            let again = match t.proposed_at {
+                Some(p) if t.deadline <= now => p.saturating_add(REPROPOSE_AFTER_MS),
+                _ => t.deadline,
+            };
+            self.next_due = self.next_due.min(again);
         }
         out.sort_unstable();
         out
