@@ -7,6 +7,7 @@ use pgrx::pg_sys;
 
 pub static NODE_ID: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static LISTEN_ADDR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static ADVERTISE_ADDR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static PEERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static TICK_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
@@ -67,6 +68,14 @@ pub fn register() {
         c"IP:port the worker listens on for Raft traffic from the other nodes.",
         c"",
         &LISTEN_ADDR,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"raft_kv.advertise_addr",
+        c"IP:port the other nodes dial to reach this one, when it differs from raft_kv.listen_addr.",
+        c"Needed when listen_addr is a wildcard (0.0.0.0) or the node sits behind NAT or a port mapping; this node's entry in raft_kv.peers must equal it. Empty means listen_addr.",
+        &ADVERTISE_ADDR,
         GucContext::Postmaster,
         GucFlags::default(),
     );

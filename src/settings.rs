@@ -50,9 +50,15 @@ fn security(cluster: &ClusterConfig) -> Result<Security, String> {
 
 pub fn read_settings() -> Result<Settings, String> {
     let listen = guc::string(&guc::LISTEN_ADDR);
+    let advertise = guc::string(&guc::ADVERTISE_ADDR);
     let peers = guc::string(&guc::PEERS);
-    let cluster = ClusterConfig::from_settings(guc::NODE_ID.get() as i64, listen.as_deref(), peers.as_deref())
-        .map_err(|e| e.to_string())?;
+    let cluster = ClusterConfig::from_settings(
+        guc::NODE_ID.get() as i64,
+        listen.as_deref(),
+        advertise.as_deref(),
+        peers.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
     let (election, heartbeat) = (guc::ELECTION_TICKS.get(), guc::HEARTBEAT_TICKS.get());
     if heartbeat >= election {
         return Err(format!(

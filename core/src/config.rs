@@ -29,8 +29,14 @@ pub enum ConfigError {
     DuplicateId(u64),
     #[error("address {0} is used by more than one node in raft_kv.peers")]
     DuplicateAddress(SocketAddr),
-    #[error("raft_kv.listen_addr {listen} differs from the address {listed} given for node {id} in raft_kv.peers")]
-    ListenMismatch { id: u64, listen: SocketAddr, listed: SocketAddr },
+    #[error("this node's advertised address {advertised} (raft_kv.advertise_addr, or raft_kv.listen_addr when that is unset) differs from the address {listed} given for node {id} in raft_kv.peers")]
+    ListenMismatch { id: u64, advertised: SocketAddr, listed: SocketAddr },
+    #[error(
+        "raft_kv.listen_addr {0} is a wildcard address; set raft_kv.advertise_addr to the address the other nodes dial"
+    )]
+    WildcardNeedsAdvertise(SocketAddr),
+    #[error("raft_kv.advertise_addr {0} is a wildcard address; other nodes cannot dial it")]
+    WildcardAdvertised(SocketAddr),
     #[error("raft_kv.peers lists {0} members; at most {MAX_MEMBERS} are supported")]
     TooManyPeers(usize),
 }
@@ -76,7 +82,11 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, SocketAddr>, ConfigError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
     pub node_id: u64,
+    /// Where the worker binds (may be a wildcard such as `0.0.0.0:7001`).
     pub listen_addr: SocketAddr,
+    /// Where the other nodes reach this one (behind NAT or a container port mapping it differs
+    /// from `listen_addr`); this node's entry in `peers` and in `raft_join` is this address.
+    pub advertise_addr: SocketAddr,
     /// The initial members, including this node when it bootstraps. A node not listed (or
     /// with no peers at all) waits to be added to an existing cluster with `raft_join`; the
     /// peers it does list only tell it addresses.
@@ -84,8 +94,14 @@ pub struct ClusterConfig {
 }
 
 impl ClusterConfig {
-    /// Validates the raw settings. `node_id <= 0` means unset.
-    pub fn from_settings(node_id: i64, listen_addr: Option<&str>, peers: Option<&str>) -> Result<Self, ConfigError> {
+    /// Validates the raw settings. `node_id <= 0` means unset; an unset or empty
+    /// `advertise_addr` means the listen address.
+    pub fn from_settings(
+        node_id: i64,
+        listen_addr: Option<&str>,
+        advertise_addr: Option<&str>,
+        peers: Option<&str>,
+    ) -> Result<Self, ConfigError> {
         if node_id <= 0 {
             return Err(ConfigError::MissingNodeId);
         }
@@ -97,13 +113,21 @@ impl ClusterConfig {
             None | Some("") => return Err(ConfigError::MissingListenAddr),
             Some(s) => parse_addr(s)?,
         };
+        let advertised = match advertise_addr.map(str::trim) {
+            None | Some("") if listen.ip().is_unspecified() => return Err(ConfigError::WildcardNeedsAdvertise(listen)),
+            None | Some("") => listen,
+            Some(s) => parse_addr(s)?,
+        };
+        if advertised.ip().is_unspecified() {
+            return Err(ConfigError::WildcardAdvertised(advertised));
+        }
         let peers = parse_peers(peers.unwrap_or(""))?;
         if let Some(listed) = peers.get(&node_id) {
-            if *listed != listen {
-                return Err(ConfigError::ListenMismatch { id: node_id, listen, listed: *listed });
+            if *listed != advertised {
+                return Err(ConfigError::ListenMismatch { id: node_id, advertised, listed: *listed });
             }
         }
-        Ok(ClusterConfig { node_id, listen_addr: listen, peers })
+        Ok(ClusterConfig { node_id, listen_addr: listen, advertise_addr: advertised, peers })
     }
 
     /// A node bootstraps a new cluster only when it is one of the configured initial members.
@@ -130,7 +154,7 @@ mod tests {
 
     #[test]
     fn valid_three_nodes() {
-        let c = ClusterConfig::from_settings(2, Some("127.0.0.1:7002"), Some(PEERS)).unwrap();
+        let c = ClusterConfig::from_settings(2, Some("127.0.0.1:7002"), None, Some(PEERS)).unwrap();
         assert_eq!(c.node_id, 2);
         assert_eq!(c.peers.len(), 3);
         assert!(c.bootstraps());
@@ -145,16 +169,16 @@ mod tests {
 
     #[test]
     fn empty_peers_means_joining() {
-        let c = ClusterConfig::from_settings(4, Some("127.0.0.1:7004"), Some("")).unwrap();
+        let c = ClusterConfig::from_settings(4, Some("127.0.0.1:7004"), None, Some("")).unwrap();
         assert!(!c.bootstraps());
     }
 
     #[test]
     fn errors() {
         use ConfigError::*;
-        let e = |id, l: &str, p: &str| ClusterConfig::from_settings(id, Some(l), Some(p)).unwrap_err();
+        let e = |id, l: &str, p: &str| ClusterConfig::from_settings(id, Some(l), None, Some(p)).unwrap_err();
         assert_eq!(e(0, "127.0.0.1:7001", PEERS), MissingNodeId);
-        assert_eq!(ClusterConfig::from_settings(1, None, Some(PEERS)).unwrap_err(), MissingListenAddr);
+        assert_eq!(ClusterConfig::from_settings(1, None, None, Some(PEERS)).unwrap_err(), MissingListenAddr);
         assert_eq!(e(1, "127.0.0.1:7001", "1=127.0.0.1:7001,1=127.0.0.1:7002"), DuplicateId(1));
         assert!(matches!(e(1, "127.0.0.1:7001", "1=127.0.0.1:7001,2=127.0.0.1:7001"), DuplicateAddress(_)));
         assert_eq!(e(1, "127.0.0.1:7001", "1=127.0.0.1:7001,garbage"), BadPeerEntry("garbage".into()));
@@ -170,9 +194,34 @@ mod tests {
 
     #[test]
     fn a_node_outside_the_peers_joins_instead_of_bootstrapping() {
-        let c = ClusterConfig::from_settings(4, Some("127.0.0.1:7004"), Some(PEERS)).unwrap();
+        let c = ClusterConfig::from_settings(4, Some("127.0.0.1:7004"), None, Some(PEERS)).unwrap();
         assert!(!c.bootstraps());
         assert_eq!(c.peers.len(), 3);
+    }
+
+    #[test]
+    fn a_wildcard_bind_advertises_another_address() {
+        let c = ClusterConfig::from_settings(
+            3,
+            Some("0.0.0.0:7003"),
+            Some("127.0.0.3:7003"),
+            Some("1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.3:7003"),
+        )
+        .unwrap();
+        assert!(c.listen_addr.ip().is_unspecified());
+        assert_eq!(c.advertise_addr, "127.0.0.3:7003".parse().unwrap());
+        assert!(c.bootstraps());
+        // Behind a port mapping the advertised port differs from the bound one.
+        let c = ClusterConfig::from_settings(1, Some("0.0.0.0:7001"), Some("10.0.0.5:17001"), Some("1=10.0.0.5:17001"))
+            .unwrap();
+        assert_eq!(c.listen_addr.port(), 7001);
+        use ConfigError::*;
+        let e = |l: &str, a: Option<&str>, p: &str| ClusterConfig::from_settings(1, Some(l), a, Some(p)).unwrap_err();
+        assert!(matches!(e("0.0.0.0:7001", None, ""), WildcardNeedsAdvertise(_)));
+        assert!(matches!(e("[::]:7001", Some(""), ""), WildcardNeedsAdvertise(_)));
+        assert!(matches!(e("127.0.0.1:7001", Some("0.0.0.0:7001"), ""), WildcardAdvertised(_)));
+        assert!(matches!(e("0.0.0.0:7001", Some("127.0.0.1:7001"), "1=127.0.0.2:7001"), ListenMismatch { .. }));
+        assert!(matches!(e("0.0.0.0:7001", Some("host:7001"), ""), BadAddress(_)));
     }
 
     #[test]

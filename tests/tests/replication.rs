@@ -378,3 +378,58 @@ fn cancel_and_worker_restart_end_waits_cleanly() {
     let mut cl = c.client(survivor);
     wait_for(Duration::from_secs(10), "writes to work again", || set(&mut cl, "k", "after").ok());
 }
+
+/// Issue 14 (containers and NAT): a node binds a wildcard address and advertises another one;
+/// the others dial the advertised address, and a node added later does the same through
+/// `raft_join`. TLS stays on: a wildcard bind without it is refused.
+#[test]
+fn a_node_binding_a_wildcard_is_reached_at_its_advertised_address() {
+    let mut c = Cluster::builder(3)
+        .raft_conf(|spec, peers| {
+            // Everyone knows node 3 as 127.0.0.3; node 3 binds 0.0.0.0.
+            let peers = peers.replace("3=127.0.0.1:", "3=127.0.0.3:");
+            let conf = raft_kv_tests::default_raft_conf(spec, &peers);
+            if spec.id != 3 {
+                return conf;
+            }
+            conf.replace("raft_kv.listen_addr = '127.0.0.1:", "raft_kv.listen_addr = '0.0.0.0:")
+                + &format!("raft_kv.advertise_addr = '127.0.0.3:{}'\n", spec.raft_port)
+        })
+        .start();
+    let (leader, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    let status = c.client(3).query_one("SELECT listen_addr FROM raft_status()", &[]).unwrap();
+    assert_eq!(status.get::<_, Option<String>>(0), Some(format!("0.0.0.0:{}", c.node(3).spec.raft_port)));
+    let addr3: Option<String> =
+        c.client(leader).query_one("SELECT address FROM raft_members() WHERE id = 3", &[]).unwrap().get(0);
+    assert_eq!(addr3, Some(format!("127.0.0.3:{}", c.node(3).spec.raft_port)));
+    // Writes through node 3 (forwarded to the leader unless it leads) reach every node, and
+    // writes elsewhere reach node 3: the leader's appends only arrive on the dialled address.
+    let mut c3 = c.client(3);
+    set(&mut c3, "nat/from3", "x").unwrap();
+    let other = followers(3)[0];
+    set(&mut c.client(other), "nat/to3", "y").unwrap();
+    for i in 1..=3 {
+        let mut cl = c.client(i);
+        wait_for(Duration::from_secs(5), "both writes everywhere", || {
+            (get_local(&mut cl, "nat/from3").is_some() && get_local(&mut cl, "nat/to3").is_some()).then_some(())
+        });
+    }
+    // Node 3 can lead: it gathers votes and commits through the addresses it dials.
+    assert!(c.client(1).query_one("SELECT raft_transfer_leader(3)", &[]).unwrap().get::<_, bool>(0));
+    assert_eq!(c.wait_leader(&[1, 2, 3], Duration::from_secs(10)).0, 3);
+    set(&mut c3, "nat/led_by3", "w").unwrap();
+    // A fourth node binds a wildcard too and joins at its advertised address.
+    let i4 = c.add_node(|spec| {
+        raft_kv_tests::joiner_conf(spec).replace("raft_kv.listen_addr = '127.0.0.1:", "raft_kv.listen_addr = '0.0.0.0:")
+            + &format!("raft_kv.advertise_addr = '127.0.0.4:{}'\n", spec.raft_port)
+    });
+    let a4 = format!("127.0.0.4:{}", c.node(i4).spec.raft_port);
+    let (l, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
+    c.client(l).query_one("SELECT raft_join(4, $1)", &[&a4]).unwrap();
+    let mut c4 = c.client(i4);
+    wait_for(Duration::from_secs(30), "the joiner to catch up", || {
+        (get_local(&mut c4, "nat/from3").as_deref() == Some("x")).then_some(())
+    });
+    set(&mut c4, "nat/from4", "z").unwrap();
+    c.assert_converged(&[1, 2, 3, 4]);
+}
