@@ -44,6 +44,21 @@ rm -rf "$pgdata"
 stage install scripts/setup.sh
 stage cluster cargo test -p raft_kv_tests --tests -- --test-threads=1
 
+# The Debian package: build it, install it with dpkg, run a cluster from the installed files,
+# then remove it (and put the development build back).
+package_test() {
+  local deb
+  deb=$(scripts/package.sh) || return 1
+  sudo_if_needed dpkg -i "$deb" || return 1
+  cargo test -p raft_kv_tests --test package -- --ignored --test-threads=1
+  local rc=$?
+  sudo_if_needed dpkg -r postgresql-15-raft-kv >/dev/null || rc=1
+  scripts/setup.sh >/dev/null || rc=1
+  return $rc
+}
+sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+stage package package_test
+
 # Nothing may outlive the tests: no server, no data directory.
 rm -rf /tmp/raft_kv-test-template-*
 if pgrep -f 'raft_kv-test-' >/dev/null; then
