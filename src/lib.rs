@@ -18,6 +18,7 @@ mod lease_api;
 mod peers;
 mod raft_log;
 mod raft_loop;
+mod recovery_api;
 mod requests;
 mod settings;
 mod shmem;
@@ -156,7 +157,14 @@ CREATE UNLOGGED TABLE raft_kv.snapshot_meta (
     leases           bytea  NOT NULL DEFAULT ''
 );
 
-REVOKE ALL ON raft_kv.leases FROM PUBLIC;
+-- A backup being restored (see raft_restore): a superuser loads raft_backup()'s records here
+-- with COPY; the worker installs them and empties the table.
+CREATE TABLE raft_kv.restore (
+    seq    integer PRIMARY KEY,
+    record bytea   NOT NULL
+);
+
+REVOKE ALL ON raft_kv.leases, raft_kv.restore FROM PUBLIC;
 REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv, raft_kv.requests, raft_kv.members, raft_kv.changes,
     raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes, raft_kv.snapshot_meta FROM PUBLIC;
 REVOKE ALL ON SCHEMA raft_kv FROM PUBLIC;
@@ -212,7 +220,8 @@ REVOKE EXECUTE ON FUNCTION raft_get(text, text, bigint), raft_get_kv(text, text,
     raft_cas_rev(text, text, text, text), raft_delete_rev(text, text),
     raft_txn(jsonb, jsonb, jsonb, text), raft_compact(bigint),
     raft_join(bigint, text, boolean), raft_remove(bigint), raft_transfer_leader(bigint),
-    raft_members(), raft_stat(), raft_stat_peers() FROM PUBLIC;
+    raft_members(), raft_stat(), raft_stat_peers(),
+    raft_backup(), raft_restore(), raft_force_new_cluster() FROM PUBLIC;
 
 -- The store's revision and history compaction point, for readers (the view runs with its
 -- owner's rights; the state row holds more than readers need).
@@ -237,6 +246,10 @@ GRANT EXECUTE ON FUNCTION raft_set(text, text, text, bigint), raft_cas(text, tex
 -- Compaction destroys history other clients may still be reading: an administrator's call.
 GRANT EXECUTE ON FUNCTION raft_join(bigint, text, boolean), raft_remove(bigint), raft_transfer_leader(bigint),
     raft_members(), raft_compact(bigint) TO raft_kv_admin;
+-- Backups read every table of the state machine (not SECURITY DEFINER: with the caller's
+-- rights). Restoring and forcing a new cluster are a superuser's (checked in the functions).
+GRANT SELECT ON raft_kv.state, raft_kv.requests TO raft_kv_admin;
+GRANT EXECUTE ON FUNCTION raft_backup() TO raft_kv_admin;
 -- Monitoring sees the whole status, peer addresses included, and the members.
 GRANT EXECUTE ON FUNCTION raft_status(), raft_members() TO pg_monitor;
 

@@ -31,6 +31,8 @@ use crate::shmem::{Op, Outcome, Stats, SHARED};
 use crate::spi::in_txn;
 use crate::storage::PgBackend;
 
+mod recovery;
+
 type Client = (usize, u64);
 
 pub struct RaftLoop {
@@ -81,6 +83,14 @@ pub struct RaftLoop {
     /// Per peer: when a message last arrived (`mono_ms`), whether a connection is up.
     contact: BTreeMap<u64, (u64, bool)>,
     applied_seen: u64,
+    /// The address the other nodes dial (this node's row in raft_members()).
+    advertised: std::net::SocketAddr,
+    /// Recovery requests taken this pass (restore, force a new cluster).
+    recovery: Vec<(Op, Client)>,
+    /// A forced new cluster waiting for its entries up to this index to apply, and its caller.
+    forcing: Option<(u64, Client)>,
+    /// The worker exits to be started again (after forcing a new cluster).
+    restart: bool,
 }
 
 impl RaftLoop {
@@ -122,6 +132,11 @@ impl RaftLoop {
         let mut peers = Peers::new(me, settings.cluster.peers.clone());
         peers.sync(&node, &mut transport);
         let (addr, peer_list) = (transport.local_addr(), format_peers(peers.addrs()));
+        let addr = if addr == settings.cluster.advertise_addr {
+            addr.to_string()
+        } else {
+            format!("{addr} (advertised as {})", settings.cluster.advertise_addr)
+        };
         match &settings.security {
             Security::Tls(t) => pgrx::log!(
                 "raft_kv: node {me} listening on {addr} with peers {peer_list} (mutual TLS, cluster \"{}\")",
@@ -180,6 +195,10 @@ impl RaftLoop {
             published_at: None,
             contact: BTreeMap::new(),
             applied_seen: 0,
+            advertised: settings.cluster.advertise_addr,
+            recovery: Vec::new(),
+            forcing: None,
+            restart: false,
         })
     }
 
@@ -203,6 +222,9 @@ impl RaftLoop {
             self.raft_log.flush();
             self.publish_status();
             self.report_table_stats();
+            if self.restart {
+                return;
+            }
         }
         self.hand_over_leadership();
         pgrx::log!("raft_kv: node {} shutting down", self.me);
@@ -385,7 +407,7 @@ impl RaftLoop {
             let client = (t.slot, t.gen);
             if t.op == Op::Read {
                 self.stats.read_index_requests += 1;
-            } else if t.op != Op::Transfer {
+            } else if !matches!(t.op, Op::Transfer | Op::Restore | Op::ForceNewCluster) {
                 self.stats.proposals += 1;
                 if !self.node.is_leader() {
                     self.stats.forwarded += 1;
@@ -430,6 +452,11 @@ impl RaftLoop {
                 }
                 Op::Transfer => {
                     self.pending.add_transfer(client, t.target, t.deadline);
+                    continue;
+                }
+                // Run after this pass's Ready, with nothing in flight (see `maintenance`).
+                Op::Restore | Op::ForceNewCluster => {
+                    self.recovery.push((t.op, client));
                     continue;
                 }
             };
@@ -552,6 +579,14 @@ impl RaftLoop {
 
     /// Addresses, promotions of caught-up learners, the cluster id, compaction.
     fn maintenance(&mut self) {
+        for (op, client) in std::mem::take(&mut self.recovery) {
+            if op == Op::Restore {
+                self.restore(client);
+            } else {
+                self.force_new_cluster(client);
+            }
+        }
+        self.continue_force();
         self.peers.sync(&self.node, &mut self.transport);
         // The leader promotes caught-up learners that joined to become voters: together, in
         // one joint change, when several are ready.
@@ -685,7 +720,7 @@ impl RaftLoop {
             return;
         }
         self.published_at = Some(Instant::now());
-        let mine = self.transport.local_addr();
+        let mine = self.advertised;
         let mut sh = SHARED.exclusive();
         let s = &mut sh.status;
         let role = if st.removed {

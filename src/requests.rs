@@ -38,6 +38,8 @@ pub enum RequestError {
     NotCommitted(String),
     Unknown(String),
     ReadFailed(String),
+    Refused(String),
+    Invalid(String),
 }
 
 /// What a backend asks of the worker.
@@ -196,6 +198,8 @@ fn wait(idx: usize, gen: u64, epoch: u64, deadline: Instant) -> Result<Reply, Re
                     }
                     x if x == Outcome::NotCommitted as u8 => Err(RequestError::NotCommitted(msg)),
                     x if x == Outcome::ReadFailed as u8 => Err(RequestError::ReadFailed(msg)),
+                    x if x == Outcome::Refused as u8 => Err(RequestError::Refused(msg)),
+                    x if x == Outcome::Invalid as u8 => Err(RequestError::Invalid(msg)),
                     _ => Err(RequestError::Unknown(msg)),
                 };
             }

@@ -155,6 +155,10 @@ pub enum Op {
     LeaseGrant = 10,
     LeaseKeepAlive = 11,
     LeaseRevoke = 12,
+    /// Disaster recovery: install the backup staged in `raft_kv.restore`; make this node a
+    /// one-node cluster.
+    Restore = 13,
+    ForceNewCluster = 14,
 }
 
 impl Op {
@@ -172,6 +176,8 @@ impl Op {
             Op::LeaseGrant,
             Op::LeaseKeepAlive,
             Op::LeaseRevoke,
+            Op::Restore,
+            Op::ForceNewCluster,
         ]
         .into_iter()
         .find(|o| *o as u8 == v)
@@ -189,6 +195,10 @@ pub enum Outcome {
     Unknown = 3,
     /// A linearizable read could not be served.
     ReadFailed = 4,
+    /// Not allowed in the node's present state; nothing changed.
+    Refused = 5,
+    /// The input (a backup) is damaged; nothing changed.
+    Invalid = 6,
 }
 
 #[repr(C)]

@@ -140,6 +140,12 @@ pub(crate) fn submit(req: &requests::Request) -> requests::Reply {
             Some("The write may or may not have been applied; read the key to find out."),
             None,
         ),
+        RequestError::Refused(m) => {
+            raise(Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, format!("raft_kv: {m}"), None, None)
+        }
+        RequestError::Invalid(m) => {
+            raise(Code::ERRCODE_DATA_EXCEPTION, format!("raft_kv: {m}"), Some("Nothing was restored."), None)
+        }
         RequestError::ReadFailed(m) => raise(
             Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
             format!("raft_kv linearizable read failed: {m}"),

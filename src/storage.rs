@@ -15,7 +15,7 @@ use raft_kv_core::storage::{
 };
 use raft_kv_core::types::{Change, ChangeKind, KvRow, Member, MemberOp, SnapshotData};
 
-use crate::snapshot_tables::{freeze_tables, select_members};
+use crate::snapshot_tables::{freeze_tables, read_rows, select_members, SNAPSHOT_STORE};
 use crate::spi::{in_txn, spi_err};
 
 /// The Raft backend over the tables of one schema (`raft_kv` in production; tests point it at
@@ -213,102 +213,11 @@ impl Backend for PgBackend {
         }
     }
 
-    /// Key-set pagination over the snapshot tables; a running sum stops a chunk at
-    /// `max_bytes`, so large values never arrive in bulk.
+    /// Key-set pagination over the snapshot tables (see [`read_rows`]).
     fn read_snapshot(&mut self, cursor: &Cursor, max_bytes: usize) -> StoreResult<(Vec<Row>, Cursor)> {
-        // Enough rows for the chunk at the last rows' size, and some to spare.
-        let limit = (2 * max_bytes / self.snap_row_bytes.max(16)).clamp(16, 10_000) as i64;
-        let read = in_txn(|| {
-            Spi::connect(|c| match cursor {
-                Cursor::Kv(after) => {
-                    let filter = if after.is_some() { "WHERE key > $2" } else { "WHERE $2::text IS NULL" };
-                    let sql = self.q(&format!(
-                        "SELECT key, value, mod_revision, create_revision, version, lease FROM ( \
-                           SELECT *, octet_length(key) + octet_length(value) + 32 AS size, \
-                                  sum(octet_length(key) + octet_length(value) + 32) \
-                                    OVER (ORDER BY key ROWS UNBOUNDED PRECEDING) AS upto \
-                           FROM raft_kv.snapshot_kv {filter} ORDER BY key LIMIT $3) s \
-                         WHERE upto - size < $1 ORDER BY key"
-                    ));
-                    let t = c
-                        .select(&sql, None, &[(max_bytes as i64).into(), after.as_deref().into(), limit.into()])
-                        .map_err(spi_err)?;
-                    let mut rows = Vec::with_capacity(t.len());
-                    for r in t {
-                        let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
-                        rows.push(Row::Kv {
-                            key: r.get::<String>(1).map_err(spi_err)?.unwrap_or_default(),
-                            row: KvRow {
-                                value: r.get::<String>(2).map_err(spi_err)?.unwrap_or_default(),
-                                mod_revision: g(3)?,
-                                create_revision: g(4)?,
-                                version: g(5)?,
-                                lease: g(6)?,
-                            },
-                        });
-                    }
-                    let next = match rows.last() {
-                        Some(Row::Kv { key, .. }) => Cursor::Kv(Some(key.clone())),
-                        _ => Cursor::Requests(None),
-                    };
-                    Ok((rows, next))
-                }
-                Cursor::Requests(after) => {
-                    let (n, s) = after.map_or((i64::MIN, i64::MIN), |(n, s)| (n as i64, s as i64));
-                    // From the start: everything at or above the smallest key.
-                    let op = if after.is_some() { ">" } else { ">=" };
-                    let sql = self.q(&format!(
-                        "SELECT nonce, seq, node, revision, flag FROM raft_kv.snapshot_requests \
-                         WHERE (nonce, seq) {op} ($1, $2) ORDER BY nonce, seq LIMIT $3"
-                    ));
-                    let limit = (max_bytes / 40).max(1) as i64;
-                    let t = c.select(&sql, None, &[n.into(), s.into(), limit.into()]).map_err(spi_err)?;
-                    let mut rows = Vec::with_capacity(t.len());
-                    for r in t {
-                        let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
-                        rows.push(Row::Request {
-                            nonce: g(1)?,
-                            seq: g(2)?,
-                            node: g(3)?,
-                            revision: g(4)?,
-                            flag: r.get::<bool>(5).map_err(spi_err)?.unwrap_or(false),
-                        });
-                    }
-                    let next = match rows.last() {
-                        Some(&Row::Request { nonce, seq, .. }) => Cursor::Requests(Some((nonce, seq))),
-                        _ => Cursor::Changes(None),
-                    };
-                    Ok((rows, next))
-                }
-                Cursor::Changes(after) => {
-                    let (rev, key) = after.clone().map_or((-1, String::new()), |(r, k)| (r as i64, k));
-                    let sql = self.q(
-                        "SELECT revision, key, kind, value, prev_value, create_revision, version, prev_mod_revision FROM ( \
-                           SELECT *, octet_length(key) + coalesce(octet_length(value), 0) \
-                                     + coalesce(octet_length(prev_value), 0) + 48 AS size, \
-                                  sum(octet_length(key) + coalesce(octet_length(value), 0) \
-                                     + coalesce(octet_length(prev_value), 0) + 48) \
-                                    OVER (ORDER BY revision, key ROWS UNBOUNDED PRECEDING) AS upto \
-                           FROM raft_kv.snapshot_changes WHERE (revision, key) > ($2, $3) \
-                           ORDER BY revision, key LIMIT $4) s \
-                         WHERE upto - size < $1 ORDER BY revision, key",
-                    );
-                    let t = c
-                        .select(&sql, None, &[(max_bytes as i64).into(), rev.into(), key.as_str().into(), limit.into()])
-                        .map_err(spi_err)?;
-                    let mut rows = Vec::with_capacity(t.len());
-                    for r in t {
-                        rows.push(Row::Change(change_from_row(&r)?));
-                    }
-                    let next = match rows.last() {
-                        Some(Row::Change(ch)) => Cursor::Changes(Some((ch.revision, ch.key.clone()))),
-                        _ => Cursor::Done,
-                    };
-                    Ok((rows, next))
-                }
-                Cursor::Done => Ok((Vec::new(), Cursor::Done)),
-            })
-        })?;
+        let q = |sql: &str| self.q(sql);
+        let read =
+            in_txn(|| Spi::connect(|c| read_rows(c, &q, &SNAPSHOT_STORE, cursor, max_bytes, self.snap_row_bytes)))?;
         if !read.0.is_empty() {
             self.snap_row_bytes = read.0.iter().map(Row::bytes).sum::<usize>() / read.0.len();
         }

@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod apply;
+pub mod backup;
 pub mod codec;
 pub mod command;
 pub mod config;

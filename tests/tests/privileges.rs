@@ -36,6 +36,9 @@ const CALLS: &[&str] = &[
     "SELECT raft_remove(9)",
     "SELECT raft_transfer_leader(9)",
     "SELECT raft_compact(1)",
+    "SELECT * FROM raft_backup()",
+    "SELECT raft_restore()",
+    "SELECT raft_force_new_cluster()",
     "SELECT raft_kv.is_worker()",
 ];
 /// How many of `CALLS` a reader may make.
@@ -108,14 +111,24 @@ fn roles_get_what_they_are_granted_and_nothing_more() {
         "SELECT raft_remove(2)",
         "SELECT raft_transfer_leader(2)",
         "SELECT raft_compact(1)",
+        "SELECT * FROM raft_backup()",
+        "SELECT raft_restore()",
+        "SELECT raft_force_new_cluster()",
     ] {
         assert_eq!(code(&mut writer, call).as_deref(), Some("42501"), "writer: {call}");
     }
+    assert_eq!(code(&mut writer, "INSERT INTO raft_kv.restore VALUES (0, '')").as_deref(), Some("42501"));
     assert_eq!(code(&mut writer, "DELETE FROM raft_kv.kv").as_deref(), Some("42501"));
     // The admin sees members and addresses; so does pg_monitor.
     let mut operator = as_role(&c, "operator");
     assert_eq!(operator.query("SELECT * FROM raft_members()", &[]).unwrap().len(), 3);
     operator.batch_execute("SELECT raft_compact(1)").unwrap();
+    assert!(operator.query("SELECT * FROM raft_backup()", &[]).unwrap().len() >= 3, "an admin takes backups");
+    // Restoring and forcing a new cluster are a superuser's alone.
+    for call in ["SELECT raft_restore()", "SELECT raft_force_new_cluster()"] {
+        assert_eq!(code(&mut operator, call).as_deref(), Some("42501"), "operator: {call}");
+    }
+    assert_eq!(code(&mut operator, "INSERT INTO raft_kv.restore VALUES (0, '')").as_deref(), Some("42501"));
     let peers: Option<String> = operator.query_one("SELECT peers FROM raft_status()", &[]).unwrap().get(0);
     assert_eq!(peers.map(|p| p.split(',').count()), Some(3));
     let mut monitor = as_role(&c, "monitor");

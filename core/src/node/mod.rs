@@ -12,9 +12,11 @@ use slog::Logger;
 
 mod failover;
 mod membership;
+mod recovery;
 mod transfer;
 
 pub use membership::MemberChange;
+pub use recovery::{quorum_reachable, RecoveryError};
 use transfer::{InStream, OutStream};
 
 use crate::command::{ApplyResult, Proposal, RequestId};
