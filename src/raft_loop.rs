@@ -129,6 +129,7 @@ impl RaftLoop {
         let backend = PgBackend::with_freezer(Box::new(BackgroundFreeze::new(&settings.database)));
         let node = in_txn(|| Node::open(backend, &settings.opts, &bootstrap, &logger))
             .unwrap_or_else(|e| pgrx::error!("raft_kv: cannot open the raft node: {e}"));
+        transport.advertise(settings.cluster.advertise_addr);
         let mut peers = Peers::new(me, settings.cluster.peers.clone());
         peers.sync(&node, &mut transport);
         let (addr, peer_list) = (transport.local_addr(), format_peers(peers.addrs()));

@@ -431,5 +431,9 @@ fn a_node_binding_a_wildcard_is_reached_at_its_advertised_address() {
         (get_local(&mut c4, "nat/from3").as_deref() == Some("x")).then_some(())
     });
     set(&mut c4, "nat/from4", "z").unwrap();
+    // The joiner learnt the leader's address from its hello: the advertised one, not 0.0.0.0.
+    let log = c.node(i4).log();
+    assert!(log.contains(&format!("connected to node 3 at 127.0.0.3:{}", c.node(3).spec.raft_port)), "{log}");
+    assert!(!log.contains("at 0.0.0.0:"), "{log}");
     c.assert_converged(&[1, 2, 3, 4]);
 }

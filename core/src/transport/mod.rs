@@ -247,6 +247,8 @@ pub struct Transport {
     shared: Arc<Shared>,
     events_rx: cb::Receiver<Delivery>,
     local_addr: SocketAddr,
+    /// The address hellos give (see `advertise`).
+    advertised: SocketAddr,
 }
 
 impl Transport {
@@ -281,11 +283,17 @@ impl Transport {
             refusals: Mutex::new((None, 0)),
         });
         rt.spawn(accept_loop(listener, shared.clone()));
-        Ok(Transport { rt: Some(rt), peers: HashMap::new(), shared, events_rx, local_addr })
+        Ok(Transport { rt: Some(rt), peers: HashMap::new(), shared, events_rx, local_addr, advertised: local_addr })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address this node's hellos give, where it differs from the bound one (a wildcard,
+    /// NAT): a joining node dials its peers back there. Set before adding peers.
+    pub fn advertise(&mut self, addr: SocketAddr) {
+        self.advertised = addr;
     }
 
     pub fn events(&self) -> &cb::Receiver<Delivery> {
@@ -310,7 +318,7 @@ impl Transport {
         }
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
         let rt = self.rt.as_ref().expect("transport is running");
-        rt.spawn(peer_writer(id, addr, self.local_addr, rx, self.shared.clone()));
+        rt.spawn(peer_writer(id, addr, self.advertised, rx, self.shared.clone()));
         // Replacing the sender ends the old writer task (its receiver sees the channel close).
         self.peers.insert(id, Peer { addr, tx });
     }
