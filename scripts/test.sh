@@ -44,6 +44,15 @@ rm -rf "$pgdata"
 stage install scripts/setup.sh
 stage cluster cargo test -p raft_kv_tests --tests -- --test-threads=1
 
+# Upgrading in place from 0.1.0: built once from its commit (about 4 minutes the first time),
+# then run from a copy of the PostgreSQL installation beside the current build.
+upgrade_test() {
+  local bin
+  bin=$(scripts/upgrade_fixture.sh) || return 1
+  RAFT_KV_OLD_BIN="$bin" cargo test -p raft_kv_tests --test upgrade -- --ignored --test-threads=1
+}
+stage upgrade upgrade_test
+
 # The Debian package: build it, install it with dpkg, run a cluster from the installed files,
 # then remove it (and put the development build back).
 package_test() {

@@ -9,11 +9,13 @@
 pub mod linearizability;
 pub mod proxy;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -108,6 +110,9 @@ pub struct NodeSpec {
 pub struct Node {
     pub spec: NodeSpec,
     pub dir: PathBuf,
+    /// The PostgreSQL installation's bin directory it runs from ([`PG_BIN`] unless a test
+    /// runs another installation, as the upgrade test does).
+    pub bin: std::sync::Mutex<PathBuf>,
 }
 
 impl Node {
@@ -155,6 +160,7 @@ pub struct Builder {
     conf: Option<ConfFn>,
     proxied: bool,
     plain: bool,
+    bin: Option<PathBuf>,
 }
 
 impl Builder {
@@ -172,6 +178,11 @@ impl Builder {
     /// Runs the Raft port without TLS (`raft_kv.peer_tls = off`, development mode).
     pub fn plain(mut self) -> Self {
         self.plain = true;
+        self
+    }
+    /// Runs every node from another PostgreSQL installation's bin directory.
+    pub fn bin(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.bin = Some(dir.into());
         self
     }
     /// Routes every link between nodes through a proxy the test can cut (`Cluster::net`).
@@ -235,7 +246,11 @@ impl Builder {
                 self.extra_conf
             )
             .unwrap();
-            nodes.push(Node { spec: spec.clone(), dir });
+            nodes.push(Node {
+                spec: spec.clone(),
+                dir,
+                bin: std::sync::Mutex::new(self.bin.clone().unwrap_or_else(|| PG_BIN.into())),
+            });
         }
         chown_to_postgres(&root);
         let c = Cluster { root, nodes, ca, extra_conf: self.extra_conf, net };
@@ -291,7 +306,7 @@ pub enum Stop {
 
 impl Cluster {
     pub fn builder(n: usize) -> Builder {
-        Builder { n, extra_conf: String::new(), conf: None, proxied: false, plain: false }
+        Builder { n, extra_conf: String::new(), conf: None, proxied: false, plain: false, bin: None }
     }
 
     pub fn start(n: usize) -> Cluster {
@@ -326,16 +341,21 @@ impl Cluster {
         )
         .unwrap();
         chown_to_postgres(&dir);
-        self.nodes.push(Node { spec, dir });
+        self.nodes.push(Node { spec, dir, bin: std::sync::Mutex::new(PG_BIN.into()) });
         let i = self.nodes.len();
         self.start_node(i);
         self.client(i).batch_execute("CREATE EXTENSION raft_kv").unwrap();
         i
     }
 
+    /// Runs node `i` from another installation from its next start on.
+    pub fn set_bin(&self, i: usize, dir: impl Into<PathBuf>) {
+        *self.nodes[i - 1].bin.lock().unwrap() = dir.into();
+    }
+
     pub fn start_node(&self, i: usize) {
         let n = self.node(i);
-        let mut c = pg_command(&format!("{PG_BIN}/pg_ctl"));
+        let mut c = pg_command(&format!("{}/pg_ctl", n.bin.lock().unwrap().display()));
         c.arg("-D").arg(n.data()).arg("-l").arg(n.log_path()).args(["-w", "-t", "60", "start"]);
         let out = run(c, "pg_ctl start");
         assert!(out.status.success(), "node {i} did not start: {}\n{}", String::from_utf8_lossy(&out.stderr), n.log());
@@ -347,7 +367,7 @@ impl Cluster {
             Stop::Fast => "fast",
             Stop::Immediate => "immediate",
         };
-        let mut c = pg_command(&format!("{PG_BIN}/pg_ctl"));
+        let mut c = pg_command(&format!("{}/pg_ctl", n.bin.lock().unwrap().display()));
         c.arg("-D").arg(n.data()).args(["-m", m, "-w", "-t", "60", "stop"]);
         let out = run(c, "pg_ctl stop");
         assert!(out.status.success(), "stopping node {i}: {}", String::from_utf8_lossy(&out.stderr));
@@ -487,7 +507,7 @@ impl Drop for Cluster {
             if n.postmaster_pid().is_some() {
                 // A paused server cannot stop.
                 self.pause(i, false);
-                let mut c = pg_command(&format!("{PG_BIN}/pg_ctl"));
+                let mut c = pg_command(&format!("{}/pg_ctl", n.bin.lock().unwrap().display()));
                 c.arg("-D").arg(n.data()).args(["-m", "immediate", "-w", "-t", "30", "stop"]);
                 let _ = run(c, "pg_ctl stop");
             }
@@ -506,4 +526,65 @@ impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Writes until `stop`, through node `home` (another node while it is down), as the README
+/// tells clients to: one request id per write, retried on 40001/40003 and lost connections.
+/// Returns the number of writes and the last value acknowledged for each key it wrote. Each write is retried with its request id until it is
+/// acknowledged or 20 s pass (then it counts as failed).
+pub fn steady_writer(
+    c: &Cluster,
+    home: usize,
+    tag: &str,
+    stop: &AtomicBool,
+    failed: &AtomicUsize,
+    longest_ms: &AtomicU64,
+) -> (u64, BTreeMap<String, String>) {
+    let mut conn: Option<(usize, Client)> = None;
+    let mut n = 0u64;
+    let mut acked = BTreeMap::new();
+    let mut last_ok = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let (key, value, rid) = (format!("w{home}/{}", n % 10), format!("v{n}"), format!("{tag}-{home}-{n}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let Some((_, cl)) = conn.as_mut() else {
+                let order = [home, home % 3 + 1, (home + 1) % 3 + 1];
+                conn = order.iter().find_map(|&i| c.try_client(i).map(|cl| (i, cl)));
+                if conn.is_none() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                continue;
+            };
+            match cl.query_one("SELECT raft_set($1, $2, $3)", &[&key, &value, &rid]) {
+                Ok(_) => {
+                    acked.insert(key.clone(), value.clone());
+                    let gap = last_ok.elapsed().as_millis() as u64;
+                    longest_ms.fetch_max(gap, Ordering::Relaxed);
+                    last_ok = Instant::now();
+                    break;
+                }
+                Err(e) => {
+                    // 40001 / 40003: retry with the same id; a lost connection: reconnect.
+                    if cl.is_closed() || e.as_db_error().is_none() {
+                        conn = None;
+                    }
+                    if Instant::now() > deadline {
+                        eprintln!("writer {home}: write {n} failed after 20 s of retries: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        // Back home once it is up again.
+        if conn.as_ref().is_some_and(|(i, _)| *i != home) {
+            if let Some(cl) = c.try_client(home) {
+                conn = Some((home, cl));
+            }
+        }
+    }
+    (n, acked)
 }

@@ -4,60 +4,9 @@
 //! longest stall is reported (measured in bench/failover.sh, not asserted here).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use raft_kv_tests::{wait_for, Client, Cluster, Stop, StopOnDrop};
-
-/// Writes until `stop`, through node `home` (another node while it is down); returns the
-/// number of acknowledged writes. Each write is retried with its request id until it is
-/// acknowledged or 20 s pass (then it counts as failed).
-fn writer(c: &Cluster, home: usize, stop: &AtomicBool, failed: &AtomicUsize, longest_ms: &AtomicU64) -> u64 {
-    let mut conn: Option<(usize, Client)> = None;
-    let mut n = 0u64;
-    let mut last_ok = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        n += 1;
-        let (key, value, rid) = (format!("w{home}/{}", n % 10), format!("v{n}"), format!("rolling-{home}-{n}"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let Some((_, cl)) = conn.as_mut() else {
-                let order = [home, home % 3 + 1, (home + 1) % 3 + 1];
-                conn = order.iter().find_map(|&i| c.try_client(i).map(|cl| (i, cl)));
-                if conn.is_none() {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                continue;
-            };
-            match cl.query_one("SELECT raft_set($1, $2, $3)", &[&key, &value, &rid]) {
-                Ok(_) => {
-                    let gap = last_ok.elapsed().as_millis() as u64;
-                    longest_ms.fetch_max(gap, Ordering::Relaxed);
-                    last_ok = Instant::now();
-                    break;
-                }
-                Err(e) => {
-                    // 40001 / 40003: retry with the same id; a lost connection: reconnect.
-                    if cl.is_closed() || e.as_db_error().is_none() {
-                        conn = None;
-                    }
-                    if Instant::now() > deadline {
-                        eprintln!("writer {home}: write {n} failed after 20 s of retries: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-        // Back home once it is up again.
-        if conn.as_ref().is_some_and(|(i, _)| *i != home) {
-            if let Some(cl) = c.try_client(home) {
-                conn = Some((home, cl));
-            }
-        }
-    }
-    n
-}
+use raft_kv_tests::{steady_writer, wait_for, Cluster, Stop, StopOnDrop};
 
 #[test]
 fn a_rolling_restart_fails_no_write() {
@@ -73,7 +22,7 @@ fn a_rolling_restart_fails_no_write() {
         let writers: Vec<_> = (1..=3)
             .map(|home| {
                 let (c, stop, failed, longest) = (&c, &stop, &failed, &longest);
-                s.spawn(move || writer(c, home, stop, failed, longest))
+                s.spawn(move || steady_writer(c, home, "rolling", stop, failed, longest).0)
             })
             .collect();
         std::thread::sleep(Duration::from_secs(2));
