@@ -20,6 +20,22 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'raft_set_wrapper';
 
+-- raft_members shows each member's version: a new row type, so likewise.
+DROP FUNCTION raft_members();
+CREATE  FUNCTION "raft_members"() RETURNS TABLE (
+	"id" bigint,  /* i64 */
+	"address" TEXT,  /* Option < String > */
+	"voter" bool,  /* bool */
+	"match_index" bigint,  /* Option < i64 > */
+	"active" bool,  /* Option < bool > */
+	"version" TEXT,  /* Option < String > */
+	"log_format" INT  /* Option < i32 > */
+)
+STRICT VOLATILE PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'raft_members_wrapper';
+
 CREATE  FUNCTION "raft_backup"() RETURNS TABLE (
 	"seq" INT,  /* i32 */
 	"record" bytea  /* Vec < u8 > */
@@ -228,7 +244,9 @@ REVOKE EXECUTE ON FUNCTION raft_lease_ttl(bigint, text), raft_leases(text),
     raft_lease_grant(interval), raft_lease_keepalive(bigint), raft_lease_revoke(bigint),
     raft_lock(text, bigint, interval), raft_unlock(text, bigint), raft_campaign(text, bigint, text, interval),
     raft_leader(text, text), raft_resign(text, bigint), raft_set(text, text, text, bigint),
-    raft_stat(), raft_stat_peers(), raft_backup(), raft_restore(), raft_force_new_cluster() FROM PUBLIC;
+    raft_stat(), raft_stat_peers(), raft_backup(), raft_restore(), raft_force_new_cluster(), raft_members()
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION raft_members() TO raft_kv_admin, pg_monitor;
 GRANT SELECT ON raft_kv.leases TO raft_kv_reader;
 GRANT EXECUTE ON FUNCTION raft_lease_ttl(bigint, text), raft_leases(text), raft_leader(text, text)
     TO raft_kv_reader;

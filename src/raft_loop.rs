@@ -669,6 +669,7 @@ impl RaftLoop {
                 }
                 Answer::NotCommitted(m) => (Outcome::NotCommitted, (0, false, None, 0), m),
                 Answer::Unknown(m) => (Outcome::Unknown, (0, false, None, 0), m),
+                Answer::Refused(m) => (Outcome::Refused, (0, false, None, 0), m),
                 Answer::ReadFailed(m) => {
                     self.stats.read_index_failures += 1;
                     (Outcome::ReadFailed, (0, false, None, 0), m)
@@ -755,6 +756,9 @@ impl RaftLoop {
             let (last, up) = self.contact.get(&m.id).copied().unwrap_or((0, false));
             row.last_contact_ms = last;
             row.connected = up;
+            let (format, version) = m.version.clone().unwrap_or((0, String::new()));
+            row.format = format;
+            row.version.set(&version);
         }
         s.stats = self.stats;
         drop(sh);

@@ -67,6 +67,7 @@ pub fn read_settings() -> Result<Settings, String> {
     }
     let database = guc::string(&guc::DATABASE).filter(|d| !d.is_empty()).ok_or("raft_kv.database is empty")?;
     let mut opts = NodeOptions::new(cluster.node_id);
+    opts.version = env!("CARGO_PKG_VERSION").to_string();
     opts.election_ticks = election as usize;
     opts.heartbeat_ticks = heartbeat as usize;
     let security = security(&cluster)?;

@@ -83,6 +83,9 @@ pub struct MemberRow {
     /// connection to it is up.
     pub last_contact_ms: u64,
     pub connected: bool,
+    /// Its log format and library version as this node knows them (format 0: not known).
+    pub format: u8,
+    pub version: FixedStr<16>,
 }
 
 /// What the worker publishes for `raft_status()` and `raft_members()`.

@@ -574,7 +574,9 @@ fn raft_status() -> TableIterator<
     TableIterator::once(row)
 }
 
-/// One row per cluster member. match_index and active are known on the leader only.
+/// One row per cluster member. match_index and active are known on the leader only; version and
+/// log_format as far as this node knows (NULL: the member has not said, as builds before 0.2.0
+/// never do).
 #[pg_extern(volatile, parallel_safe)]
 #[search_path(pg_catalog, pg_temp)]
 fn raft_members() -> TableIterator<
@@ -585,6 +587,8 @@ fn raft_members() -> TableIterator<
         name!(voter, bool),
         name!(match_index, Option<i64>),
         name!(active, Option<bool>),
+        name!(version, Option<String>),
+        name!(log_format, Option<i32>),
     ),
 > {
     require_preload();
@@ -598,6 +602,8 @@ fn raft_members() -> TableIterator<
                 m.voter,
                 m.has_progress.then_some(m.matched as i64),
                 m.has_progress.then_some(m.active),
+                (m.format != 0).then(|| m.version.get()),
+                (m.format != 0).then_some(m.format as i32),
             )
         })
         .collect();

@@ -30,6 +30,9 @@ pub enum Answer {
     Unknown(&'static str),
     /// A linearizable read could not be served; nothing was read.
     ReadFailed(&'static str),
+    /// Not possible in the cluster's present state (a rolling upgrade not yet finished);
+    /// certainly not applied.
+    Refused(&'static str),
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +50,8 @@ struct Write<T> {
     live: u32,
     /// When it was last proposed.
     proposed_at: Option<Instant>,
+    /// Refused before any log: some member cannot read its format yet.
+    too_new: bool,
 }
 
 struct Transfer<T> {
@@ -135,7 +140,10 @@ impl<T: Copy + PartialEq> Pending<T> {
             ));
             return;
         }
-        self.writes.insert(id, Write { client, kind: WriteKind::Kv(cmd), deadline, live: 0, proposed_at: None });
+        self.writes.insert(
+            id,
+            Write { client, kind: WriteKind::Kv(cmd), deadline, live: 0, proposed_at: None, too_new: false },
+        );
         self.unproposed.push_back(id);
     }
 
@@ -143,7 +151,10 @@ impl<T: Copy + PartialEq> Pending<T> {
     pub fn add_change(&mut self, client: T, change: MemberChange, deadline: Instant) {
         self.seq += 1;
         let id = RequestId { node: self.me, nonce: self.nonce, seq: self.seq };
-        self.writes.insert(id, Write { client, kind: WriteKind::Member(change), deadline, live: 0, proposed_at: None });
+        self.writes.insert(
+            id,
+            Write { client, kind: WriteKind::Member(change), deadline, live: 0, proposed_at: None, too_new: false },
+        );
         self.unproposed.push_back(id);
     }
 
@@ -210,6 +221,14 @@ impl<T: Copy + PartialEq> Pending<T> {
                 Ok(()) => {
                     w.live += 1;
                     w.proposed_at = Some(now);
+                    self.unproposed.pop_front();
+                }
+                // Not before every member reads it: fails now, as certainly not applied.
+                Err(crate::node::ProposeError::TooNew) => {
+                    if w.live == 0 {
+                        w.too_new = true;
+                        w.deadline = now;
+                    }
                     self.unproposed.pop_front();
                 }
                 // No leader (an election): wait for one.
@@ -324,7 +343,12 @@ impl<T: Copy + PartialEq> Pending<T> {
             if now < w.deadline {
                 return true;
             }
-            let answer = if w.live == 0 {
+            let answer = if w.too_new {
+                Answer::Refused(
+                    "not every member reads this command's log format yet: finish upgrading raft_kv on every node \
+                     (raft_members() shows each member's version)",
+                )
+            } else if w.live == 0 {
                 Answer::NotCommitted("no leader accepted the write before raft_kv.apply_timeout")
             } else {
                 Answer::Unknown("the write was proposed but not applied before raft_kv.apply_timeout")

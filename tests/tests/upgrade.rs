@@ -97,6 +97,19 @@ fn a_rolling_alter_extension_update_from_0_1_0_loses_nothing() {
                 let a = c.applied_index(i)?;
                 (a > before + 20 && a + 5 >= applied(c)).then_some(())
             });
+            if i == 1 {
+                // Mixed versions: a command the 0.1.0 members cannot read is refused, not
+                // proposed (they would have to skip it, or stop).
+                let e = ci.query_one("SELECT raft_lease_grant('1 minute')", &[]).unwrap_err();
+                let db = e.as_db_error().expect("an SQL error");
+                assert_eq!(db.code().code(), "55000", "{}", db.message());
+                assert!(db.message().contains("finish upgrading raft_kv on every node"), "{}", db.message());
+                let rows = ci.query("SELECT id, version, log_format FROM raft_members() ORDER BY id", &[]).unwrap();
+                let versions: Vec<(i64, Option<String>, Option<i32>)> =
+                    rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+                assert_eq!(versions[0], (1, Some("0.2.0".to_string()), Some(2)), "{versions:?}");
+                assert!(versions[1..].iter().all(|v| v.1.is_none()), "0.1.0 members say nothing: {versions:?}");
+            }
         }
         stop.store(true, Ordering::Relaxed);
         for w in writers {
@@ -143,6 +156,18 @@ fn a_rolling_alter_extension_update_from_0_1_0_loses_nothing() {
         panic!(
             "the upgraded schema differs from a fresh install:\nonly upgraded: {only_u:#?}\nonly fresh: {only_f:#?}"
         );
+    }
+    // Every member reports its version everywhere once all are upgraded.
+    for i in 1..=3 {
+        let mut ci = c.client(i);
+        wait_for(Duration::from_secs(10), "every member's version", || {
+            let rows = ci.query("SELECT version, log_format FROM raft_members()", &[]).ok()?;
+            rows.iter()
+                .all(|r| {
+                    r.get::<_, Option<String>>(0).as_deref() == Some("0.2.0") && r.get::<_, Option<i32>>(1) == Some(2)
+                })
+                .then_some(())
+        });
     }
     // What 0.2.0 added works on the upgraded cluster.
     let mut c2 = c.client(2);

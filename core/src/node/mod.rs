@@ -14,10 +14,12 @@ mod failover;
 mod membership;
 mod recovery;
 mod transfer;
+mod versions;
 
 pub use membership::MemberChange;
 pub use recovery::{quorum_reachable, RecoveryError};
 use transfer::{InStream, OutStream};
+pub use versions::{MemberVersion, UNTAGGED_FORMAT};
 
 use crate::command::{ApplyResult, Proposal, RequestId};
 use crate::snapshot::{SnapFrame, DEFAULT_CHUNK_BYTES};
@@ -38,6 +40,8 @@ pub struct NodeOptions {
     pub snapshot_chunk_bytes: usize,
     /// A snapshot transfer with no progress for this many ticks has failed.
     pub snapshot_timeout_ticks: u32,
+    /// This build's version, as `raft_members()` shows it on every node.
+    pub version: String,
 }
 
 impl NodeOptions {
@@ -51,6 +55,7 @@ impl NodeOptions {
             cache_bytes: crate::storage::DEFAULT_CACHE_BYTES,
             snapshot_chunk_bytes: DEFAULT_CHUNK_BYTES,
             snapshot_timeout_ticks: 100,
+            version: String::new(),
         }
     }
 }
@@ -78,6 +83,12 @@ pub enum ProposeError {
     NoLeader,
     #[error("the proposal was dropped (leadership is changing or this node is not a voter)")]
     Dropped,
+    /// Some member reads only older log formats (a rolling upgrade is under way).
+    #[error("not every member can read this command yet: finish upgrading raft_kv on every node")]
+    TooNew,
+    /// Whether every member reads this command is not known yet (a new leader has not said).
+    #[error("the members' versions are not known yet")]
+    FormatUnknown,
 }
 
 /// A request proposed on this node that has been applied here.
@@ -144,6 +155,8 @@ pub struct MemberStatus {
     /// from recently; `None` elsewhere.
     pub matched: Option<u64>,
     pub recent_active: Option<bool>,
+    /// Its format and library version, as far as this node knows.
+    pub version: Option<MemberVersion>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,6 +209,11 @@ pub struct Node<B: Backend> {
     snapshot_timeout_ticks: u32,
     dropped: Dropped,
     step_errors: u64,
+    /// The members' format versions (see `versions.rs`).
+    versions: versions::Versions,
+    /// Ticks led without interruption, and the election timeout in ticks.
+    leader_ticks: u32,
+    election_ticks: u32,
 }
 
 impl<B: Backend> Node<B> {
@@ -258,6 +276,9 @@ impl<B: Backend> Node<B> {
             snapshot_timeout_ticks: opts.snapshot_timeout_ticks.max(1),
             dropped: Dropped::default(),
             step_errors: 0,
+            versions: versions::Versions::new(&opts.version),
+            leader_ticks: 0,
+            election_ticks: opts.election_ticks as u32,
         })
     }
 
@@ -296,6 +317,7 @@ impl<B: Backend> Node<B> {
     /// cannot be read to send chunks again.
     pub fn tick(&mut self) -> Result<(), NodeError> {
         self.raw.tick();
+        self.leader_ticks = if self.is_leader() { self.leader_ticks.saturating_add(1) } else { 0 };
         self.tick_transfers()
     }
 
@@ -318,6 +340,9 @@ impl<B: Backend> Node<B> {
             self.dropped.last = Some((m.from, m.get_msg_type(), reason));
             return;
         }
+        if m.term >= self.raw.raft.term {
+            self.versions.observe(&m, self.id());
+        }
         if m.get_msg_type() == MessageType::MsgSnapshot {
             let md = m.get_snapshot().get_metadata();
             let staged = self
@@ -338,6 +363,7 @@ impl<B: Backend> Node<B> {
         }
         if m.get_msg_type() == MessageType::MsgPropose && self.is_leader() {
             self.refuse_conf_changes_raft_would_blank(&mut m);
+            self.drop_entries_too_new(&mut m);
         }
         // raft refuses what it cannot use (stale or from an unknown peer) with StepPeerNotFound
         // or StepLocalMsg; anything else is a storage failure, which raft-rs itself reports
@@ -396,11 +422,54 @@ impl<B: Backend> Node<B> {
         self.raw.raft.state == StateRole::Leader
     }
 
+    /// The newest log format every member reads (see `versions.rs`): a command of a newer
+    /// one is not proposed.
+    pub fn cluster_format(&self) -> Option<u8> {
+        let settled = self.leader_ticks >= 2 * self.election_ticks;
+        self.versions.cluster_format(self.id(), self.raw.raft.leader_id, &self.member_ids(), settled)
+    }
+
+    /// Every member of the configuration in force, voters and learners, joint halves included.
+    fn member_ids(&self) -> Vec<u64> {
+        let cs = self.raw.store().conf_state();
+        let mut ids: Vec<u64> =
+            cs.voters.iter().chain(&cs.learners).chain(&cs.voters_outgoing).chain(&cs.learners_next).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// As leader: forwarded entries in a format some member cannot read become empty entries
+    /// (their proposer hears nothing and times out; it checks the format itself first).
+    fn drop_entries_too_new(&self, m: &mut Message) {
+        // Unknown while the leadership is young: the proposer checked against the last leader's.
+        let Some(cluster) = self.cluster_format() else { return };
+        for e in m.mut_entries().iter_mut() {
+            if e.get_entry_type() == EntryType::EntryNormal && e.data.first().is_some_and(|v| *v > cluster) {
+                e.data = Vec::new().into();
+            }
+        }
+    }
+
+    /// A message as it leaves: tagged with the versions (see `versions.rs`).
+    fn tagged(&self, mut m: Message) -> Outbound {
+        self.versions.tag(&mut m, self.id(), self.raw.raft.leader_id, &self.member_ids());
+        Outbound::Raft(m)
+    }
+
     /// Proposes a command. `Ok` means it was appended (on the leader) or forwarded; the
     /// outcome is then known only when it applies, or is superseded, or the caller times out.
     pub fn propose(&mut self, p: &Proposal) -> Result<(), ProposeError> {
         if self.raw.raft.leader_id == INVALID_ID {
             return Err(ProposeError::NoLeader);
+        }
+        let needed = p.cmd.format_version();
+        if needed > UNTAGGED_FORMAT {
+            match self.cluster_format() {
+                None => return Err(ProposeError::FormatUnknown),
+                Some(f) if needed > f => return Err(ProposeError::TooNew),
+                Some(_) => {}
+            }
         }
         let before = self.raw.raft.raft_log.last_index();
         self.raw.propose(Vec::new(), p.encode()).map_err(|_| ProposeError::Dropped)?;
@@ -484,7 +553,9 @@ impl<B: Backend> Node<B> {
             self.write_and_apply(batch, &committed, out)?;
 
             // Only now, with the entries and vote durable, may votes and acks leave.
-            rd.take_persisted_messages().into_iter().for_each(|m| send(Outbound::Raft(m)));
+            for m in rd.take_persisted_messages() {
+                send(self.tagged(m));
+            }
             for rs in rd.take_read_states() {
                 out.read_states.push((rs.request_ctx, rs.index));
             }
@@ -526,7 +597,7 @@ impl<B: Backend> Node<B> {
             self.start_stream(m)?;
             self.outbox.drain(..).for_each(&mut *send);
         } else {
-            send(Outbound::Raft(m));
+            send(self.tagged(m));
         }
         Ok(())
     }
@@ -632,6 +703,7 @@ impl<B: Backend> Node<B> {
                     voter,
                     matched: pr.map(|p| if id == r.id { r.raft_log.last_index() } else { p.matched }),
                     recent_active: pr.map(|p| id == r.id || p.recent_active),
+                    version: self.versions.version_of(r.id, id),
                 });
             }
         }
