@@ -14,10 +14,10 @@ use serde::{de::DeserializeOwned, Serialize};
 ///
 /// - 1: the first versioned format.
 /// - 2: leases. New command kinds (appended, so a version-1 command decodes alike), `KvRow`
-///   gains its lease and `SnapshotData` the leases (snapshot payloads of version 1 no longer
-///   decode). A log entry is written in the oldest version that can express it
-///   ([`encode_as`]), so a command that an older build knows is still readable by it, and one
-///   it does not know stops it instead of being skipped.
+///   gains its lease and `SnapshotData` the leases: those are read and written in version 1
+///   through `compat_v1`'s layouts. Every payload is written in the oldest version that can
+///   express it ([`encode_as`]), so a command or snapshot that an older build knows is still
+///   readable by it, and a command it does not know stops it instead of being skipped.
 pub const FORMAT_VERSION: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,7 +44,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     match bytes.split_first() {
         None => Err(DecodeError::Malformed("empty".into())),
         Some((&v, _)) if v > FORMAT_VERSION => Err(DecodeError::NewerVersion { found: v }),
-        // Each version's layout extends the one before for the payloads written in it.
+        // Payload types whose layout changed decode older versions themselves (`compat_v1`).
         Some((&(1..=FORMAT_VERSION), rest)) => {
             postcard::from_bytes(rest).map_err(|e| DecodeError::Malformed(e.to_string()))
         }

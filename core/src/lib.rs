@@ -11,6 +11,8 @@ pub mod apply;
 pub mod backup;
 pub mod codec;
 pub mod command;
+/// Version-1 layouts of what version 2 extended (reading and writing older builds' snapshots).
+mod compat_v1;
 pub mod config;
 /// Test support (the `test-support` feature): never in the extension's library.
 #[cfg(any(test, feature = "test-support"))]

@@ -32,11 +32,18 @@ pub enum SnapFrame {
 }
 
 impl SnapFrame {
+    /// In version 1 when it can be (no row with a lease), so a build of 0.1.0 reads it.
     pub fn encode(&self) -> Vec<u8> {
-        crate::codec::encode(self)
+        match crate::compat_v1::SnapFrame::from_current(self) {
+            Some(v1) => crate::codec::encode_as(1, &v1),
+            None => crate::codec::encode(self),
+        }
     }
     pub fn decode(b: &[u8]) -> Option<Self> {
-        crate::codec::decode(b).ok()
+        match b.first() {
+            Some(1) => crate::codec::decode::<crate::compat_v1::SnapFrame>(b).ok().map(Into::into),
+            _ => crate::codec::decode(b).ok(),
+        }
     }
 }
 

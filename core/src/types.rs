@@ -227,15 +227,20 @@ pub struct SnapshotData {
 }
 
 impl SnapshotData {
+    /// In version 1 when it can be (no leases), so a build of 0.1.0 reads it.
     pub fn encode(&self) -> Vec<u8> {
-        crate::codec::encode(self)
+        match crate::compat_v1::SnapshotData::from_current(self) {
+            Some(v1) => crate::codec::encode_as(1, &v1),
+            None => crate::codec::encode(self),
+        }
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, crate::codec::DecodeError> {
-        if b.is_empty() {
-            return Ok(Self::default());
+        match b.first() {
+            None => Ok(Self::default()),
+            Some(1) => crate::codec::decode::<crate::compat_v1::SnapshotData>(b).map(Into::into),
+            Some(_) => crate::codec::decode(b),
         }
-        crate::codec::decode(b)
     }
 }
 
@@ -250,8 +255,9 @@ pub struct ConfChangeContext {
 }
 
 impl ConfChangeContext {
+    /// Its layout has not changed since version 1: labelled so, a build of 0.1.0 reads it.
     pub fn encode(&self) -> Vec<u8> {
-        crate::codec::encode(self)
+        crate::codec::encode_as(1, self)
     }
     pub fn decode(b: &[u8]) -> Option<Self> {
         crate::codec::decode(b).ok()

@@ -47,13 +47,40 @@ fn schema(c: &Cluster, i: usize, db: &str) -> String {
         .join("\n")
 }
 
+/// Moves leadership to node `to`.
+fn lead(c: &Cluster, to: usize) {
+    let (l, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(20));
+    if l != to {
+        let id = to as i64;
+        let moved: bool = c.client(l).query_one("SELECT raft_transfer_leader($1)", &[&id]).unwrap().get(0);
+        assert!(moved);
+    }
+    assert_eq!(c.wait_leader(&[1, 2, 3], Duration::from_secs(20)).0, to);
+}
+
+/// Stops node `i` (fast) and waits until the others have compacted their logs past what it
+/// holds, so it can only catch up through a snapshot; returns its log's length at the stop.
+fn stop_until_compacted(c: &Cluster, i: usize) -> usize {
+    let held = c.applied_index(i).unwrap_or(0);
+    let log_at = c.node(i).log().len();
+    c.stop_node(i, Stop::Fast);
+    let others: Vec<usize> = (1..=3).filter(|&j| j != i).collect();
+    wait_for(Duration::from_secs(30), "the log to be compacted past the stopped node", || {
+        let (l, _) = c.wait_leader(&others, Duration::from_secs(20));
+        let first: i64 = c.client(l).query_one("SELECT first_index FROM raft_status()", &[]).ok()?.get(0);
+        (first > held + 1).then_some(())
+    });
+    log_at
+}
+
 #[test]
 #[ignore = "needs raft_kv 0.1.0 (scripts/upgrade_fixture.sh): run by scripts/test.sh's upgrade stage"]
 fn a_rolling_alter_extension_update_from_0_1_0_loses_nothing() {
     let old_bin = std::env::var("RAFT_KV_OLD_BIN")
         .expect("RAFT_KV_OLD_BIN: the bin directory scripts/upgrade_fixture.sh printed");
-    // No log compaction meanwhile: a 0.1.0 node cannot read a 0.2.0 snapshot, nor the reverse.
-    let c = Cluster::builder(3).bin(&old_bin).conf("raft_kv.snapshot_threshold = 1000000").start();
+    // The log is compacted often, so a node that was down needs a snapshot, from a leader of
+    // either version: every restart below waits until it does.
+    let c = Cluster::builder(3).bin(&old_bin).conf("raft_kv.snapshot_threshold = 100").start();
     for i in 1..=3 {
         assert_eq!(extversion(&c, i), "0.1.0");
     }
@@ -79,10 +106,14 @@ fn a_rolling_alter_extension_update_from_0_1_0_loses_nothing() {
             })
             .collect();
         let c = &c;
+        let applied = |c: &Cluster| (1..=3).filter_map(|j| c.applied_index(j)).max().unwrap_or(0);
         for i in 1..=3 {
-            let applied = |c: &Cluster| (1..=3).filter_map(|j| c.applied_index(j)).max().unwrap_or(0);
+            // Node 2 takes its snapshot from a 0.1.0 leader (node 3), node 3 from a 0.2.0 one.
+            if i == 2 {
+                lead(c, 3);
+            }
             let before = applied(c);
-            c.stop_node(i, Stop::Fast);
+            let log_at = stop_until_compacted(c, i);
             c.set_bin(i, PG_BIN);
             c.start_node(i);
             // The new library on the old SQL: the worker waits and says what to run.
@@ -97,6 +128,10 @@ fn a_rolling_alter_extension_update_from_0_1_0_loses_nothing() {
                 let a = c.applied_index(i)?;
                 (a > before + 20 && a + 5 >= applied(c)).then_some(())
             });
+            assert!(
+                c.node(i).log()[log_at..].contains(&format!("node {i} installed the snapshot at index")),
+                "node {i} caught up through a snapshot"
+            );
             if i == 1 {
                 // Mixed versions: a command the 0.1.0 members cannot read is refused, not
                 // proposed (they would have to skip it, or stop).
@@ -109,6 +144,18 @@ fn a_rolling_alter_extension_update_from_0_1_0_loses_nothing() {
                     rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
                 assert_eq!(versions[0], (1, Some("0.2.0".to_string()), Some(2)), "{versions:?}");
                 assert!(versions[1..].iter().all(|v| v.1.is_none()), "0.1.0 members say nothing: {versions:?}");
+                // A 0.1.0 node takes a snapshot from the 0.2.0 leader (it has no leases, so it
+                // goes out in the format 0.1.0 reads).
+                lead(c, 1);
+                let before = applied(c);
+                let log_at = stop_until_compacted(c, 3);
+                c.start_node(3);
+                wait_for(Duration::from_secs(30), "the 0.1.0 node to catch up from the 0.2.0 leader", || {
+                    let a = c.applied_index(3)?;
+                    (a > before + 20 && a + 5 >= applied(c)).then_some(())
+                });
+                assert!(c.node(3).log()[log_at..].contains("node 3 installed the snapshot at index"));
+                assert_eq!(extversion(c, 3), "0.1.0");
             }
         }
         stop.store(true, Ordering::Relaxed);
