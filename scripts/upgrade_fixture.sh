@@ -18,10 +18,11 @@ if [ -f "$root/done-$OLD_COMMIT" ]; then
 fi
 rm -rf "$root/pg" "$root/pkg" "$root/src"
 mkdir -p "$root/src" "$tree/usr/lib/postgresql" "$tree/usr/share/postgresql"
-git cat-file -e "$OLD_COMMIT^{commit}" 2>/dev/null || git fetch -q origin "$OLD_COMMIT" || {
-  echo "commit $OLD_COMMIT (raft_kv 0.1.0) is not in this clone" >&2
-  exit 1
-}
+have() { git cat-file -e "$OLD_COMMIT^{commit}" 2>/dev/null; }
+# A shallow clone lacks it: deepen it, or fetch that commit.
+have || git fetch -q --unshallow 2>/dev/null || true
+have || git fetch -q origin "$OLD_COMMIT" 2>/dev/null || true
+have || { echo "commit $OLD_COMMIT (raft_kv 0.1.0) is not in this clone, and could not be fetched" >&2; exit 1; }
 git archive "$OLD_COMMIT" | tar -x -C "$root/src"
 # A target directory of its own: sharing the current one would let cargo take one build's
 # raft_kv_core for the other's (same name and version, older sources).
