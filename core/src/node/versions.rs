@@ -46,8 +46,17 @@ fn encode(magic: &[u8; 4], t: &Tag) -> Vec<u8> {
     v
 }
 
+/// Longest version string kept (`raft_members()` shows at most this).
+const MAX_VERSION_BYTES: usize = 16;
+
+/// A tag, if well formed and of a sane size: a member's tag is authenticated but still not
+/// trusted to be small.
 fn decode(magic: &[u8; 4], ctx: &[u8]) -> Option<Tag> {
-    crate::codec::decode(ctx.strip_prefix(magic.as_slice())?).ok()
+    let t: Tag = crate::codec::decode(ctx.strip_prefix(magic.as_slice())?).ok()?;
+    let sane = t.version.len() <= MAX_VERSION_BYTES
+        && t.members.len() <= crate::config::MAX_MEMBERS
+        && t.members.iter().all(|m| m.2.len() <= MAX_VERSION_BYTES);
+    sane.then_some(t)
 }
 
 impl Versions {
@@ -215,5 +224,22 @@ mod tests {
         let mut app = msg(MessageType::MsgAppend, 2, 1);
         Versions::new("x").tag(&mut app, 2, 1, &members);
         assert!(app.context.is_empty());
+    }
+
+    #[test]
+    fn oversized_tags_are_ignored() {
+        let mut leader = Versions::new("0.2.0");
+        let mut r = msg(MessageType::MsgAppendResponse, 2, 1);
+        Versions::new(&"9".repeat(100)).tag(&mut r, 2, 1, &[1, 2]);
+        leader.observe(&r, 1);
+        assert_eq!(leader.version_of(1, 2), None, "a version string too long");
+        let mut follower = Versions::new("0.2.0");
+        let many: Vec<(u64, u8, String)> = (1..=100).map(|id| (id, 2, "0.2.0".to_string())).collect();
+        let t = Tag { format: 2, version: "0.2.0".into(), cluster: 2, members: many };
+        let mut hb = msg(MessageType::MsgHeartbeat, 1, 2);
+        hb.context = encode(LEADER, &t).into();
+        follower.observe(&hb, 2);
+        assert_eq!(follower.cluster_format(2, 1, &[1, 2], false), None, "too many members: ignored");
+        assert_eq!(follower.version_of(2, 50), None);
     }
 }
