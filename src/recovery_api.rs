@@ -13,7 +13,7 @@ use raft_kv_core::snapshot::Cursor;
 use crate::shmem::Op;
 use crate::snapshot_tables::{read_rows, select_leases, LIVE_TABLES};
 use crate::spi::spi_err;
-use crate::sql_api::{raise, require_preload, submit};
+use crate::sql_api::{admin, raise, require_preload};
 
 /// Bytes of rows per backup record.
 const RECORD_BYTES: usize = 1 << 20;
@@ -143,7 +143,7 @@ fn raft_restore() -> i64 {
             Some("\\copy raft_kv.restore FROM 'file' (FORMAT binary)"),
         )
     }
-    request(Op::Restore).revision
+    admin(Op::Restore, 0, "", false).revision
 }
 
 /// On the survivor of a lost majority: makes this node the only voter of its cluster,
@@ -155,18 +155,5 @@ fn raft_restore() -> i64 {
 fn raft_force_new_cluster() -> i64 {
     require_preload();
     require_superuser("raft_force_new_cluster()");
-    request(Op::ForceNewCluster).revision
-}
-
-fn request(op: Op) -> crate::requests::Reply {
-    submit(&crate::requests::Request {
-        op,
-        key: "",
-        value: "",
-        expected: None,
-        request_id: None,
-        target: 0,
-        arg: 0,
-        as_learner: false,
-    })
+    admin(Op::ForceNewCluster, 0, "", false).revision
 }

@@ -427,7 +427,7 @@ fn no_change_pending(pending: bool) {
     }
 }
 
-fn admin(op: Op, target: u64, address: &str, as_learner: bool) -> requests::Reply {
+pub(crate) fn admin(op: Op, target: u64, address: &str, as_learner: bool) -> requests::Reply {
     let req =
         requests::Request { op, key: address, value: "", expected: None, request_id: None, target, arg: 0, as_learner };
     submit(&req)

@@ -442,6 +442,10 @@ impl<B: Backend> Node<B> {
     /// As leader: forwarded entries in a format some member cannot read become empty entries
     /// (their proposer hears nothing and times out; it checks the format itself first).
     fn drop_entries_too_new(&self, m: &mut Message) {
+        let newer = |e: &raft::eraftpb::Entry| e.data.first().is_some_and(|v| *v > UNTAGGED_FORMAT);
+        if !m.get_entries().iter().any(newer) {
+            return;
+        }
         // Unknown while the leadership is young: the proposer checked against the last leader's.
         let Some(cluster) = self.cluster_format() else { return };
         for e in m.mut_entries().iter_mut() {
@@ -449,12 +453,6 @@ impl<B: Backend> Node<B> {
                 e.data = Vec::new().into();
             }
         }
-    }
-
-    /// A message as it leaves: tagged with the versions (see `versions.rs`).
-    fn tagged(&self, mut m: Message) -> Outbound {
-        self.versions.tag(&mut m, self.id(), self.raw.raft.leader_id, &self.member_ids());
-        Outbound::Raft(m)
     }
 
     /// Proposes a command. `Ok` means it was appended (on the leader) or forwarded; the
@@ -522,9 +520,11 @@ impl<B: Backend> Node<B> {
         self.outbox.drain(..).for_each(&mut *send);
         while self.raw.has_ready() {
             let mut rd = self.raw.ready();
+            // The version tags, made once for every message of this Ready.
+            let tags = self.versions.tags(self.id(), self.raw.raft.leader_id, &self.member_ids());
             // Leader messages may go out before the write; raft tolerates their loss.
             for m in rd.take_messages() {
-                self.route(m, send)?;
+                self.route(m, &tags, send)?;
             }
 
             let mut batch = WriteBatch::default();
@@ -553,8 +553,9 @@ impl<B: Backend> Node<B> {
             self.write_and_apply(batch, &committed, out)?;
 
             // Only now, with the entries and vote durable, may votes and acks leave.
-            for m in rd.take_persisted_messages() {
-                send(self.tagged(m));
+            for mut m in rd.take_persisted_messages() {
+                tags.apply(&mut m);
+                send(Outbound::Raft(m));
             }
             for rs in rd.take_read_states() {
                 out.read_states.push((rs.request_ctx, rs.index));
@@ -568,7 +569,7 @@ impl<B: Backend> Node<B> {
                 batch.hard_state = Some(hs);
             }
             for m in light.take_messages() {
-                self.route(m, send)?;
+                self.route(m, &tags, send)?;
             }
             let committed = light.take_committed_entries();
             self.write_and_apply(batch, &committed, out)?;
@@ -591,13 +592,20 @@ impl<B: Backend> Node<B> {
         Ok(())
     }
 
-    /// Sends `m`, except a snapshot message, which starts a chunked transfer instead.
-    fn route(&mut self, m: Message, send: &mut dyn FnMut(Outbound)) -> Result<(), NodeError> {
+    /// Sends `m` with its version tag, except a snapshot message, which starts a chunked
+    /// transfer instead.
+    fn route(
+        &mut self,
+        mut m: Message,
+        tags: &versions::Tags,
+        send: &mut dyn FnMut(Outbound),
+    ) -> Result<(), NodeError> {
         if m.get_msg_type() == MessageType::MsgSnapshot {
             self.start_stream(m)?;
             self.outbox.drain(..).for_each(&mut *send);
         } else {
-            send(self.tagged(m));
+            tags.apply(&mut m);
+            send(Outbound::Raft(m));
         }
         Ok(())
     }

@@ -31,9 +31,32 @@ struct Tag {
     members: Vec<(u64, u8, String)>,
 }
 
+/// The contexts a node's messages carry: its follower tag, and as leader its leader tag.
+pub struct Tags {
+    follower: bytes::Bytes,
+    leader: Option<bytes::Bytes>,
+}
+
+impl Tags {
+    /// Tags an outgoing message where raft-rs leaves the context unused: a follower's append
+    /// response; a leader's append, and its heartbeat unless it carries a ReadIndex context.
+    pub fn apply(&self, m: &mut Message) {
+        if !m.context.is_empty() {
+            return;
+        }
+        match (m.get_msg_type(), &self.leader) {
+            (MessageType::MsgAppendResponse, _) => m.context = self.follower.clone(),
+            (MessageType::MsgAppend | MessageType::MsgHeartbeat, Some(l)) => m.context = l.clone(),
+            _ => {}
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Versions {
     mine: MemberVersion,
+    /// The tag a follower's append responses carry: always the same.
+    follower_tag: bytes::Bytes,
     /// On the leader: what followers reported. On a follower: what its leader relayed.
     known: BTreeMap<u64, MemberVersion>,
     /// On a follower: the cluster format its leader last stated, and which leader stated it.
@@ -61,7 +84,10 @@ fn decode(magic: &[u8; 4], ctx: &[u8]) -> Option<Tag> {
 
 impl Versions {
     pub fn new(version: &str) -> Self {
+        let mine =
+            Tag { format: crate::codec::FORMAT_VERSION, version: version.to_string(), cluster: 0, members: Vec::new() };
         Versions {
+            follower_tag: encode(FOLLOWER, &mine).into(),
             mine: (crate::codec::FORMAT_VERSION, version.to_string()),
             known: BTreeMap::new(),
             relayed: (0, UNTAGGED_FORMAT),
@@ -93,17 +119,12 @@ impl Versions {
         }
     }
 
-    /// Tags an outgoing message where raft-rs leaves the context unused.
-    pub fn tag(&self, m: &mut Message, me: u64, leader: u64, members: &[u64]) {
-        if !m.context.is_empty() {
-            return;
-        }
-        match m.get_msg_type() {
-            MessageType::MsgAppendResponse => {
-                let t = Tag { format: self.mine.0, version: self.mine.1.clone(), cluster: 0, members: Vec::new() };
-                m.context = encode(FOLLOWER, &t).into();
-            }
-            MessageType::MsgAppend | MessageType::MsgHeartbeat if leader == me => {
+    /// The contexts this node's messages carry now (see [`Tags::apply`]): built once per
+    /// Ready, so tagging a message only shares bytes.
+    pub fn tags(&self, me: u64, leader: u64, members: &[u64]) -> Tags {
+        Tags {
+            follower: self.follower_tag.clone(),
+            leader: (leader == me).then(|| {
                 let t = Tag {
                     format: self.mine.0,
                     version: self.mine.1.clone(),
@@ -113,10 +134,15 @@ impl Versions {
                         .filter_map(|&id| self.version_of(me, id).map(|(f, v)| (id, f, v)))
                         .collect(),
                 };
-                m.context = encode(LEADER, &t).into();
-            }
-            _ => {}
+                encode(LEADER, &t).into()
+            }),
         }
+    }
+
+    /// Tags one message (the tests'; the node tags through [`Versions::tags`]).
+    #[cfg(test)]
+    pub fn tag(&self, m: &mut Message, me: u64, leader: u64, members: &[u64]) {
+        self.tags(me, leader, members).apply(m)
     }
 
     /// Learns from an incoming message: a follower's version from its append response, the
