@@ -521,7 +521,8 @@ impl<B: Backend> Node<B> {
         while self.raw.has_ready() {
             let mut rd = self.raw.ready();
             // The version tags, made once for every message of this Ready.
-            let tags = self.versions.tags(self.id(), self.raw.raft.leader_id, &self.member_ids());
+            let settled = self.leader_ticks >= 2 * self.election_ticks;
+            let tags = self.versions.tags(self.id(), self.raw.raft.leader_id, &self.member_ids(), settled);
             // Leader messages may go out before the write; raft tolerates their loss.
             for m in rd.take_messages() {
                 self.route(m, &tags, send)?;

@@ -26,7 +26,8 @@ pub type MemberVersion = (u8, String);
 struct Tag {
     format: u8,
     version: String,
-    /// Leader tags: the cluster's format, and every member's version as the leader knows it.
+    /// Leader tags: the cluster's format (0: not known yet), and every member's version as the
+    /// leader knows it.
     cluster: u8,
     members: Vec<(u64, u8, String)>,
 }
@@ -112,7 +113,7 @@ impl Versions {
         if leader == me {
             let unheard = members.iter().any(|id| *id != me && !self.known.contains_key(id));
             (settled || !unheard).then(|| self.lowest(me, members))
-        } else if self.relayed.0 == leader && leader != 0 {
+        } else if self.relayed.0 == leader && leader != 0 && self.relayed.1 != 0 {
             Some(self.relayed.1.min(self.mine.0))
         } else {
             None
@@ -121,14 +122,17 @@ impl Versions {
 
     /// The contexts this node's messages carry now (see [`Tags::apply`]): built once per
     /// Ready, so tagging a message only shares bytes.
-    pub fn tags(&self, me: u64, leader: u64, members: &[u64]) -> Tags {
+    /// `settled` as for [`Versions::cluster_format`]: until then a leader that has not heard
+    /// from every member says the cluster's format is not known, so followers wait rather than
+    /// refuse.
+    pub fn tags(&self, me: u64, leader: u64, members: &[u64], settled: bool) -> Tags {
         Tags {
             follower: self.follower_tag.clone(),
             leader: (leader == me).then(|| {
                 let t = Tag {
                     format: self.mine.0,
                     version: self.mine.1.clone(),
-                    cluster: self.lowest(me, members),
+                    cluster: self.cluster_format(me, leader, members, settled).unwrap_or(0),
                     members: members
                         .iter()
                         .filter_map(|&id| self.version_of(me, id).map(|(f, v)| (id, f, v)))
@@ -142,7 +146,7 @@ impl Versions {
     /// Tags one message (the tests'; the node tags through [`Versions::tags`]).
     #[cfg(test)]
     pub fn tag(&self, m: &mut Message, me: u64, leader: u64, members: &[u64]) {
-        self.tags(me, leader, members).apply(m)
+        self.tags(me, leader, members, true).apply(m)
     }
 
     /// Learns from an incoming message: a follower's version from its append response, the
@@ -198,6 +202,11 @@ mod tests {
         let mut leader = Versions::new("0.2.0");
         let mut follower = Versions::new("0.2.0");
         assert_eq!(follower.cluster_format(2, 1, &members, false), None, "no leader heard yet");
+        // A young leader that has heard from nobody tells followers it does not know yet.
+        let mut early = msg(MessageType::MsgHeartbeat, 1, 2);
+        leader.tags(1, 1, &members, false).apply(&mut early);
+        follower.observe(&early, 2);
+        assert_eq!(follower.cluster_format(2, 1, &members, false), None, "wait, do not refuse");
         // Nobody has said anything: unknown while the leadership is young, then the untagged format.
         assert_eq!(leader.cluster_format(1, 1, &members, false), None);
         assert_eq!(leader.cluster_format(1, 1, &members, true), Some(UNTAGGED_FORMAT));
