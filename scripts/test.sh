@@ -11,7 +11,11 @@ unset RUST_BACKTRACE RUST_LIB_BACKTRACE
 scripts/setup.sh --no-install || { echo "setup failed" >&2; exit 1; }
 
 log=$(mktemp -d)
-trap 'rm -rf "$log"' EXIT
+# The test clusters live here, so leftovers are this run's own (not another run's on the
+# same machine); the postgres user must be able to reach it.
+work=$(mktemp -d /tmp/raft_kv-run-XXXXXX)
+chmod 755 "$work"
+trap 'rm -rf "$log"; pkill -9 -f "$work/" 2>/dev/null; rm -rf "$work"' EXIT
 failed=0
 summary=()
 
@@ -42,14 +46,14 @@ rm -rf "$pgdata"
 
 # `cargo pgrx test` installed its test build; the cluster tests run the release build.
 stage install scripts/setup.sh
-stage cluster cargo test -p raft_kv_tests --tests -- --test-threads=1
+stage cluster env TMPDIR="$work" cargo test -p raft_kv_tests --tests -- --test-threads=1
 
 # Upgrading in place from 0.1.0: built once from its commit (about 4 minutes the first time),
 # then run from a copy of the PostgreSQL installation beside the current build.
 upgrade_test() {
   local bin
   bin=$(scripts/upgrade_fixture.sh) || return 1
-  RAFT_KV_OLD_BIN="$bin" cargo test -p raft_kv_tests --test upgrade -- --ignored --test-threads=1
+  RAFT_KV_OLD_BIN="$bin" TMPDIR="$work" cargo test -p raft_kv_tests --test upgrade -- --ignored --test-threads=1
 }
 stage upgrade upgrade_test
 
@@ -59,7 +63,7 @@ package_test() {
   local deb
   deb=$(scripts/package.sh) || return 1
   sudo_if_needed dpkg -i "$deb" || return 1
-  cargo test -p raft_kv_tests --test package -- --ignored --test-threads=1
+  TMPDIR="$work" cargo test -p raft_kv_tests --test package -- --ignored --test-threads=1
   local rc=$?
   sudo_if_needed dpkg -r postgresql-15-raft-kv >/dev/null || rc=1
   scripts/setup.sh >/dev/null || rc=1
@@ -69,13 +73,13 @@ sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 stage package package_test
 
 # Nothing may outlive the tests: no server, no data directory.
-rm -rf /tmp/raft_kv-test-template-*
-if pgrep -f 'raft_kv-test-' >/dev/null; then
-  summary+=("leftovers: FAILED (servers still running: $(pgrep -f 'raft_kv-test-' | tr '\n' ' '))")
+rm -rf "$work"/raft_kv-test-template-*
+if pgrep -f "$work/" >/dev/null; then
+  summary+=("leftovers: FAILED (servers still running: $(pgrep -f "$work/" | tr '\n' ' '))")
   failed=1
 fi
-if ls -d /tmp/raft_kv-test-* >/dev/null 2>&1; then
-  summary+=("leftovers: FAILED (directories left: $(ls -d /tmp/raft_kv-test-* | tr '\n' ' '))")
+if ls -d "$work"/raft_kv-test-* >/dev/null 2>&1; then
+  summary+=("leftovers: FAILED (directories left: $(ls -d "$work"/raft_kv-test-* | tr '\n' ' '))")
   failed=1
 fi
 

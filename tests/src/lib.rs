@@ -513,9 +513,42 @@ impl Drop for Cluster {
             }
         }
         if std::env::var_os("RAFT_KV_KEEP_TEST_DIRS").is_none() {
-            let _ = fs::remove_dir_all(&self.root);
+            remove_tree(&self.root);
         }
     }
+}
+
+/// Removes a cluster's directory. A server that was still starting when the test ended has no
+/// pid file yet, so `pg_ctl stop` missed it and it keeps creating files: any process working
+/// in the directory is killed, and the removal is retried until it succeeds.
+fn remove_tree(root: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for pid in processes_in(root) {
+            unsafe {
+                libc::kill(pid, libc::SIGCONT);
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        match fs::remove_dir_all(root) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if Instant::now() >= deadline => {
+                eprintln!("could not remove {}: {e}", root.display());
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Processes whose working directory is inside `root` (a postmaster and its children run in
+/// their data directory).
+fn processes_in(root: &Path) -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(root)))
+        .collect()
 }
 
 /// Sets a flag when dropped: stops worker threads however a test body ends (a failed
