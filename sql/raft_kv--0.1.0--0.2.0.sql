@@ -20,6 +20,10 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'raft_set_wrapper';
 
+-- raft_get no longer pins its search_path (a GUC save and restore on every call); everything it
+-- runs is schema-qualified.
+ALTER FUNCTION raft_get(text, text, bigint) RESET search_path;
+
 -- raft_members shows each member's version: a new row type, so likewise.
 DROP FUNCTION raft_members();
 CREATE  FUNCTION "raft_members"() RETURNS TABLE (

@@ -13,7 +13,9 @@ use raft_kv_core::command::prefix_end;
 use raft_kv_core::types::KvRow;
 
 use crate::shmem::{self, Op};
-use crate::sql_api::{check_key, consistency, fresh_select, raise, read_barrier, request, require_preload, TEXT};
+use crate::sql_api::{
+    check_key, consistency, fresh_select, raise, read_barrier, request, require_preload, statement_select, TEXT,
+};
 
 const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
 const INT4: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT4OID);
@@ -89,10 +91,10 @@ pub(crate) fn get_at(key: &str, at: Option<u64>) -> Option<KvRow> {
     // The key's first change after `at` says what it was at `at`; without one, it is as now.
     let sql = "WITH later AS (SELECT * FROM raft_kv.changes \
                  WHERE key OPERATOR(pg_catalog.=) $1 AND revision OPERATOR(pg_catalog.>) $2 ORDER BY revision LIMIT 1) \
-               SELECT 0, NULL::text, s.revision, s.compact_revision, NULL::bigint FROM raft_kv.revisions s \
+               SELECT 0, NULL::pg_catalog.text, s.revision, s.compact_revision, NULL::pg_catalog.int8 FROM raft_kv.revisions s \
                UNION ALL \
                SELECT 1, l.prev_value, l.prev_mod_revision, l.create_revision, \
-                      CASE l.kind WHEN 'put' THEN l.version OPERATOR(pg_catalog.-) 1 ELSE l.version END \
+                      CASE WHEN l.kind OPERATOR(pg_catalog.=) 'put' THEN l.version OPERATOR(pg_catalog.-) 1 ELSE l.version END \
                  FROM later l WHERE l.prev_mod_revision IS NOT NULL \
                UNION ALL \
                SELECT 1, k.value, k.mod_revision, k.create_revision, k.version FROM raft_kv.kv k \
@@ -128,36 +130,41 @@ pub(crate) fn changes_at(revision: u64) -> Vec<(String, bool)> {
     })
 }
 
+/// Every key starting with `prefix` now, in key order; with a new snapshot when `fresh` (after
+/// a read barrier), else with the calling statement's (see `statement_select`).
+pub(crate) fn scan_now(prefix: &str, fresh: bool) -> Vec<(String, KvRow)> {
+    let select = if fresh { fresh_select } else { statement_select };
+    // Two statements, not one with "$2 IS NULL OR": a kept generic plan can only bound the
+    // index scan by a condition it always has, and would otherwise read to the table's end.
+    let read = |t: pgrx::spi::SpiTupleTable| {
+        let mut rows = Vec::with_capacity(t.len());
+        for r in t {
+            rows.push((r.get::<String>(1)?.unwrap_or_default(), row_of(&r, 2)?));
+        }
+        Ok(rows)
+    };
+    match prefix_end(prefix) {
+        Some(upper) => select(
+            "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
+             WHERE key OPERATOR(pg_catalog.>=) $1 AND key OPERATOR(pg_catalog.<) $2 ORDER BY key",
+            &[TEXT, TEXT],
+            &[prefix.into(), upper.as_str().into()],
+            read,
+        ),
+        None => select(
+            "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
+             WHERE key OPERATOR(pg_catalog.>=) $1 ORDER BY key",
+            &[TEXT],
+            &[prefix.into()],
+            read,
+        ),
+    }
+}
+
 /// Every key starting with `prefix` at revision `at` (now when `None`), in key order.
 pub(crate) fn scan_at(prefix: &str, at: Option<u64>) -> Vec<(String, KvRow)> {
+    let Some(at) = at else { return scan_now(prefix, true) };
     let upper = prefix_end(prefix);
-    let Some(at) = at else {
-        // Two statements, not one with "$2 IS NULL OR": a kept generic plan can only bound the
-        // index scan by a condition it always has, and would otherwise read to the table's end.
-        let read = |t: pgrx::spi::SpiTupleTable| {
-            let mut rows = Vec::with_capacity(t.len());
-            for r in t {
-                rows.push((r.get::<String>(1)?.unwrap_or_default(), row_of(&r, 2)?));
-            }
-            Ok(rows)
-        };
-        return match upper {
-            Some(upper) => fresh_select(
-                "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
-                 WHERE key OPERATOR(pg_catalog.>=) $1 AND key OPERATOR(pg_catalog.<) $2 ORDER BY key",
-                &[TEXT, TEXT],
-                &[prefix.into(), upper.as_str().into()],
-                read,
-            ),
-            None => fresh_select(
-                "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
-                 WHERE key OPERATOR(pg_catalog.>=) $1 ORDER BY key",
-                &[TEXT],
-                &[prefix.into()],
-                read,
-            ),
-        };
-    };
     let sql = "WITH later AS (SELECT DISTINCT ON (key) * FROM raft_kv.changes \
                  WHERE revision OPERATOR(pg_catalog.>) $3 AND key OPERATOR(pg_catalog.>=) $1 \
                    AND ($2::text IS NULL OR key OPERATOR(pg_catalog.<) $2) ORDER BY key, revision) \

@@ -165,7 +165,8 @@ fn a_search_path_hijack_does_not_make_a_role_superuser() {
              CREATE OPERATOR {schema}.= (LEFTARG = text, RIGHTARG = text, FUNCTION = {schema}.trap); \
              CREATE OPERATOR {schema}.= (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = {schema}.trap8); \
              CREATE FUNCTION {schema}.starts_with(a text, b text) RETURNS boolean LANGUAGE sql \
-             AS $$ SELECT {schema}.trap(a, a) $$;"
+             AS $$ SELECT {schema}.trap(a, a) $$; \
+             CREATE DOMAIN {schema}.text AS pg_catalog.text CHECK ({schema}.trap(VALUE, VALUE));"
         )
     };
     m.batch_execute(&trap("evil")).unwrap();
@@ -185,7 +186,7 @@ fn a_search_path_hijack_does_not_make_a_role_superuser() {
     su.batch_execute("ALTER ROLE mallory NOSUPERUSER").unwrap();
 
     m.batch_execute("SET search_path = evil, public, pg_catalog").unwrap();
-    for call in [
+    let calls = [
         "SELECT raft_get('x')",
         "SELECT raft_get('x', 'local')",
         "SELECT * FROM raft_scan('x')",
@@ -202,9 +203,21 @@ fn a_search_path_hijack_does_not_make_a_role_superuser() {
         "SELECT * FROM raft_watch('x', 1, '0 seconds')",
         "SELECT * FROM raft_txn('[{\"prefix\": \"x\", \"target\": \"version\", \"op\": \">\", \"value\": 0}]', \
          '[{\"op\": \"get\", \"prefix\": \"x\"}, {\"op\": \"delete\", \"prefix\": \"y\"}]')",
-    ] {
+    ];
+    for call in calls {
         m.batch_execute(call).unwrap_or_else(|e| panic!("{call}: {e}"));
         assert!(!is_super(&mut su), "{call} made mallory superuser");
+    }
+    // A superuser whose search_path lets mallory's objects in: whatever runs inside the
+    // functions runs as the superuser, so a name resolved through search_path would trip the
+    // trap (raft_get does not pin its search_path; the others do).
+    let mut su2 = c.client(1);
+    su2.batch_execute("SET search_path = evil, public, pg_catalog").unwrap();
+    for call in calls {
+        // A request id belongs to the role that used it first.
+        let call = call.replace("'r1'", "'r2'");
+        su2.batch_execute(&call).unwrap_or_else(|e| panic!("{call} as superuser: {e}"));
+        assert!(!is_super(&mut su), "{call}, called by a superuser, made mallory superuser");
     }
     // The workers' own SQL (applying, on every node) ran meanwhile: still not superuser, and
     // the writes applied everywhere.
