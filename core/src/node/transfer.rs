@@ -35,6 +35,21 @@ pub(super) struct OutStream {
 /// Ticks without an acknowledgement after which unacknowledged chunks are sent again.
 const RESEND_TICKS: u32 = 5;
 
+/// Once every chunk is staged and the snapshot message is out, the follower installs the rows
+/// in one transaction and says nothing meanwhile: the wait grows by a tick per this many rows
+/// (a slow pace: 1,000,000 rows installed in 16 s here, against the 100 s this allows).
+const INSTALL_ROWS_PER_TICK: u64 = 1_000;
+
+impl OutStream {
+    /// Ticks without progress after which the transfer counts as failed.
+    fn patience(&self, timeout_ticks: u32) -> u32 {
+        let installing = self.sent_last && self.msg.is_none();
+        let install =
+            if installing { (self.rows_total / INSTALL_ROWS_PER_TICK).min(u32::MAX as u64) as u32 } else { 0 };
+        timeout_ticks.saturating_add(install)
+    }
+}
+
 /// A snapshot being staged from a leader.
 #[derive(Debug)]
 pub(super) struct InStream {
@@ -253,7 +268,7 @@ impl<B: Backend> Node<B> {
         let mut resend = Vec::new();
         for (&to, s) in self.streams.iter_mut() {
             s.idle_ticks += 1;
-            if s.idle_ticks > self.snapshot_timeout_ticks {
+            if s.idle_ticks > s.patience(self.snapshot_timeout_ticks) {
                 failed.push(to);
             } else if s.idle_ticks % RESEND_TICKS == 0 && s.acked < s.next_seq {
                 // A chunk or its acknowledgement was lost: go back to the first unacknowledged.
@@ -324,6 +339,57 @@ mod tests {
         assert!(matches!(frames[0], SnapFrame::Ack { seq: 0, .. }), "{frames:?}");
         assert!(matches!(&frames[1], SnapFrame::Abort { reason, .. } if reason.contains("more rows")), "{frames:?}");
         assert!(n.storage().with_backend(|b| b.inner.lock().unwrap().snap_kv.is_empty()), "staging emptied");
+    }
+
+    /// A leader with a transfer to node 2 of `rows_total` rows, every chunk acknowledged and
+    /// the snapshot message sent: node 2 is installing.
+    fn leader_waiting_for_an_install(rows_total: u64) -> Node<MemBackend> {
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let one = Member { id: 1, address: "a".into(), promote: false };
+        let mut n = Node::open(MemBackend::new(), &NodeOptions::new(1), &[one], &logger).unwrap();
+        while !n.is_leader() {
+            n.tick().unwrap();
+            n.handle_ready(&mut Output::default(), &mut |_| {}).unwrap();
+        }
+        let s = OutStream {
+            stream: 1,
+            index: 10,
+            term: 1,
+            msg: None,
+            cursor: Cursor::Done,
+            starts: Default::default(),
+            next_seq: 3,
+            acked: 3,
+            sent_last: true,
+            idle_ticks: 0,
+            rows_total,
+        };
+        n.streams.insert(2, s);
+        n
+    }
+
+    fn ticks_until_failed(n: &mut Node<MemBackend>) -> u32 {
+        for t in 1..=1_000_000 {
+            n.tick_transfers().unwrap();
+            if !n.take_failed_transfers().is_empty() {
+                return t;
+            }
+        }
+        panic!("the transfer never timed out")
+    }
+
+    #[test]
+    fn a_follower_installing_a_large_snapshot_is_given_time_in_proportion() {
+        let timeout = NodeOptions::new(1).snapshot_timeout_ticks;
+        let mut small = leader_waiting_for_an_install(10);
+        assert_eq!(ticks_until_failed(&mut small), timeout + 1);
+        // A million rows took 16 s to install here (160 ticks), past the 100-tick timeout.
+        let mut large = leader_waiting_for_an_install(2_000_000);
+        assert_eq!(ticks_until_failed(&mut large), timeout + 2_000 + 1);
+        // While chunks are still being sent, the plain timeout applies.
+        let mut sending = leader_waiting_for_an_install(2_000_000);
+        sending.streams.get_mut(&2).unwrap().sent_last = false;
+        assert_eq!(ticks_until_failed(&mut sending), timeout + 1);
     }
 
     #[test]
