@@ -208,9 +208,8 @@ thread_local! {
 }
 
 /// Runs a read query with a fresh snapshot, through a plan kept for the backend's life.
-/// (A read-only SPI query would reuse the calling statement's snapshot, taken before the read
-/// barrier, and could miss writes the barrier waited for; a plan prepared as mutating gets a
-/// new one.) Postgres re-plans a kept plan itself when the tables change.
+/// (The calling statement's snapshot was taken before the read barrier and could miss writes
+/// the barrier waited for.) Postgres re-plans a kept plan itself when the tables change.
 pub(crate) fn fresh_select<R>(
     sql: &'static str,
     types: &[PgOid],
@@ -247,7 +246,19 @@ fn kept_select<R>(
                     plans.insert(sql, plan);
                 }
                 let plan = &plans[sql];
-                f(if fresh { c.update(plan, None, args)? } else { c.select(plan, None, args)? })
+                if !fresh {
+                    return f(c.select(plan, None, args)?);
+                }
+                // A new snapshot, then a read-only execution under it: what SPI's non-read-only
+                // execution does for a SELECT, without its command-counter work (5-10 % of a
+                // linearizable read, measured).
+                // SAFETY: pushes a snapshot and pops it before returning; an ERROR in between
+                // aborts the transaction, which clears the active snapshot stack.
+                unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+                let read = c.select(plan, None, args);
+                // SAFETY: the snapshot pushed above is still the active one.
+                unsafe { pg_sys::PopActiveSnapshot() };
+                f(read?)
             })
         })
         .unwrap_or_else(|e: pgrx::spi::SpiError| {
