@@ -14,7 +14,7 @@ use raft_kv_core::types::KvRow;
 
 use crate::shmem::{self, Op};
 use crate::sql_api::{
-    check_key, consistency, fresh_select, raise, read_barrier, request, require_preload, statement_select, TEXT,
+    check_key, consistency, fresh_select, kept_select, raise, read_barrier, request, require_preload, TEXT,
 };
 
 const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
@@ -131,9 +131,8 @@ pub(crate) fn changes_at(revision: u64) -> Vec<(String, bool)> {
 }
 
 /// Every key starting with `prefix` now, in key order; with a new snapshot when `fresh` (after
-/// a read barrier), else with the calling statement's (see `statement_select`).
+/// a read barrier), else with the calling statement's (see `kept_select`).
 pub(crate) fn scan_now(prefix: &str, fresh: bool) -> Vec<(String, KvRow)> {
-    let select = if fresh { fresh_select } else { statement_select };
     // Two statements, not one with "$2 IS NULL OR": a kept generic plan can only bound the
     // index scan by a condition it always has, and would otherwise read to the table's end.
     let read = |t: pgrx::spi::SpiTupleTable| {
@@ -144,18 +143,20 @@ pub(crate) fn scan_now(prefix: &str, fresh: bool) -> Vec<(String, KvRow)> {
         Ok(rows)
     };
     match prefix_end(prefix) {
-        Some(upper) => select(
+        Some(upper) => kept_select(
             "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
              WHERE key OPERATOR(pg_catalog.>=) $1 AND key OPERATOR(pg_catalog.<) $2 ORDER BY key",
             &[TEXT, TEXT],
             &[prefix.into(), upper.as_str().into()],
+            fresh,
             read,
         ),
-        None => select(
+        None => kept_select(
             "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
              WHERE key OPERATOR(pg_catalog.>=) $1 ORDER BY key",
             &[TEXT],
             &[prefix.into()],
+            fresh,
             read,
         ),
     }

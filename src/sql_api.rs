@@ -219,19 +219,10 @@ pub(crate) fn fresh_select<R>(
     kept_select(sql, types, args, true, f)
 }
 
-/// Like [`fresh_select`], but with the calling statement's snapshot, as a plain SELECT in that
-/// statement would read: for `'local'` reads, which have no barrier to see past. Taking a new
-/// snapshot (SPI's non-read-only execution) cost a quarter of a local read's throughput.
-pub(crate) fn statement_select<R>(
-    sql: &'static str,
-    types: &[PgOid],
-    args: &[pgrx::datum::DatumWithOid],
-    f: impl FnOnce(pgrx::spi::SpiTupleTable) -> Result<R, pgrx::spi::SpiError>,
-) -> R {
-    kept_select(sql, types, args, false, f)
-}
-
-fn kept_select<R>(
+/// [`fresh_select`] when `fresh`; otherwise with the calling statement's snapshot, as a plain
+/// SELECT in that statement would read: for `'local'` reads, which have no barrier to see past.
+/// Taking a new snapshot there cost a quarter of a local read's throughput.
+pub(crate) fn kept_select<R>(
     sql: &'static str,
     types: &[PgOid],
     args: &[pgrx::datum::DatumWithOid],
@@ -386,11 +377,14 @@ fn raft_get(
     if at.is_none() {
         // The hot path: the value alone.
         let sql = "SELECT value FROM raft_kv.kv WHERE key OPERATOR(pg_catalog.=) $1";
-        let value = |t: pgrx::spi::SpiTupleTable| if t.is_empty() { Ok(None) } else { t.first().get::<String>(1) };
-        return match consistency {
-            Consistency::Linearizable => fresh_select(sql, &[TEXT], &[key.into()], value),
-            Consistency::Local => statement_select(sql, &[TEXT], &[key.into()], value),
-        };
+        let fresh = consistency == Consistency::Linearizable;
+        return kept_select(sql, &[TEXT], &[key.into()], fresh, |t| {
+            if t.is_empty() {
+                Ok(None)
+            } else {
+                t.first().get::<String>(1)
+            }
+        });
     }
     crate::history_api::get_at(key, at).map(|r| r.value)
 }

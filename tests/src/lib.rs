@@ -525,6 +525,7 @@ fn remove_tree(root: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         for pid in processes_in(root) {
+            // SAFETY: plain signals to processes of this test's own servers.
             unsafe {
                 libc::kill(pid, libc::SIGCONT);
                 libc::kill(pid, libc::SIGKILL);
