@@ -19,6 +19,7 @@ mod peers;
 mod raft_log;
 mod raft_loop;
 mod recovery_api;
+mod scan_api;
 mod requests;
 mod settings;
 mod shmem;

@@ -4,8 +4,6 @@
 //! only this (main) thread calls into Postgres.
 
 use std::collections::BTreeMap;
-use std::os::fd::RawFd;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::BackgroundWorker;
@@ -17,7 +15,7 @@ use raft_kv_core::node::{role_name, MemberChange, Node, NodeError, NodeStatus, O
 use raft_kv_core::pending::{Answer, Pending};
 use raft_kv_core::raft::StateRole;
 use raft_kv_core::snapshot::SnapFrame;
-use raft_kv_core::transport::{frame_limit, Event, Security, Transport, Waker};
+use raft_kv_core::transport::{frame_limit, Event, Security, Transport};
 use raft_kv_core::types::Member;
 
 use crate::freeze::BackgroundFreeze;
@@ -32,6 +30,9 @@ use crate::spi::in_txn;
 use crate::storage::PgBackend;
 
 mod recovery;
+mod wake;
+
+use wake::{EventFd, Wake};
 
 type Client = (usize, u64);
 
@@ -41,7 +42,7 @@ pub struct RaftLoop {
     tick: Duration,
     /// An election timeout: how long a promotion or a cluster-id proposal is given to apply.
     patience: Duration,
-    efd: EventFd,
+    wake: Wake,
     node: Node<PgBackend>,
     transport: Transport,
     peers: Peers,
@@ -98,11 +99,11 @@ impl RaftLoop {
     /// exit meanwhile.
     pub fn start(settings: &Settings, epoch: u64) -> Option<RaftLoop> {
         let me = settings.cluster.node_id;
-        let efd = EventFd::new();
+        let wake = Wake::new(EventFd::new());
         let mut transport = loop {
             let max_frame = frame_limit(guc::MAX_VALUE_BYTES.get() as usize);
             let security = settings.security.clone();
-            match Transport::start(runtime(), me, settings.cluster.listen_addr, security, max_frame, efd.waker()) {
+            match Transport::start(runtime(), me, settings.cluster.listen_addr, security, max_frame, wake.waker()) {
                 Ok(t) => break t,
                 Err(e) => {
                     let state = format!("cannot listen on {}: {e}", settings.cluster.listen_addr);
@@ -164,7 +165,7 @@ impl RaftLoop {
             epoch,
             tick: settings.tick,
             patience: settings.tick * settings.opts.election_ticks as u32,
-            efd,
+            wake,
             node,
             transport,
             peers,
@@ -293,20 +294,8 @@ impl RaftLoop {
 
     /// Sleeps until the next tick, a backend's request (the latch) or network input (the
     /// eventfd).
-    fn sleep(&self) {
-        let wait_ms = self.next_tick.saturating_duration_since(Instant::now()).as_millis() as std::ffi::c_long;
-        // SAFETY: MyLatch is this process's latch; the eventfd stays open for the loop's life.
-        unsafe {
-            pg_sys::WaitLatchOrSocket(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
-                    as i32,
-                self.efd.0,
-                wait_ms,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
+    fn sleep(&mut self) {
+        self.wake.wait(self.next_tick.saturating_duration_since(Instant::now()).as_millis() as i64);
     }
 
     /// `sleep`, then the signals: false when the worker must exit.
@@ -321,7 +310,7 @@ impl RaftLoop {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             self.transport.set_max_frame(frame_limit(guc::MAX_VALUE_BYTES.get() as usize));
         }
-        self.efd.drain();
+        self.wake.drain();
         true
     }
 
@@ -775,37 +764,6 @@ pub fn pause(d: Duration) -> bool {
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
     }
     alive
-}
-
-/// An eventfd the transport threads write to, so the latch wait also wakes for network input.
-struct EventFd(RawFd);
-
-impl EventFd {
-    fn new() -> Self {
-        // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            pgrx::error!("raft_kv: eventfd failed: {}", std::io::Error::last_os_error());
-        }
-        EventFd(fd)
-    }
-
-    fn waker(&self) -> Waker {
-        let fd = self.0;
-        Arc::new(move || {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to the eventfd, which outlives the
-            // transport (the loop shuts the transport down before dropping this). A full
-            // counter (EAGAIN) still leaves the fd readable, which is all the wake needs.
-            unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
-        })
-    }
-
-    fn drain(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a live u64; EAGAIN (nothing written) is expected.
-        unsafe { libc::read(self.0, &mut v as *mut u64 as *mut libc::c_void, 8) };
-    }
 }
 
 /// Builds the tokio runtime with every signal blocked in its threads, so Postgres's signals

@@ -389,43 +389,6 @@ fn raft_get(
     crate::history_api::get_at(key, at).map(|r| r.value)
 }
 
-/// Every key starting with `prefix` (all keys for ''), ordered by key, with its metadata
-/// (etcd's mod_revision, create_revision and version), with the same consistency and
-/// `at_revision` choices as `raft_get`.
-#[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
-fn raft_scan(
-    prefix: Option<&str>,
-    consistency: default!(Option<&str>, "'linearizable'"),
-    at_revision: default!(Option<i64>, "NULL"),
-) -> TableIterator<
-    'static,
-    (
-        name!(key, String),
-        name!(value, String),
-        name!(mod_revision, i64),
-        name!(create_revision, i64),
-        name!(version, i64),
-    ),
-> {
-    require_preload();
-    let Some(prefix) = prefix else {
-        raise(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "raft_kv prefix must not be NULL".into(), None, None)
-    };
-    let at = crate::history_api::revision_arg("at_revision", at_revision);
-    let consistency = self::consistency(consistency);
-    read_barrier(consistency);
-    // The prefix is read as a key range, so the primary-key index serves it (keys sort
-    // bytewise: the column's collation is "C").
-    let rows = match at {
-        None => crate::history_api::scan_now(prefix, consistency == Consistency::Linearizable),
-        Some(_) => crate::history_api::scan_at(prefix, at),
-    };
-    TableIterator::new(
-        rows.into_iter().map(|(k, r)| (k, r.value, r.mod_revision as i64, r.create_revision as i64, r.version as i64)),
-    )
-}
-
 fn nonzero(v: u64) -> Option<i64> {
     (v != 0).then_some(v as i64)
 }
