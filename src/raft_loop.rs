@@ -295,6 +295,11 @@ impl RaftLoop {
     /// Sleeps until the next tick, a backend's request (the latch) or network input (the
     /// eventfd).
     fn sleep(&mut self) {
+        if self.pending.reads_to_ask() {
+            // Reads held back while another read index was asked for: ask for them now.
+            self.wake.wait(0);
+            return;
+        }
         self.wake.wait(self.next_tick.saturating_duration_since(Instant::now()).as_millis() as i64);
     }
 
