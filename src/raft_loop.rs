@@ -64,6 +64,8 @@ pub struct RaftLoop {
     published: Option<NodeStatus>,
     /// The revision and compaction point last published.
     published_revision: (u64, u64),
+    /// The revision to send NOTIFY raft_kv with after this pass's answers.
+    notify_due: Option<u64>,
     /// The history compaction last proposed, and when.
     compact_asked: Option<(u64, Instant)>,
     /// Why the node must stop (a log entry it cannot read), once it must.
@@ -185,6 +187,7 @@ impl RaftLoop {
             sending: Vec::new(),
             published: None,
             published_revision: (u64::MAX, u64::MAX),
+            notify_due: None,
             compact_asked: None,
             halted: None,
             early_election: None,
@@ -221,6 +224,7 @@ impl RaftLoop {
             // Before answering: a client that saw its write applied finds the revision published.
             self.publish_revision();
             self.answer();
+            self.notify();
             self.raft_log.flush();
             self.publish_status();
             self.report_table_stats();
@@ -691,18 +695,25 @@ impl RaftLoop {
         }
     }
 
-    /// When applying moved the revision: publishes it, wakes the watchers (`raft_watch`), and
-    /// sends NOTIFY raft_kv with it, in a transaction of its own so that a full notification
-    /// queue can never fail or stall an apply. One notification per pass, whatever it applied.
+    /// When applying moved the revision: publishes it and wakes the watchers (`raft_watch`).
+    /// The NOTIFY follows in `notify`, after the answers.
     fn publish_revision(&mut self) {
         let (revision, compact) = self.node.revisions();
         if (revision, compact) == self.published_revision {
             return;
         }
-        let moved = revision != self.published_revision.0;
+        if revision != self.published_revision.0 {
+            self.notify_due = Some(revision);
+        }
         self.published_revision = (revision, compact);
         crate::shmem::publish_revision(revision, compact);
-        if moved {
+    }
+
+    /// Sends NOTIFY raft_kv with the revision applied this pass, once per pass, in a
+    /// transaction of its own so that a full notification queue can never fail or stall an
+    /// apply; after the answers, since its commit (which takes an xid) need not delay them.
+    fn notify(&mut self) {
+        if let Some(revision) = self.notify_due.take() {
             crate::spi::notify("raft_kv", &revision.to_string());
         }
     }

@@ -80,17 +80,15 @@ pub fn in_txn<R>(f: impl FnOnce() -> R) -> R {
 pub fn notify(channel: &str, payload: &str) {
     let sent = pgrx::PgTryBuilder::new(|| {
         // SAFETY: on the worker's main thread, outside any transaction (every pass ends
-        // committed); the snapshot pushed is popped before the commit.
+        // committed). pg_notify is called directly (no statement to parse and plan) with two
+        // text values made in the transaction's memory.
         unsafe {
             pg_sys::StartTransactionCommand();
-            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        }
-        local_async_commit();
-        Spi::run_with_args("SELECT pg_catalog.pg_notify($1, $2)", &[channel.into(), payload.into()])
-            .expect("pg_notify reports failure as an ERROR");
-        // SAFETY: as above.
-        unsafe {
-            pg_sys::PopActiveSnapshot();
+            local_async_commit();
+            pgrx::fcinfo::direct_function_call::<()>(
+                pg_sys::pg_notify,
+                &[channel.into_datum(), payload.into_datum()],
+            );
             pg_sys::CommitTransactionCommand();
         }
         true
