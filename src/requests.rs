@@ -112,6 +112,7 @@ pub fn submit(req: &Request) -> Result<Reply, RequestError> {
             // SAFETY: `seg` is the segment created above and still attached.
             s.dsm = unsafe { pg_sys::dsm_segment_handle(seg) };
         }
+        sh.flag(idx);
         (idx, gen, epoch, worker)
     });
     let result = match claimed {
@@ -226,6 +227,7 @@ fn release(idx: usize, gen: u64) {
     }
     if s.state == SlotState::Taken as u8 {
         s.abandoned = true;
+        sh.flag(idx);
     } else {
         s.state = SlotState::Free as u8;
     }
@@ -252,7 +254,12 @@ pub struct Taken {
 pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u64)>) {
     let mut sh = SHARED.exclusive();
     let now = Instant::now();
-    for (idx, s) in sh.slots.iter_mut().enumerate() {
+    // Only the flagged slots: reading all 512 slots' states under the lock was 1.4 % of the
+    // machine's samples at 32 readers (0.1 % flagged).
+    let mut flagged = Vec::new();
+    sh.take_flagged(&mut flagged);
+    for idx in flagged {
+        let s = &mut sh.slots[idx];
         if s.state == SlotState::Taken as u8 && s.abandoned {
             s.state = SlotState::Free as u8;
             abandoned.push((idx, s.gen));

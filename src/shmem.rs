@@ -246,12 +246,33 @@ pub struct Slot {
 pub struct Shared {
     pub status: Status,
     pub next_gen: u64,
+    /// One bit per slot the worker must look at (submitted, or abandoned while taken), so its
+    /// pass reads a few words instead of every slot's cache lines under the exclusive lock.
+    pub attention: [u64; NSLOTS / 64],
     pub slots: [Slot; NSLOTS],
     /// Broadcast by the worker whenever the revision moves: `raft_watch` sleeps on it.
     pub watch: pg_sys::ConditionVariable,
     /// Each lease's deadline as this node's worker tracks it (see [`mono_ms`]), by lease id.
     pub n_leases: u32,
     pub leases: [(u64, u64); MAX_LEASES],
+}
+
+impl Shared {
+    /// Flags slot `idx` for the worker's next pass.
+    pub fn flag(&mut self, idx: usize) {
+        self.attention[idx / 64] |= 1 << (idx % 64);
+    }
+
+    /// Takes the flagged slots' indexes, clearing the flags.
+    pub fn take_flagged(&mut self, out: &mut Vec<usize>) {
+        for (w, word) in self.attention.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                out.push(w * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
+    }
 }
 
 impl Default for Shared {

@@ -2,8 +2,8 @@
 //! `raft_loop.rs`.
 //!
 //! Only this process's main thread calls into Postgres. The transport's tokio threads hand
-//! messages over a channel and write to an eventfd; backends set the worker's latch. One
-//! `WaitLatchOrSocket` waits for both, or for the next tick.
+//! messages over a channel and write to an eventfd; backends set the worker's latch. One wait
+//! set, kept for the loop's life (`raft_loop/wake.rs`), waits for both, or for the next tick.
 
 use std::time::Duration;
 
