@@ -85,9 +85,8 @@ pub extern "C" fn pg_finfo_raft_scan_wrapper() -> &'static pg_sys::Pg_finfo_reco
 pub unsafe extern "C-unwind" fn raft_scan_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     require_preload();
     // SAFETY: the three arguments are text, text and bigint, as declared.
-    let (prefix, c, at) = unsafe {
-        (pg_getarg::<&str>(fcinfo, 0), pg_getarg::<&str>(fcinfo, 1), pg_getarg::<i64>(fcinfo, 2))
-    };
+    let (prefix, c, at) =
+        unsafe { (pg_getarg::<&str>(fcinfo, 0), pg_getarg::<&str>(fcinfo, 1), pg_getarg::<i64>(fcinfo, 2)) };
     let Some(prefix) = prefix else {
         raise(Code::ERRCODE_NULL_VALUE_NOT_ALLOWED, "raft_kv prefix must not be NULL".into(), None, None)
     };

@@ -85,10 +85,7 @@ pub fn notify(channel: &str, payload: &str) {
         unsafe {
             pg_sys::StartTransactionCommand();
             local_async_commit();
-            pgrx::fcinfo::direct_function_call::<()>(
-                pg_sys::pg_notify,
-                &[channel.into_datum(), payload.into_datum()],
-            );
+            pgrx::fcinfo::direct_function_call::<()>(pg_sys::pg_notify, &[channel.into_datum(), payload.into_datum()]);
             pg_sys::CommitTransactionCommand();
         }
         true

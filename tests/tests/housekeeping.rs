@@ -63,8 +63,7 @@ fn prefix_scans_return_exactly_the_keys_under_the_prefix() {
     let rev: i64 = l.query_one("SELECT raft_set('big/1', $1)", &[&big]).unwrap().get(0);
     let row = l.query_one("SELECT value, mod_revision, version FROM raft_scan('big/')", &[]).unwrap();
     assert_eq!((row.get::<_, String>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (big.clone(), rev, 1));
-    let listed: Vec<String> =
-        l.query("SELECT (raft_scan('a/')).key", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let listed: Vec<String> = l.query("SELECT (raft_scan('a/')).key", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(listed, ["a/", "a/1", "a/2", "a/\u{7f}"]);
     let follower = (1..=3).find(|&i| i != leader).unwrap();
     let mut f = c.client(follower);
