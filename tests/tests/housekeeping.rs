@@ -59,8 +59,21 @@ fn prefix_scans_return_exactly_the_keys_under_the_prefix() {
     }
     // The rows come from the executor straight into the result set: a value stored out of
     // line (TOASTed) arrives whole, also in the select list and through 'local' on a follower.
-    let big: String = (0..40_000).map(|i| format!("{:x}", (i * 7919) % 16)).collect();
+    // Hex digits of splitmix64: nothing for the compressor to shorten below the TOAST threshold.
+    let mix = |i: u64| {
+        let mut z = i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) & 15
+    };
+    let big: String = (0..40_000u64).map(|i| format!("{:x}", mix(i))).collect();
     let rev: i64 = l.query_one("SELECT raft_set('big/1', $1)", &[&big]).unwrap().get(0);
+    let toast: String = l
+        .query_one("SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = 'raft_kv.kv'::regclass", &[])
+        .unwrap()
+        .get(0);
+    let chunks: i64 = l.query_one(&format!("SELECT count(*) FROM {toast}"), &[]).unwrap().get(0);
+    assert!(chunks > 0, "the value is stored out of line");
     let row = l.query_one("SELECT value, mod_revision, version FROM raft_scan('big/')", &[]).unwrap();
     assert_eq!((row.get::<_, String>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (big.clone(), rev, 1));
     let listed: Vec<String> = l.query("SELECT (raft_scan('a/')).key", &[]).unwrap().iter().map(|r| r.get(0)).collect();
