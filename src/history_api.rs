@@ -13,9 +13,7 @@ use raft_kv_core::command::prefix_end;
 use raft_kv_core::types::KvRow;
 
 use crate::shmem::{self, Op};
-use crate::sql_api::{
-    check_key, consistency, fresh_select, kept_select, raise, read_barrier, request, require_preload, TEXT,
-};
+use crate::sql_api::{check_key, consistency, fresh_select, raise, read_barrier, request, require_preload, TEXT};
 
 const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
 const INT4: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT4OID);
@@ -130,11 +128,20 @@ pub(crate) fn changes_at(revision: u64) -> Vec<(String, bool)> {
     })
 }
 
-/// Every key starting with `prefix` now, in key order; with a new snapshot when `fresh` (after
-/// a read barrier), else with the calling statement's (see `kept_select`).
-pub(crate) fn scan_now(prefix: &str, fresh: bool) -> Vec<(String, KvRow)> {
-    // Two statements, not one with "$2 IS NULL OR": a kept generic plan can only bound the
-    // index scan by a condition it always has, and would otherwise read to the table's end.
+/// The current keys under a prefix, as a key range, so the primary-key index serves it (keys
+/// sort bytewise: the column's collation is "C"): `$1` the prefix, `$2` its end. Two
+/// statements, not one with "$2 IS NULL OR": a kept generic plan can only bound the index scan
+/// by a condition it always has, and would otherwise read to the table's end. The column list
+/// is `raft_scan`'s result type.
+pub(crate) const SCAN_RANGE_SQL: &str = "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
+     WHERE key OPERATOR(pg_catalog.>=) $1 AND key OPERATOR(pg_catalog.<) $2 ORDER BY key";
+/// [`SCAN_RANGE_SQL`] for a prefix with no end (empty, or all U+10FFFF).
+pub(crate) const SCAN_FROM_SQL: &str = "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
+     WHERE key OPERATOR(pg_catalog.>=) $1 ORDER BY key";
+
+/// Every key starting with `prefix` now, in key order, with a new snapshot (after a read
+/// barrier).
+fn scan_now(prefix: &str) -> Vec<(String, KvRow)> {
     let read = |t: pgrx::spi::SpiTupleTable| {
         let mut rows = Vec::with_capacity(t.len());
         for r in t {
@@ -143,28 +150,14 @@ pub(crate) fn scan_now(prefix: &str, fresh: bool) -> Vec<(String, KvRow)> {
         Ok(rows)
     };
     match prefix_end(prefix) {
-        Some(upper) => kept_select(
-            "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
-             WHERE key OPERATOR(pg_catalog.>=) $1 AND key OPERATOR(pg_catalog.<) $2 ORDER BY key",
-            &[TEXT, TEXT],
-            &[prefix.into(), upper.as_str().into()],
-            fresh,
-            read,
-        ),
-        None => kept_select(
-            "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
-             WHERE key OPERATOR(pg_catalog.>=) $1 ORDER BY key",
-            &[TEXT],
-            &[prefix.into()],
-            fresh,
-            read,
-        ),
+        Some(upper) => fresh_select(SCAN_RANGE_SQL, &[TEXT, TEXT], &[prefix.into(), upper.as_str().into()], read),
+        None => fresh_select(SCAN_FROM_SQL, &[TEXT], &[prefix.into()], read),
     }
 }
 
 /// Every key starting with `prefix` at revision `at` (now when `None`), in key order.
 pub(crate) fn scan_at(prefix: &str, at: Option<u64>) -> Vec<(String, KvRow)> {
-    let Some(at) = at else { return scan_now(prefix, true) };
+    let Some(at) = at else { return scan_now(prefix) };
     let upper = prefix_end(prefix);
     let sql = "WITH later AS (SELECT DISTINCT ON (key) * FROM raft_kv.changes \
                  WHERE revision OPERATOR(pg_catalog.>) $3 AND key OPERATOR(pg_catalog.>=) $1 \

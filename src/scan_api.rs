@@ -14,6 +14,7 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode as Code;
 use raft_kv_core::command::prefix_end;
 
+use crate::history_api::{SCAN_FROM_SQL, SCAN_RANGE_SQL};
 use crate::sql_api::{consistency, raise, read_barrier, require_preload, Consistency};
 
 extension_sql!(
@@ -40,14 +41,6 @@ AS 'MODULE_PATHNAME', 'raft_scan_wrapper';
 "#,
     name = "raft_scan",
 );
-
-/// The prefix as a key range, so the primary-key index serves it (keys sort bytewise: the
-/// column's collation is "C"). Two statements, not one with "$2 IS NULL OR": a kept generic
-/// plan can only bound the index scan by a condition it always has.
-const RANGE: &str = "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
-                     WHERE key OPERATOR(pg_catalog.>=) $1 AND key OPERATOR(pg_catalog.<) $2 ORDER BY key";
-const FROM: &str = "SELECT key, value, mod_revision, create_revision, version FROM raft_kv.kv \
-                    WHERE key OPERATOR(pg_catalog.>=) $1 ORDER BY key";
 
 // Not in pgrx's bindings (executor/tstoreReceiver.h). It only fills in the receiver's fields.
 extern "C" {
@@ -133,8 +126,8 @@ pub unsafe extern "C-unwind" fn raft_scan_wrapper(fcinfo: pg_sys::FunctionCallIn
 fn scan_into(rsinfo: &mut pg_sys::ReturnSetInfo, prefix: &str, fresh: bool) {
     let upper = prefix_end(prefix);
     let (sql, args): (&'static str, Vec<&str>) = match &upper {
-        Some(u) => (RANGE, vec![prefix, u.as_str()]),
-        None => (FROM, vec![prefix]),
+        Some(u) => (SCAN_RANGE_SQL, vec![prefix, u.as_str()]),
+        None => (SCAN_FROM_SQL, vec![prefix]),
     };
     Spi::connect(|_| {
         let plan = plan_for(sql, args.len());

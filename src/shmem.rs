@@ -264,14 +264,17 @@ impl Shared {
     }
 
     /// Takes the flagged slots' indexes, clearing the flags.
-    pub fn take_flagged(&mut self, out: &mut Vec<usize>) {
-        for (w, word) in self.attention.iter_mut().enumerate() {
-            let mut bits = std::mem::take(word);
-            while bits != 0 {
-                out.push(w * 64 + bits.trailing_zeros() as usize);
-                bits &= bits - 1;
-            }
-        }
+    pub fn take_flagged(&mut self) -> impl Iterator<Item = usize> {
+        let words = std::mem::replace(&mut self.attention, [0; NSLOTS / 64]);
+        words.into_iter().enumerate().flat_map(|(w, mut bits)| {
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let i = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    w * 64 + i
+                })
+            })
+        })
     }
 }
 

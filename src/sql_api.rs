@@ -222,7 +222,7 @@ pub(crate) fn fresh_select<R>(
 /// [`fresh_select`] when `fresh`; otherwise with the calling statement's snapshot, as a plain
 /// SELECT in that statement would read: for `'local'` reads, which have no barrier to see past.
 /// Taking a new snapshot there cost a quarter of a local read's throughput.
-pub(crate) fn kept_select<R>(
+fn kept_select<R>(
     sql: &'static str,
     types: &[PgOid],
     args: &[pgrx::datum::DatumWithOid],

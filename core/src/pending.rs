@@ -481,23 +481,41 @@ mod tests {
         n
     }
 
+    /// Runs the node's Ready: the contexts of the ReadIndex requests it sends (to node 1).
+    fn asked(n: &mut Node<MemBackend>) -> Vec<Vec<u8>> {
+        let mut out = Output::default();
+        let mut ctxs = Vec::new();
+        n.handle_ready(&mut out, &mut |m| {
+            if let crate::node::Outbound::Raft(m) = m {
+                if m.get_msg_type() == raft::eraftpb::MessageType::MsgReadIndex {
+                    ctxs.push(m.entries[0].data.to_vec());
+                }
+            }
+        })
+        .unwrap();
+        ctxs
+    }
+
+    /// Node 1 answers the ReadIndex request `ctx` with index 0; what `p` then answers.
+    fn answer_read_index(n: &mut Node<MemBackend>, p: &mut Pending<u32>, ctx: &[u8]) -> Vec<(u32, Answer)> {
+        let mut resp = raft::eraftpb::Message::default();
+        resp.set_msg_type(raft::eraftpb::MessageType::MsgReadIndexResp);
+        (resp.from, resp.to, resp.term, resp.index) = (1, 2, n.status().term, 0);
+        let mut e = raft::eraftpb::Entry::default();
+        e.data = ctx.to_vec().into();
+        resp.entries = vec![e].into();
+        n.step(resp);
+        let mut out = Output::default();
+        n.handle_ready(&mut out, &mut |_| {}).unwrap();
+        let mut answers = Vec::new();
+        p.on_output(&mut out, 0, &mut answers);
+        answers
+    }
+
     #[test]
     fn reads_waiting_together_share_one_read_index_request() {
         // Node 2 follows node 1: every ReadIndex request it makes is a message to count.
         let mut n = follower_of_node_1();
-        let asked = |n: &mut Node<MemBackend>| {
-            let mut out = Output::default();
-            let mut ctxs = Vec::new();
-            n.handle_ready(&mut out, &mut |m| {
-                if let crate::node::Outbound::Raft(m) = m {
-                    if m.get_msg_type() == raft::eraftpb::MessageType::MsgReadIndex {
-                        ctxs.push(m.entries[0].data.to_vec());
-                    }
-                }
-            })
-            .unwrap();
-            ctxs
-        };
         let retry = Duration::from_millis(10);
         let mut p = Pending::new(2, 7, retry);
         let t0 = Instant::now();
@@ -515,17 +533,7 @@ mod tests {
         assert_eq!(asked(&mut n).len(), 1, "the retry and the newcomer share one request");
         // The first request's answer serves the five reads it covered, not the newcomer.
         // (The second, asked after the first timed out, is still in flight.)
-        let mut resp = raft::eraftpb::Message::default();
-        resp.set_msg_type(raft::eraftpb::MessageType::MsgReadIndexResp);
-        (resp.from, resp.to, resp.term, resp.index) = (1, 2, n.status().term, 0);
-        let mut e = raft::eraftpb::Entry::default();
-        e.data = first[0].clone().into();
-        resp.entries = vec![e].into();
-        n.step(resp);
-        let mut out = Output::default();
-        n.handle_ready(&mut out, &mut |_| {}).unwrap();
-        let mut answers = Vec::new();
-        p.on_output(&mut out, 0, &mut answers);
+        let answers = answer_read_index(&mut n, &mut p, &first[0]);
         let mut done: Vec<u32> = answers.iter().map(|a| a.0).collect();
         done.sort();
         assert_eq!(done, vec![0, 1, 2, 3, 4]);
@@ -535,19 +543,6 @@ mod tests {
     #[test]
     fn reads_arriving_while_a_read_index_is_asked_wait_for_its_answer_then_share_one() {
         let mut n = follower_of_node_1();
-        let asked = |n: &mut Node<MemBackend>| {
-            let mut out = Output::default();
-            let mut ctxs = Vec::new();
-            n.handle_ready(&mut out, &mut |m| {
-                if let crate::node::Outbound::Raft(m) = m {
-                    if m.get_msg_type() == raft::eraftpb::MessageType::MsgReadIndex {
-                        ctxs.push(m.entries[0].data.to_vec());
-                    }
-                }
-            })
-            .unwrap();
-            ctxs
-        };
         let retry = Duration::from_secs(10);
         let mut p = Pending::new(2, 7, retry);
         let t0 = Instant::now();
@@ -563,17 +558,7 @@ mod tests {
             assert!(asked(&mut n).is_empty(), "read {c} waits for the request in flight");
         }
         assert!(!p.reads_to_ask(), "nothing to do until the answer");
-        let mut resp = raft::eraftpb::Message::default();
-        resp.set_msg_type(raft::eraftpb::MessageType::MsgReadIndexResp);
-        (resp.from, resp.to, resp.term, resp.index) = (1, 2, n.status().term, 0);
-        let mut e = raft::eraftpb::Entry::default();
-        e.data = first[0].clone().into();
-        resp.entries = vec![e].into();
-        n.step(resp);
-        let mut out = Output::default();
-        n.handle_ready(&mut out, &mut |_| {}).unwrap();
-        let mut answers = Vec::new();
-        p.on_output(&mut out, 0, &mut answers);
+        let answers = answer_read_index(&mut n, &mut p, &first[0]);
         assert_eq!(answers.iter().map(|a| a.0).collect::<Vec<_>>(), vec![0]);
         assert!(p.reads_to_ask(), "the held-back reads are asked for without waiting for a wake-up");
         p.drive(&mut n, t0 + Duration::from_millis(5));
