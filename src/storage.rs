@@ -242,7 +242,8 @@ impl Backend for PgBackend {
         })
     }
 
-    /// Received rows go to the unlogged snapshot tables; a chunk sent again overwrites itself.
+    /// Received rows go to the unlogged snapshot tables. Plain inserts: the node stages only
+    /// rows past the last one staged (`Position`), so none arrives twice.
     fn stage_snapshot(&mut self, rows: &[Row]) -> StoreResult<()> {
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         let mut meta: [Vec<i64>; 4] = Default::default();
@@ -268,44 +269,37 @@ impl Backend for PgBackend {
                 }
             }
         }
+        let (plans, schema) = (&mut self.plans, self.schema);
         in_txn(|| {
             Spi::connect_mut(|c| {
                 // Staged rows need not survive a crash: a transfer starts over.
                 crate::spi::local_async_commit();
                 if !keys.is_empty() {
-                    let [m, cr, v, l] = meta.clone();
-                    c.update(
-                        &self.q("INSERT INTO raft_kv.snapshot_kv (key, value, mod_revision, create_revision, version, lease) \
-                                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
-                                     $6::bigint[]) \
-                                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
-                                     mod_revision = EXCLUDED.mod_revision, create_revision = EXCLUDED.create_revision, \
-                                     version = EXCLUDED.version, lease = EXCLUDED.lease"),
-                        None,
-                        &[keys.clone().into(), values.clone().into(), m.into(), cr.into(), v.into(), l.into()],
-                    )
-                    .map_err(spi_err)?;
+                    let [m, cr, v, l] = meta;
+                    let plan = plans.get(
+                        c,
+                        schema,
+                        STAGE_KV_SQL,
+                        &[TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY],
+                    )?;
+                    c.update(plan, None, &[keys.into(), values.into(), m.into(), cr.into(), v.into(), l.into()])
+                        .map_err(spi_err)?;
                 }
                 if !changes.is_empty() {
-                    c.update(
-                        &self.q("INSERT INTO raft_kv.snapshot_changes SELECT * FROM unnest($1::bigint[], $2::text[], \
-                                 $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[]) \
-                                 ON CONFLICT (revision, key) DO NOTHING"),
-                        None,
-                        &change_columns(&changes),
-                    )
-                    .map_err(spi_err)?;
+                    let args = [INT8ARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY];
+                    let plan = plans.get(c, schema, STAGE_CHANGES_SQL, &args)?;
+                    c.update(plan, None, &change_columns(&changes)).map_err(spi_err)?;
                 }
                 if !flags.is_empty() {
                     let [nonce, seq, node, revision] = req;
-                    c.update(
-                        &self.q("INSERT INTO raft_kv.snapshot_requests (nonce, seq, node, revision, flag) \
-                                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::boolean[]) \
-                                 ON CONFLICT (nonce, seq) DO NOTHING"),
-                        None,
-                        &[nonce.into(), seq.into(), node.into(), revision.into(), flags.into()],
-                    )
-                    .map_err(spi_err)?;
+                    let plan = plans.get(
+                        c,
+                        schema,
+                        STAGE_REQUESTS_SQL,
+                        &[INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, BOOLARRAY],
+                    )?;
+                    c.update(plan, None, &[nonce.into(), seq.into(), node.into(), revision.into(), flags.into()])
+                        .map_err(spi_err)?;
                 }
                 Ok(())
             })
@@ -472,6 +466,13 @@ const COMPACT_HISTORY_SQL: &str = "DELETE FROM raft_kv.changes WHERE revision < 
 /// made while the table was small (a scan) never runs against it once it is large.
 const DELETE_SQL: &str = "DELETE FROM raft_kv.kv WHERE key = ANY ($1::text[])";
 
+const STAGE_KV_SQL: &str =
+    "INSERT INTO raft_kv.snapshot_kv (key, value, mod_revision, create_revision, version, lease) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])";
+const STAGE_CHANGES_SQL: &str = "INSERT INTO raft_kv.snapshot_changes SELECT * FROM unnest($1::bigint[], $2::text[], \
+     $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[])";
+const STAGE_REQUESTS_SQL: &str = "INSERT INTO raft_kv.snapshot_requests (nonce, seq, node, revision, flag) \
+     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::boolean[])";
 const TEXTARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
 const INT8ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
 const BOOLARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::BOOLARRAYOID);

@@ -60,6 +60,8 @@ pub enum BackupError {
     Truncated,
     #[error("the backup holds {found} {what} but its header announces {announced}")]
     Count { what: &'static str, found: u64, announced: u64 },
+    #[error("backup record {0} holds a row out of order or twice")]
+    Disordered(u32),
 }
 
 /// Checks records as they are read in order, and counts the rows they carry.
@@ -69,6 +71,8 @@ pub struct Reader {
     header: Option<Header>,
     counts: (u64, u64, u64),
     ended: bool,
+    /// The last row taken: rows come in the store's order (`Position`), each once.
+    last: Option<crate::snapshot::Position<String>>,
 }
 
 impl Reader {
@@ -90,6 +94,15 @@ impl Reader {
                 Ok(Vec::new())
             }
             (Record::Rows(rows), Some(_), _) => {
+                let mut after = self.last.as_ref().map(|p| p.as_ref());
+                for r in &rows {
+                    let p = r.position();
+                    if after.as_ref().is_some_and(|l| p <= *l) {
+                        return Err(BackupError::Disordered(seq));
+                    }
+                    after = Some(p);
+                }
+                self.last = after.map(|p| p.to_owned());
                 for r in &rows {
                     match r {
                         Row::Kv { .. } => self.counts.0 += 1,
@@ -192,5 +205,13 @@ mod tests {
         let mut wrong_end = b.clone();
         wrong_end[3] = Record::End { records: 9 }.encode();
         assert_eq!(read(&wrong_end).unwrap_err(), BackupError::OutOfPlace(3));
+        // A row repeated (in the next record), or rows out of the store's order: staged, they
+        // would be written twice.
+        let mut repeated = b.clone();
+        repeated[2] = Record::Rows(vec![kv("b"), kv("c")]).encode();
+        assert_eq!(read(&repeated).unwrap_err(), BackupError::Disordered(2));
+        let mut swapped = b.clone();
+        swapped[1] = Record::Rows(vec![kv("b"), kv("a")]).encode();
+        assert_eq!(read(&swapped).unwrap_err(), BackupError::Disordered(1));
     }
 }

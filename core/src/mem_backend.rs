@@ -262,8 +262,12 @@ impl Backend for MemBackend {
                 Ok((rows, Cursor::Requests(None)))
             }
             Cursor::Requests(after) => {
-                let lo = after.map_or(Unbounded, Excluded);
-                for (&(nonce, seq), &(node, revision, flag)) in s.snap_requests.range((lo, Unbounded)) {
+                // In the PostgreSQL store's order: bigints, which are signed.
+                let signed = |(n, s): (u64, u64)| (n as i64, s as i64);
+                let mut ids: Vec<_> =
+                    s.snap_requests.iter().filter(|(k, _)| after.is_none_or(|a| signed(**k) > signed(a))).collect();
+                ids.sort_by_key(|(k, _)| signed(**k));
+                for (&(nonce, seq), &(node, revision, flag)) in ids {
                     if full(bytes, &rows) {
                         let Some(&Row::Request { nonce, seq, .. }) = rows.last() else { unreachable!() };
                         return Ok((rows, Cursor::Requests(Some((nonce, seq)))));

@@ -83,6 +83,47 @@ impl Row {
     }
 }
 
+/// Where a row stands in the order a transfer sends rows: the kv rows by key, then the request
+/// ids by (nonce, seq), then the history by (revision, key), as the store's primary keys sort
+/// them (bigints signed, text in the "C" collation, which is byte order). A receiver that
+/// takes only rows past the last one stages no row twice, so it needs no conflict check.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Position<S> {
+    Kv(S),
+    Request(i64, i64),
+    Change(i64, S),
+}
+
+impl Position<String> {
+    pub fn as_ref(&self) -> Position<&str> {
+        match self {
+            Position::Kv(k) => Position::Kv(k),
+            Position::Request(n, s) => Position::Request(*n, *s),
+            Position::Change(r, k) => Position::Change(*r, k),
+        }
+    }
+}
+
+impl Position<&str> {
+    pub fn to_owned(&self) -> Position<String> {
+        match *self {
+            Position::Kv(k) => Position::Kv(k.to_string()),
+            Position::Request(n, s) => Position::Request(n, s),
+            Position::Change(r, k) => Position::Change(r, k.to_string()),
+        }
+    }
+}
+
+impl Row {
+    pub fn position(&self) -> Position<&str> {
+        match self {
+            Row::Kv { key, .. } => Position::Kv(key),
+            Row::Request { nonce, seq, .. } => Position::Request(*nonce as i64, *seq as i64),
+            Row::Change(c) => Position::Change(c.revision as i64, &c.key),
+        }
+    }
+}
+
 /// Where reading the snapshot store stopped: the kv rows in key order, then the request ids,
 /// then the history by (revision, key).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +158,6 @@ pub struct Frozen {
 }
 
 /// Chunks sent and not yet acknowledged, per stream.
-pub const WINDOW: u32 = 8;
+pub const WINDOW: u32 = 32;
 /// Default upper bound of one chunk's rows, in bytes (one row may exceed it alone).
 pub const DEFAULT_CHUNK_BYTES: usize = 256 << 10;

@@ -128,7 +128,9 @@ pub trait Backend {
     fn read_snapshot(&mut self, cursor: &Cursor, max_bytes: usize) -> StoreResult<(Vec<Row>, Cursor)>;
     /// Empties the snapshot store, to stage a snapshot being received.
     fn clear_snapshot_store(&mut self) -> StoreResult<()>;
-    /// Adds received rows to the snapshot store.
+    /// Adds received rows to the snapshot store. Each row comes once, after the rows staged
+    /// before it in the store's order (the node and the backup reader check it), so a plain
+    /// insert will do.
     fn stage_snapshot(&mut self, rows: &[Row]) -> StoreResult<()>;
     /// The recorded member addresses.
     fn members(&mut self) -> StoreResult<Vec<Member>>;

@@ -8,7 +8,7 @@ use raft::eraftpb::Message;
 use raft::{ProgressState, SnapshotStatus};
 
 use super::{Node, NodeError, Outbound};
-use crate::snapshot::{Cursor, SnapFrame, WINDOW};
+use crate::snapshot::{Cursor, Position, SnapFrame, WINDOW};
 use crate::storage::Backend;
 use crate::types::SnapshotData;
 
@@ -62,6 +62,8 @@ pub(super) struct InStream {
     /// Rows the transfer announced, and rows staged so far.
     pub(super) rows_total: u64,
     pub(super) staged: u64,
+    /// The last row staged: every row must come after it.
+    pub(super) last: Option<Position<String>>,
 }
 
 impl<B: Backend> Node<B> {
@@ -102,9 +104,9 @@ impl<B: Backend> Node<B> {
                     }
                     self.raw.store().forget_frozen();
                     self.raw.store().with_backend(|b| b.clear_snapshot_store())?;
-                    let (next_seq, complete, staged) = (0, false, 0);
+                    let (next_seq, complete, staged, last) = (0, false, 0, None);
                     self.incoming =
-                        Some(InStream { from, stream, index, term, next_seq, complete, rows_total, staged });
+                        Some(InStream { from, stream, index, term, next_seq, complete, rows_total, staged, last });
                 }
                 let inc = self.incoming.as_mut().expect("set above");
                 if seq < inc.next_seq {
@@ -118,6 +120,23 @@ impl<B: Backend> Node<B> {
                         reply(self, SnapFrame::Abort { stream, index, term, reason });
                         return Ok(());
                     }
+                    // Rows come in the store's order, each after the one before: a row out of
+                    // order or sent twice would be staged twice.
+                    let mut after = inc.last.as_ref().map(Position::as_ref);
+                    for r in &rows {
+                        let p = r.position();
+                        if after.as_ref().is_some_and(|l| p <= *l) {
+                            self.incoming = None;
+                            self.raw.store().with_backend(|b| b.clear_snapshot_store())?;
+                            let reason = "the transfer sent rows out of order or twice".to_string();
+                            reply(self, SnapFrame::Abort { stream, index, term, reason });
+                            return Ok(());
+                        }
+                        after = Some(p);
+                    }
+                    let after = after.map(|p| p.to_owned());
+                    let inc = self.incoming.as_mut().expect("still set");
+                    inc.last = after;
                     inc.staged += rows.len() as u64;
                     inc.next_seq += 1;
                     inc.complete = last;
@@ -339,6 +358,55 @@ mod tests {
         assert!(matches!(frames[0], SnapFrame::Ack { seq: 0, .. }), "{frames:?}");
         assert!(matches!(&frames[1], SnapFrame::Abort { reason, .. } if reason.contains("more rows")), "{frames:?}");
         assert!(n.storage().with_backend(|b| b.inner.lock().unwrap().snap_kv.is_empty()), "staging emptied");
+    }
+
+    fn frames_to_1(n: &mut Node<MemBackend>) -> Vec<SnapFrame> {
+        sent(n)
+            .into_iter()
+            .filter_map(|m| match m {
+                Outbound::Snap { to: 1, frame } => Some(frame),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_out_of_the_stores_order_or_sent_twice_abort_the_transfer() {
+        let kv = |k: &str| Row::Kv {
+            key: k.into(),
+            row: crate::types::KvRow { value: "v".into(), mod_revision: 1, create_revision: 1, version: 1, lease: 0 },
+        };
+        let id = |nonce: u64, seq| Row::Request { nonce, seq, node: 1, revision: 1, flag: false };
+        let chunk =
+            |seq, rows, last| SnapFrame::Chunk { stream: 7, index: 50, term: 2, seq, rows, last, rows_total: 9 };
+        let aborted = |frames: &[SnapFrame]| {
+            frames.iter().any(|f| matches!(f, SnapFrame::Abort { reason, .. } if reason.contains("out of order")))
+        };
+
+        // In order: keys by bytes, then request ids as signed bigints (a nonce with the top
+        // bit set comes first), across chunks.
+        let mut n = follower_of_1();
+        n.receive_snap(1, chunk(0, vec![kv("a"), kv("b")], false)).unwrap();
+        n.receive_snap(1, chunk(1, vec![kv("c"), id(u64::MAX, 1), id(3, 1)], false)).unwrap();
+        n.receive_snap(1, chunk(2, vec![id(3, 2)], false)).unwrap();
+        let frames = frames_to_1(&mut n);
+        assert!(!aborted(&frames), "{frames:?}");
+        assert_eq!(frames.len(), 3, "every chunk acknowledged: {frames:?}");
+
+        // A key of the chunk before, sent again in the next one.
+        let mut n = follower_of_1();
+        n.receive_snap(1, chunk(0, vec![kv("a"), kv("b")], false)).unwrap();
+        n.receive_snap(1, chunk(1, vec![kv("b"), kv("c")], false)).unwrap();
+        assert!(aborted(&frames_to_1(&mut n)));
+        assert!(n.storage().with_backend(|b| b.inner.lock().unwrap().snap_kv.is_empty()), "staging emptied");
+
+        // Out of order within one chunk; and a kv row after the request ids.
+        for rows in [vec![kv("b"), kv("a")], vec![id(1, 1), kv("z")]] {
+            let mut n = follower_of_1();
+            n.receive_snap(1, chunk(0, rows, false)).unwrap();
+            assert!(aborted(&frames_to_1(&mut n)));
+            assert!(n.storage().with_backend(|b| b.inner.lock().unwrap().snap_kv.is_empty()), "nothing staged");
+        }
     }
 
     /// A leader with a transfer to node 2 of `rows_total` rows, every chunk acknowledged and
