@@ -234,6 +234,24 @@ EXCEPTION WHEN feature_not_supported THEN
 END
 $$;
 
+-- The tables a received snapshot is staged into, swapped with the live ones on install.
+CREATE TABLE raft_kv.incoming_kv (LIKE raft_kv.kv INCLUDING ALL EXCLUDING INDEXES);
+ALTER TABLE raft_kv.incoming_kv ADD CONSTRAINT incoming_kv_pkey PRIMARY KEY (key);
+CREATE INDEX incoming_kv_lease ON raft_kv.incoming_kv (lease) WHERE lease <> 0;
+CREATE TABLE raft_kv.incoming_changes (LIKE raft_kv.changes INCLUDING ALL EXCLUDING INDEXES);
+ALTER TABLE raft_kv.incoming_changes ADD CONSTRAINT incoming_changes_pkey PRIMARY KEY (revision, key);
+CREATE INDEX incoming_changes_key ON raft_kv.incoming_changes (key, revision);
+CREATE TABLE raft_kv.incoming_requests (LIKE raft_kv.requests INCLUDING ALL EXCLUDING INDEXES);
+ALTER TABLE raft_kv.incoming_requests ADD CONSTRAINT incoming_requests_pkey PRIMARY KEY (nonce, seq);
+CREATE INDEX incoming_requests_revision ON raft_kv.incoming_requests (revision);
+REVOKE ALL ON raft_kv.incoming_kv, raft_kv.incoming_requests, raft_kv.incoming_changes FROM PUBLIC;
+CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.incoming_kv
+    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
+CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.incoming_requests
+    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
+CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON raft_kv.incoming_changes
+    FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write();
+
 -- A backup being restored (see raft_restore).
 CREATE TABLE raft_kv.restore (
     seq    integer PRIMARY KEY,
@@ -259,6 +277,8 @@ GRANT EXECUTE ON FUNCTION raft_lease_grant(interval), raft_lease_keepalive(bigin
     raft_resign(text, bigint), raft_set(text, text, text, bigint)
     TO raft_kv_writer;
 GRANT SELECT ON raft_kv.state, raft_kv.requests TO raft_kv_admin;
+GRANT SELECT ON raft_kv.incoming_kv, raft_kv.incoming_changes TO raft_kv_reader;
+GRANT SELECT ON raft_kv.incoming_requests TO raft_kv_admin;
 GRANT EXECUTE ON FUNCTION raft_backup() TO raft_kv_admin;
 
 CREATE VIEW raft_kv.stat AS

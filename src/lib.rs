@@ -145,6 +145,18 @@ CREATE TABLE raft_kv.members (
 CREATE UNLOGGED TABLE raft_kv.snapshot_kv (LIKE raft_kv.kv INCLUDING ALL);
 CREATE UNLOGGED TABLE raft_kv.snapshot_requests (LIKE raft_kv.requests INCLUDING ALL);
 CREATE UNLOGGED TABLE raft_kv.snapshot_changes (LIKE raft_kv.changes INCLUDING ALL);
+-- On a follower, the rows of a snapshot being received, in tables like the live ones (logged,
+-- with their indexes under the same names prefixed incoming_): installing swaps each with its
+-- live table by renaming them, so a received row is written once (storage.rs, install_by_swap).
+CREATE TABLE raft_kv.incoming_kv (LIKE raft_kv.kv INCLUDING ALL EXCLUDING INDEXES);
+ALTER TABLE raft_kv.incoming_kv ADD CONSTRAINT incoming_kv_pkey PRIMARY KEY (key);
+CREATE INDEX incoming_kv_lease ON raft_kv.incoming_kv (lease) WHERE lease <> 0;
+CREATE TABLE raft_kv.incoming_changes (LIKE raft_kv.changes INCLUDING ALL EXCLUDING INDEXES);
+ALTER TABLE raft_kv.incoming_changes ADD CONSTRAINT incoming_changes_pkey PRIMARY KEY (revision, key);
+CREATE INDEX incoming_changes_key ON raft_kv.incoming_changes (key, revision);
+CREATE TABLE raft_kv.incoming_requests (LIKE raft_kv.requests INCLUDING ALL EXCLUDING INDEXES);
+ALTER TABLE raft_kv.incoming_requests ADD CONSTRAINT incoming_requests_pkey PRIMARY KEY (nonce, seq);
+CREATE INDEX incoming_requests_revision ON raft_kv.incoming_requests (revision);
 -- What the snapshot tables hold: written by the freeze worker with the copy.
 CREATE UNLOGGED TABLE raft_kv.snapshot_meta (
     applied_index    bigint NOT NULL,
@@ -167,7 +179,8 @@ CREATE TABLE raft_kv.restore (
 
 REVOKE ALL ON raft_kv.leases, raft_kv.restore FROM PUBLIC;
 REVOKE ALL ON raft_kv.log, raft_kv.state, raft_kv.kv, raft_kv.requests, raft_kv.members, raft_kv.changes,
-    raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes, raft_kv.snapshot_meta FROM PUBLIC;
+    raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes, raft_kv.snapshot_meta,
+    raft_kv.incoming_kv, raft_kv.incoming_requests, raft_kv.incoming_changes FROM PUBLIC;
 REVOKE ALL ON SCHEMA raft_kv FROM PUBLIC;
 
 -- search_path is pinned: the trigger runs as whoever writes, with their search_path.
@@ -187,7 +200,8 @@ DO $$
 DECLARE t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['log', 'state', 'kv', 'requests', 'members', 'changes', 'leases',
-                             'snapshot_kv', 'snapshot_requests', 'snapshot_changes', 'snapshot_meta'] LOOP
+                             'snapshot_kv', 'snapshot_requests', 'snapshot_changes', 'snapshot_meta',
+                             'incoming_kv', 'incoming_requests', 'incoming_changes'] LOOP
         EXECUTE pg_catalog.format('CREATE TRIGGER reject_direct_write BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE '
                        'ON raft_kv.%I FOR EACH STATEMENT EXECUTE FUNCTION raft_kv.reject_direct_write()', t);
     END LOOP;
@@ -251,6 +265,10 @@ GRANT EXECUTE ON FUNCTION raft_join(bigint, text, boolean), raft_remove(bigint),
 -- rights). Restoring and forcing a new cluster are a superuser's (checked in the functions).
 GRANT SELECT ON raft_kv.state, raft_kv.requests TO raft_kv_admin;
 GRANT EXECUTE ON FUNCTION raft_backup() TO raft_kv_admin;
+-- The tables a snapshot is received into have their live twin's rights, so swapping a pair
+-- changes no one's (an install whose pairs' rights differ copies the rows instead).
+GRANT SELECT ON raft_kv.incoming_kv, raft_kv.incoming_changes TO raft_kv_reader;
+GRANT SELECT ON raft_kv.incoming_requests TO raft_kv_admin;
 -- Monitoring sees the whole status, peer addresses included, and the members.
 GRANT EXECUTE ON FUNCTION raft_status(), raft_members() TO pg_monitor;
 
@@ -304,7 +322,10 @@ mod tests {
              CREATE TABLE contract.snapshot_requests (LIKE raft_kv.snapshot_requests INCLUDING ALL);
              CREATE TABLE contract.changes (LIKE raft_kv.changes INCLUDING ALL);
              CREATE TABLE contract.leases (LIKE raft_kv.leases INCLUDING ALL);
-             CREATE TABLE contract.snapshot_changes (LIKE raft_kv.snapshot_changes INCLUDING ALL);",
+             CREATE TABLE contract.snapshot_changes (LIKE raft_kv.snapshot_changes INCLUDING ALL);
+             CREATE TABLE contract.incoming_kv (LIKE raft_kv.incoming_kv INCLUDING ALL);
+             CREATE TABLE contract.incoming_requests (LIKE raft_kv.incoming_requests INCLUDING ALL);
+             CREATE TABLE contract.incoming_changes (LIKE raft_kv.incoming_changes INCLUDING ALL);",
         )
         .unwrap();
     }
@@ -318,7 +339,21 @@ mod tests {
     #[pg_test]
     fn table_backend_snapshot_store() {
         scratch_schema();
+        let oid = |t: &str| Spi::get_one::<pg_sys::Oid>(&format!("SELECT 'contract.{t}'::regclass::oid")).unwrap();
+        let indexes = |t: &str| {
+            Spi::get_one::<String>(&format!(
+                "SELECT string_agg(indexrelid::regclass::text, ' ' ORDER BY 1) FROM pg_index \
+                 WHERE indrelid = 'contract.{t}'::regclass"
+            ))
+            .unwrap()
+        };
+        let before = (oid("kv"), oid("incoming_kv"), indexes("kv"), indexes("incoming_kv"));
         raft_kv_core::contract::check_snapshot_store(crate::storage::PgBackend::new("contract"));
+        // Installed by swapping: the table the rows were staged in is now kv, under kv's index
+        // names, and the old kv is the (empty) incoming table.
+        assert_eq!((oid("kv"), oid("incoming_kv")), (before.1, before.0));
+        assert_eq!((indexes("kv"), indexes("incoming_kv")), (before.2, before.3));
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM contract.incoming_kv").unwrap(), Some(0));
     }
 
     #[pg_test]

@@ -1,6 +1,7 @@
 //! The snapshot store's SQL: freezing `raft_kv.kv`, `raft_kv.requests` and the retained
 //! history (`raft_kv.changes`) into the unlogged snapshot tables with what they belong to
-//! (`raft_kv.snapshot_meta`), and reading it back.
+//! (`raft_kv.snapshot_meta`), reading it back, and making a received snapshot's staged rows
+//! (`raft_kv.incoming_*`) the live ones.
 
 use raft_kv_core::lease::LeaseRow;
 use raft_kv_core::snapshot::{Cursor, Frozen, Row};
@@ -267,4 +268,173 @@ pub fn read_rows(
         }
         Cursor::Done => Ok((Vec::new(), Cursor::Done)),
     }
+}
+
+/// Each live table a received snapshot replaces, and its twin the rows are staged in.
+const TWINS: [(&str, &str); 3] =
+    [("kv", "incoming_kv"), ("changes", "incoming_changes"), ("requests", "incoming_requests")];
+
+/// Empties the tables a snapshot is received into.
+pub fn clear_incoming(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<()> {
+    c.update(&q("TRUNCATE raft_kv.incoming_kv, raft_kv.incoming_requests, raft_kv.incoming_changes"), None, &[])
+        .map_err(spi_err)?;
+    Ok(())
+}
+
+/// How many rows are staged: (kv, request ids, history).
+pub fn incoming_counts(c: &pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<(u64, u64, u64)> {
+    let t = c
+        .select(
+            &q("SELECT (SELECT count(*) FROM raft_kv.incoming_kv), (SELECT count(*) FROM raft_kv.incoming_requests), \
+                (SELECT count(*) FROM raft_kv.incoming_changes)"),
+            None,
+            &[],
+        )
+        .map_err(spi_err)?;
+    let t = t.first();
+    let g = |i| t.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+    Ok((g(1)?, g(2)?, g(3)?))
+}
+
+/// Replaces the live kv, history and request ids with the staged rows, in the caller's
+/// transaction. Swapping each live table with its twin (renaming both, and their indexes)
+/// writes nothing again; it needs every table locked at once, so where a reader holds one it
+/// copies the rows instead, as a swap must not make the loop wait for a client. Returns
+/// whether it swapped.
+pub fn install_incoming(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<bool> {
+    match swappable(c, q)? {
+        Some(indexes) => {
+            c.update(&q("TRUNCATE raft_kv.kv, raft_kv.changes, raft_kv.requests"), None, &[]).map_err(spi_err)?;
+            let schema = q("raft_kv.");
+            let schema = schema.trim_end_matches('.');
+            let swap = |c: &mut pgrx::spi::SpiClient<'_>, what: &str, a: &str, b: &str| -> StoreResult<()> {
+                let (qa, qb, tmp) = (ident(a), ident(b), ident(&format!("{a}_swapping")));
+                let s = ident(schema);
+                for sql in [
+                    format!("ALTER {what} {s}.{qa} RENAME TO {tmp}"),
+                    format!("ALTER {what} {s}.{qb} RENAME TO {qa}"),
+                    format!("ALTER {what} {s}.{tmp} RENAME TO {qb}"),
+                ] {
+                    c.update(&sql, None, &[]).map_err(spi_err)?;
+                }
+                Ok(())
+            };
+            for ((live, incoming), pairs) in TWINS.iter().zip(&indexes) {
+                swap(c, "TABLE", live, incoming)?;
+                for (a, b) in pairs {
+                    swap(c, "INDEX", a, b)?;
+                }
+            }
+            Ok(true)
+        }
+        None => {
+            pgrx::log!("raft_kv: installing the snapshot by copying its rows (its tables could not be swapped now)");
+            for (live, incoming) in TWINS {
+                c.update(&q(&format!("DELETE FROM raft_kv.{live}")), None, &[]).map_err(spi_err)?;
+                c.update(&q(&format!("INSERT INTO raft_kv.{live} SELECT * FROM raft_kv.{incoming}")), None, &[])
+                    .map_err(spi_err)?;
+            }
+            clear_incoming(c, q)?;
+            Ok(false)
+        }
+    }
+}
+
+/// The index pairs of each twin, if a swap can be done now: each pair agrees in persistence,
+/// owner, rights and row security, each index has exactly one twin, no event trigger would
+/// fire on the renames, and all six tables are locked (without waiting).
+fn swappable(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    q: &dyn Fn(&str) -> String,
+) -> StoreResult<Option<Vec<Vec<(String, String)>>>> {
+    use pgrx::pg_sys;
+    let triggers = c
+        .select("SELECT count(*) FROM pg_catalog.pg_event_trigger WHERE evtenabled <> 'D'", None, &[])
+        .map_err(spi_err)?
+        .first()
+        .get::<i64>(1)
+        .map_err(spi_err)?
+        .unwrap_or(0);
+    if triggers > 0 {
+        return Ok(None);
+    }
+    let mut oids = Vec::new();
+    let mut indexes = Vec::new();
+    for (live, incoming) in TWINS {
+        let t = c
+            .select(
+                "SELECT l.oid, i.oid, l.relpersistence = i.relpersistence AND l.relowner = i.relowner \
+                        AND l.relacl IS NOT DISTINCT FROM i.relacl AND l.relrowsecurity = i.relrowsecurity \
+                        AND NOT l.relforcerowsecurity AND NOT i.relforcerowsecurity, \
+                        (SELECT count(*) FROM pg_catalog.pg_index WHERE indrelid = l.oid), \
+                        (SELECT count(*) FROM pg_catalog.pg_index WHERE indrelid = i.oid) \
+                 FROM pg_catalog.pg_class l, pg_catalog.pg_class i \
+                 WHERE l.oid = pg_catalog.to_regclass($1) AND i.oid = pg_catalog.to_regclass($2)",
+                None,
+                &[q(&format!("raft_kv.{live}")).into(), q(&format!("raft_kv.{incoming}")).into()],
+            )
+            .map_err(spi_err)?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let t = t.first();
+        let (l, i) = (t.get::<pg_sys::Oid>(1).map_err(spi_err)?, t.get::<pg_sys::Oid>(2).map_err(spi_err)?);
+        let (Some(l), Some(i)) = (l, i) else { return Ok(None) };
+        let alike = t.get::<bool>(3).map_err(spi_err)?.unwrap_or(false);
+        let counts = (t.get::<i64>(4).map_err(spi_err)?, t.get::<i64>(5).map_err(spi_err)?);
+        if !alike || counts.0 != counts.1 {
+            return Ok(None);
+        }
+        // Twins: the same columns, operator classes, collations, uniqueness and predicate.
+        let mut pairs = Vec::new();
+        let rows = c
+            .select(
+                "SELECT lc.relname::text, ic.relname::text \
+                 FROM pg_catalog.pg_index l JOIN pg_catalog.pg_index i \
+                   ON i.indrelid = $2 AND i.indkey = l.indkey AND i.indclass = l.indclass \
+                  AND i.indcollation = l.indcollation AND i.indisunique = l.indisunique \
+                  AND i.indisprimary = l.indisprimary \
+                  AND pg_catalog.pg_get_expr(i.indpred, i.indrelid) IS NOT DISTINCT FROM \
+                      pg_catalog.pg_get_expr(l.indpred, l.indrelid) \
+                  AND i.indexprs IS NULL AND l.indexprs IS NULL \
+                 JOIN pg_catalog.pg_class lc ON lc.oid = l.indexrelid \
+                 JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
+                 WHERE l.indrelid = $1",
+                None,
+                &[l.into(), i.into()],
+            )
+            .map_err(spi_err)?;
+        for r in rows {
+            let a = r.get::<String>(1).map_err(spi_err)?.unwrap_or_default();
+            let b = r.get::<String>(2).map_err(spi_err)?.unwrap_or_default();
+            pairs.push((a, b));
+        }
+        let distinct = |f: fn(&(String, String)) -> &String| {
+            pairs.iter().map(f).collect::<std::collections::HashSet<_>>().len() == pairs.len()
+        };
+        if pairs.len() as i64 != counts.0.unwrap_or(-1) || !distinct(|p| &p.0) || !distinct(|p| &p.1) {
+            return Ok(None);
+        }
+        indexes.push(pairs);
+        oids.extend([l, i]);
+    }
+    let mut locked = Vec::new();
+    for oid in oids {
+        // SAFETY: in a transaction; a lock taken here is held to its end, or released below.
+        if unsafe { pg_sys::ConditionalLockRelationOid(oid, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) } {
+            locked.push(oid);
+        } else {
+            for oid in locked {
+                // SAFETY: releases only the lock taken above, in this transaction.
+                unsafe { pg_sys::UnlockRelationOid(oid, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
+            }
+            return Ok(None);
+        }
+    }
+    Ok(Some(indexes))
+}
+
+/// `name` as a quoted identifier.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }

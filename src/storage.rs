@@ -226,24 +226,26 @@ impl Backend for PgBackend {
 
     fn clear_snapshot_store(&mut self) -> StoreResult<()> {
         if let Some(f) = self.freezer.as_mut() {
-            // A copy still being written would land in the rows about to be staged.
+            // A copy still being made is about to be dropped.
             f.cancel();
         }
+        // Both halves: the frozen copy (sent to followers) and the rows received.
+        let q = |sql: &str| self.q(sql);
         in_txn(|| {
             Spi::connect_mut(|c| {
                 c.update(
-                    &self.q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes"),
+                    &q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes"),
                     None,
                     &[],
                 )
-                .map_err(spi_err)
-                .map(|_| ())
+                .map_err(spi_err)?;
+                crate::snapshot_tables::clear_incoming(c, &q)
             })
         })
     }
 
-    /// Received rows go to the unlogged snapshot tables. Plain inserts: the node stages only
-    /// rows past the last one staged (`Position`), so none arrives twice.
+    /// Received rows go to the `incoming_*` tables. Plain inserts: the node stages only rows
+    /// past the last one staged (`Position`), so none arrives twice.
     fn stage_snapshot(&mut self, rows: &[Row]) -> StoreResult<()> {
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         let mut meta: [Vec<i64>; 4] = Default::default();
@@ -272,7 +274,7 @@ impl Backend for PgBackend {
         let (plans, schema) = (&mut self.plans, self.schema);
         in_txn(|| {
             Spi::connect_mut(|c| {
-                // Staged rows need not survive a crash: a transfer starts over.
+                // Staged rows need not survive a crash (a transfer starts over): no flush waited for.
                 crate::spi::local_async_commit();
                 if !keys.is_empty() {
                     let [m, cr, v, l] = meta;
@@ -467,11 +469,11 @@ const COMPACT_HISTORY_SQL: &str = "DELETE FROM raft_kv.changes WHERE revision < 
 const DELETE_SQL: &str = "DELETE FROM raft_kv.kv WHERE key = ANY ($1::text[])";
 
 const STAGE_KV_SQL: &str =
-    "INSERT INTO raft_kv.snapshot_kv (key, value, mod_revision, create_revision, version, lease) \
+    "INSERT INTO raft_kv.incoming_kv (key, value, mod_revision, create_revision, version, lease) \
      SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])";
-const STAGE_CHANGES_SQL: &str = "INSERT INTO raft_kv.snapshot_changes SELECT * FROM unnest($1::bigint[], $2::text[], \
+const STAGE_CHANGES_SQL: &str = "INSERT INTO raft_kv.incoming_changes SELECT * FROM unnest($1::bigint[], $2::text[], \
      $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[])";
-const STAGE_REQUESTS_SQL: &str = "INSERT INTO raft_kv.snapshot_requests (nonce, seq, node, revision, flag) \
+const STAGE_REQUESTS_SQL: &str = "INSERT INTO raft_kv.incoming_requests (nonce, seq, node, revision, flag) \
      SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::boolean[])";
 const TEXTARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
 const INT8ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
@@ -521,18 +523,7 @@ fn write_batch(
         let staged = data.kv_rows > 0 || data.request_rows > 0 || data.change_rows > 0;
         if staged {
             // Check before changing anything: a short or stale staging must not be installed.
-            let t = c
-                .select(
-                    &q("SELECT (SELECT count(*) FROM raft_kv.snapshot_kv), (SELECT count(*) FROM raft_kv.snapshot_requests), \
-                        (SELECT count(*) FROM raft_kv.snapshot_changes)"),
-                    None,
-                    &[],
-                )
-                .map_err(spi_err)?;
-            let t = t.first();
-            let kv = t.get::<i64>(1).map_err(spi_err)?.unwrap_or(0) as u64;
-            let requests = t.get::<i64>(2).map_err(spi_err)?.unwrap_or(0) as u64;
-            let changes = t.get::<i64>(3).map_err(spi_err)?.unwrap_or(0) as u64;
+            let (kv, requests, changes) = crate::snapshot_tables::incoming_counts(c, q)?;
             if (kv, requests, changes) != (data.kv_rows, data.request_rows, data.change_rows) {
                 return Err(StoreError::Corrupt(format!(
                     "snapshot {} needs {} rows, {} request ids and {} changes; {kv}, {requests} and {changes} are staged",
@@ -540,25 +531,15 @@ fn write_batch(
                 )));
             }
         }
-        for table in ["log", "kv", "requests", "members", "changes", "leases"] {
+        for table in ["log", "members", "leases"] {
             c.update(&q(&format!("DELETE FROM raft_kv.{table}")), None, &[]).map_err(spi_err)?;
         }
         if staged {
-            c.update(&q("INSERT INTO raft_kv.kv SELECT * FROM raft_kv.snapshot_kv"), None, &[]).map_err(spi_err)?;
-            c.update(&q("INSERT INTO raft_kv.changes SELECT * FROM raft_kv.snapshot_changes"), None, &[])
-                .map_err(spi_err)?;
-            c.update(
-                &q("INSERT INTO raft_kv.requests SELECT nonce, seq, node, revision, flag FROM raft_kv.snapshot_requests"),
-                None,
-                &[],
-            )
-            .map_err(spi_err)?;
-            c.update(
-                &q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes"),
-                None,
-                &[],
-            )
-            .map_err(spi_err)?;
+            crate::snapshot_tables::install_incoming(c, q)?;
+        } else {
+            for table in ["kv", "requests", "changes"] {
+                c.update(&q(&format!("DELETE FROM raft_kv.{table}")), None, &[]).map_err(spi_err)?;
+            }
         }
         for mem in &data.members {
             upsert_member(c, q, mem)?;

@@ -126,7 +126,8 @@ pub trait Backend {
     /// Rows of the snapshot store after `cursor`, about `max_bytes` of them (at least one row
     /// while any remain), and where to continue.
     fn read_snapshot(&mut self, cursor: &Cursor, max_bytes: usize) -> StoreResult<(Vec<Row>, Cursor)>;
-    /// Empties the snapshot store, to stage a snapshot being received.
+    /// Empties the snapshot store: the frozen copy, and any rows staged (to stage a snapshot
+    /// being received, or to free the space of a copy that no longer covers the log).
     fn clear_snapshot_store(&mut self) -> StoreResult<()>;
     /// Adds received rows to the snapshot store. Each row comes once, after the rows staged
     /// before it in the store's order (the node and the backup reader check it), so a plain

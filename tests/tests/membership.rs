@@ -149,6 +149,9 @@ fn a_lagging_node_catches_up_by_snapshot_after_compaction() {
     assert!(snap > 20_000, "node 3 installed a snapshot (snapshot index {snap})");
     c.assert_converged(&[1, 2, 3]);
     assert_eq!(c.kv_hash(3).0, 30_000);
+    let copied = c.node(3).log().contains("installing the snapshot by copying");
+    println!("node 3 installed the snapshot by {}", if copied { "copying its rows" } else { "swapping tables" });
+    assert_same_schema(&c, 1, 3);
     // The leader's frozen copy is dropped once compaction moves past it.
     let (leader, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(10));
     let frozen = |c: &Cluster| -> i64 {
@@ -260,7 +263,7 @@ fn rss_kib(pid: i32) -> Option<(u64, u64)> {
 
 /// The joiner's worker may use at most this much private (anonymous) memory while it receives
 /// a snapshot. It is a constant: the table below is several times larger, and the bound does
-/// not depend on the table's size (chunks of 256 KiB, four in flight).
+/// not depend on the table's size (chunks of 256 KiB, 32 in flight).
 const SNAPSHOT_RSS_BOUND_KIB: u64 = 32 << 10;
 
 #[test]
@@ -298,7 +301,7 @@ fn a_new_node_joins_a_cluster_of_100k_keys_by_streamed_snapshot() {
     wait_for(Duration::from_secs(60), "the joiner to stage part of the snapshot", || {
         let r = c
             .client(n2)
-            .query_one("SELECT (SELECT count(*) FROM raft_kv.snapshot_kv), (SELECT count(*) FROM raft_kv.kv)", &[])
+            .query_one("SELECT (SELECT count(*) FROM raft_kv.incoming_kv), (SELECT count(*) FROM raft_kv.kv)", &[])
             .ok()?;
         let (staged, installed): (i64, i64) = (r.get(0), r.get(1));
         assert_eq!(installed, 0, "the snapshot was installed before the test could interrupt it");
@@ -309,6 +312,12 @@ fn a_new_node_joins_a_cluster_of_100k_keys_by_streamed_snapshot() {
         c.node(1).log().contains("raft_kv: the snapshot transfer at index").then_some(())
     });
     c.start_node(n2);
+    // A reader's open transaction on raft_kv.kv from before the install (the table is still
+    // empty, so the install has not happened).
+    let mut holder = c.client(n2);
+    holder.batch_execute("BEGIN").unwrap();
+    let seen: i64 = holder.query_one("SELECT count(*) FROM raft_kv.kv", &[]).unwrap().get(0);
+    assert_eq!(seen, 0, "the snapshot was installed before the reader began");
     let pid: i32 = wait_for(Duration::from_secs(10), "the joiner's worker", || {
         c.client(n2).query_one("SELECT worker_pid FROM raft_status()", &[]).ok()?.get(0)
     });
@@ -351,9 +360,13 @@ fn a_new_node_joins_a_cluster_of_100k_keys_by_streamed_snapshot() {
     c.client(1).query_one("SELECT raft_set('after-join', 'x')", &[]).unwrap();
     c.assert_converged(&[1, n2]);
     assert_eq!(c.kv_hash(n2).0, KEYS + 1);
-    // The snapshot store was emptied by the install.
-    let staged: i64 = c.client(n2).query_one("SELECT count(*) FROM raft_kv.snapshot_kv", &[]).unwrap().get(0);
+    // A reader's transaction held raft_kv.kv: the install copied the rows instead of swapping
+    // the tables, without waiting for it.
+    assert!(c.node(n2).log().contains("installing the snapshot by copying"), "the install did not copy");
+    holder.batch_execute("COMMIT").unwrap();
+    let staged: i64 = c.client(n2).query_one("SELECT count(*) FROM raft_kv.incoming_kv", &[]).unwrap().get(0);
     assert_eq!(staged, 0);
+    assert_same_schema(&c, 1, n2);
 }
 
 #[test]
@@ -422,4 +435,30 @@ fn a_freeze_without_a_worker_slot_is_retried_and_writes_go_on() {
     });
     c.assert_converged(&[1, n2]);
     assert_eq!(c.kv_hash(n2).0, 101);
+}
+
+/// Every table, index, constraint and trigger of raft_kv on node `b` is as on node `a`: same
+/// names, definitions, persistence and rights (a snapshot install swaps tables by renaming).
+fn assert_same_schema(c: &Cluster, a: usize, b: usize) {
+    let catalog = |i: usize| -> Vec<String> {
+        c.client(i)
+            .query(
+                "SELECT format('%s %s %s %s %s', c.relname, c.relkind, c.relpersistence, c.relacl, \
+                        coalesce(pg_get_indexdef(c.oid), '')) \
+                 FROM pg_class c WHERE c.relnamespace = 'raft_kv'::regnamespace \
+                 UNION ALL SELECT format('constraint %s on %s: %s', conname, conrelid::regclass, \
+                        pg_get_constraintdef(oid)) FROM pg_constraint WHERE connamespace = 'raft_kv'::regnamespace \
+                 UNION ALL SELECT format('trigger %s on %s', tgname, tgrelid::regclass) FROM pg_trigger \
+                        WHERE tgrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'raft_kv'::regnamespace) \
+                 ORDER BY 1",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let (before, after) = (catalog(a), catalog(b));
+    assert!(before.iter().any(|l| l.starts_with("kv_pkey ")), "{before:?}");
+    assert_eq!(before, after);
 }
