@@ -118,6 +118,7 @@ open(out, "w").write(str(peak))
 ' "$pid" "$2" "$WORK/stop"
   }
   rm -f "$WORK/stop"
+  term0=$(q "$LP" "SELECT term FROM raft_status()")
   leader_before=$(worker_rss_kib "$LP")
   sample "$LP" "$WORK/leader.peak" &
   # SCALE_PERF=FILE: a system-wide profile of the join (perf record -a -g) into FILE.
@@ -145,6 +146,8 @@ open(out, "w").write(str(peak))
     "$KEYS" "$(awk -v a="$t1" -v b="$t0" 'BEGIN { print a - b }')" "$n"
   # Where the time went: the joiner's and the leader's log lines about the transfer.
   grep -h "snapshot" "$RK/node4/server.log" "$RK/node$leader/server.log" | sed 's/^/join: /'
+  # A leader whose loop blocks on the transfer would lose its leadership: the term must not move.
+  echo "join: leader node $leader, term $term0 before the join; after: $(q "$LP" "SELECT format('leader %s, term %s', leader_id, term) FROM raft_status()")"
   echo "join: peak worker RssAnon: joiner $(( $(cat "$WORK/joiner.peak") / 1024 )) MB, leader $(( $(cat "$WORK/leader.peak") / 1024 )) MB (before: $(( leader_before / 1024 )) MB; goal <= 100 MB)"
 fi
 

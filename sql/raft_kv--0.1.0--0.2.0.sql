@@ -216,7 +216,8 @@ CREATE TABLE raft_kv.leases (
     refreshes bigint NOT NULL
 );
 ALTER TABLE raft_kv.snapshot_kv ADD COLUMN lease bigint NOT NULL DEFAULT 0;
-CREATE INDEX snapshot_kv_lease_idx ON raft_kv.snapshot_kv (lease) WHERE lease <> 0;
+-- The snapshot tables keep only their primary keys (chunks are read by them).
+DROP INDEX raft_kv.snapshot_changes_key_revision_idx, raft_kv.snapshot_requests_revision_idx;
 ALTER TABLE raft_kv.snapshot_meta ADD COLUMN leases bytea NOT NULL DEFAULT '';
 
 -- lz4 where the server has it (as a fresh install does); existing rows keep their compression.

@@ -142,9 +142,14 @@ CREATE TABLE raft_kv.members (
 -- streamed to followers that need a snapshot; on a follower, the rows being received, which
 -- are installed into kv and requests in one transaction. Unlogged: after a crash a transfer
 -- simply starts over.
-CREATE UNLOGGED TABLE raft_kv.snapshot_kv (LIKE raft_kv.kv INCLUDING ALL);
-CREATE UNLOGGED TABLE raft_kv.snapshot_requests (LIKE raft_kv.requests INCLUDING ALL);
-CREATE UNLOGGED TABLE raft_kv.snapshot_changes (LIKE raft_kv.changes INCLUDING ALL);
+-- Only the primary keys, which chunks are read by: a secondary index made the copy of the
+-- history three times slower.
+CREATE UNLOGGED TABLE raft_kv.snapshot_kv (LIKE raft_kv.kv INCLUDING ALL EXCLUDING INDEXES);
+ALTER TABLE raft_kv.snapshot_kv ADD PRIMARY KEY (key);
+CREATE UNLOGGED TABLE raft_kv.snapshot_requests (LIKE raft_kv.requests INCLUDING ALL EXCLUDING INDEXES);
+ALTER TABLE raft_kv.snapshot_requests ADD PRIMARY KEY (nonce, seq);
+CREATE UNLOGGED TABLE raft_kv.snapshot_changes (LIKE raft_kv.changes INCLUDING ALL EXCLUDING INDEXES);
+ALTER TABLE raft_kv.snapshot_changes ADD PRIMARY KEY (revision, key);
 -- On a follower, the rows of a snapshot being received, in tables like the live ones (logged,
 -- with their indexes under the same names prefixed incoming_): installing swaps each with its
 -- live table by renaming them, so a received row is written once (storage.rs, install_by_swap).

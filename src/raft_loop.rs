@@ -299,8 +299,9 @@ impl RaftLoop {
     /// Sleeps until the next tick, a backend's request (the latch) or network input (the
     /// eventfd).
     fn sleep(&mut self) {
-        if self.pending.reads_to_ask() {
-            // Reads held back while another read index was asked for: ask for them now.
+        if self.pending.reads_to_ask() || !self.transport.events().is_empty() {
+            // Reads held back while another read index was asked for, or deliveries left for
+            // this pass: go on now.
             self.wake.wait(0);
             return;
         }
@@ -328,7 +329,17 @@ impl RaftLoop {
     fn receive(&mut self) {
         let (node, peers, transport) = (&mut self.node, &mut self.peers, &mut self.transport);
         let (stats, contact) = (&mut self.stats, &mut self.contact);
-        while let Ok(delivery) = transport.events().try_recv() {
+        let mut unsent = Vec::new();
+        // What was queued when the pass began, for at most half a tick: a snapshot transfer's
+        // frames keep arriving while each is staged or answered with the next chunk, and the
+        // pass must still come round to ticking (heartbeats) and to its Ready. What is left
+        // waits for the next pass, which does not sleep (`sleep`).
+        let (started, budget) = (Instant::now(), self.tick / 2);
+        for _ in 0..transport.events().len() {
+            if started.elapsed() > budget {
+                break;
+            }
+            let Ok(delivery) = transport.events().try_recv() else { break };
             match delivery.event {
                 Event::Message(m) => {
                     contact.entry(m.from).or_insert((0, true)).0 = crate::shmem::mono_ms();
@@ -349,6 +360,18 @@ impl RaftLoop {
                     if peers.admits(node, from) {
                         node.receive_snap(from, frame)
                             .unwrap_or_else(|e| pgrx::error!("raft_kv: storing a snapshot chunk failed: {e}"));
+                        // The acknowledgement (follower) or the next chunks (leader) go now, not
+                        // after every delivery of this pass is handled: else each side waits
+                        // while the other works through a window of chunks.
+                        node.flush_outbox(&mut |m| {
+                            let (to, snap) = (m.to(), matches!(m, Outbound::Snap { .. }));
+                            if let Outbound::Snap { frame: SnapFrame::Chunk { rows, .. }, .. } = &m {
+                                stats.snapshot_bytes_sent += rows.iter().map(|r| r.bytes() as u64).sum::<u64>();
+                            }
+                            if !transport.send(m) {
+                                unsent.push((to, snap));
+                            }
+                        });
                     }
                 }
                 Event::Unreachable { peer, snapshot_failed } => {
@@ -381,6 +404,13 @@ impl RaftLoop {
                     contact.entry(peer).or_insert((0, false)).1 = false;
                     pgrx::log!("raft_kv: lost connection to node {peer} at {addr}: {error}")
                 }
+            }
+        }
+        self.stats.dropped_outbound += unsent.len() as u64;
+        for (to, snap) in unsent {
+            self.node.report_unreachable(to);
+            if snap {
+                self.node.send_failed(to);
             }
         }
     }

@@ -468,13 +468,18 @@ const COMPACT_HISTORY_SQL: &str = "DELETE FROM raft_kv.changes WHERE revision < 
 /// made while the table was small (a scan) never runs against it once it is large.
 const DELETE_SQL: &str = "DELETE FROM raft_kv.kv WHERE key = ANY ($1::text[])";
 
+// The arrays are unnested in the select list, in lockstep: in FROM, unnest's rows would be
+// collected in a tuplestore first (12 % of the staging worker's time, profiled).
 const STAGE_KV_SQL: &str =
     "INSERT INTO raft_kv.incoming_kv (key, value, mod_revision, create_revision, version, lease) \
-     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])";
-const STAGE_CHANGES_SQL: &str = "INSERT INTO raft_kv.incoming_changes SELECT * FROM unnest($1::bigint[], $2::text[], \
-     $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[])";
+     SELECT unnest($1::text[]), unnest($2::text[]), unnest($3::bigint[]), unnest($4::bigint[]), \
+     unnest($5::bigint[]), unnest($6::bigint[])";
+const STAGE_CHANGES_SQL: &str = "INSERT INTO raft_kv.incoming_changes SELECT unnest($1::bigint[]), \
+     unnest($2::text[]), unnest($3::text[]), unnest($4::text[]), unnest($5::text[]), unnest($6::bigint[]), \
+     unnest($7::bigint[]), unnest($8::bigint[])";
 const STAGE_REQUESTS_SQL: &str = "INSERT INTO raft_kv.incoming_requests (nonce, seq, node, revision, flag) \
-     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::boolean[])";
+     SELECT unnest($1::bigint[]), unnest($2::bigint[]), unnest($3::bigint[]), unnest($4::bigint[]), \
+     unnest($5::boolean[])";
 const TEXTARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
 const INT8ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
 const BOOLARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::BOOLARRAYOID);

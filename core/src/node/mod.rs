@@ -507,6 +507,12 @@ impl<B: Backend> Node<B> {
         self.raw.report_unreachable(id);
     }
 
+    /// Sends what steps queued (snapshot frames, a snapshot message held back for its rows)
+    /// without waiting for the next Ready. Raft's own messages are not among them.
+    pub fn flush_outbox(&mut self, send: &mut dyn FnMut(Outbound)) {
+        self.outbox.drain(..).for_each(send);
+    }
+
     pub fn has_ready(&self) -> bool {
         self.raw.has_ready()
     }
