@@ -363,15 +363,8 @@ impl RaftLoop {
                         // The acknowledgement (follower) or the next chunks (leader) go now, not
                         // after every delivery of this pass is handled: else each side waits
                         // while the other works through a window of chunks.
-                        node.flush_outbox(&mut |m| {
-                            let (to, snap) = (m.to(), matches!(m, Outbound::Snap { .. }));
-                            if let Outbound::Snap { frame: SnapFrame::Chunk { rows, .. }, .. } = &m {
-                                stats.snapshot_bytes_sent += rows.iter().map(|r| r.bytes() as u64).sum::<u64>();
-                            }
-                            if !transport.send(m) {
-                                unsent.push((to, snap));
-                            }
-                        });
+                        let sent_bytes = &mut stats.snapshot_bytes_sent;
+                        node.flush_outbox(&mut |m| send_out(transport, sent_bytes, &mut unsent, m));
                     }
                 }
                 Event::Unreachable { peer, snapshot_failed } => {
@@ -406,6 +399,11 @@ impl RaftLoop {
                 }
             }
         }
+        self.settle_unsent(unsent);
+    }
+
+    /// Tells raft (and a snapshot transfer) about what the transport could not take.
+    fn settle_unsent(&mut self, unsent: Vec<(u64, bool)>) {
         self.stats.dropped_outbound += unsent.len() as u64;
         for (to, snap) in unsent {
             self.node.report_unreachable(to);
@@ -501,15 +499,9 @@ impl RaftLoop {
         let transport = &self.transport;
         let started = Instant::now();
         let snap_bytes = &mut self.stats.snapshot_bytes_sent;
-        let done = self.node.handle_ready(&mut self.out, &mut |m: Outbound| {
-            let (to, snap) = (m.to(), matches!(m, Outbound::Snap { .. }));
-            if let Outbound::Snap { frame: SnapFrame::Chunk { rows, .. }, .. } = &m {
-                *snap_bytes += rows.iter().map(|r| r.bytes() as u64).sum::<u64>();
-            }
-            if !transport.send(m) {
-                unreachable.push((to, snap));
-            }
-        });
+        let done = self
+            .node
+            .handle_ready(&mut self.out, &mut |m: Outbound| send_out(transport, snap_bytes, &mut unreachable, m));
         match done {
             Ok(()) => {}
             Err(e @ NodeError::NeedsUpgrade { .. }) => {
@@ -518,13 +510,7 @@ impl RaftLoop {
             }
             Err(e) => pgrx::error!("raft_kv: storage failure: {e}"),
         }
-        self.stats.dropped_outbound += unreachable.len() as u64;
-        for (to, snap) in unreachable {
-            self.node.report_unreachable(to);
-            if snap {
-                self.node.send_failed(to);
-            }
-        }
+        self.settle_unsent(unreachable);
         let now = crate::shmem::mono_ms();
         if let Some(all) = self.out.leases_installed.take() {
             self.leases.load(all, now);
@@ -840,4 +826,16 @@ fn rand_nonce() -> u64 {
     unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 8, 0) };
     // SAFETY: MyProcPid is set before any worker code runs.
     u64::from_le_bytes(b) ^ (unsafe { pg_sys::MyProcPid } as u64)
+}
+
+/// Hands `m` to the transport, counting a chunk's bytes; what it cannot take goes to `unsent`
+/// as (peer, whether it was a snapshot frame).
+fn send_out(transport: &Transport, chunk_bytes: &mut u64, unsent: &mut Vec<(u64, bool)>, m: Outbound) {
+    let (to, snap) = (m.to(), matches!(m, Outbound::Snap { .. }));
+    if let Outbound::Snap { frame: SnapFrame::Chunk { rows, .. }, .. } = &m {
+        *chunk_bytes += rows.iter().map(|r| r.bytes() as u64).sum::<u64>();
+    }
+    if !transport.send(m) {
+        unsent.push((to, snap));
+    }
 }
