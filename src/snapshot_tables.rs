@@ -15,8 +15,7 @@ use crate::spi::spi_err;
 /// members they belong to, all read in the caller's transaction (which must see one snapshot:
 /// the worker's own, or a REPEATABLE READ one in the freeze worker).
 pub fn freeze_tables(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<Frozen> {
-    c.update(&q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes"), None, &[])
-        .map_err(spi_err)?;
+    clear_frozen(c, q)?;
     let kv = c
         .update(
             &q("INSERT INTO raft_kv.snapshot_kv SELECT key, value, mod_revision, create_revision, version, lease \
@@ -274,6 +273,13 @@ pub fn read_rows(
 const TWINS: [(&str, &str); 3] =
     [("kv", "incoming_kv"), ("changes", "incoming_changes"), ("requests", "incoming_requests")];
 
+/// Empties the frozen copy's tables.
+pub fn clear_frozen(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<()> {
+    c.update(&q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes"), None, &[])
+        .map_err(spi_err)?;
+    Ok(())
+}
+
 /// Empties the tables a snapshot is received into.
 pub fn clear_incoming(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<()> {
     c.update(&q("TRUNCATE raft_kv.incoming_kv, raft_kv.incoming_requests, raft_kv.incoming_changes"), None, &[])
@@ -299,16 +305,16 @@ pub fn incoming_counts(c: &pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String)
 /// Replaces the live kv, history and request ids with the staged rows, in the caller's
 /// transaction. Swapping each live table with its twin (renaming both, and their indexes)
 /// writes nothing again; it needs every table locked at once, so where a reader holds one it
-/// copies the rows instead, as a swap must not make the loop wait for a client. Returns
-/// whether it swapped.
-pub fn install_incoming(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<bool> {
+/// copies the rows instead, as a swap must not make the loop wait for a client.
+pub fn install_incoming(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String) -> StoreResult<()> {
     match swappable(c, q)? {
         Some(indexes) => {
             c.update(&q("TRUNCATE raft_kv.kv, raft_kv.changes, raft_kv.requests"), None, &[]).map_err(spi_err)?;
             let schema = q("raft_kv.");
             let schema = schema.trim_end_matches('.');
             let swap = |c: &mut pgrx::spi::SpiClient<'_>, what: &str, a: &str, b: &str| -> StoreResult<()> {
-                let (qa, qb, tmp) = (ident(a), ident(b), ident(&format!("{a}_swapping")));
+                use pgrx::spi::quote_identifier as ident;
+                let (qa, qb, tmp) = (ident(a), ident(b), ident(format!("{a}_swapping")));
                 let s = ident(schema);
                 for sql in [
                     format!("ALTER {what} {s}.{qa} RENAME TO {tmp}"),
@@ -325,7 +331,7 @@ pub fn install_incoming(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> St
                     swap(c, "INDEX", a, b)?;
                 }
             }
-            Ok(true)
+            Ok(())
         }
         None => {
             pgrx::log!("raft_kv: installing the snapshot by copying its rows (its tables could not be swapped now)");
@@ -334,8 +340,7 @@ pub fn install_incoming(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> St
                 c.update(&q(&format!("INSERT INTO raft_kv.{live} SELECT * FROM raft_kv.{incoming}")), None, &[])
                     .map_err(spi_err)?;
             }
-            clear_incoming(c, q)?;
-            Ok(false)
+            clear_incoming(c, q)
         }
     }
 }
@@ -432,9 +437,4 @@ fn swappable(
         }
     }
     Ok(Some(indexes))
-}
-
-/// `name` as a quoted identifier.
-fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }

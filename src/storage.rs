@@ -233,12 +233,7 @@ impl Backend for PgBackend {
         let q = |sql: &str| self.q(sql);
         in_txn(|| {
             Spi::connect_mut(|c| {
-                c.update(
-                    &q("TRUNCATE raft_kv.snapshot_kv, raft_kv.snapshot_requests, raft_kv.snapshot_changes"),
-                    None,
-                    &[],
-                )
-                .map_err(spi_err)?;
+                crate::snapshot_tables::clear_frozen(c, &q)?;
                 crate::snapshot_tables::clear_incoming(c, &q)
             })
         })
