@@ -458,7 +458,9 @@ const LEASE_UPSERT_SQL: &str = "INSERT INTO raft_kv.leases (id, ttl_ms, refreshe
      ON CONFLICT (id) DO UPDATE SET ttl_ms = EXCLUDED.ttl_ms, refreshes = EXCLUDED.refreshes";
 const LEASE_DELETE_SQL: &str = "DELETE FROM raft_kv.leases WHERE id = ANY ($1::bigint[])";
 /// Forgets history below a compaction point (the primary key's leading column serves it).
-const COMPACT_HISTORY_SQL: &str = "DELETE FROM raft_kv.changes WHERE revision < $1";
+/// Every delete below a point is a two-sided range: a kept (generic) plan does not know $1, and
+/// one-sided, it would expect a third of the table and scan all of it on every call.
+const COMPACT_HISTORY_SQL: &str = "DELETE FROM raft_kv.changes WHERE revision >= 0 AND revision < $1";
 /// Probes the primary key per element; run only when a batch deletes something, so a plan
 /// made while the table was small (a scan) never runs against it once it is large.
 const DELETE_SQL: &str = "DELETE FROM raft_kv.kv WHERE key = ANY ($1::text[])";
@@ -504,10 +506,32 @@ const STATE_SQL: &str = "UPDATE raft_kv.state SET term = coalesce($1, term), vot
      commit_index = coalesce($3, commit_index), applied_index = coalesce($4, applied_index), \
      conf_state = coalesce($5, conf_state), revision = coalesce($6, revision), \
      compact_revision = coalesce($7, compact_revision) WHERE id = 1";
-const PRUNE_REQUESTS_SQL: &str = "DELETE FROM raft_kv.requests WHERE revision < $1";
-const COMPACT_LOG_SQL: &str = "DELETE FROM raft_kv.log WHERE idx <= $1";
+/// Two-sided, as `COMPACT_HISTORY_SQL` is, so that its kept plan probes the revision index.
+const PRUNE_REQUESTS_SQL: &str = "DELETE FROM raft_kv.requests WHERE revision >= 0 AND revision < $1";
+const COMPACT_LOG_SQL: &str = "DELETE FROM raft_kv.log WHERE idx >= 0 AND idx <= $1";
 const COMPACT_STATE_SQL: &str =
     "UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2 WHERE id = 1 AND snapshot_index < $1";
+
+/// The kept statements that must touch only the rows they name, whatever a table's size, with
+/// their parameters' types: their generic plans are checked against large tables
+/// (`tests::kept_statements_never_scan_a_large_table`).
+#[cfg(any(test, feature = "pg_test"))]
+pub(crate) const KEPT_PROBES: &[(&str, &str)] = &[
+    (LOOKUP_SQL, "text[], bigint[], bigint[]"),
+    (
+        EFFECTS_SQL,
+        "text[], text[], bigint[], bigint[], bigint[], bigint[], bigint[], boolean[], bigint[], \
+        bigint[], bigint[], text[], text[], text[], text[], bigint[], bigint[], bigint[], bigint[]",
+    ),
+    (LEASE_DELETE_SQL, "bigint[]"),
+    (COMPACT_HISTORY_SQL, "bigint"),
+    (DELETE_SQL, "text[]"),
+    (LOG_TRUNCATE_SQL, "bigint"),
+    (PRUNE_REQUESTS_SQL, "bigint"),
+    (COMPACT_LOG_SQL, "bigint"),
+    (COMPACT_STATE_SQL, "bigint, bigint"),
+    (STATE_SQL, "bigint, bigint, bigint, bigint, bytea, bigint, bigint"),
+];
 
 fn write_batch(
     c: &mut pgrx::spi::SpiClient<'_>,
