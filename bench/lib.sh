@@ -9,6 +9,29 @@ machine() {
   echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 }
 
+# role_cpu: CPU time (jiffies, user + system) of the long-lived server threads that a write or a
+# read passes through, summed by role: raft_kv's workers' main threads (worker) and their
+# network threads (net); PostgreSQL's walsenders, walreceivers and startup processes (the
+# standbys' WAL replay). Backends and pgbench come and go with each run: they are the rest of
+# the host's busy time.
+role_cpu() {
+  local p cmd cls t comm
+  for p in /proc/[0-9]*; do
+    read -r -d '' cmd <"$p/cmdline" 2>/dev/null || [ -n "$cmd" ] || continue
+    case "$cmd" in
+      "postgres: raft_kv worker"*) cls=worker ;;
+      "postgres: walsender"*) cls=walsender ;;
+      "postgres: walreceiver"* | "postgres: startup"*) cls=standby ;;
+      *) continue ;;
+    esac
+    for t in "$p"/task/*; do
+      read -r comm <"$t/comm" 2>/dev/null || continue
+      if [ "$comm" = raft_kv-net ]; then echo "net $t/stat"; else echo "$cls $t/stat"; fi
+    done
+  done | awk '{ f = $2; if ((getline line < f) > 0) { sub(/^.*\) /, "", line); split(line, a, " "); s[$1] += a[12] + a[13] } close(f) }
+              END { printf "worker=%d net=%d walsender=%d standby=%d\n", s["worker"], s["net"], s["walsender"], s["standby"] }'
+}
+
 # bench_dirs NAME: a work directory (WORK) holding a raft_kv cluster's (RK) and the sync-rep
 # baseline's (SR) directories, all stopped and removed when the script exits.
 bench_dirs() {

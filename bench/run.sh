@@ -15,7 +15,8 @@
 #
 # Each run reports throughput, p50 and p99 latency from pgbench's per-transaction logs, and
 # the host CPU time per operation (busy time of all cores from /proc/stat over the run, divided
-# by the operations; it includes pgbench and every server). Then the issue-11 ratios.
+# by the operations; it includes pgbench and every server), and how much of it the long-lived
+# server threads took (role_cpu in bench/lib.sh). Then the issue-11 ratios.
 # The extension must be installed (scripts/demo.sh or scripts/setup.sh do it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,28 +81,42 @@ EOF
 # run LABEL PORT SCRIPT CLIENTS -> one table row; remembers "tps p50 p99 cpu" under LABEL.CLIENTS
 declare -A R
 run() {
-  local logs=$WORK/log.$RANDOM out tps b0 b1 stats
+  local logs=$WORK/log.$RANDOM out tps b0 b1 stats r0 r1 roles
   mkdir -p "$logs"
+  r0=$(role_cpu)
   b0=$(busy)
   out=$("$PG_BIN/pgbench" -n -M prepared -h 127.0.0.1 -p "$2" -U postgres -c "$4" -j "$(( $4 < 2 ? $4 : 2 ))" \
         -T "$SECS" -f "$WORK/$3" -l --log-prefix="$logs/tx" postgres 2>&1) || { echo "$out" >&2; exit 1; }
   b1=$(busy)
+  r1=$(role_cpu)
   tps=$(echo "$out" | awk '/^tps = / { printf "%.0f", $3 }')
   # CPU ms per op: busy jiffies (1/100 s) over the run, divided by the operations done.
   stats=$(cat "$logs"/tx* | awk '{ print $3 }' | sort -n | awk -v tps="$tps" -v secs="$SECS" -v cpu="$(( b1 - b0 ))" '
     { v[NR] = $1 } END {
       printf "%s %.2f %.2f %.3f\n", tps, v[int(NR * 0.5) + 1] / 1000, v[int(NR * 0.99) + 1] / 1000, cpu * 10 / NR }')
+  # Of that, the server threads by role (role_cpu), per op: raft_kv's workers and network
+  # threads on its rows, the walsenders and standbys on the sync-rep rows.
+  roles=$(cat "$logs"/tx* | wc -l | awk -v a="$r0" -v b="$r1" -v raft="$([[ $1 == raft_* ]] && echo 1)" '
+    function get(s, k,   n, i, kv) { n = split(s, kv, /[ =]/); for (i = 1; i < n; i += 2) if (kv[i] == k) return kv[i + 1]; return 0 }
+    { ops = $1 } END {
+      w = get(b, "worker") - get(a, "worker"); n = get(b, "net") - get(a, "net")
+      s = get(b, "walsender") - get(a, "walsender"); r = get(b, "standby") - get(a, "standby")
+      if (raft) printf "workers %.3f, net %.3f", w * 10 / ops, n * 10 / ops
+      else if (s + r > 0) printf "walsenders %.3f, standbys %.3f", s * 10 / ops, r * 10 / ops
+      else printf "-" }')
   rm -rf "$logs"
   R[$1.$4]=$stats
   read -r tps p50 p99 cpu <<<"$stats"
-  printf '| %-34s | %7s | %8s | %7s | %7s | %9s |\n' "$1" "$4" "$tps" "$p50" "$p99" "$cpu"
+  printf '| %-34s | %7s | %8s | %7s | %7s | %9s | %-30s |\n' "$1" "$4" "$tps" "$p50" "$p99" "$cpu" "$roles"
 }
 
 echo "# raft_kv bench/run.sh, $(date -u +%Y-%m-%dT%H:%MZ), ${SECS}s per run, $KEYS keys of 16 bytes, 256-byte values"
 echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 echo "# postgres: $($PG_BIN/postgres --version), fsync=$(q "$LP" 'SHOW fsync'), synchronous_commit=$(q "$LP" 'SHOW synchronous_commit'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-printf '| %-34s | %7s | %8s | %7s | %7s | %9s |\n' operation clients "ops/s" "p50 ms" "p99 ms" "CPU ms/op"
-printf '|%s|%s|%s|%s|%s|%s|\n' "------------------------------------" "---------" "----------" "---------" "---------" "-----------"
+printf '| %-34s | %7s | %8s | %7s | %7s | %9s | %-30s |\n' operation clients "ops/s" "p50 ms" "p99 ms" "CPU ms/op" \
+  "of which server threads, ms/op"
+printf '|%s|%s|%s|%s|%s|%s|%s|\n' "------------------------------------" "---------" "----------" "---------" "---------" \
+  "-----------" "--------------------------------"
 want() { [ -z "${BENCH_OPS:-}" ] || [[ " $BENCH_OPS " == *" $1 "* ]]; }
 for c in $CLIENTS; do
   want set_leader && run "raft_set on the leader" "$LP" set.sql "$c"
