@@ -17,7 +17,7 @@ machine() {
 role_cpu() {
   local p cmd cls t comm
   for p in /proc/[0-9]*; do
-    read -r -d '' cmd <"$p/cmdline" 2>/dev/null || [ -n "$cmd" ] || continue
+    read -r -d "" cmd 2>/dev/null <"$p/cmdline" || [ -n "$cmd" ] || continue
     case "$cmd" in
       "postgres: raft_kv worker"*) cls=worker ;;
       "postgres: walsender"*) cls=walsender ;;
@@ -25,7 +25,7 @@ role_cpu() {
       *) continue ;;
     esac
     for t in "$p"/task/*; do
-      read -r comm <"$t/comm" 2>/dev/null || continue
+      read -r comm 2>/dev/null <"$t/comm" || continue
       if [ "$comm" = raft_kv-net ]; then echo "net $t/stat"; else echo "$cls $t/stat"; fi
     done
   done | awk '{ f = $2; if ((getline line < f) > 0) { sub(/^.*\) /, "", line); split(line, a, " "); s[$1] += a[12] + a[13] } close(f) }

@@ -676,7 +676,11 @@ impl RaftLoop {
 
     /// Hands every settled request's outcome to its backend.
     fn answer(&mut self) {
-        for ((slot, gen), answer) in self.answers.drain(..) {
+        if self.answers.is_empty() {
+            return;
+        }
+        let stats = &mut self.stats;
+        requests::complete_all(self.answers.drain(..).map(|(client, answer)| {
             let (outcome, reply, msg) = match answer {
                 Answer::Done { revision, flag, wrote, refused } => {
                     (Outcome::Ok, (revision as i64, flag, wrote, refused.map_or(0, |r| r.code())), "")
@@ -685,12 +689,12 @@ impl RaftLoop {
                 Answer::Unknown(m) => (Outcome::Unknown, (0, false, None, 0), m),
                 Answer::Refused(m) => (Outcome::Refused, (0, false, None, 0), m),
                 Answer::ReadFailed(m) => {
-                    self.stats.read_index_failures += 1;
+                    stats.read_index_failures += 1;
                     (Outcome::ReadFailed, (0, false, None, 0), m)
                 }
             };
-            requests::complete(slot, gen, outcome, reply, msg);
-        }
+            (client, outcome, reply, msg)
+        }));
     }
 
     /// Sends this process's table statistics to the cumulative statistics system, so autovacuum

@@ -6,6 +6,7 @@
 //! Cancellation marks the slot abandoned; a new worker incarnation resolves every slot the
 //! previous one left behind, so no backend waits on a dead worker.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pgrx::pg_sys;
@@ -120,7 +121,14 @@ pub fn submit(req: &Request) -> Result<Reply, RequestError> {
         Ok((idx, gen, epoch, worker)) => {
             shmem::wake_proc(worker);
             let deadline = Instant::now() + Duration::from_millis(timeout_ms as u64) + VERDICT_GRACE;
-            PgTryBuilder::new(|| wait(idx, gen, epoch, deadline)).finally(|| release(idx, gen)).execute()
+            let freed = AtomicBool::new(false);
+            PgTryBuilder::new(|| wait(idx, gen, epoch, deadline, &freed))
+                .finally(|| {
+                    if !freed.load(Ordering::Relaxed) {
+                        release(idx, gen)
+                    }
+                })
+                .execute()
         }
     };
     if !seg.is_null() {
@@ -180,12 +188,22 @@ fn wait_latch(d: Duration) {
     pgrx::check_for_interrupts!();
 }
 
-fn wait(idx: usize, gen: u64, epoch: u64, deadline: Instant) -> Result<Reply, RequestError> {
+/// Sleeps until the worker has answered (its latch set comes after the answer, and a set
+/// latch is not lost while this backend is not yet asleep, so the first look can wait for it),
+/// then takes the answer and frees the slot in one hold of the lock (`freed`).
+fn wait(idx: usize, gen: u64, epoch: u64, deadline: Instant, freed: &AtomicBool) -> Result<Reply, RequestError> {
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(RequestError::Unknown("the raft_kv worker did not answer in time".into()));
+        }
+        wait_latch(left);
         {
-            let sh = SHARED.share();
-            let s = &sh.slots[idx];
+            let mut sh = SHARED.exclusive();
+            let s = &mut sh.slots[idx];
             if s.gen == gen && s.state == SlotState::Done as u8 {
+                s.state = SlotState::Free as u8;
+                freed.store(true, Ordering::Relaxed);
                 let msg = s.message.get();
                 return match s.outcome {
                     x if x == Outcome::Ok as u8 => {
@@ -210,11 +228,6 @@ fn wait(idx: usize, gen: u64, epoch: u64, deadline: Instant) -> Result<Reply, Re
                 ));
             }
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(RequestError::Unknown("the raft_kv worker did not answer in time".into()));
-        }
-        wait_latch(left);
     }
 }
 
@@ -252,6 +265,12 @@ pub struct Taken {
 /// Worker: takes every newly submitted request of this epoch, and frees the slots whose
 /// backends gave up (reporting them in `abandoned` as (slot, gen)).
 pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u64)>) {
+    let mut wake = Vec::new();
+    take_flagged(epoch, out, abandoned, &mut wake);
+    wake.into_iter().for_each(shmem::wake_proc);
+}
+
+fn take_flagged(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u64)>, wake: &mut Vec<i32>) {
     let mut sh = SHARED.exclusive();
     let now = Instant::now();
     // Only the flagged slots: reading all 512 slots' states under the lock was 1.4 % of the
@@ -262,19 +281,15 @@ pub fn take_new(epoch: u64, out: &mut Vec<Taken>, abandoned: &mut Vec<(usize, u6
             s.state = SlotState::Free as u8;
             abandoned.push((idx, s.gen));
             // Its backend may be waiting to make its next call.
-            shmem::wake_proc(s.procno);
+            wake.push(s.procno);
             continue;
         }
         if s.state != SlotState::Submitted as u8 {
             continue;
         }
         if s.epoch != epoch {
-            finish(
-                s,
-                Outcome::NotCommitted,
-                (0, false, None, 0),
-                "the raft_kv worker restarted before taking the request",
-            );
+            let why = "the raft_kv worker restarted before taking the request";
+            wake.extend(finish(s, Outcome::NotCommitted, (0, false, None, 0), why));
             continue;
         }
         let (Some(op), Some((key, value, expected, request_id))) = (Op::from_u8(s.op), read_payload(s)) else {
@@ -327,11 +342,14 @@ fn read_payload(s: &Slot) -> Option<Payload> {
     Some((key, value, expected, request_id))
 }
 
-fn finish(s: &mut Slot, outcome: Outcome, reply: (i64, bool, Option<bool>, u8), message: &str) {
+/// Writes the outcome into the slot; returns the backend to wake (after the lock is released:
+/// a wake-up is a system call, and 32 backends wait on this lock).
+#[must_use]
+fn finish(s: &mut Slot, outcome: Outcome, reply: (i64, bool, Option<bool>, u8), message: &str) -> Option<i32> {
     let (revision, flag, wrote, refused) = reply;
     if s.abandoned {
         s.state = SlotState::Free as u8;
-        return;
+        return None;
     }
     s.outcome = outcome as u8;
     s.revision = revision;
@@ -344,26 +362,43 @@ fn finish(s: &mut Slot, outcome: Outcome, reply: (i64, bool, Option<bool>, u8), 
     };
     s.message.set(message);
     s.state = SlotState::Done as u8;
-    shmem::wake_proc(s.procno);
+    Some(s.procno)
 }
+
+/// An outcome for a request the worker took: (slot, gen), outcome, reply, message.
+pub type Completion<'a> = ((usize, u64), Outcome, (i64, bool, Option<bool>, u8), &'a str);
 
 /// Worker: reports the outcome of a request it took.
 pub fn complete(slot: usize, gen: u64, outcome: Outcome, reply: (i64, bool, Option<bool>, u8), message: &str) {
-    let mut sh = SHARED.exclusive();
-    let s = &mut sh.slots[slot];
-    if s.gen == gen && s.state == SlotState::Taken as u8 {
-        finish(s, outcome, reply, message);
+    complete_all([((slot, gen), outcome, reply, message)]);
+}
+
+/// Worker: reports every outcome settled in one pass under one hold of the lock, then wakes
+/// their backends.
+pub fn complete_all<'a>(done: impl IntoIterator<Item = Completion<'a>>) {
+    let mut wake = Vec::new();
+    {
+        let mut sh = SHARED.exclusive();
+        for ((slot, gen), outcome, reply, message) in done {
+            let s = &mut sh.slots[slot];
+            if s.gen == gen && s.state == SlotState::Taken as u8 {
+                wake.extend(finish(s, outcome, reply, message));
+            }
+        }
     }
+    wake.into_iter().for_each(shmem::wake_proc);
 }
 
 /// Worker: fails every slot not yet answered (at start for a previous incarnation's
 /// requests, at exit for its own). Submitted-but-untaken requests certainly did not happen.
 pub fn resolve_all(sh: &mut shmem::Shared, why: &str) {
     for s in sh.slots.iter_mut().take(NSLOTS) {
-        match s.state {
+        let wake = match s.state {
             x if x == SlotState::Taken as u8 => finish(s, Outcome::Unknown, (0, false, None, 0), why),
             x if x == SlotState::Submitted as u8 => finish(s, Outcome::NotCommitted, (0, false, None, 0), why),
-            _ => {}
-        }
+            _ => None,
+        };
+        // Rare (a worker starting or stopping): woken under the lock.
+        wake.into_iter().for_each(shmem::wake_proc);
     }
 }
