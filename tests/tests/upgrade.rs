@@ -61,10 +61,18 @@ fn lead(c: &Cluster, to: usize) {
 /// Stops node `i` (fast) and waits until the others have compacted their logs past what it
 /// holds, so it can only catch up through a snapshot; returns its log's length at the stop.
 fn stop_until_compacted(c: &Cluster, i: usize) -> usize {
-    let held = c.applied_index(i).unwrap_or(0);
     let log_at = c.node(i).log().len();
     c.stop_node(i, Stop::Fast);
     let others: Vec<usize> = (1..=3).filter(|&j| j != i).collect();
+    // The stopped node's log may run past its applied index (entries in flight while writers
+    // run), but not past the others' logs now (no leader fails meanwhile): once the leader's
+    // log starts after that, the node can only catch up by a snapshot.
+    let held = others
+        .iter()
+        .filter_map(|&j| c.client(j).query_one("SELECT last_index FROM raft_status()", &[]).ok())
+        .filter_map(|r| r.get::<_, Option<i64>>(0))
+        .max()
+        .expect("the other nodes answer");
     wait_for(Duration::from_secs(30), "the log to be compacted past the stopped node", || {
         let (l, _) = c.wait_leader(&others, Duration::from_secs(20));
         let first: i64 = c.client(l).query_one("SELECT first_index FROM raft_status()", &[]).ok()?.get(0);
