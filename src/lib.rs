@@ -495,7 +495,16 @@ mod tests {
         .unwrap();
         for (i, (sql, types)) in crate::storage::KEPT_PROBES.iter().enumerate() {
             let sql = sql.replace("raft_kv.", "contract.");
-            let nulls = vec!["NULL"; types.split(',').count()].join(", ");
+            let types: Vec<String> = types
+                .iter()
+                .map(|t| {
+                    Spi::get_one::<String>(&format!("SELECT format_type({}, NULL)", t.value().to_u32()))
+                        .unwrap()
+                        .unwrap()
+                })
+                .collect();
+            let nulls = vec!["NULL"; types.len()].join(", ");
+            let types = types.join(", ");
             Spi::run(&format!("PREPARE kept{i} ({types}) AS {sql}")).unwrap();
             let plan: Vec<String> = Spi::connect(|c| {
                 c.select(&format!("EXPLAIN EXECUTE kept{i} ({nulls})"), None, &[])

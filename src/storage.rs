@@ -322,8 +322,7 @@ impl Backend for PgBackend {
                 let mut out = Lookup::default();
                 if self.lookup_plan.is_none() {
                     let sql = self.q(LOOKUP_SQL);
-                    let args = [TEXTARRAY, INT8ARRAY, INT8ARRAY];
-                    self.lookup_plan = Some(c.prepare(sql.as_str(), &args).map_err(spi_err)?.keep());
+                    self.lookup_plan = Some(c.prepare(sql.as_str(), &LOOKUP_ARGS).map_err(spi_err)?.keep());
                 }
                 let plan = self.lookup_plan.as_ref().expect("prepared above");
                 let t =
@@ -512,25 +511,28 @@ const COMPACT_LOG_SQL: &str = "DELETE FROM raft_kv.log WHERE idx >= 0 AND idx <=
 const COMPACT_STATE_SQL: &str =
     "UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2 WHERE id = 1 AND snapshot_index < $1";
 
+const LOOKUP_ARGS: [PgOid; 3] = [TEXTARRAY, INT8ARRAY, INT8ARRAY];
+const EFFECTS_ARGS: [PgOid; 19] = [
+    TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, BOOLARRAY, INT8ARRAY, INT8ARRAY,
+    INT8ARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY,
+];
+const STATE_ARGS: [PgOid; 7] = [INT8, INT8, INT8, INT8, BYTEA, INT8, INT8];
+
 /// The kept statements that must touch only the rows they name, whatever a table's size, with
 /// their parameters' types: their generic plans are checked against large tables
 /// (`tests::kept_statements_never_scan_a_large_table`).
 #[cfg(any(test, feature = "pg_test"))]
-pub(crate) const KEPT_PROBES: &[(&str, &str)] = &[
-    (LOOKUP_SQL, "text[], bigint[], bigint[]"),
-    (
-        EFFECTS_SQL,
-        "text[], text[], bigint[], bigint[], bigint[], bigint[], bigint[], boolean[], bigint[], \
-        bigint[], bigint[], text[], text[], text[], text[], bigint[], bigint[], bigint[], bigint[]",
-    ),
-    (LEASE_DELETE_SQL, "bigint[]"),
-    (COMPACT_HISTORY_SQL, "bigint"),
-    (DELETE_SQL, "text[]"),
-    (LOG_TRUNCATE_SQL, "bigint"),
-    (PRUNE_REQUESTS_SQL, "bigint"),
-    (COMPACT_LOG_SQL, "bigint"),
-    (COMPACT_STATE_SQL, "bigint, bigint"),
-    (STATE_SQL, "bigint, bigint, bigint, bigint, bytea, bigint, bigint"),
+pub(crate) const KEPT_PROBES: &[(&str, &[PgOid])] = &[
+    (LOOKUP_SQL, &LOOKUP_ARGS),
+    (EFFECTS_SQL, &EFFECTS_ARGS),
+    (LEASE_DELETE_SQL, &[INT8ARRAY]),
+    (COMPACT_HISTORY_SQL, &[INT8]),
+    (DELETE_SQL, &[TEXTARRAY]),
+    (LOG_TRUNCATE_SQL, &[INT8]),
+    (PRUNE_REQUESTS_SQL, &[INT8]),
+    (COMPACT_LOG_SQL, &[INT8]),
+    (COMPACT_STATE_SQL, &[INT8, INT8]),
+    (STATE_SQL, &STATE_ARGS),
 ];
 
 fn write_batch(
@@ -645,12 +647,7 @@ fn write_batch(
             let delete = plans.get(c, schema, DELETE_SQL, &[TEXTARRAY])?;
             c.update(delete, None, &[gone.into()]).map_err(spi_err)?;
         }
-        let args = [
-            TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, BOOLARRAY, INT8ARRAY,
-            INT8ARRAY, INT8ARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY,
-            INT8ARRAY,
-        ];
-        let effects = plans.get(c, schema, EFFECTS_SQL, &args)?;
+        let effects = plans.get(c, schema, EFFECTS_SQL, &EFFECTS_ARGS)?;
         let [revision, key, kind, value, prev_value, create, version, prev_mod] = change_columns(&fx.changes);
         c.update(
             effects,
@@ -707,7 +704,7 @@ fn write_batch(
     {
         let hs = b.hard_state.as_ref();
         let cs = b.conf_state.as_ref().map(encode_conf_state);
-        let state = plans.get(c, schema, STATE_SQL, &[INT8, INT8, INT8, INT8, BYTEA, INT8, INT8])?;
+        let state = plans.get(c, schema, STATE_SQL, &STATE_ARGS)?;
         c.update(
             state,
             None,
