@@ -5,6 +5,8 @@
 //! was a tenth of the cluster's CPU per write (measured, BENCHMARKS.md). raft-rs's own
 //! `batch_append` does this merge without a size limit, and a merged message could then exceed
 //! the transport's frame limit and be dropped; here a merge stops at raft's `max_size_per_msg`.
+//! A follower that took several appends in one pass likewise sends only its last
+//! acknowledgement of them.
 
 use raft::eraftpb::{Message, MessageType};
 use std::collections::HashMap;
@@ -33,6 +35,33 @@ pub fn coalesce_appends(msgs: Vec<Message>, max_bytes: u64, out: &mut Vec<Messag
         last.insert(m.to, (out.len(), bytes));
         out.push(m);
     }
+}
+
+/// Drops each successful `MsgAppendResponse` that a later one to the same peer, in the same
+/// term, supersedes: the leader takes an acknowledgement of index `i` as one of everything up to
+/// `i`, so only the highest matters (and raft tolerates the loss of any). Rejections and every
+/// other message stay, in order.
+pub fn drop_superseded_acks(msgs: &mut Vec<Message>) {
+    let is_ack = |m: &Message| m.get_msg_type() == MessageType::MsgAppendResponse && !m.reject;
+    if msgs.iter().filter(|m| is_ack(m)).count() < 2 {
+        return;
+    }
+    // Per (peer, term): the highest index acknowledged, and the position of its last ack.
+    let mut best: HashMap<(u64, u64), (u64, usize)> = HashMap::new();
+    for (at, m) in msgs.iter().enumerate() {
+        if is_ack(m) {
+            let e = best.entry((m.to, m.term)).or_insert((m.index, at));
+            if m.index >= e.0 {
+                *e = (m.index, at);
+            }
+        }
+    }
+    let mut at = 0;
+    msgs.retain(|m| {
+        let keep = !is_ack(m) || best.get(&(m.to, m.term)).is_some_and(|&(_, last)| last == at);
+        at += 1;
+        keep
+    });
 }
 
 /// `m` is an append that picks up exactly where `p`, an append of the same term, ends.
@@ -151,6 +180,36 @@ mod tests {
         );
         assert_eq!(other.len(), 2);
         assert_eq!(indexes(&other[0]), vec![11, 12]);
+    }
+
+    fn ack(to: u64, term: u64, index: u64, reject: bool) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppendResponse);
+        m.to = to;
+        m.from = 2;
+        m.term = term;
+        m.index = index;
+        m.reject = reject;
+        m
+    }
+
+    #[test]
+    fn only_the_highest_acknowledgement_goes() {
+        let mut msgs = vec![ack(1, 3, 11, false), heartbeat(1), ack(1, 3, 13, false), ack(1, 3, 12, false)];
+        drop_superseded_acks(&mut msgs);
+        let got: Vec<_> = msgs.iter().map(|m| (m.get_msg_type(), m.index)).collect();
+        assert_eq!(got, [(MessageType::MsgHeartbeat, 0), (MessageType::MsgAppendResponse, 13)]);
+        // Rejections, other terms and other peers are kept.
+        let mut msgs = vec![
+            ack(1, 3, 11, false),
+            ack(1, 3, 9, true),
+            ack(1, 4, 12, false),
+            ack(5, 4, 12, false),
+            ack(1, 4, 14, false),
+        ];
+        drop_superseded_acks(&mut msgs);
+        let got: Vec<_> = msgs.iter().map(|m| (m.to, m.term, m.index, m.reject)).collect();
+        assert_eq!(got, [(1, 3, 11, false), (1, 3, 9, true), (5, 4, 12, false), (1, 4, 14, false)]);
     }
 
     #[test]

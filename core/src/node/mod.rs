@@ -567,7 +567,9 @@ impl<B: Backend> Node<B> {
             self.write_and_apply(batch, &committed, out)?;
 
             // Only now, with the entries and vote durable, may votes and acks leave.
-            for mut m in rd.take_persisted_messages() {
+            let mut acks = rd.take_persisted_messages();
+            coalesce::drop_superseded_acks(&mut acks);
+            for mut m in acks {
                 tags.apply(&mut m);
                 send(Outbound::Raft(m));
             }
