@@ -11,11 +11,12 @@
 use raft::eraftpb::{Message, MessageType};
 use std::collections::HashMap;
 
-/// Appends `msgs` to `out` in order, folding each `MsgAppend` into the previous message to the
-/// same peer when that one is a `MsgAppend` of the same term whose entries it continues and the
-/// sum stays within `max_bytes`. The merged message carries the later (higher) commit index.
-/// Messages to other peers may sit in between: only per-peer order matters on the wire.
-pub fn coalesce_appends(msgs: Vec<Message>, max_bytes: u64, out: &mut Vec<Message>) {
+/// `msgs` in order, each `MsgAppend` folded into the previous message to the same peer when
+/// that one is a `MsgAppend` of the same term whose entries it continues and the sum stays
+/// within `max_bytes`. The merged message carries the later (higher) commit index. Messages to
+/// other peers may sit in between: only per-peer order matters on the wire.
+pub fn coalesce_appends(msgs: Vec<Message>, max_bytes: u64) -> Vec<Message> {
+    let mut out: Vec<Message> = Vec::with_capacity(msgs.len());
     // Per peer: where its last message is in `out`, and that message's entry bytes.
     let mut last: HashMap<u64, (usize, u64)> = HashMap::new();
     for m in msgs {
@@ -35,6 +36,7 @@ pub fn coalesce_appends(msgs: Vec<Message>, max_bytes: u64, out: &mut Vec<Messag
         last.insert(m.to, (out.len(), bytes));
         out.push(m);
     }
+    out
 }
 
 /// Drops each successful `MsgAppendResponse` that a later one to the same peer, in the same
@@ -66,7 +68,7 @@ pub fn drop_superseded_acks(msgs: &mut Vec<Message>) {
 
 /// `m` is an append that picks up exactly where `p`, an append of the same term, ends.
 fn continues(p: &Message, m: &Message) -> bool {
-    if p.get_msg_type() != MessageType::MsgAppend || p.term != m.term || p.from != m.from {
+    if p.get_msg_type() != MessageType::MsgAppend || p.term != m.term {
         return false;
     }
     let (end_index, end_term) = match p.entries.last() {
@@ -113,19 +115,13 @@ mod tests {
         m
     }
 
-    fn run(msgs: Vec<Message>, max: u64) -> Vec<Message> {
-        let mut out = Vec::new();
-        coalesce_appends(msgs, max, &mut out);
-        out
-    }
-
     fn indexes(m: &Message) -> Vec<u64> {
         m.entries.iter().map(|e| e.index).collect()
     }
 
     #[test]
     fn consecutive_appends_to_each_peer_become_one() {
-        let out = run(
+        let out = coalesce_appends(
             vec![
                 append(2, 3, (10, 3), &[(11, 3)], 10),
                 append(3, 3, (10, 3), &[(11, 3)], 10),
@@ -146,11 +142,13 @@ mod tests {
     #[test]
     fn a_commit_only_append_takes_the_entries_that_follow_it() {
         // Acknowledgements advanced the commit (an empty append), then a proposal followed.
-        let out = run(vec![append(2, 3, (10, 3), &[], 10), append(2, 3, (10, 3), &[(11, 3)], 10)], 1 << 20);
+        let out =
+            coalesce_appends(vec![append(2, 3, (10, 3), &[], 10), append(2, 3, (10, 3), &[(11, 3)], 10)], 1 << 20);
         assert_eq!(out.len(), 1);
         assert_eq!((indexes(&out[0]), out[0].index, out[0].commit), (vec![11], 10, 10));
         // And an empty append after entries only carries its commit forward.
-        let out = run(vec![append(2, 3, (10, 3), &[(11, 3)], 10), append(2, 3, (11, 3), &[], 11)], 1 << 20);
+        let out =
+            coalesce_appends(vec![append(2, 3, (10, 3), &[(11, 3)], 10), append(2, 3, (11, 3), &[], 11)], 1 << 20);
         assert_eq!(out.len(), 1);
         assert_eq!((indexes(&out[0]), out[0].commit), (vec![11], 11));
     }
@@ -158,14 +156,22 @@ mod tests {
     #[test]
     fn what_does_not_continue_stays_apart() {
         // A gap, a different term, a different previous term, another message in between.
-        let gap = run(vec![append(2, 3, (10, 3), &[(11, 3)], 10), append(2, 3, (12, 3), &[(13, 3)], 10)], 1 << 20);
+        let gap = coalesce_appends(
+            vec![append(2, 3, (10, 3), &[(11, 3)], 10), append(2, 3, (12, 3), &[(13, 3)], 10)],
+            1 << 20,
+        );
         assert_eq!(gap.len(), 2);
-        let term = run(vec![append(2, 3, (10, 3), &[(11, 3)], 10), append(2, 4, (11, 3), &[(12, 4)], 10)], 1 << 20);
+        let term = coalesce_appends(
+            vec![append(2, 3, (10, 3), &[(11, 3)], 10), append(2, 4, (11, 3), &[(12, 4)], 10)],
+            1 << 20,
+        );
         assert_eq!(term.len(), 2);
-        let prev_term =
-            run(vec![append(2, 3, (10, 3), &[(11, 2)], 10), append(2, 3, (11, 3), &[(12, 3)], 10)], 1 << 20);
+        let prev_term = coalesce_appends(
+            vec![append(2, 3, (10, 3), &[(11, 2)], 10), append(2, 3, (11, 3), &[(12, 3)], 10)],
+            1 << 20,
+        );
         assert_eq!(prev_term.len(), 2);
-        let between = run(
+        let between = coalesce_appends(
             vec![append(2, 3, (10, 3), &[(11, 3)], 10), heartbeat(2), append(2, 3, (11, 3), &[(12, 3)], 10)],
             1 << 20,
         );
@@ -174,7 +180,7 @@ mod tests {
             [MessageType::MsgAppend, MessageType::MsgHeartbeat, MessageType::MsgAppend]
         );
         // A heartbeat to another peer does not separate them.
-        let other = run(
+        let other = coalesce_appends(
             vec![append(2, 3, (10, 3), &[(11, 3)], 10), heartbeat(3), append(2, 3, (11, 3), &[(12, 3)], 10)],
             1 << 20,
         );
@@ -216,10 +222,10 @@ mod tests {
     fn a_merge_stops_at_the_size_limit() {
         // Each entry counts 116 bytes: two fit in 300, a third does not.
         let msgs = (0..5).map(|i| append(2, 3, (10 + i, 3), &[(11 + i, 3)], 10)).collect();
-        let out = run(msgs, 300);
+        let out = coalesce_appends(msgs, 300);
         assert_eq!(out.iter().map(indexes).collect::<Vec<_>>(), vec![vec![11, 12], vec![13, 14], vec![15]]);
         // A single message over the limit goes as it is (raft sends at least one entry).
-        let out = run(vec![append(2, 3, (10, 3), &[(11, 3), (12, 3), (13, 3)], 10)], 100);
+        let out = coalesce_appends(vec![append(2, 3, (10, 3), &[(11, 3), (12, 3), (13, 3)], 10)], 100);
         assert_eq!(out.len(), 1);
     }
 }

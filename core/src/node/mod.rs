@@ -215,8 +215,6 @@ pub struct Node<B: Backend> {
     /// Ticks led without interruption, and the election timeout in ticks.
     leader_ticks: u32,
     election_ticks: u32,
-    /// A Ready's messages with appends merged (`coalesce.rs`); kept to reuse its allocation.
-    merged: Vec<Message>,
 }
 
 impl<B: Backend> Node<B> {
@@ -282,7 +280,6 @@ impl<B: Backend> Node<B> {
             versions: versions::Versions::new(&opts.version),
             leader_ticks: 0,
             election_ticks: opts.election_ticks as u32,
-            merged: Vec::new(),
         })
     }
 
@@ -534,12 +531,9 @@ impl<B: Backend> Node<B> {
             let settled = self.leader_ticks >= 2 * self.election_ticks;
             let tags = self.versions.tags(self.id(), self.raw.raft.leader_id, &self.member_ids(), settled);
             // Leader messages may go out before the write; raft tolerates their loss.
-            let mut msgs = std::mem::take(&mut self.merged);
-            coalesce::coalesce_appends(rd.take_messages(), self.raw.raft.max_msg_size, &mut msgs);
-            for m in msgs.drain(..) {
+            for m in coalesce::coalesce_appends(rd.take_messages(), self.raw.raft.max_msg_size) {
                 self.route(m, &tags, send)?;
             }
-            self.merged = msgs;
 
             let mut batch = WriteBatch::default();
             if !rd.snapshot().is_empty() {
