@@ -375,9 +375,13 @@ fn raft_get(
     let consistency = self::consistency(consistency);
     read_barrier(consistency);
     if at.is_none() {
-        // The hot path: the value alone.
-        let sql = "SELECT value FROM raft_kv.kv WHERE key OPERATOR(pg_catalog.=) $1";
+        // The hot path: the value alone, through the primary-key index without the executor
+        // where the caller may read the table plainly; otherwise through a kept plan.
         let fresh = consistency == Consistency::Linearizable;
+        if let Some(value) = crate::kv_probe::value_of(key, fresh) {
+            return value;
+        }
+        let sql = "SELECT value FROM raft_kv.kv WHERE key OPERATOR(pg_catalog.=) $1";
         return kept_select(sql, &[TEXT], &[key.into()], fresh, |t| {
             if t.is_empty() {
                 Ok(None)

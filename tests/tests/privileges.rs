@@ -287,3 +287,73 @@ fn many_sessions_never_run_out_of_request_slots() {
     let err = c.client(1).batch_execute("SET raft_kv.apply_timeout = '1h'").unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "22023", "{err}");
 }
+
+/// raft_get reads a key through the primary-key index without the executor where the caller
+/// may read the table plainly. Whatever path it takes, it reads what a SELECT by that role
+/// would: a fresh value after a write elsewhere, whole values stored out of line, nothing where
+/// the role may not read the table, and only the rows row-level security lets it see.
+#[test]
+fn a_read_sees_what_a_select_by_its_role_would() {
+    let c = Cluster::start(3);
+    let (leader, _) = c.wait_leader(&[1, 2, 3], Duration::from_secs(20));
+    let follower = if leader == 1 { 2 } else { 1 };
+    let mut su = c.client(leader);
+    for i in 1..=3 {
+        c.client(i)
+            .batch_execute(
+                "CREATE ROLE reader IN ROLE raft_kv_reader; CREATE ROLE caller; \
+                 GRANT EXECUTE ON FUNCTION raft_get(text, text, bigint) TO caller; \
+                 CREATE ROLE columns; GRANT EXECUTE ON FUNCTION raft_get(text, text, bigint) TO columns; \
+                 GRANT USAGE ON SCHEMA raft_kv TO columns; GRANT SELECT (key, value) ON raft_kv.kv TO columns",
+            )
+            .unwrap();
+    }
+    // Linearizable reads on a follower see each write made on the leader just before, values
+    // of 300,000 bytes (stored compressed, out of line) included.
+    let mut reader = c.client(follower);
+    reader.batch_execute("SET ROLE reader").unwrap();
+    for i in 0..20 {
+        let v = if i % 2 == 0 { format!("v{i}") } else { format!("{i}-").repeat(150_000)[..300_000].to_string() };
+        su.query_one("SELECT raft_set('k', $1)", &[&v]).unwrap();
+        let got: Option<String> = reader.query_one("SELECT raft_get('k')", &[]).unwrap().get(0);
+        assert_eq!(got.as_deref().map(str::len), Some(v.len()), "write {i}");
+        assert!(got.as_deref() == Some(v.as_str()), "write {i}: another value");
+    }
+    let last: Option<String> = reader.query_one("SELECT raft_get('k', 'local')", &[]).unwrap().get(0);
+    assert_eq!(last.map(|s| s.len()), Some(300_000));
+    let none: Option<String> = reader.query_one("SELECT raft_get('no such key')", &[]).unwrap().get(0);
+    assert_eq!(none, None);
+    // May call raft_get but not read the table: refused as a SELECT of it would be.
+    let mut caller = c.client(follower);
+    caller.batch_execute("SET ROLE caller").unwrap();
+    for consistency in ["linearizable", "local"] {
+        let sql = format!("SELECT raft_get('k', '{consistency}')");
+        assert_eq!(code(&mut caller, &sql).as_deref(), Some("42501"), "{sql}");
+    }
+    // May read the two columns a read needs, not the whole table: the value, as a SELECT.
+    let mut columns = c.client(follower);
+    columns.batch_execute("SET ROLE columns").unwrap();
+    let got: Option<String> = columns.query_one("SELECT raft_get('k')", &[]).unwrap().get(0);
+    assert_eq!(got.map(|s| s.len()), Some(300_000));
+    // Row-level security: the reader sees the rows its policy shows, the workers still apply.
+    su.batch_execute("SELECT raft_set('pub/a', 'open'); SELECT raft_set('secret', 'hidden')").unwrap();
+    for i in 1..=3 {
+        c.client(i)
+            .batch_execute(
+                "ALTER TABLE raft_kv.kv ENABLE ROW LEVEL SECURITY; \
+                 CREATE POLICY public_keys ON raft_kv.kv FOR SELECT TO reader USING (key LIKE 'pub/%')",
+            )
+            .unwrap();
+    }
+    su.batch_execute("SELECT raft_set('pub/b', 'also open'); SELECT raft_set('secret', 'still hidden')").unwrap();
+    for consistency in ["linearizable", "local"] {
+        let get = |c: &mut Client, k: &str| -> Option<String> {
+            c.query_one("SELECT raft_get($1, $2)", &[&k, &consistency]).unwrap().get(0)
+        };
+        assert_eq!(get(&mut reader, "secret"), None, "{consistency}: a row its policy hides");
+        assert_eq!(get(&mut reader, "pub/a").as_deref(), Some("open"), "{consistency}");
+        assert_eq!(get(&mut reader, "pub/b").as_deref(), Some("also open"), "{consistency}");
+        let mut su_f = c.client(follower);
+        assert_eq!(get(&mut su_f, "secret").as_deref(), Some("still hidden"), "{consistency}: a superuser");
+    }
+}
