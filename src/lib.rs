@@ -14,6 +14,7 @@ mod concurrency_api;
 mod freeze;
 mod guc;
 mod history_api;
+mod index_probe;
 mod kv_probe;
 mod lease_api;
 mod peers;

@@ -15,6 +15,7 @@ use raft_kv_core::storage::{
 };
 use raft_kv_core::types::{Change, ChangeKind, KvRow, Member, MemberOp, SnapshotData};
 
+use crate::index_probe::{self, Key, Probe, Snap};
 use crate::snapshot_tables::{freeze_tables, read_rows, select_members, SNAPSHOT_STORE};
 use crate::spi::{in_txn, spi_err};
 
@@ -22,8 +23,6 @@ use crate::spi::{in_txn, spi_err};
 /// a scratch copy).
 pub struct PgBackend {
     schema: &'static str,
-    /// The apply path's look-up, planned once and kept across transactions.
-    lookup_plan: Option<OwnedPreparedStatement>,
     /// The write path's statements, likewise.
     plans: Plans,
     /// Freezes snapshots elsewhere (the Raft worker's: a background worker, see `freeze.rs`);
@@ -70,18 +69,12 @@ impl PgBackend {
     /// Freezes snapshots synchronously, in the calling transaction (for the contract tests).
     #[cfg(any(test, feature = "pg_test"))]
     pub fn new(schema: &'static str) -> Self {
-        PgBackend { schema, lookup_plan: None, plans: Plans::default(), freezer: None, snap_row_bytes: 64 }
+        PgBackend { schema, plans: Plans::default(), freezer: None, snap_row_bytes: 64 }
     }
 
     /// The worker's backend over `raft_kv`'s tables, freezing snapshots with `freezer`.
     pub fn with_freezer(freezer: Box<dyn Freezer>) -> Self {
-        PgBackend {
-            schema: "raft_kv",
-            lookup_plan: None,
-            plans: Plans::default(),
-            freezer: Some(freezer),
-            snap_row_bytes: 64,
-        }
+        PgBackend { schema: "raft_kv", plans: Plans::default(), freezer: Some(freezer), snap_row_bytes: 64 }
     }
 
     fn read_members(&self, c: &pgrx::spi::SpiClient<'_>) -> StoreResult<Vec<Member>> {
@@ -312,37 +305,13 @@ impl Backend for PgBackend {
         in_txn(|| Spi::connect(|c| crate::snapshot_tables::select_leases(c, &q)))
     }
 
-    /// One statement, whatever the batch's size: the keys' rows, the request ids' rows and
-    /// the store's revisions; one more per prefix a transaction reads (rare).
+    /// The keys' rows, the request ids' rows and the store's revisions by primary-key probes
+    /// (`probe_rows`); a statement per prefix a transaction reads (rare), and for leases.
     fn lookup(&mut self, needs: &Needs) -> StoreResult<Lookup> {
-        let nonces: Vec<i64> = needs.ids.iter().map(|i| i.0 as i64).collect();
-        let seqs: Vec<i64> = needs.ids.iter().map(|i| i.1 as i64).collect();
         in_txn(|| {
             Spi::connect(|c| {
                 let mut out = Lookup::default();
-                if self.lookup_plan.is_none() {
-                    let sql = self.q(LOOKUP_SQL);
-                    self.lookup_plan = Some(c.prepare(sql.as_str(), &LOOKUP_ARGS).map_err(spi_err)?.keep());
-                }
-                let plan = self.lookup_plan.as_ref().expect("prepared above");
-                let t =
-                    c.select(plan, None, &[needs.keys.clone().into(), nonces.into(), seqs.into()]).map_err(spi_err)?;
-                for r in t {
-                    let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
-                    match r.get::<i32>(1).map_err(spi_err)?.unwrap_or(0) {
-                        1 => {
-                            let key: String = r.get(2).map_err(spi_err)?.unwrap_or_default();
-                            let value: String = r.get(3).map_err(spi_err)?.unwrap_or_default();
-                            let (mod_revision, create_revision, version, lease) = (g(4)?, g(5)?, g(6)?, g(9)?);
-                            out.kv.insert(key, KvRow { value, mod_revision, create_revision, version, lease });
-                        }
-                        2 => {
-                            let flag = r.get::<bool>(8).map_err(spi_err)?.unwrap_or(false);
-                            out.requests.insert((g(5)?, g(6)?), (g(7)?, g(4)?, flag));
-                        }
-                        _ => (out.revision, out.compact_revision) = (g(4)?, g(5)?),
-                    }
-                }
+                probe_rows(self.schema, needs, &mut out)?;
                 for p in &needs.prefixes {
                     let upper = raft_kv_core::command::prefix_end(p);
                     let t = c
@@ -417,22 +386,6 @@ impl Backend for PgBackend {
     }
 }
 
-/// The stored state a batch's ops depend on: the keys' rows, then the request ids' rows. Both
-/// kept statements probe the primary keys one array element at a time (LATERAL, kept from
-/// being flattened into a join by OFFSET 0), so their
-/// generic plans never scan a table, whatever its size or statistics.
-const LOOKUP_SQL: &str =
-    "SELECT 1, kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.version, NULL::bigint, NULL::boolean, \
-            kv.lease \
-     FROM unnest($1::text[]) AS k(key), LATERAL (SELECT * FROM raft_kv.kv WHERE kv.key = k.key OFFSET 0) kv \
-     UNION ALL \
-     SELECT 2, NULL, NULL, r.revision, r.nonce, r.seq, r.node, r.flag, NULL \
-     FROM unnest($2::bigint[], $3::bigint[]) AS i(nonce, seq), \
-     LATERAL (SELECT * FROM raft_kv.requests r WHERE r.nonce = i.nonce AND r.seq = i.seq OFFSET 0) r \
-     UNION ALL \
-     SELECT 3, NULL, NULL, s.revision, s.compact_revision, NULL, NULL, NULL, NULL FROM raft_kv.state s WHERE s.id = 1";
-/// The leases a batch names, each with how many keys are attached (the partial index on
-/// kv.lease serves the count). Run only for batches with lease operations or leased puts.
 const LEASES_SQL: &str = "SELECT l.id, l.ttl_ms, l.refreshes, \
          (SELECT count(*) FROM raft_kv.kv WHERE kv.lease = l.id AND kv.lease <> 0) \
      FROM raft_kv.leases l WHERE l.id = ANY ($1::bigint[])";
@@ -511,7 +464,6 @@ const COMPACT_LOG_SQL: &str = "DELETE FROM raft_kv.log WHERE idx >= 0 AND idx <=
 const COMPACT_STATE_SQL: &str =
     "UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2 WHERE id = 1 AND snapshot_index < $1";
 
-const LOOKUP_ARGS: [PgOid; 3] = [TEXTARRAY, INT8ARRAY, INT8ARRAY];
 const EFFECTS_ARGS: [PgOid; 19] = [
     TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, BOOLARRAY, INT8ARRAY, INT8ARRAY,
     INT8ARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY,
@@ -523,7 +475,6 @@ const STATE_ARGS: [PgOid; 7] = [INT8, INT8, INT8, INT8, BYTEA, INT8, INT8];
 /// (`tests::kept_statements_never_scan_a_large_table`).
 #[cfg(any(test, feature = "pg_test"))]
 pub(crate) const KEPT_PROBES: &[(&str, &[PgOid])] = &[
-    (LOOKUP_SQL, &LOOKUP_ARGS),
     (EFFECTS_SQL, &EFFECTS_ARGS),
     (LEASE_DELETE_SQL, &[INT8ARRAY]),
     (COMPACT_HISTORY_SQL, &[INT8]),
@@ -792,5 +743,65 @@ fn upsert_member(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String, m
         &[(m.id as i64).into(), m.address.as_str().into(), m.promote.into()],
     )
     .map_err(spi_err)?;
+    Ok(())
+}
+
+/// What a batch's ops depend on, read by primary key without the executor (`index_probe`):
+/// each key's row, each request id's row, and the store's revisions. A statement for this
+/// (one per batch, whatever its size) cost 74 µs for a one-write batch in the worker, most of
+/// it the executor's start-up and shut-down around the probes.
+fn probe_rows(schema: &str, needs: &Needs, out: &mut Lookup) -> StoreResult<()> {
+    let schema_c = std::ffi::CString::new(schema).map_err(|e| StoreError::Backend(e.to_string()))?;
+    // Opens a table of the schema and finds the attribute numbers of `columns`, closing it
+    // again if one is missing.
+    let open = |table: &std::ffi::CStr, nkeys: usize, columns: &[&std::ffi::CStr]| -> StoreResult<(Probe, Vec<i16>)> {
+        let missing =
+            || StoreError::Corrupt(format!("{schema}.{} or its primary key is missing", table.to_string_lossy()));
+        let relid = index_probe::relid(&schema_c, table).ok_or_else(missing)?;
+        // SAFETY: in the worker's transaction (the caller's in_txn); closed by the caller, or
+        // here when a column is missing.
+        let p = unsafe { Probe::open(relid, nkeys, Snap::AfterOwnWrites) }.ok_or_else(missing)?;
+        let atts: Option<Vec<i16>> = columns.iter().map(|c| p.attnum(c)).collect();
+        match atts {
+            Some(atts) => Ok((p, atts)),
+            None => {
+                p.close();
+                Err(missing())
+            }
+        }
+    };
+    let n = |v: Option<i64>| v.unwrap_or(0) as u64;
+    if !needs.keys.is_empty() {
+        let cols = [c"value", c"mod_revision", c"create_revision", c"version", c"lease"];
+        let (mut p, a) = open(c"kv", 1, &cols)?;
+        for key in &needs.keys {
+            if p.find(&[Key::Text(key)]) {
+                let row = KvRow {
+                    value: p.text(a[0]).unwrap_or_default(),
+                    mod_revision: n(p.int8(a[1])),
+                    create_revision: n(p.int8(a[2])),
+                    version: n(p.int8(a[3])),
+                    lease: n(p.int8(a[4])),
+                };
+                out.kv.insert(key.clone(), row);
+            }
+        }
+        p.close();
+    }
+    if !needs.ids.is_empty() {
+        let (mut p, a) = open(c"requests", 2, &[c"node", c"revision", c"flag"])?;
+        for &(nonce, seq) in &needs.ids {
+            if p.find(&[Key::Int8(nonce as i64), Key::Int8(seq as i64)]) {
+                let found = (n(p.int8(a[0])), n(p.int8(a[1])), p.boolean(a[2]).unwrap_or(false));
+                out.requests.insert((nonce, seq), found);
+            }
+        }
+        p.close();
+    }
+    let (mut p, a) = open(c"state", 1, &[c"revision", c"compact_revision"])?;
+    if p.find(&[Key::Int4(1)]) {
+        (out.revision, out.compact_revision) = (n(p.int8(a[0])), n(p.int8(a[1])));
+    }
+    p.close();
     Ok(())
 }
