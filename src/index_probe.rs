@@ -75,8 +75,9 @@ impl Probe {
             }
             let index = pg_sys::index_open(index_id, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
             let snapshot = match snap {
-                Snap::Statement => pg_sys::GetActiveSnapshot(),
-                Snap::New => pg_sys::GetTransactionSnapshot(),
+                // (Outside a statement there is none: then a new one, as a statement would take.)
+                Snap::Statement if pg_sys::ActiveSnapshotSet() => pg_sys::GetActiveSnapshot(),
+                Snap::Statement | Snap::New => pg_sys::GetTransactionSnapshot(),
                 Snap::AfterOwnWrites => {
                     // As SPI does before a statement: earlier statements' rows become visible.
                     pg_sys::CommandCounterIncrement();

@@ -23,7 +23,7 @@ use crate::spi::{in_txn, spi_err};
 /// a scratch copy).
 pub struct PgBackend {
     schema: &'static str,
-    /// The write path's statements, likewise.
+    /// The write path's statements, each parsed and planned once and kept across transactions.
     plans: Plans,
     /// Freezes snapshots elsewhere (the Raft worker's: a background worker, see `freeze.rs`);
     /// `None`: synchronously, in the calling transaction.
@@ -386,6 +386,8 @@ impl Backend for PgBackend {
     }
 }
 
+/// The leases a batch names, each with how many keys are attached (the partial index on
+/// kv.lease serves the count). Run only for batches with lease operations or leased puts.
 const LEASES_SQL: &str = "SELECT l.id, l.ttl_ms, l.refreshes, \
          (SELECT count(*) FROM raft_kv.kv WHERE kv.lease = l.id AND kv.lease <> 0) \
      FROM raft_kv.leases l WHERE l.id = ANY ($1::bigint[])";
