@@ -36,6 +36,11 @@ use wake::{EventFd, Wake};
 
 type Client = (usize, u64);
 
+/// How long a commit of the leader's own writes may wait for an append to carry it to the
+/// followers before it is sent on its own: at one client the next write comes sooner, and
+/// a follower's `'local'` read or watch learns of an idle leader's last write this much later.
+const COMMIT_ANNOUNCE_DELAY: Duration = Duration::from_millis(2);
+
 pub struct RaftLoop {
     me: u64,
     epoch: u64,
@@ -53,6 +58,9 @@ pub struct RaftLoop {
     abandoned: Vec<Client>,
     answers: Vec<(Client, Answer)>,
     next_tick: Instant,
+    /// When to tell the followers a commit that no append has carried yet (see
+    /// `Node::announce_or_defer`).
+    announce_at: Option<Instant>,
     /// Worker-internal proposals (promotions, the cluster id) have ids of their own.
     internal_nonce: u64,
     internal_seq: u64,
@@ -178,6 +186,7 @@ impl RaftLoop {
             abandoned: Vec::new(),
             answers: Vec::new(),
             next_tick: Instant::now() + settings.tick,
+            announce_at: None,
             internal_nonce: RequestId::worker_nonce(rand_nonce()),
             internal_seq: 0,
             promoting: BTreeMap::new(),
@@ -305,7 +314,9 @@ impl RaftLoop {
             self.wake.wait(0);
             return;
         }
-        self.wake.wait(self.next_tick.saturating_duration_since(Instant::now()).as_millis() as i64);
+        let until = self.announce_at.map_or(self.next_tick, |at| at.min(self.next_tick));
+        // Rounded up: a wait rounded down to 0 ms would spin until the moment comes.
+        self.wake.wait(until.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000) as i64);
     }
 
     /// `sleep`, then the signals: false when the worker must exit.
@@ -414,6 +425,10 @@ impl RaftLoop {
     }
 
     fn tick(&mut self, now: Instant) {
+        if self.announce_at.is_some_and(|at| now >= at) {
+            self.announce_at = None;
+            self.node.announce_commit();
+        }
         if now >= self.next_tick {
             self.node.tick().unwrap_or_else(|e| pgrx::error!("raft_kv: storage failure: {e}"));
             self.next_tick += self.tick;
@@ -511,6 +526,11 @@ impl RaftLoop {
             Err(e) => pgrx::error!("raft_kv: storage failure: {e}"),
         }
         self.settle_unsent(unreachable);
+        self.announce_at = match self.announce_at {
+            _ if !self.node.commit_unannounced() => None,
+            Some(at) => Some(at),
+            None => Some(Instant::now() + COMMIT_ANNOUNCE_DELAY),
+        };
         let now = crate::shmem::mono_ms();
         if let Some(all) = self.out.leases_installed.take() {
             self.leases.load(all, now);

@@ -10,6 +10,7 @@ use raft::eraftpb::{EntryType, Message, MessageType, Snapshot};
 use raft::{Config, RawNode, StateRole, Storage as _, INVALID_ID};
 use slog::Logger;
 
+mod announce;
 mod coalesce;
 mod failover;
 mod membership;
@@ -215,6 +216,9 @@ pub struct Node<B: Backend> {
     /// Ticks led without interruption, and the election timeout in ticks.
     leader_ticks: u32,
     election_ticks: u32,
+    /// The leader's commit index its followers have not been told, and the peers still to
+    /// be told it (see `announce_or_defer`).
+    unannounced: Option<(u64, Vec<u64>)>,
 }
 
 impl<B: Backend> Node<B> {
@@ -257,6 +261,8 @@ impl<B: Backend> Node<B> {
             pre_vote: true,
             max_uncommitted_size: 64 << 20,
             max_committed_size_per_ready: 16 << 20,
+            // The commit is announced by `announce_or_defer`, not by raft on every commit.
+            skip_bcast_commit: true,
             ..Default::default()
         };
         let members = storage.backend_mut().members()?.into_iter().map(|m| (m.id, m)).collect();
@@ -280,6 +286,7 @@ impl<B: Backend> Node<B> {
             versions: versions::Versions::new(&opts.version),
             leader_ticks: 0,
             election_ticks: opts.election_ticks as u32,
+            unannounced: None,
         })
     }
 
@@ -558,6 +565,7 @@ impl<B: Backend> Node<B> {
             }
             batch.sync = rd.must_sync() || !batch.entries.is_empty() || batch.snapshot.is_some();
             let committed = rd.take_committed_entries();
+            self.announce_or_defer(&committed, &tags, send)?;
             self.write_and_apply(batch, &committed, out)?;
 
             // Only now, with the entries and vote durable, may votes and acks leave.
@@ -582,6 +590,7 @@ impl<B: Backend> Node<B> {
                 self.route(m, &tags, send)?;
             }
             let committed = light.take_committed_entries();
+            self.announce_or_defer(&committed, &tags, send)?;
             self.write_and_apply(batch, &committed, out)?;
             self.raw.advance_apply();
         }
@@ -597,6 +606,7 @@ impl<B: Backend> Node<B> {
                 // Entries appended as leader may still commit, but this node can no longer
                 // tell that they will not: leave them to the caller's timeout.
                 self.appended.clear();
+                self.unannounced = None;
             }
         }
         Ok(())
@@ -610,6 +620,7 @@ impl<B: Backend> Node<B> {
         tags: &versions::Tags,
         send: &mut dyn FnMut(Outbound),
     ) -> Result<(), NodeError> {
+        self.note_commit_sent(&m);
         if m.get_msg_type() == MessageType::MsgSnapshot {
             self.start_stream(m)?;
             self.outbox.drain(..).for_each(&mut *send);

@@ -452,6 +452,10 @@ impl Sim {
                 n.set_election_timeout(|lo, hi| rng.gen_range(lo..hi));
             }
             n.tick().map_err(|e| format!("node {id}: {e}"))?;
+            // A commit left for the next append is announced after a while (the worker: 2 ms).
+            if n.commit_unannounced() && rng.gen_bool(0.5) {
+                n.announce_commit();
+            }
             if n.election_timer_just_reset() {
                 n.set_election_timeout(|lo, hi| rng.gen_range(lo..hi));
             }

@@ -1,0 +1,206 @@
+//! When the leader tells its followers a new commit index.
+//!
+//! raft-rs sends every follower an append of its own for each commit, and each follower
+//! answers it. At one client that is half the messages of a write, and the followers apply
+//! the write while the leader applies it on the write's path, on the same cores. When all
+//! that just committed is this leader's own proposals, nobody waits for the followers to
+//! apply it: the commit index rides on the next append instead (every append carries it),
+//! and the I/O loop calls `announce_commit` after a short delay for a leader with nothing
+//! more to send. Anything else committed (a forwarded write, whose follower answers its
+//! client only once it has applied it; a membership change; the leader's first entry) is
+//! announced at once, before the leader applies it.
+//!
+//! Safety does not depend on it: a follower's commit index only bounds what it may apply,
+//! heartbeats carry it too, and a follower's read index comes with the heartbeat round that
+//! confirmed it.
+
+use raft::eraftpb::{Entry, EntryType, Message, MessageType};
+
+use super::{versions, NodeError, Outbound};
+use crate::storage::Backend;
+
+impl<B: Backend> super::Node<B> {
+    /// Announces the commit of `committed` now, or leaves it to the next append.
+    pub(super) fn announce_or_defer(
+        &mut self,
+        committed: &[Entry],
+        tags: &versions::Tags,
+        send: &mut dyn FnMut(Outbound),
+    ) -> Result<(), NodeError> {
+        if committed.is_empty() || !self.is_leader() {
+            return Ok(());
+        }
+        let own = committed
+            .iter()
+            .all(|e| e.get_entry_type() == EntryType::EntryNormal && self.appended.contains_key(&e.index));
+        if own {
+            let me = self.id();
+            let peers = self.raw.raft.prs().iter().map(|(id, _)| *id).filter(|id| *id != me).collect();
+            self.unannounced = Some((self.raw.raft.raft_log.committed, peers));
+            return Ok(());
+        }
+        self.raw.raft.bcast_append();
+        self.unannounced = None;
+        // A leader's messages may leave at once (see `handle_ready`).
+        for m in std::mem::take(&mut self.raw.raft.msgs) {
+            self.route(m, tags, send)?;
+        }
+        Ok(())
+    }
+
+    /// Whether some follower has not been told the leader's latest commit index.
+    pub fn commit_unannounced(&self) -> bool {
+        self.unannounced.is_some()
+    }
+
+    /// Tells every follower the commit index; raft sends the messages at the next
+    /// `handle_ready`.
+    pub fn announce_commit(&mut self) {
+        if self.unannounced.take().is_some() && self.is_leader() {
+            self.raw.raft.bcast_append();
+        }
+    }
+
+    /// An append about to be sent carries the commit index to its follower.
+    pub(super) fn note_commit_sent(&mut self, m: &Message) {
+        if m.get_msg_type() != MessageType::MsgAppend {
+            return;
+        }
+        if let Some((commit, peers)) = &mut self.unannounced {
+            if m.commit >= *commit {
+                peers.retain(|p| *p != m.to);
+                if peers.is_empty() {
+                    self.unannounced = None;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::{Node, NodeOptions, Output};
+    use super::*;
+    use crate::command::{Command, Proposal, RequestId};
+    use crate::mem_backend::MemBackend;
+    use crate::types::Member;
+
+    /// Three nodes on a lossless in-memory network, node 1 leading.
+    struct Three {
+        nodes: BTreeMap<u64, Node<MemBackend>>,
+        backends: BTreeMap<u64, MemBackend>,
+        /// Every raft message sent, in order: (from, message).
+        sent: Vec<(u64, Message)>,
+        completed: Vec<RequestId>,
+    }
+
+    impl Three {
+        fn new() -> Self {
+            let logger = slog::Logger::root(slog::Discard, slog::o!());
+            let members: Vec<Member> =
+                (1..=3).map(|id| Member { id, address: format!("sim:{id}"), promote: false }).collect();
+            let backends: BTreeMap<u64, MemBackend> = (1..=3).map(|id| (id, MemBackend::new())).collect();
+            let nodes = backends
+                .iter()
+                .map(|(id, b)| (*id, Node::open(b.clone(), &NodeOptions::new(*id), &members, &logger).unwrap()))
+                .collect();
+            let mut t = Three { nodes, backends, sent: Vec::new(), completed: Vec::new() };
+            t.nodes.get_mut(&1).unwrap().raw.campaign().unwrap();
+            t.settle();
+            assert!(t.nodes[&1].is_leader());
+            // The leader's first entry commits and is announced at once.
+            assert!(t.applied().iter().all(|a| *a == t.applied()[0]), "{:?}", t.applied());
+            t
+        }
+
+        /// Runs every node's Ready and delivers what they send, until nothing moves.
+        fn settle(&mut self) {
+            loop {
+                let mut msgs = Vec::new();
+                for (id, n) in self.nodes.iter_mut() {
+                    let mut out = Output::default();
+                    n.handle_ready(&mut out, &mut |m| {
+                        if let Outbound::Raft(m) = m {
+                            msgs.push((*id, m))
+                        }
+                    })
+                    .unwrap();
+                    self.completed.extend(out.completed.iter().map(|c| c.id));
+                }
+                if msgs.is_empty() {
+                    return;
+                }
+                for (from, m) in msgs {
+                    self.sent.push((from, m.clone()));
+                    self.nodes.get_mut(&m.to).unwrap().step(m);
+                }
+            }
+        }
+
+        fn put(&mut self, on: u64, seq: u64) -> RequestId {
+            let id = RequestId { node: on, nonce: 7, seq };
+            let cmd = Command::Put { key: format!("k{seq}"), value: "v".into() };
+            self.nodes.get_mut(&on).unwrap().propose(&Proposal { id, cmd }).unwrap();
+            self.settle();
+            assert!(self.completed.contains(&id), "{id:?} applied on its node");
+            id
+        }
+
+        fn applied(&self) -> Vec<u64> {
+            self.backends.values().map(|b| b.inner.lock().unwrap().state.applied).collect()
+        }
+
+        /// Appends the leader sent that carry no entries (commit-only announcements).
+        fn announcements(&mut self) -> usize {
+            let n = self
+                .sent
+                .iter()
+                .filter(|(from, m)| *from == 1 && m.get_msg_type() == MessageType::MsgAppend && m.entries.is_empty())
+                .count();
+            self.sent.clear();
+            n
+        }
+    }
+
+    #[test]
+    fn the_leaders_own_writes_reach_the_followers_commit_with_the_next_append() {
+        let mut t = Three::new();
+        t.announcements();
+        t.put(1, 1);
+        let [leader, f2, f3] = t.applied()[..] else { unreachable!() };
+        assert!(f2 < leader && f3 < leader, "followers have not applied it yet: {:?}", t.applied());
+        assert_eq!(t.announcements(), 0, "no append of its own for the commit");
+        assert!(t.nodes[&1].commit_unannounced());
+
+        // The next write's appends carry the first one's commit: both followers apply it.
+        t.put(1, 2);
+        assert_eq!(t.announcements(), 0);
+        let applied = t.applied();
+        assert!(applied[1] == leader && applied[2] == leader, "{applied:?}");
+        assert!(t.nodes[&1].commit_unannounced(), "the second write's commit is not announced yet");
+
+        // With nothing more to send, the loop announces it.
+        t.nodes.get_mut(&1).unwrap().announce_commit();
+        t.settle();
+        assert_eq!(t.announcements(), 2, "one commit-only append per follower");
+        assert!(!t.nodes[&1].commit_unannounced());
+        let applied = t.applied();
+        assert!(applied.iter().all(|a| *a == applied[0]), "{applied:?}");
+    }
+
+    #[test]
+    fn a_forwarded_write_is_announced_before_the_leader_applies_it() {
+        let mut t = Three::new();
+        t.put(1, 1);
+        t.sent.clear();
+        // Written on a follower: forwarded, and its follower must learn of the commit at once
+        // to answer its client, with no call to announce_commit.
+        t.put(2, 2);
+        assert_eq!(t.announcements(), 2);
+        assert!(!t.nodes[&1].commit_unannounced());
+        let applied = t.applied();
+        assert!(applied.iter().all(|a| *a == applied[0]), "{applied:?}");
+    }
+}
