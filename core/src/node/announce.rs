@@ -203,4 +203,43 @@ mod tests {
         let applied = t.applied();
         assert!(applied.iter().all(|a| *a == applied[0]), "{applied:?}");
     }
+
+    #[test]
+    fn a_follower_acknowledges_new_entries_before_it_applies_older_ones() {
+        let mut t = Three::new();
+        t.put(1, 1);
+        let first = t.applied()[0];
+        assert!(t.applied()[1] < first);
+        // The second write's append carries the first's commit: node 2 acknowledges it while
+        // the first is still unapplied there, then applies it in the same Ready.
+        let id = RequestId { node: 1, nonce: 7, seq: 2 };
+        let cmd = Command::Put { key: "k2".into(), value: "v".into() };
+        t.nodes.get_mut(&1).unwrap().propose(&Proposal { id, cmd }).unwrap();
+        let mut appends = Vec::new();
+        t.nodes.get_mut(&1).unwrap().handle_ready(&mut Output::default(), &mut |m| appends.push(m)).unwrap();
+        for m in appends {
+            if let Outbound::Raft(m) = m {
+                if m.to == 2 {
+                    assert!(!m.entries.is_empty() && m.commit >= first, "{m:?}");
+                    t.nodes.get_mut(&2).unwrap().step(m);
+                }
+            }
+        }
+        let backend = t.backends[&2].clone();
+        let mut acked_at = Vec::new();
+        t.nodes
+            .get_mut(&2)
+            .unwrap()
+            .handle_ready(&mut Output::default(), &mut |m| {
+                if let Outbound::Raft(m) = m {
+                    if m.get_msg_type() == MessageType::MsgAppendResponse {
+                        acked_at.push((m.index, backend.inner.lock().unwrap().state.applied));
+                    }
+                }
+            })
+            .unwrap();
+        assert_eq!(acked_at.len(), 1, "{acked_at:?}");
+        assert!(acked_at[0].0 > first && acked_at[0].1 < first, "acknowledged before applying: {acked_at:?}");
+        assert_eq!(t.applied()[1], first, "applied in the same Ready");
+    }
 }

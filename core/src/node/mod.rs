@@ -566,7 +566,10 @@ impl<B: Backend> Node<B> {
             batch.sync = rd.must_sync() || !batch.entries.is_empty() || batch.snapshot.is_some();
             let committed = rd.take_committed_entries();
             self.announce_or_defer(&committed, &tags, send)?;
-            self.write_and_apply(batch, &committed, out)?;
+            // A follower acknowledges new entries before applying older ones: the leader is
+            // waiting for the acknowledgement, nobody for the apply.
+            let ack_first = !batch.entries.is_empty() && !committed.is_empty() && !self.is_leader();
+            self.write_and_apply(batch, if ack_first { &[] } else { &committed }, out)?;
 
             // Only now, with the entries and vote durable, may votes and acks leave.
             let mut acks = rd.take_persisted_messages();
@@ -574,6 +577,9 @@ impl<B: Backend> Node<B> {
             for mut m in acks {
                 tags.apply(&mut m);
                 send(Outbound::Raft(m));
+            }
+            if ack_first {
+                self.write_and_apply(WriteBatch::default(), &committed, out)?;
             }
             for rs in rd.take_read_states() {
                 out.read_states.push((rs.request_ctx, rs.index));
