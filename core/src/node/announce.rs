@@ -233,13 +233,16 @@ mod tests {
             .handle_ready(&mut Output::default(), &mut |m| {
                 if let Outbound::Raft(m) = m {
                     if m.get_msg_type() == MessageType::MsgAppendResponse {
-                        acked_at.push((m.index, backend.inner.lock().unwrap().state.applied));
+                        let s = &backend.inner.lock().unwrap().state;
+                        acked_at.push((m.index, s.applied, s.hard_state.commit));
                     }
                 }
             })
             .unwrap();
         assert_eq!(acked_at.len(), 1, "{acked_at:?}");
         assert!(acked_at[0].0 > first && acked_at[0].1 < first, "acknowledged before applying: {acked_at:?}");
+        assert!(acked_at[0].2 < first, "the commit index is written with the apply: {acked_at:?}");
         assert_eq!(t.applied()[1], first, "applied in the same Ready");
+        assert_eq!(t.backends[&2].inner.lock().unwrap().state.hard_state.commit, first);
     }
 }

@@ -569,6 +569,12 @@ impl<B: Backend> Node<B> {
             // A follower acknowledges new entries before applying older ones: the leader is
             // waiting for the acknowledgement, nobody for the apply.
             let ack_first = !batch.entries.is_empty() && !committed.is_empty() && !self.is_leader();
+            let mut then = WriteBatch::default();
+            if ack_first && batch.hard_state.as_ref().is_some_and(|hs| self.only_commit_moved(hs)) {
+                // Nor does anybody wait for the commit index to be durable (raft re-derives it):
+                // it is written with the apply, in that transaction's one state row update.
+                then.hard_state = batch.hard_state.take();
+            }
             self.write_and_apply(batch, if ack_first { &[] } else { &committed }, out)?;
 
             // Only now, with the entries and vote durable, may votes and acks leave.
@@ -579,7 +585,7 @@ impl<B: Backend> Node<B> {
                 send(Outbound::Raft(m));
             }
             if ack_first {
-                self.write_and_apply(WriteBatch::default(), &committed, out)?;
+                self.write_and_apply(then, &committed, out)?;
             }
             for rs in rd.take_read_states() {
                 out.read_states.push((rs.request_ctx, rs.index));
@@ -616,6 +622,12 @@ impl<B: Backend> Node<B> {
             }
         }
         Ok(())
+    }
+
+    /// Whether `hs` differs from the stored hard state in its commit index alone.
+    fn only_commit_moved(&self, hs: &raft::eraftpb::HardState) -> bool {
+        let stored = self.raw.store().hard_state();
+        hs.term == stored.term && hs.vote == stored.vote
     }
 
     /// Sends `m` with its version tag, except a snapshot message, which starts a chunked
