@@ -5,7 +5,7 @@
 #   BENCH_SECONDS=30 BENCH_CLIENTS="1 8 32 64" bench/run.sh
 #   BENCH_OPS="set_leader syncrep" bench/run.sh     only these rows (set_leader set_follower
 #                                                   syncrep single get_leader get_follower
-#                                                   get_local select)
+#                                                   get_local select floor)
 #
 # Two clusters run at once: a raft_kv cluster of 3 nodes (scripts/cluster.sh), and a primary
 # with two streaming standbys, synchronous_standby_names = 'ANY 1 (s1, s2)',
@@ -17,6 +17,13 @@
 # the host CPU time per operation (busy time of all cores from /proc/stat over the run, divided
 # by the operations; it includes pgbench and every server), and how much of it the long-lived
 # server threads took (role_cpu in bench/lib.sh). Then the issue-11 ratios.
+#
+# The floor row: the SQL every raft_kv node runs to store a write (its log row; the key, its
+# history row and its request id; the state row), in batches of 15 as a worker runs it at 32
+# clients, from one session on one plain server against copies of raft_kv's tables: no Raft, no
+# network, no backends waiting, no look-ups, no pruning; its own CPU time, not the host's (the
+# fsync's kernel work elsewhere is left out). Times 3 nodes, it is a lower bound on raft_kv's
+# CPU per write, whatever the code around it does.
 # The extension must be installed (scripts/demo.sh or scripts/setup.sh do it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +63,46 @@ done
 wait
 q "$FP" "SELECT raft_get('bench/' || lpad('$KEYS', 10, '0'))" >/dev/null
 
+# The floor's tables: copies of raft_kv's (indexes, constraints, compression), the same keys.
+q "$LP" "CREATE SCHEMA floor;
+         CREATE TABLE floor.log (LIKE raft_kv.log INCLUDING ALL);
+         CREATE TABLE floor.kv (LIKE raft_kv.kv INCLUDING ALL);
+         CREATE TABLE floor.changes (LIKE raft_kv.changes INCLUDING ALL);
+         CREATE TABLE floor.requests (LIKE raft_kv.requests INCLUDING ALL);
+         CREATE TABLE floor.state (LIKE raft_kv.state INCLUDING ALL);
+         INSERT INTO floor.state (id) VALUES (1);
+         INSERT INTO floor.kv SELECT key, value, 1, 1, 1, 0 FROM bench_kv" >/dev/null
+q "$LP" "VACUUM ANALYZE floor.kv" >/dev/null
+# One session stores FLOOR_BATCHES batches of 15 writes as a node does: the log rows in a
+# transaction of their own, committed durably; then the keys, history rows, request ids and the
+# state row, committed asynchronously. Its own CPU time (from /proc), per write.
+FLOOR_BATCHES=400
+cat >"$WORK/floor.sql" <<EOF
+CREATE TEMP TABLE t0 AS SELECT (string_to_array(pg_read_file('/proc/self/stat'), ' '))[14:15] AS s;
+DO \$\$
+BEGIN
+  FOR b IN 1..$FLOOR_BATCHES LOOP
+    INSERT INTO floor.log SELECT i, 5, 0, convert_to(repeat('v', 300), 'UTF8'), '\x'::bytea
+      FROM generate_series(b * 15, b * 15 + 14) i;
+    COMMIT;
+    PERFORM set_config('synchronous_commit', 'off', true);
+    WITH k AS (SELECT DISTINCT ON (key) 'bench/' || lpad((1 + floor(random() * $KEYS))::int::text, 10, '0') AS key, r
+               FROM generate_series(b * 15, b * 15 + 14) r ORDER BY key, r),
+    put AS (INSERT INTO floor.kv (key, value, mod_revision, create_revision, version, lease)
+            SELECT key, repeat('v', 256), r, 1, 2, 0 FROM k
+            ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, mod_revision = EXCLUDED.mod_revision,
+                create_revision = EXCLUDED.create_revision, version = EXCLUDED.version, lease = EXCLUDED.lease),
+    hist AS (INSERT INTO floor.changes (revision, key, kind, value, prev_value, create_revision, version, prev_mod_revision)
+             SELECT r, key, 'put', repeat('v', 256), repeat('v', 256), 1, 2, r - 1 FROM k)
+    INSERT INTO floor.requests (nonce, seq, node, revision, flag) SELECT 7, r, 1, r, true FROM k;
+    UPDATE floor.state SET commit_index = b, applied_index = b, revision = b WHERE id = 1;
+    COMMIT;
+  END LOOP;
+END
+\$\$;
+SELECT round(((u[1]::bigint + u[2]::bigint - s[1]::bigint - s[2]::bigint) * 10.0 / (SELECT count(*) FROM floor.requests))::numeric, 3)
+  FROM t0, (SELECT (string_to_array(pg_read_file('/proc/self/stat'), ' '))[14:15] AS u) x;
+EOF
 cat >"$WORK/set.sql" <<'EOF'
 \set k random(1, 100000)
 SELECT raft_set('bench/' || lpad(:k::text, 10, '0'), repeat('v', 256));
@@ -129,6 +176,15 @@ for c in $CLIENTS; do
   want select && run "PG primary-key SELECT" "$FP" select.sql "$c"
 done
 
+# floor: CPU ms per write of the one session that stored it, times the 3 nodes that each do it.
+FLOOR=""
+if want floor; then
+  one=$("$PG_BIN/psql" -X -Atq -h 127.0.0.1 -p "$LP" -U postgres -d postgres -f "$WORK/floor.sql" | tail -1)
+  FLOOR=$(awk -v c="$one" 'BEGIN { printf "%.3f", 3 * c }')
+  printf '| %-34s | %7s | %8s | %7s | %7s | %9s | %-30s |\n' "storage floor: 3 nodes' SQL" 1 - - - "$FLOOR" \
+    "the storing session's CPU only"
+fi
+
 # The issue-11 targets, as ratios within this run.
 f() { echo "${R[$1.$2]:-}" | awk -v i="$3" '{ print $i }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
@@ -140,6 +196,10 @@ if has 32; then
   echo "| raft_set leader / sync-rep upsert, ops/s at 32 | $(ratio "$(f 'raft_set on the leader' 32 1)" "$(f 'PG sync replication upsert' 32 1)") | >= 0.8 |"
   echo "| raft_set follower / sync-rep upsert, ops/s at 32 | $(ratio "$(f 'raft_set on a follower' 32 1)" "$(f 'PG sync replication upsert' 32 1)") | >= 0.7 |"
   echo "| raft_set leader / sync-rep upsert, CPU per op at 32 | $(ratio "$(f 'raft_set on the leader' 32 4)" "$(f 'PG sync replication upsert' 32 4)") | <= 1.5 |"
+  if [ -n "$FLOOR" ]; then
+    echo "| (its lower bound: storage floor / sync-rep upsert, CPU per op at 32) | $(ratio "$FLOOR" "$(f 'PG sync replication upsert' 32 4)") | - |"
+    echo "| (writes/s the floor leaves $(nproc) cores / sync-rep upsert's ops/s at 32) | $(ratio "$(awk -v c="$(nproc)" -v f="$FLOOR" 'BEGIN { print c * 1000 / f }')" "$(f 'PG sync replication upsert' 32 1)") | - |"
+  fi
   echo "| raft_get linearizable leader / PK SELECT, ops/s at 32 | $(ratio "$(f 'raft_get linearizable, leader' 32 1)" "$(f 'PG primary-key SELECT' 32 1)") | >= 0.4 |"
   echo "| raft_get linearizable follower / PK SELECT, ops/s at 32 | $(ratio "$(f 'raft_get linearizable, follower' 32 1)" "$(f 'PG primary-key SELECT' 32 1)") | >= 0.35 |"
 fi
