@@ -127,9 +127,27 @@ EOF
 
 # run LABEL PORT SCRIPT CLIENTS -> one table row; remembers "tps p50 p99 cpu" under LABEL.CLIENTS
 declare -A R
+# settle: before each point, what the previous points left behind (dirty buffers, autovacuum
+# of the tables they wrote, on any of the five servers) is finished first, so that it is not
+# measured as part of this point: a checkpoint on each primary, then no autovacuum worker
+# running anywhere (at most 60 s).
+settle() {
+  local p busy_av
+  for p in "$P0" $(for i in 1 2 3; do rk_port "$RK" "$i"; done); do q "$p" "CHECKPOINT" >/dev/null; done
+  for _ in $(seq 1 120); do
+    busy_av=0
+    for p in "$P0" $(for i in 1 2 3; do rk_port "$RK" "$i"; done); do
+      busy_av=$(( busy_av + $(q "$p" "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'") ))
+    done
+    [ "$busy_av" = 0 ] && return
+    sleep 0.5
+  done
+}
+
 run() {
   local logs=$WORK/log.$RANDOM out tps b0 b1 stats r0 r1 roles
   mkdir -p "$logs"
+  settle
   r0=$(role_cpu)
   b0=$(busy)
   out=$("$PG_BIN/pgbench" -n -M prepared -h 127.0.0.1 -p "$2" -U postgres -c "$4" -j "$(( $4 < 2 ? $4 : 2 ))" \
