@@ -6,6 +6,9 @@
 #   BENCH_OPS="set_leader syncrep" bench/run.sh     only these rows (set_leader set_follower
 #                                                   syncrep single get_leader get_follower
 #                                                   get_local select floor)
+#   BENCH_REPEAT=3 bench/run.sh                     each client count's rows 3 times over,
+#                                                   interleaved; the ratios compare medians
+#                                                   (the machine's speed drifts within a run)
 #
 # Two clusters run at once: a raft_kv cluster of 3 nodes (scripts/cluster.sh), and a primary
 # with two streaming standbys, synchronous_standby_names = 'ANY 1 (s1, s2)',
@@ -29,6 +32,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 unset RUST_BACKTRACE RUST_LIB_BACKTRACE
 SECS=${BENCH_SECONDS:-10}
+REPEAT=${BENCH_REPEAT:-1}
 CLIENTS=${BENCH_CLIENTS:-1 8 32}
 KEYS=100000
 . bench/lib.sh
@@ -170,7 +174,7 @@ run() {
       else if (s + r > 0) printf "walsenders %.3f, standbys %.3f", s * 10 / ops, r * 10 / ops
       else printf "-" }')
   rm -rf "$logs"
-  R[$1.$4]=$stats
+  R[$1.$4]+="$stats"$'\n'
   read -r tps p50 p99 cpu <<<"$stats"
   printf '| %-34s | %7s | %8s | %7s | %7s | %9s | %-30s |\n' "$1" "$4" "$tps" "$p50" "$p99" "$cpu" "$roles"
 }
@@ -184,14 +188,16 @@ printf '|%s|%s|%s|%s|%s|%s|%s|\n' "------------------------------------" "------
   "-----------" "--------------------------------"
 want() { [ -z "${BENCH_OPS:-}" ] || [[ " $BENCH_OPS " == *" $1 "* ]]; }
 for c in $CLIENTS; do
-  want set_leader && run "raft_set on the leader" "$LP" set.sql "$c"
-  want set_follower && run "raft_set on a follower" "$FP" set.sql "$c"
-  want syncrep && run "PG sync replication upsert" "$P0" upsert.sql "$c"
-  want single && run "PG single-server upsert" "$LP" upsert.sql "$c"
-  want get_leader && run "raft_get linearizable, leader" "$LP" get.sql "$c"
-  want get_follower && run "raft_get linearizable, follower" "$FP" get.sql "$c"
-  want get_local && run "raft_get 'local', follower" "$FP" get_local.sql "$c"
-  want select && run "PG primary-key SELECT" "$FP" select.sql "$c"
+  for _ in $(seq 1 "$REPEAT"); do
+    want set_leader && run "raft_set on the leader" "$LP" set.sql "$c"
+    want set_follower && run "raft_set on a follower" "$FP" set.sql "$c"
+    want syncrep && run "PG sync replication upsert" "$P0" upsert.sql "$c"
+    want single && run "PG single-server upsert" "$LP" upsert.sql "$c"
+    want get_leader && run "raft_get linearizable, leader" "$LP" get.sql "$c"
+    want get_follower && run "raft_get linearizable, follower" "$FP" get.sql "$c"
+    want get_local && run "raft_get 'local', follower" "$FP" get_local.sql "$c"
+    want select && run "PG primary-key SELECT" "$FP" select.sql "$c"
+  done
 done
 
 # floor: CPU ms per write of the one session that stored it, times the 3 nodes that each do it.
@@ -204,7 +210,12 @@ if want floor; then
 fi
 
 # The issue-11 targets, as ratios within this run.
-f() { echo "${R[$1.$2]:-}" | awk -v i="$3" '{ print $i }'; }
+# f LABEL CLIENTS FIELD: the field (1 ops/s, 2 p50, 3 p99, 4 CPU per op) of that row; with
+# BENCH_REPEAT, the median of its repetitions (each ratio then compares medians).
+f() {
+  printf '%s' "${R[$1.$2]:-}" | awk -v i="$3" 'NF { print $i }' | sort -g |
+    awk '{ v[++n] = $1 } END { if (n) print (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2 }'
+}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
 echo
 echo "| target (issue 11) | measured | goal |"
