@@ -136,11 +136,12 @@ declare -A R
 # measured as part of this point: a checkpoint on each primary, then no autovacuum worker
 # running anywhere (at most 60 s).
 settle() {
-  local p busy_av
-  for p in "$P0" $(for i in 1 2 3; do rk_port "$RK" "$i"; done); do q "$p" "CHECKPOINT" >/dev/null; done
+  local p busy_av primaries
+  primaries="$P0 $(rk_port "$RK" 1) $(rk_port "$RK" 2) $(rk_port "$RK" 3)"
+  for p in $primaries; do q "$p" "CHECKPOINT" >/dev/null; done
   for _ in $(seq 1 120); do
     busy_av=0
-    for p in "$P0" $(for i in 1 2 3; do rk_port "$RK" "$i"; done); do
+    for p in $primaries; do
       busy_av=$(( busy_av + $(q "$p" "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'") ))
     done
     [ "$busy_av" = 0 ] && return

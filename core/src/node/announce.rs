@@ -91,8 +91,9 @@ mod tests {
     struct Three {
         nodes: BTreeMap<u64, Node<MemBackend>>,
         backends: BTreeMap<u64, MemBackend>,
-        /// Every raft message sent, in order: (from, message).
-        sent: Vec<(u64, Message)>,
+        /// Every raft message sent, in order: (from, the sender's applied index as it sent it,
+        /// message).
+        sent: Vec<(u64, u64, Message)>,
         completed: Vec<RequestId>,
     }
 
@@ -111,8 +112,13 @@ mod tests {
             t.settle();
             assert!(t.nodes[&1].is_leader());
             // The leader's first entry commits and is announced at once.
-            assert!(t.applied().iter().all(|a| *a == t.applied()[0]), "{:?}", t.applied());
+            t.assert_all_applied_alike();
             t
+        }
+
+        fn assert_all_applied_alike(&self) {
+            let applied = self.applied();
+            assert!(applied.iter().all(|a| *a == applied[0]), "{applied:?}");
         }
 
         /// Runs every node's Ready and delivers what they send, until nothing moves.
@@ -121,9 +127,10 @@ mod tests {
                 let mut msgs = Vec::new();
                 for (id, n) in self.nodes.iter_mut() {
                     let mut out = Output::default();
+                    let backend = &self.backends[id];
                     n.handle_ready(&mut out, &mut |m| {
                         if let Outbound::Raft(m) = m {
-                            msgs.push((*id, m))
+                            msgs.push((*id, backend.inner.lock().unwrap().state.applied, m))
                         }
                     })
                     .unwrap();
@@ -132,8 +139,8 @@ mod tests {
                 if msgs.is_empty() {
                     return;
                 }
-                for (from, m) in msgs {
-                    self.sent.push((from, m.clone()));
+                for (from, applied, m) in msgs {
+                    self.sent.push((from, applied, m.clone()));
                     self.nodes.get_mut(&m.to).unwrap().step(m);
                 }
             }
@@ -152,15 +159,17 @@ mod tests {
             self.backends.values().map(|b| b.inner.lock().unwrap().state.applied).collect()
         }
 
-        /// Appends the leader sent that carry no entries (commit-only announcements).
-        fn announcements(&mut self) -> usize {
-            let n = self
+        /// Appends the leader sent that carry no entries (commit-only announcements), with the
+        /// leader's applied index as it sent each and the commit index each carried.
+        fn announcements(&mut self) -> Vec<(u64, u64)> {
+            let found = self
                 .sent
                 .iter()
-                .filter(|(from, m)| *from == 1 && m.get_msg_type() == MessageType::MsgAppend && m.entries.is_empty())
-                .count();
+                .filter(|(from, _, m)| *from == 1 && m.get_msg_type() == MessageType::MsgAppend && m.entries.is_empty())
+                .map(|(_, applied, m)| (*applied, m.commit))
+                .collect();
             self.sent.clear();
-            n
+            found
         }
     }
 
@@ -171,12 +180,12 @@ mod tests {
         t.put(1, 1);
         let [leader, f2, f3] = t.applied()[..] else { unreachable!() };
         assert!(f2 < leader && f3 < leader, "followers have not applied it yet: {:?}", t.applied());
-        assert_eq!(t.announcements(), 0, "no append of its own for the commit");
+        assert_eq!(t.announcements(), [], "no append of its own for the commit");
         assert!(t.nodes[&1].commit_unannounced());
 
         // The next write's appends carry the first one's commit: both followers apply it.
         t.put(1, 2);
-        assert_eq!(t.announcements(), 0);
+        assert_eq!(t.announcements(), []);
         let applied = t.applied();
         assert!(applied[1] == leader && applied[2] == leader, "{applied:?}");
         assert!(t.nodes[&1].commit_unannounced(), "the second write's commit is not announced yet");
@@ -184,10 +193,9 @@ mod tests {
         // With nothing more to send, the loop announces it.
         t.nodes.get_mut(&1).unwrap().announce_commit();
         t.settle();
-        assert_eq!(t.announcements(), 2, "one commit-only append per follower");
+        assert_eq!(t.announcements().len(), 2, "one commit-only append per follower");
         assert!(!t.nodes[&1].commit_unannounced());
-        let applied = t.applied();
-        assert!(applied.iter().all(|a| *a == applied[0]), "{applied:?}");
+        t.assert_all_applied_alike();
     }
 
     #[test]
@@ -198,10 +206,13 @@ mod tests {
         // Written on a follower: forwarded, and its follower must learn of the commit at once
         // to answer its client, with no call to announce_commit.
         t.put(2, 2);
-        assert_eq!(t.announcements(), 2);
+        let sent = t.announcements();
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        for (leader_applied, commit) in sent {
+            assert!(leader_applied < commit, "announced before the leader applied it: {leader_applied} < {commit}");
+        }
         assert!(!t.nodes[&1].commit_unannounced());
-        let applied = t.applied();
-        assert!(applied.iter().all(|a| *a == applied[0]), "{applied:?}");
+        t.assert_all_applied_alike();
     }
 
     #[test]
