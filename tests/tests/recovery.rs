@@ -93,6 +93,10 @@ fn a_backup_taken_under_writes_seeds_a_new_cluster_with_the_same_state() {
     };
     let mut admin = a.client(follower);
     admin.batch_execute("CREATE ROLE operator IN ROLE raft_kv_admin; SET ROLE operator").unwrap();
+    // A follower's copy is as of what it has applied; a linearizable read first makes it hold
+    // every write acknowledged before (the README's recipe): here, k/big and the delete of k/7.
+    let big: Option<String> = admin.query_one("SELECT raft_get('k/big')", &[]).unwrap().get(0);
+    assert_eq!(big.map(|v| v.len()), Some(200000));
     let bytes = backup(&mut admin);
     stop.store(true, Ordering::Relaxed);
     let during = writer.join().unwrap();
