@@ -41,6 +41,11 @@ type Client = (usize, u64);
 /// a follower's `'local'` read or watch learns of an idle leader's last write this much later.
 const COMMIT_ANNOUNCE_DELAY: Duration = Duration::from_millis(2);
 
+/// How long committed entries may wait to be applied on a follower on which no request waits
+/// (see `core/src/node/deferred_apply.rs`): a `'local'` read or a watch there sees a write
+/// this much later.
+const APPLY_DELAY: Duration = Duration::from_millis(5);
+
 pub struct RaftLoop {
     me: u64,
     epoch: u64,
@@ -61,6 +66,8 @@ pub struct RaftLoop {
     /// When to tell the followers a commit that no append has carried yet (see
     /// `Node::announce_or_defer`).
     announce_at: Option<Instant>,
+    /// When a follower applies the committed entries it holds back.
+    apply_at: Option<Instant>,
     /// Worker-internal proposals (promotions, the cluster id) have ids of their own.
     internal_nonce: u64,
     internal_seq: u64,
@@ -187,6 +194,7 @@ impl RaftLoop {
             answers: Vec::new(),
             next_tick: Instant::now() + settings.tick,
             announce_at: None,
+            apply_at: None,
             internal_nonce: RequestId::worker_nonce(rand_nonce()),
             internal_seq: 0,
             promoting: BTreeMap::new(),
@@ -314,7 +322,7 @@ impl RaftLoop {
             self.wake.wait(0);
             return;
         }
-        let until = self.announce_at.map_or(self.next_tick, |at| at.min(self.next_tick));
+        let until = [self.announce_at, self.apply_at].into_iter().flatten().fold(self.next_tick, Instant::min);
         // Rounded up: a wait rounded down to 0 ms would spin until the moment comes.
         self.wake.wait(until.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000) as i64);
     }
@@ -513,6 +521,9 @@ impl RaftLoop {
         let mut unreachable = Vec::new();
         let transport = &self.transport;
         let started = Instant::now();
+        // Entries wait only while nothing on this node waits for them, and not past their time.
+        let due = self.apply_at.is_some_and(|at| started >= at);
+        self.node.set_may_defer(!due && self.pending.is_empty() && self.recovery.is_empty());
         let snap_bytes = &mut self.stats.snapshot_bytes_sent;
         let done = self
             .node
@@ -530,6 +541,11 @@ impl RaftLoop {
             _ if !self.node.commit_unannounced() => None,
             Some(at) => Some(at),
             None => Some(Instant::now() + COMMIT_ANNOUNCE_DELAY),
+        };
+        self.apply_at = match self.apply_at {
+            _ if !self.node.has_deferred() => None,
+            Some(at) => Some(at),
+            None => Some(started + APPLY_DELAY),
         };
         let now = crate::shmem::mono_ms();
         if let Some(all) = self.out.leases_installed.take() {

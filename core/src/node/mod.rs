@@ -12,9 +12,12 @@ use slog::Logger;
 
 mod announce;
 mod coalesce;
+mod deferred_apply;
 mod failover;
 mod membership;
 mod recovery;
+#[cfg(test)]
+mod test_cluster;
 mod transfer;
 mod versions;
 
@@ -219,6 +222,12 @@ pub struct Node<B: Backend> {
     /// The leader's commit index its followers have not been told, and the peers still to
     /// be told it (see `announce_or_defer`).
     unannounced: Option<(u64, Vec<u64>)>,
+    /// Committed entries this follower has not applied yet, the commit index that came with
+    /// them, and whether more may wait (see `deferred_apply.rs`).
+    deferred: Vec<raft::eraftpb::Entry>,
+    deferred_commit: Option<u64>,
+    may_defer: bool,
+    deferred_applies: u64,
 }
 
 impl<B: Backend> Node<B> {
@@ -287,6 +296,10 @@ impl<B: Backend> Node<B> {
             leader_ticks: 0,
             election_ticks: opts.election_ticks as u32,
             unannounced: None,
+            deferred: Vec::new(),
+            deferred_commit: None,
+            may_defer: false,
+            deferred_applies: 0,
         })
     }
 
@@ -532,6 +545,9 @@ impl<B: Backend> Node<B> {
         // Frames and messages from steps first: a held-back snapshot message must precede
         // the appends raft sends after it.
         self.outbox.drain(..).for_each(&mut *send);
+        if !self.may_defer || self.is_leader() {
+            self.apply_deferred(out)?;
+        }
         while self.raw.has_ready() {
             let mut rd = self.raw.ready();
             // The version tags, made once for every message of this Ready.
@@ -566,6 +582,7 @@ impl<B: Backend> Node<B> {
             batch.sync = rd.must_sync() || !batch.entries.is_empty() || batch.snapshot.is_some();
             let committed = rd.take_committed_entries();
             self.announce_or_defer(&committed, &tags, send)?;
+            let committed = self.apply_now(committed, &mut batch);
             // A follower acknowledges new entries before applying older ones: the leader is
             // waiting for the acknowledgement, nobody for the apply.
             let ack_first = !batch.entries.is_empty() && !committed.is_empty() && !self.is_leader();
@@ -590,7 +607,8 @@ impl<B: Backend> Node<B> {
             for rs in rd.take_read_states() {
                 out.read_states.push((rs.request_ctx, rs.index));
             }
-            let mut light = self.raw.advance(rd);
+            // What was applied is told below: some committed entries may wait (`apply_now`).
+            let mut light = self.raw.advance_append(rd);
 
             let mut batch = WriteBatch::default();
             if let Some(commit) = light.commit_index() {
@@ -603,8 +621,9 @@ impl<B: Backend> Node<B> {
             }
             let committed = light.take_committed_entries();
             self.announce_or_defer(&committed, &tags, send)?;
+            let committed = self.apply_now(committed, &mut batch);
             self.write_and_apply(batch, &committed, out)?;
-            self.raw.advance_apply();
+            self.raw.advance_apply_to(self.raw.store().applied());
         }
         self.install_pending = false;
         self.step_down_if_removed();

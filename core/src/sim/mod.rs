@@ -76,6 +76,8 @@ pub struct SimReport {
     pub failed_transfers: usize,
     /// Times a follower was told its leader was gone and brought its election forward.
     pub early_campaigns: usize,
+    /// Times a follower applied committed entries it had held back.
+    pub deferred_applies: u64,
 }
 
 pub struct Sim {
@@ -456,6 +458,10 @@ impl Sim {
             if n.commit_unannounced() && rng.gen_bool(0.5) {
                 n.announce_commit();
             }
+            // A follower holds committed entries back at random while the chaos lasts (the
+            // worker: while no request on it waits, for up to 5 ms), applying them at the
+            // first step that does not.
+            n.set_may_defer(self.cfg.propose_rate > 0.0 && rng.gen_bool(0.7));
             if n.election_timer_just_reset() {
                 n.set_election_timeout(|lo, hi| rng.gen_range(lo..hi));
             }
@@ -463,6 +469,7 @@ impl Sim {
             let mut msgs = Vec::new();
             n.handle_ready(&mut out, &mut |m| msgs.push(m)).map_err(|e| format!("node {id}: {e}"))?;
             self.report.failed_transfers += n.take_failed_transfers().len();
+            self.report.deferred_applies += n.take_deferred_applies();
             self.refused.extend(out.refused);
             for (ctx, idx) in out.read_states {
                 self.read_states.push((id, ctx, idx));

@@ -307,15 +307,18 @@ fn invariants_hold_under_faults() {
             let snaps: usize = reports.iter().map(|r| r.snapshots).sum();
             let failed: usize = reports.iter().map(|r| r.failed_transfers).sum();
             let early: usize = reports.iter().map(|r| r.early_campaigns).sum();
+            let deferred: u64 = reports.iter().map(|r| r.deferred_applies).sum();
             println!(
                 "{} seeds x {} steps: {acked} writes acknowledged, {crashes} crashes, {parts} partitions, \
-                 {snaps} streamed snapshots ({failed} transfers failed and retried), {early} early campaigns",
+                 {snaps} streamed snapshots ({failed} transfers failed and retried), {early} early campaigns, \
+                 {deferred} deferred applies",
                 reports.len(),
                 cfg.steps
             );
             assert!(acked > 0 && crashes > 0 && parts > 0, "the faults and workload must actually happen");
             assert!(snaps > 0, "compaction must force snapshot transfers");
             assert!(early > 0, "followers must be told of crashed leaders");
+            assert!(deferred > 0, "followers must hold committed entries back and apply them later");
         }
         Err((seed, e)) => panic!("seed {seed} failed (replay: RAFT_KV_SIM_SEED={seed} RAFT_KV_SIM_SEEDS=1): {e}"),
     }
