@@ -537,16 +537,9 @@ impl RaftLoop {
             Err(e) => pgrx::error!("raft_kv: storage failure: {e}"),
         }
         self.settle_unsent(unreachable);
-        self.announce_at = match self.announce_at {
-            _ if !self.node.commit_unannounced() => None,
-            Some(at) => Some(at),
-            None => Some(Instant::now() + COMMIT_ANNOUNCE_DELAY),
-        };
-        self.apply_at = match self.apply_at {
-            _ if !self.node.has_deferred() => None,
-            Some(at) => Some(at),
-            None => Some(started + APPLY_DELAY),
-        };
+        self.announce_at =
+            deadline(self.announce_at, self.node.commit_unannounced(), Instant::now() + COMMIT_ANNOUNCE_DELAY);
+        self.apply_at = deadline(self.apply_at, self.node.has_deferred(), started + APPLY_DELAY);
         let now = crate::shmem::mono_ms();
         if let Some(all) = self.out.leases_installed.take() {
             self.leases.load(all, now);
@@ -860,6 +853,12 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// 64 random bits from the kernel (getrandom), mixed with the pid in case it fails.
+/// A deadline for something left for later: kept while it is still left, set to `first` when
+/// it was not, gone once it is done.
+fn deadline(at: Option<Instant>, left: bool, first: Instant) -> Option<Instant> {
+    left.then(|| at.unwrap_or(first))
+}
+
 fn rand_nonce() -> u64 {
     let mut b = [0u8; 8];
     // SAFETY: fills the 8-byte buffer it is given.

@@ -58,13 +58,12 @@ impl<B: Backend> super::Node<B> {
         if committed.is_empty() {
             return committed;
         }
-        let bytes: usize = self.deferred.iter().chain(&committed).map(|e| e.data.len()).sum();
         let wait = self.may_defer
             && !self.is_leader()
             && batch.snapshot.is_none()
             && self.deferred.len() + committed.len() < DEFER_BELOW
-            && bytes <= MAX_DEFERRED_BYTES
-            && committed.iter().all(|e| e.get_entry_type() == EntryType::EntryNormal);
+            && committed.iter().all(|e| e.get_entry_type() == EntryType::EntryNormal)
+            && self.deferred.iter().chain(&committed).map(|e| e.data.len()).sum::<usize>() <= MAX_DEFERRED_BYTES;
         if wait {
             if let Some(hs) = batch.hard_state.take_if(|hs| self.only_commit_moved(hs)) {
                 self.deferred_commit = Some(hs.commit);
@@ -107,15 +106,8 @@ impl<B: Backend> super::Node<B> {
 #[cfg(test)]
 mod tests {
     use super::super::test_cluster::Three;
-    use super::super::{Node, NodeOptions, Output};
+    use super::super::Output;
     use crate::mem_backend::MemBackend;
-    use crate::types::Member;
-
-    fn defer_on_followers(t: &mut Three) {
-        for id in [2, 3] {
-            t.nodes.get_mut(&id).unwrap().set_may_defer(true);
-        }
-    }
 
     fn state(b: &MemBackend) -> (u64, u64, usize) {
         let s = b.inner.lock().unwrap();
@@ -126,16 +118,28 @@ mod tests {
         b.inner.lock().unwrap().kv.iter().map(|(k, r)| (k.clone(), r.mod_revision)).collect()
     }
 
-    #[test]
-    fn a_follower_holds_committed_entries_back_and_applies_them_in_one_write() {
+    /// Three writes on the leader, all announced, with both followers allowed to hold them back;
+    /// and the followers' state before them.
+    fn three_writes_held_back() -> (Three, (u64, u64, usize)) {
         let mut t = Three::new();
-        defer_on_followers(&mut t);
         let before = state(&t.backends[&2]);
+        for id in [2, 3] {
+            t.nodes.get_mut(&id).unwrap().set_may_defer(true);
+        }
         for seq in 1..=3 {
             t.put(1, seq);
         }
         t.nodes.get_mut(&1).unwrap().announce_commit();
         t.settle();
+        for id in [2, 3] {
+            assert!(t.nodes[&id].has_deferred(), "node {id}");
+        }
+        (t, before)
+    }
+
+    #[test]
+    fn a_follower_holds_committed_entries_back_and_applies_them_in_one_write() {
+        let (mut t, before) = three_writes_held_back();
         let leader = state(&t.backends[&1]);
         assert_eq!(leader.2, 3, "the leader applied and answered all three");
         for id in [2, 3] {
@@ -144,7 +148,6 @@ mod tests {
                 before,
                 "node {id} acknowledged, applied nothing, wrote no commit index"
             );
-            assert!(t.nodes[&id].has_deferred());
         }
         // Let go: node 2 applies all three, and the commit index, in one write.
         let n2 = t.nodes.get_mut(&2).unwrap();
@@ -164,14 +167,7 @@ mod tests {
 
     #[test]
     fn a_follower_elected_leader_applies_what_it_held_back_first() {
-        let mut t = Three::new();
-        defer_on_followers(&mut t);
-        for seq in 1..=3 {
-            t.put(1, seq);
-        }
-        t.nodes.get_mut(&1).unwrap().announce_commit();
-        t.settle();
-        assert!(t.nodes[&2].has_deferred());
+        let (mut t, _) = three_writes_held_back();
         t.nodes.get_mut(&1).unwrap().transfer_leader(2);
         t.settle();
         assert!(t.nodes[&2].is_leader());
@@ -183,19 +179,9 @@ mod tests {
 
     #[test]
     fn entries_held_back_at_a_crash_are_applied_from_the_log_after_it() {
-        let mut t = Three::new();
-        defer_on_followers(&mut t);
-        for seq in 1..=3 {
-            t.put(1, seq);
-        }
-        let before = state(&t.backends[&2]);
-        assert!(t.nodes[&2].has_deferred());
+        let (mut t, before) = three_writes_held_back();
         // Node 2 stops with nothing of them applied; it reopens on what it wrote.
-        let members: Vec<Member> =
-            (1..=3).map(|id| Member { id, address: format!("sim:{id}"), promote: false }).collect();
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let reopened = Node::open(t.backends[&2].clone(), &NodeOptions::new(2), &members, &logger).unwrap();
-        t.nodes.insert(2, reopened);
+        t.reopen(2);
         assert_eq!(state(&t.backends[&2]), before);
         t.nodes.get_mut(&3).unwrap().set_may_defer(false);
         t.put(1, 4);

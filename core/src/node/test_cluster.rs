@@ -22,14 +22,8 @@ pub(super) struct Three {
 
 impl Three {
     pub(super) fn new() -> Self {
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let members: Vec<Member> =
-            (1..=3).map(|id| Member { id, address: format!("sim:{id}"), promote: false }).collect();
         let backends: BTreeMap<u64, MemBackend> = (1..=3).map(|id| (id, MemBackend::new())).collect();
-        let nodes = backends
-            .iter()
-            .map(|(id, b)| (*id, Node::open(b.clone(), &NodeOptions::new(*id), &members, &logger).unwrap()))
-            .collect();
+        let nodes = backends.iter().map(|(id, b)| (*id, open(*id, b))).collect();
         let mut t = Three { nodes, backends, sent: Vec::new(), completed: Vec::new() };
         t.nodes.get_mut(&1).unwrap().raw.campaign().unwrap();
         t.settle();
@@ -37,6 +31,12 @@ impl Three {
         // The leader's first entry commits and is announced at once.
         t.assert_all_applied_alike();
         t
+    }
+
+    /// Node `id` stops (whatever it held only in memory is lost) and reopens on what it wrote.
+    pub(super) fn reopen(&mut self, id: u64) {
+        let n = open(id, &self.backends[&id]);
+        self.nodes.insert(id, n);
     }
 
     pub(super) fn assert_all_applied_alike(&self) {
@@ -94,4 +94,11 @@ impl Three {
         self.sent.clear();
         found
     }
+}
+
+/// Node `id` of the three on `backend`.
+fn open(id: u64, backend: &MemBackend) -> Node<MemBackend> {
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let members: Vec<Member> = (1..=3).map(|id| Member { id, address: format!("sim:{id}"), promote: false }).collect();
+    Node::open(backend.clone(), &NodeOptions::new(id), &members, &logger).unwrap()
 }
