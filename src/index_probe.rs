@@ -43,17 +43,17 @@ pub enum Key<'a> {
 /// looked up again after it, so a table swapped in by a concurrent transaction (a snapshot's
 /// install renames raft_kv's tables) is the one read, never the one it replaced.
 pub fn relid(schema: &CStr, table: &CStr) -> Option<pg_sys::Oid> {
+    relid_locked(schema, table, pg_sys::AccessShareLock as pg_sys::LOCKMODE)
+}
+
+/// As [`relid`], under the lock `mode` (a writer's is `RowExclusiveLock`).
+pub fn relid_locked(schema: &CStr, table: &CStr, mode: pg_sys::LOCKMODE) -> Option<pg_sys::Oid> {
     // SAFETY: a name look-up inside a transaction; makeRangeVar keeps the two static strings'
     // pointers, which Postgres does not write through.
     unsafe {
         let rv = pg_sys::makeRangeVar(schema.as_ptr().cast_mut(), table.as_ptr().cast_mut(), -1);
-        let relid = pg_sys::RangeVarGetRelidExtended(
-            rv,
-            pg_sys::AccessShareLock as pg_sys::LOCKMODE,
-            pg_sys::RVROption::RVR_MISSING_OK,
-            None,
-            std::ptr::null_mut(),
-        );
+        let relid =
+            pg_sys::RangeVarGetRelidExtended(rv, mode, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut());
         (relid != pg_sys::InvalidOid).then_some(relid)
     }
 }
@@ -164,6 +164,17 @@ impl Probe {
         let (d, null) = self.datum(att);
         // SAFETY: a boolean datum of the slot's row (or null).
         unsafe { bool::from_datum(d, null) }
+    }
+
+    /// Where the row found last is, for an update of it ([`crate::heap_write::Writer::update`]).
+    pub fn tid(&self) -> pg_sys::ItemPointerData {
+        // SAFETY: the slot holds the row found last.
+        unsafe { (*self.slot).tts_tid }
+    }
+
+    /// The slot holding the row found last.
+    pub(crate) fn slot(&self) -> *mut pg_sys::TupleTableSlot {
+        self.slot
     }
 
     /// Ends the scan; the locks are held to the transaction's end, as the executor holds them.

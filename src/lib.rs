@@ -10,9 +10,11 @@
 
 use pgrx::prelude::*;
 
+mod batch_rows;
 mod concurrency_api;
 mod freeze;
 mod guc;
+mod heap_write;
 mod history_api;
 mod index_probe;
 mod kv_probe;
@@ -519,6 +521,122 @@ mod tests {
                 assert!(!plan.iter().any(|l| l.contains(&scan)), "{sql}\n{}", plan.join("\n"));
             }
         }
+    }
+
+    /// A table shaped like raft_kv's: a text primary key, a partial index and a CHECK.
+    fn writer_table() {
+        Spi::run(
+            "CREATE SCHEMA w;
+             CREATE TABLE w.t (k text COLLATE \"C\" PRIMARY KEY, v text, n bigint NOT NULL CHECK (n >= 0),
+                               lease bigint NOT NULL DEFAULT 0, b bytea NOT NULL);
+             CREATE INDEX t_lease ON w.t (lease) WHERE lease <> 0;
+             ALTER TABLE w.t ALTER COLUMN v SET COMPRESSION pglz;",
+        )
+        .unwrap();
+    }
+
+    fn writer(all: bool, columns: &[&std::ffi::CStr]) -> crate::heap_write::Writer {
+        // SAFETY: in the test's transaction; the caller closes it.
+        unsafe { crate::heap_write::Writer::open(c"w", c"t", columns, all) }.expect("w.t opens")
+    }
+
+    fn probe_t() -> crate::index_probe::Probe {
+        let relid = crate::index_probe::relid(c"w", c"t").unwrap();
+        // SAFETY: as above.
+        unsafe { crate::index_probe::Probe::open(relid, 1, crate::index_probe::Snap::AfterOwnWrites) }.unwrap()
+    }
+
+    /// Rows written by the row writer are found through every index (a missed index entry
+    /// would hide a row from the index scans below), updates keep what they do not set, a
+    /// large value is stored out of line, and the writes are counted for autovacuum.
+    #[pg_test]
+    fn row_writer_inserts_and_updates_through_every_index() {
+        use crate::heap_write::Value;
+        use crate::index_probe::Key;
+        writer_table();
+        let all = [c"k", c"v", c"n", c"lease", c"b"];
+        let big = "x".repeat(300_000);
+        let mut w = writer(true, &all);
+        for (k, v, lease) in [("a", "1", 0), ("b", big.as_str(), 7), ("c", "3", 0)] {
+            w.insert(&[Value::Text(k), Value::Text(v), Value::Int8(1), Value::Int8(lease), Value::Bytes(b"\x00\x01")]);
+        }
+        w.close();
+        // An update of every column, then one that sets only n, keeping the rest.
+        let mut w = writer(true, &all);
+        let mut p = probe_t();
+        assert!(p.find(&[Key::Text("a")]));
+        w.update(&p, &[Value::Text("a"), Value::Null, Value::Int8(2), Value::Int8(9), Value::Bytes(b"")]);
+        p.close();
+        w.close();
+        let mut w = writer(false, &[c"n"]);
+        let mut p = probe_t();
+        assert!(p.find(&[Key::Text("c")]));
+        w.update(&p, &[Value::Int8(5)]);
+        assert!(p.find(&[Key::Text("b")]));
+        w.update(&p, &[Value::Keep]);
+        p.close();
+        w.close();
+
+        Spi::run("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off").unwrap();
+        let rows = |sql: &str| -> Vec<String> {
+            Spi::connect(|c| {
+                c.select(sql, None, &[])
+                    .unwrap()
+                    .map(|r| r.get::<String>(1).unwrap().unwrap_or_default())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let by_key = "SELECT k || ':' || coalesce(v, 'NULL') || ':' || n || ':' || lease || ':' || encode(b, 'hex') \
+                      FROM w.t WHERE k IN ('a', 'b', 'c') AND length(coalesce(v, '')) < 10 ORDER BY k";
+        assert_eq!(rows(by_key), ["a:NULL:2:9:", "c:3:5:0:0001"]);
+        assert_eq!(rows("SELECT k FROM w.t WHERE lease <> 0 AND lease > 0 ORDER BY k"), ["a", "b"]);
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT length(v) FROM w.t WHERE k = 'b' AND n = 1 AND lease = 7").unwrap(),
+            Some(300_000)
+        );
+        let plan = rows("EXPLAIN (COSTS OFF) SELECT k FROM w.t WHERE lease <> 0 AND lease > 0");
+        assert!(plan.iter().any(|l| l.contains("t_lease")), "{plan:?}");
+        assert!(Spi::get_one::<bool>("SELECT pg_column_size(v) < 100000 FROM w.t WHERE k = 'b'").unwrap().unwrap());
+        let counts = Spi::get_one::<String>(
+            "SELECT n_tup_ins || '/' || n_tup_upd FROM pg_stat_xact_user_tables WHERE relid = 'w.t'::regclass",
+        )
+        .unwrap();
+        assert_eq!(counts.as_deref(), Some("3/3"));
+    }
+
+    #[pg_test(error = "new row for relation \"t\" violates check constraint \"t_n_check\"")]
+    fn row_writer_checks_constraints() {
+        use crate::heap_write::Value;
+        writer_table();
+        let mut w = writer(true, &[c"k", c"v", c"n", c"lease", c"b"]);
+        w.insert(&[Value::Text("a"), Value::Null, Value::Int8(-1), Value::Int8(0), Value::Bytes(b"")]);
+    }
+
+    #[pg_test(error = "duplicate key value violates unique constraint \"t_pkey\"")]
+    fn row_writer_refuses_a_taken_key() {
+        use crate::heap_write::Value;
+        writer_table();
+        let mut w = writer(true, &[c"k", c"v", c"n", c"lease", c"b"]);
+        let row = [Value::Text("a"), Value::Null, Value::Int8(1), Value::Int8(0), Value::Bytes(b"")];
+        w.insert(&row);
+        w.insert(&row);
+    }
+
+    /// A column the writer does not know of would get no default: the table is refused.
+    #[pg_test]
+    fn row_writer_refuses_a_table_with_other_columns() {
+        writer_table();
+        // SAFETY: in the test's transaction.
+        let unknown = unsafe { crate::heap_write::Writer::open(c"w", c"t", &[c"k", c"v", c"n", c"lease"], true) };
+        assert!(matches!(unknown, Err(crate::heap_write::OpenError::Columns(ref m)) if m.contains("column b")));
+        let missing = unsafe { crate::heap_write::Writer::open(c"w", c"t", &[c"k", c"zz"], false) };
+        assert!(matches!(missing, Err(crate::heap_write::OpenError::Columns(ref m)) if m.contains("column zz")));
+        let absent = unsafe { crate::heap_write::Writer::open(c"w", c"nope", &[c"k"], true) };
+        assert!(matches!(absent, Err(crate::heap_write::OpenError::Missing)));
+        // A dropped column is left null.
+        Spi::run("ALTER TABLE w.t DROP COLUMN b").unwrap();
+        let w = writer(true, &[c"k", c"v", c"n", c"lease"]);
+        w.close();
     }
 
     #[pg_test(error = "raft_kv key must not be NULL")]

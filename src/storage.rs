@@ -15,6 +15,7 @@ use raft_kv_core::storage::{
 };
 use raft_kv_core::types::{Change, ChangeKind, KvRow, Member, MemberOp, SnapshotData};
 
+use crate::batch_rows::{append_log, write_effects, write_state};
 use crate::index_probe::{self, Key, Probe, Snap};
 use crate::snapshot_tables::{freeze_tables, read_rows, select_members, SNAPSHOT_STORE};
 use crate::spi::{in_txn, spi_err};
@@ -92,14 +93,6 @@ fn entry_type(kind: i16) -> EntryType {
         1 => EntryType::EntryConfChange,
         2 => EntryType::EntryConfChangeV2,
         _ => EntryType::EntryNormal,
-    }
-}
-
-fn kind_of(e: &Entry) -> i16 {
-    match e.get_entry_type() {
-        EntryType::EntryNormal => 0,
-        EntryType::EntryConfChange => 1,
-        EntryType::EntryConfChangeV2 => 2,
     }
 }
 
@@ -392,20 +385,6 @@ const LEASES_SQL: &str = "SELECT l.id, l.ttl_ms, l.refreshes, \
          (SELECT count(*) FROM raft_kv.kv WHERE kv.lease = l.id AND kv.lease <> 0) \
      FROM raft_kv.leases l WHERE l.id = ANY ($1::bigint[])";
 
-/// A batch's effects: the keys written and the request ids recorded, in one statement; the
-/// keys deleted, when there are any, in one more (`DELETE_SQL`). No key is both written and
-/// deleted (the effects hold each key's final state), so the two never touch the same row.
-const EFFECTS_SQL: &str =
-    "WITH put AS (INSERT INTO raft_kv.kv (key, value, mod_revision, create_revision, version, lease) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $9::bigint[], $10::bigint[], $19::bigint[]) \
-             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, mod_revision = EXCLUDED.mod_revision, \
-                 create_revision = EXCLUDED.create_revision, version = EXCLUDED.version, lease = EXCLUDED.lease), \
-     history AS (INSERT INTO raft_kv.changes (revision, key, kind, value, prev_value, create_revision, version, \
-                 prev_mod_revision) \
-             SELECT * FROM unnest($11::bigint[], $12::text[], $13::text[], $14::text[], $15::text[], $16::bigint[], \
-                 $17::bigint[], $18::bigint[])) \
-     INSERT INTO raft_kv.requests (nonce, seq, node, revision, flag) \
-     SELECT * FROM unnest($4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::boolean[])";
 /// A batch's lease effects: leases granted or refreshed, and leases gone.
 const LEASE_UPSERT_SQL: &str = "INSERT INTO raft_kv.leases (id, ttl_ms, refreshes) \
      SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) \
@@ -445,39 +424,21 @@ fn q_for(schema: &str, sql: &str) -> String {
 }
 
 const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
-const BYTEA: PgOid = PgOid::BuiltIn(PgBuiltInOids::BYTEAOID);
-const INT2ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT2ARRAYOID);
-const BYTEAARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::BYTEAARRAYOID);
 
 /// Drops a conflicting suffix before an append (almost always nothing). Written as a two-sided
 /// range so that its generic plan, not knowing $1, still expects few rows and probes the index.
 const LOG_TRUNCATE_SQL: &str = "DELETE FROM raft_kv.log WHERE idx BETWEEN $1 AND 9223372036854775807";
-const LOG_APPEND_SQL: &str = "INSERT INTO raft_kv.log (idx, term, kind, data, context) \
-     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::bytea[], $5::bytea[])";
-/// The hard state, the applied index and the configuration, each where given: one row
-/// update per transaction.
-const STATE_SQL: &str = "UPDATE raft_kv.state SET term = coalesce($1, term), vote = coalesce($2, vote), \
-     commit_index = coalesce($3, commit_index), applied_index = coalesce($4, applied_index), \
-     conf_state = coalesce($5, conf_state), revision = coalesce($6, revision), \
-     compact_revision = coalesce($7, compact_revision) WHERE id = 1";
 /// Two-sided, as `COMPACT_HISTORY_SQL` is, so that its kept plan probes the revision index.
 const PRUNE_REQUESTS_SQL: &str = "DELETE FROM raft_kv.requests WHERE revision >= 0 AND revision < $1";
 const COMPACT_LOG_SQL: &str = "DELETE FROM raft_kv.log WHERE idx >= 0 AND idx <= $1";
 const COMPACT_STATE_SQL: &str =
     "UPDATE raft_kv.state SET snapshot_index = $1, snapshot_term = $2 WHERE id = 1 AND snapshot_index < $1";
 
-const EFFECTS_ARGS: [PgOid; 19] = [
-    TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, BOOLARRAY, INT8ARRAY, INT8ARRAY,
-    INT8ARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, TEXTARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY, INT8ARRAY,
-];
-const STATE_ARGS: [PgOid; 7] = [INT8, INT8, INT8, INT8, BYTEA, INT8, INT8];
-
 /// The kept statements that must touch only the rows they name, whatever a table's size, with
 /// their parameters' types: their generic plans are checked against large tables
 /// (`tests::kept_statements_never_scan_a_large_table`).
 #[cfg(any(test, feature = "pg_test"))]
 pub(crate) const KEPT_PROBES: &[(&str, &[PgOid])] = &[
-    (EFFECTS_SQL, &EFFECTS_ARGS),
     (LEASE_DELETE_SQL, &[INT8ARRAY]),
     (COMPACT_HISTORY_SQL, &[INT8]),
     (DELETE_SQL, &[TEXTARRAY]),
@@ -485,7 +446,6 @@ pub(crate) const KEPT_PROBES: &[(&str, &[PgOid])] = &[
     (PRUNE_REQUESTS_SQL, &[INT8]),
     (COMPACT_LOG_SQL, &[INT8]),
     (COMPACT_STATE_SQL, &[INT8, INT8]),
-    (STATE_SQL, &STATE_ARGS),
 ];
 
 fn write_batch(
@@ -548,14 +508,7 @@ fn write_batch(
     if let Some(first) = b.entries.first() {
         let truncate = plans.get(c, schema, LOG_TRUNCATE_SQL, &[INT8])?;
         c.update(truncate, None, &[(first.index as i64).into()]).map_err(spi_err)?;
-        let idx: Vec<i64> = b.entries.iter().map(|e| e.index as i64).collect();
-        let term: Vec<i64> = b.entries.iter().map(|e| e.term as i64).collect();
-        let kind: Vec<i16> = b.entries.iter().map(kind_of).collect();
-        let data: Vec<Vec<u8>> = b.entries.iter().map(|e| e.data.to_vec()).collect();
-        let ctx: Vec<Vec<u8>> = b.entries.iter().map(|e| e.context.to_vec()).collect();
-        let append =
-            plans.get(c, schema, LOG_APPEND_SQL, &[INT8ARRAY, INT8ARRAY, INT2ARRAY, BYTEAARRAY, BYTEAARRAY])?;
-        c.update(append, None, &[idx.into(), term.into(), kind.into(), data.into(), ctx.into()]).map_err(spi_err)?;
+        append_log(schema, &b.entries)?;
     }
     if let Some(id) = b.cluster_id {
         write_cluster_id(c, q, id)?;
@@ -576,59 +529,12 @@ fn write_batch(
             c.update(delete, None, &[gone.into()]).map_err(spi_err)?;
         }
     }
-    let (mut keys, mut values, mut revs, mut creates, mut versions, mut leases, mut gone) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (key, now) in &fx.kv {
-        match now {
-            Some(r) => {
-                keys.push(key.clone());
-                values.push(r.value.clone());
-                revs.push(r.mod_revision as i64);
-                creates.push(r.create_revision as i64);
-                versions.push(r.version as i64);
-                leases.push(r.lease as i64);
-            }
-            None => gone.push(key.clone()),
-        }
+    let gone: Vec<String> = fx.kv.iter().filter(|(_, now)| now.is_none()).map(|(key, _)| key.clone()).collect();
+    if !gone.is_empty() {
+        let delete = plans.get(c, schema, DELETE_SQL, &[TEXTARRAY])?;
+        c.update(delete, None, &[gone.into()]).map_err(spi_err)?;
     }
-    if !fx.kv.is_empty() || !fx.requests.is_empty() {
-        let col = |f: &dyn Fn(&((u64, u64), &(u64, u64, bool))) -> i64| -> Vec<i64> {
-            fx.requests.iter().map(|(k, v)| f(&(*k, v))).collect()
-        };
-        let flags: Vec<bool> = fx.requests.values().map(|v| v.2).collect();
-        if !gone.is_empty() {
-            let delete = plans.get(c, schema, DELETE_SQL, &[TEXTARRAY])?;
-            c.update(delete, None, &[gone.into()]).map_err(spi_err)?;
-        }
-        let effects = plans.get(c, schema, EFFECTS_SQL, &EFFECTS_ARGS)?;
-        let [revision, key, kind, value, prev_value, create, version, prev_mod] = change_columns(&fx.changes);
-        c.update(
-            effects,
-            None,
-            &[
-                keys.into(),
-                values.into(),
-                revs.into(),
-                col(&|r| r.0 .0 as i64).into(),
-                col(&|r| r.0 .1 as i64).into(),
-                col(&|r| r.1 .0 as i64).into(),
-                col(&|r| r.1 .1 as i64).into(),
-                flags.into(),
-                creates.into(),
-                versions.into(),
-                revision,
-                key,
-                kind,
-                value,
-                prev_value,
-                create,
-                version,
-                prev_mod,
-                leases.into(),
-            ],
-        )
-        .map_err(spi_err)?;
-    }
+    write_effects(schema, fx)?;
     if let Some(cut) = fx.prune_requests_below {
         let prune = plans.get(c, schema, PRUNE_REQUESTS_SQL, &[INT8])?;
         c.update(prune, None, &[(cut as i64).into()]).map_err(spi_err)?;
@@ -655,23 +561,7 @@ fn write_batch(
         || fx.revision.is_some()
         || fx.compact_revision.is_some()
     {
-        let hs = b.hard_state.as_ref();
-        let cs = b.conf_state.as_ref().map(encode_conf_state);
-        let state = plans.get(c, schema, STATE_SQL, &STATE_ARGS)?;
-        c.update(
-            state,
-            None,
-            &[
-                hs.map(|h| h.term as i64).into(),
-                hs.map(|h| h.vote as i64).into(),
-                hs.map(|h| h.commit as i64).into(),
-                b.applied.map(|a| a as i64).into(),
-                cs.into(),
-                fx.revision.map(|r| r as i64).into(),
-                fx.compact_revision.map(|r| r as i64).into(),
-            ],
-        )
-        .map_err(spi_err)?;
+        write_state(schema, b, fx)?;
     }
     Ok(())
 }

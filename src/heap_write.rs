@@ -1,0 +1,242 @@
+//! Rows written without the planner, as PostgreSQL's logical-replication apply worker writes
+//! them (`execReplication.c`): a table and its indexes opened once per batch, then per row a
+//! heap insert or update with its index entries, the table's NOT NULL and CHECK constraints
+//! checked by `ExecSimpleRelationInsert` / `ExecSimpleRelationUpdate`. Through a kept
+//! statement each batch paid the executor's start-up and shut-down of a three-table plan, the
+//! `unnest` tuplestores and ON CONFLICT's speculative insertion (BENCHMARKS.md, issue 11).
+//!
+//! Only the Raft worker writes raft_kv's tables, so no permission check is made here. Row
+//! triggers fire as they would for logical replication (the worker runs with
+//! `session_replication_role = replica`); the tables have only statement triggers.
+
+use std::ffi::CStr;
+
+use pgrx::{pg_sys, IntoDatum, PgBox};
+
+use crate::index_probe::Probe;
+
+/// A column's value in a row to write.
+pub enum Value<'a> {
+    Null,
+    /// The replaced row's value (in an update only).
+    Keep,
+    Text(&'a str),
+    Bytes(&'a [u8]),
+    Int8(i64),
+    Int2(i16),
+    Bool(bool),
+}
+
+impl Value<'_> {
+    /// The value as a datum made in the current memory context.
+    fn datum(&self) -> Option<pg_sys::Datum> {
+        match self {
+            Value::Null | Value::Keep => None,
+            Value::Text(s) => s.into_datum(),
+            Value::Bytes(b) => b.into_datum(),
+            Value::Int8(v) => v.into_datum(),
+            Value::Int2(v) => v.into_datum(),
+            Value::Bool(v) => v.into_datum(),
+        }
+    }
+}
+
+/// A table open for writing, with its indexes and an executor state for the batch.
+pub struct Writer {
+    rel: pg_sys::Relation,
+    rri: *mut pg_sys::ResultRelInfo,
+    estate: *mut pg_sys::EState,
+    /// Holds the row being written.
+    slot: *mut pg_sys::TupleTableSlot,
+    /// Carries only the location of the row an update replaces.
+    search: *mut pg_sys::TupleTableSlot,
+    /// What fills each of the table's attributes.
+    map: Vec<Att>,
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
+}
+
+#[derive(Clone, Copy)]
+enum Att {
+    /// The caller's column of this index.
+    Col(usize),
+    /// A dropped column: null.
+    Dropped,
+    /// A column the caller does not write: an update keeps the replaced row's value.
+    Other,
+}
+
+/// Why a table cannot be written this way.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The table is not there (or not a table).
+    Missing,
+    /// Its columns are not exactly the ones the caller writes.
+    Columns(String),
+}
+
+impl Writer {
+    /// Opens `schema.table` for writes of rows with `columns` (in that order), resolving the
+    /// name under the lock as the parser does (a snapshot's install swaps tables by renaming).
+    /// With `all`, the table's columns must be exactly these (a column the caller does not know
+    /// of would get no default here); without, the writer only updates, keeping the others.
+    ///
+    /// # Safety
+    /// Inside a transaction, on the process's main thread; [`Writer::close`] must follow unless
+    /// an ERROR aborts the transaction first (which releases everything).
+    pub unsafe fn open(schema: &CStr, table: &CStr, columns: &[&CStr], all: bool) -> Result<Writer, OpenError> {
+        const LOCK: pg_sys::LOCKMODE = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+        unsafe {
+            let relid = crate::index_probe::relid_locked(schema, table, LOCK).ok_or(OpenError::Missing)?;
+            let rel = pg_sys::table_open(relid, LOCK);
+            if (*(*rel).rd_rel).relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char {
+                pg_sys::table_close(rel, LOCK);
+                return Err(OpenError::Missing);
+            }
+            let desc = (*rel).rd_att;
+            let natts = (*desc).natts as usize;
+            let mut map = Vec::with_capacity(natts);
+            let mut seen = vec![false; columns.len()];
+            let mut bad = None;
+            for att in (*desc).attrs.as_slice(natts) {
+                if att.attisdropped {
+                    map.push(Att::Dropped);
+                    continue;
+                }
+                let name = CStr::from_ptr(att.attname.data.as_ptr());
+                match columns.iter().position(|c| *c == name) {
+                    Some(i) => {
+                        seen[i] = true;
+                        map.push(Att::Col(i));
+                    }
+                    None if all => bad = Some(format!("column {} is not one raft_kv writes", name.to_string_lossy())),
+                    None => map.push(Att::Other),
+                }
+            }
+            if let Some(i) = seen.iter().position(|s| !s) {
+                bad = Some(format!("column {} is missing", columns[i].to_string_lossy()));
+            }
+            if let Some(why) = bad {
+                pg_sys::table_close(rel, LOCK);
+                return Err(OpenError::Columns(format!("{}: {why}", table.to_string_lossy())));
+            }
+
+            // As the apply worker's create_edata_for_relation: one range-table entry (error
+            // messages read it), the result relation and AFTER-trigger bookkeeping.
+            let estate = pg_sys::CreateExecutorState();
+            let old = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
+            let mut rte = PgBox::<pg_sys::RangeTblEntry>::alloc_node(pg_sys::NodeTag::T_RangeTblEntry);
+            rte.rtekind = pg_sys::RTEKind::RTE_RELATION;
+            rte.relid = relid;
+            rte.relkind = (*(*rel).rd_rel).relkind;
+            rte.rellockmode = LOCK;
+            pg_sys::ExecInitRangeTable(estate, pg_sys::lappend(std::ptr::null_mut(), rte.into_pg().cast()));
+            let rri = PgBox::<pg_sys::ResultRelInfo>::alloc_node(pg_sys::NodeTag::T_ResultRelInfo).into_pg();
+            pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
+            (*estate).es_opened_result_relations = pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
+            (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+            pg_sys::ExecOpenIndices(rri, false);
+            let slot = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsHeapTuple);
+            let search = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
+            pg_sys::MakePerTupleExprContext(estate);
+            pg_sys::MemoryContextSwitchTo(old);
+            pg_sys::AfterTriggerBeginQuery();
+            Ok(Writer {
+                rel,
+                rri,
+                estate,
+                slot,
+                search,
+                map,
+                values: vec![pg_sys::Datum::from(0usize); natts],
+                nulls: vec![true; natts],
+            })
+        }
+    }
+
+    /// Inserts a row; its primary key must not be taken (a unique violation is an ERROR).
+    pub fn insert(&mut self, row: &[Value<'_>]) {
+        // SAFETY: the slot and the executor state belong to this open writer.
+        unsafe {
+            let old = self.store(row, None);
+            pg_sys::ExecSimpleRelationInsert(self.rri, self.estate, self.slot);
+            self.done(old);
+        }
+    }
+
+    /// Replaces the row `probe` found last (in this transaction) with `row`; columns given as
+    /// [`Value::Keep`], and those the writer was not opened with, keep their values.
+    pub fn update(&mut self, probe: &Probe, row: &[Value<'_>]) {
+        // SAFETY: as insert; ExecSimpleRelationUpdate reads only the search slot's tid. The
+        // probe's slot holds the row found last, its buffer pinned, while the new row is formed.
+        unsafe {
+            (*self.search).tts_tid = probe.tid();
+            let old = self.store(row, Some(probe.slot()));
+            pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, std::ptr::null_mut(), self.search, self.slot);
+            self.done(old);
+        }
+    }
+
+    /// Forms `row` into the slot and leaves the executor's memory context current (as the
+    /// executor runs a row's write), returning the caller's.
+    unsafe fn store(
+        &mut self,
+        row: &[Value<'_>],
+        replaced: Option<*mut pg_sys::TupleTableSlot>,
+    ) -> pg_sys::MemoryContext {
+        unsafe {
+            if let Some(r) = replaced {
+                if ((*r).tts_nvalid as usize) < self.map.len() {
+                    pg_sys::slot_getsomeattrs_int(r, self.map.len() as i32);
+                }
+            }
+            // The datums in the per-row context, reset after the row; the formed tuple in the
+            // executor's, owned by the slot (a heap slot then writes it without a copy).
+            let per_row = (*(*self.estate).es_per_tuple_exprcontext).ecxt_per_tuple_memory;
+            let old = pg_sys::MemoryContextSwitchTo(per_row);
+            for (i, att) in self.map.iter().enumerate() {
+                let keep = match *att {
+                    Att::Col(c) => matches!(row[c], Value::Keep),
+                    Att::Dropped => false,
+                    Att::Other => true,
+                };
+                let d = match (*att, replaced) {
+                    (_, Some(r)) if keep => {
+                        let null = *(*r).tts_isnull.add(i);
+                        (!null).then(|| *(*r).tts_values.add(i))
+                    }
+                    (Att::Col(c), _) => row[c].datum(),
+                    _ => None,
+                };
+                self.nulls[i] = d.is_none();
+                self.values[i] = d.unwrap_or(pg_sys::Datum::from(0usize));
+            }
+            pg_sys::MemoryContextSwitchTo((*self.estate).es_query_cxt);
+            let tuple = pg_sys::heap_form_tuple((*self.rel).rd_att, self.values.as_mut_ptr(), self.nulls.as_mut_ptr());
+            pg_sys::ExecStoreHeapTuple(tuple, self.slot, true);
+            old
+        }
+    }
+
+    unsafe fn done(&mut self, old: pg_sys::MemoryContext) {
+        unsafe {
+            pg_sys::ExecClearTuple(self.slot);
+            pg_sys::MemoryContextReset((*(*self.estate).es_per_tuple_exprcontext).ecxt_per_tuple_memory);
+            pg_sys::MemoryContextSwitchTo(old);
+        }
+    }
+
+    /// Closes the indexes and frees the executor state; the lock is held to the transaction's
+    /// end, as the executor holds it.
+    pub fn close(self) {
+        // SAFETY: everything was opened by `open` and is released once, in the apply worker's
+        // order (finish_edata): AFTER triggers, the tuple table, the executor state.
+        unsafe {
+            pg_sys::ExecCloseIndices(self.rri);
+            pg_sys::AfterTriggerEndQuery(self.estate);
+            pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
+            pg_sys::FreeExecutorState(self.estate);
+            pg_sys::table_close(self.rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        }
+    }
+}
