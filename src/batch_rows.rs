@@ -21,6 +21,14 @@ pub fn kind_of(e: &Entry) -> i16 {
     }
 }
 
+/// Whether the log holds an entry at `index`.
+pub fn log_has(schema: &str, index: u64) -> StoreResult<bool> {
+    let mut p = probe(&schema_c(schema)?, c"log", 1)?;
+    let found = p.find(&[Key::Int8(index as i64)]);
+    p.close();
+    Ok(found)
+}
+
 /// Appends `entries` to the log (a conflicting suffix was deleted first).
 pub fn append_log(schema: &str, entries: &[Entry]) -> StoreResult<()> {
     let schema = schema_c(schema)?;

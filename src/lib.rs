@@ -523,6 +523,57 @@ mod tests {
         }
     }
 
+    /// The prunes and compactions start where the previous ones stopped (storage.rs,
+    /// `Cleared`); none leaves a row below its point, and each keeps every row above it.
+    #[pg_test]
+    fn bounded_deletes_leave_nothing_below_their_points() {
+        use raft_kv_core::apply::Effects;
+        use raft_kv_core::eraftpb::Entry;
+        use raft_kv_core::storage::{Backend, WriteBatch};
+        scratch_schema();
+        let mut pg = crate::storage::PgBackend::new("contract");
+        pg.load().unwrap();
+        let count = |sql: &str| Spi::get_one::<i64>(sql).unwrap().unwrap();
+        let entries = |lo: u64, hi: u64| -> Vec<Entry> {
+            (lo..=hi)
+                .map(|i| {
+                    let mut e = Entry::default();
+                    (e.index, e.term) = (i, 1);
+                    e
+                })
+                .collect()
+        };
+        let ids = |lo: u64, hi: u64| {
+            let mut fx = Effects::default();
+            fx.requests = (lo..=hi).map(|r| ((7, r), (1, r, true))).collect();
+            fx
+        };
+        // As the worker writes: each batch in atomically, whose end is the commit there.
+        let write = |pg: &mut crate::storage::PgBackend, b: WriteBatch, fx: Effects| {
+            pg.atomically(&mut |pg| pg.write(&b, &fx)).unwrap();
+        };
+        write(&mut pg, WriteBatch { entries: entries(1, 40), ..Default::default() }, ids(1, 40));
+        for (cut, compact) in [(10, 12), (25, 30), (26, 31)] {
+            let mut fx = ids(41 + cut, 41 + cut);
+            fx.prune_requests_below = Some(cut);
+            write(&mut pg, WriteBatch { compact_to: Some((compact, 1)), ..Default::default() }, fx);
+            let below = format!("SELECT count(*) FROM contract.requests WHERE revision < {cut}");
+            assert_eq!(count(&below), 0, "request ids below {cut}");
+            let above = format!("SELECT count(*) FROM contract.requests WHERE revision BETWEEN {cut} AND 40");
+            assert_eq!(count(&above), 41 - cut as i64);
+            assert_eq!(count(&format!("SELECT count(*) FROM contract.log WHERE idx <= {compact}")), 0);
+            assert_eq!(count("SELECT count(*) FROM contract.log"), 40 - compact as i64);
+        }
+        // A new start reads the log's point from the state row and forgets the request ids'.
+        let mut pg = crate::storage::PgBackend::new("contract");
+        pg.load().unwrap();
+        let mut fx = ids(5, 5);
+        fx.prune_requests_below = Some(30);
+        write(&mut pg, WriteBatch { compact_to: Some((35, 1)), ..Default::default() }, fx);
+        assert_eq!(count("SELECT count(*) FROM contract.requests WHERE revision < 30"), 0);
+        assert_eq!(count("SELECT min(idx) FROM contract.log"), 36);
+    }
+
     /// A table shaped like raft_kv's: a text primary key, a partial index and a CHECK.
     fn writer_table() {
         Spi::run(
