@@ -3,7 +3,10 @@
 //! state row. The rarer statements of a batch (deletes, leases, compaction, a snapshot's
 //! install) stay SQL in `storage.rs`.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys;
 
 use raft_kv_core::apply::Effects;
 use raft_kv_core::eraftpb::{Entry, EntryType};
@@ -46,14 +49,20 @@ pub fn append_log(schema: &str, entries: &[Entry]) -> StoreResult<()> {
     Ok(())
 }
 
+/// Where the rows of keys are (`None`: absent), as the batch's look-up found them in this
+/// transaction. Only the worker writes raft_kv's tables, and a batch writes each key once, so
+/// a row found there is still the key's row when the batch writes it.
+pub type KeyRows = HashMap<String, Option<pg_sys::ItemPointerData>>;
+
 /// The keys put (each updated where it exists, else inserted), the history rows and the
-/// request ids of a batch. Deleted keys were deleted first; no key is both.
-pub fn write_effects(schema: &str, fx: &Effects) -> StoreResult<()> {
+/// request ids of a batch. Deleted keys were deleted first; no key is both. A key `found` holds
+/// is not looked for again.
+pub fn write_effects(schema: &str, fx: &Effects, found: &KeyRows) -> StoreResult<()> {
     let schema = schema_c(schema)?;
     if fx.kv.values().any(Option::is_some) {
         let columns = [c"key", c"value", c"mod_revision", c"create_revision", c"version", c"lease"];
         let mut w = open(&schema, c"kv", &columns, true)?;
-        let mut p = probe(&schema, c"kv", 1)?;
+        let mut p = None;
         for (key, row) in &fx.kv {
             let Some(r) = row else { continue };
             let row = [
@@ -64,13 +73,25 @@ pub fn write_effects(schema: &str, fx: &Effects) -> StoreResult<()> {
                 Value::Int8(r.version as i64),
                 Value::Int8(r.lease as i64),
             ];
-            if p.find(&[Key::Text(key)]) {
-                w.update(&p, &row);
-            } else {
-                w.insert(&row);
+            let at = match found.get(key) {
+                Some(at) => *at,
+                None => {
+                    // Read by a prefix or not at all: looked for now.
+                    let p = match &mut p {
+                        Some(p) => p,
+                        None => p.insert(probe(&schema, c"kv", 1)?),
+                    };
+                    p.find(&[Key::Text(key)]).then(|| p.tid())
+                }
+            };
+            match at {
+                Some(tid) => w.update_at(tid, &row),
+                None => w.insert(&row),
             }
         }
-        p.close();
+        if let Some(p) = p {
+            p.close();
+        }
         w.close();
     }
     if !fx.changes.is_empty() {

@@ -167,11 +167,32 @@ impl Writer {
     /// Replaces the row `probe` found last (in this transaction) with `row`; columns given as
     /// [`Value::Keep`], and those the writer was not opened with, keep their values.
     pub fn update(&mut self, probe: &Probe, row: &[Value<'_>]) {
-        // SAFETY: as insert; ExecSimpleRelationUpdate reads only the search slot's tid. The
-        // probe's slot holds the row found last, its buffer pinned, while the new row is formed.
+        // SAFETY: the probe's slot holds the row found last, its buffer pinned, while the new
+        // row is formed.
+        unsafe { self.replace(probe.tid(), row, Some(probe.slot())) }
+    }
+
+    /// Replaces the row at `tid` (found in this transaction, and not changed since) with `row`,
+    /// which gives every column the writer was opened with (`all`, and no [`Value::Keep`]).
+    pub fn update_at(&mut self, tid: pg_sys::ItemPointerData, row: &[Value<'_>]) {
+        assert!(
+            !self.map.iter().any(|a| matches!(a, Att::Other)) && !row.iter().any(|v| matches!(v, Value::Keep)),
+            "an update by location replaces every column"
+        );
+        // SAFETY: nothing is read from a replaced row.
+        unsafe { self.replace(tid, row, None) }
+    }
+
+    unsafe fn replace(
+        &mut self,
+        tid: pg_sys::ItemPointerData,
+        row: &[Value<'_>],
+        replaced: Option<*mut pg_sys::TupleTableSlot>,
+    ) {
+        // SAFETY: as insert; ExecSimpleRelationUpdate reads only the search slot's tid.
         unsafe {
-            (*self.search).tts_tid = probe.tid();
-            let old = self.store(row, Some(probe.slot()));
+            (*self.search).tts_tid = tid;
+            let old = self.store(row, replaced);
             pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, std::ptr::null_mut(), self.search, self.slot);
             self.done(old);
         }

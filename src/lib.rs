@@ -574,6 +574,25 @@ mod tests {
         assert_eq!(count("SELECT min(idx) FROM contract.log"), 36);
     }
 
+    /// A key the batch's look-up did not probe is looked for by the write itself: an existing
+    /// row is replaced, not inserted again.
+    #[pg_test]
+    fn a_put_the_look_up_did_not_probe_replaces_the_row() {
+        use raft_kv_core::apply::Effects;
+        use raft_kv_core::storage::{Backend, WriteBatch};
+        use raft_kv_core::types::KvRow;
+        scratch_schema();
+        let mut pg = crate::storage::PgBackend::new("contract");
+        for (value, rev) in [("one", 1), ("two", 2)] {
+            let mut fx = Effects::default();
+            let row = KvRow { value: value.into(), mod_revision: rev, create_revision: 1, version: rev, lease: 0 };
+            fx.kv.insert("k".into(), Some(row));
+            pg.atomically(&mut |pg| pg.write(&WriteBatch::default(), &fx)).unwrap();
+        }
+        let got = Spi::get_one::<String>("SELECT string_agg(value || '@' || mod_revision, ',') FROM contract.kv");
+        assert_eq!(got.unwrap().as_deref(), Some("two@2"));
+    }
+
     /// A table shaped like raft_kv's: a text primary key, a partial index and a CHECK.
     fn writer_table() {
         Spi::run(

@@ -15,7 +15,7 @@ use raft_kv_core::storage::{
 };
 use raft_kv_core::types::{Change, ChangeKind, KvRow, Member, MemberOp, SnapshotData};
 
-use crate::batch_rows::{append_log, log_has, write_effects, write_state};
+use crate::batch_rows::{append_log, log_has, write_effects, write_state, KeyRows};
 use crate::index_probe::{self, Key, Probe, Snap};
 use crate::snapshot_tables::{freeze_tables, read_rows, select_members, SNAPSHOT_STORE};
 use crate::spi::{in_txn, spi_err};
@@ -36,6 +36,9 @@ pub struct PgBackend {
     cleared: Cleared,
     /// As the write in the current transaction leaves it, until that commits.
     cleared_pending: Option<Cleared>,
+    /// Where the batch's look-up found each key it probed (`None`: absent), so the write
+    /// updates those rows without probing for them again; only for the transaction's write.
+    found: KeyRows,
 }
 
 /// Points below which a table's rows are known to be gone, so that a delete below a newer
@@ -96,6 +99,7 @@ impl PgBackend {
             snap_row_bytes: 64,
             cleared: Cleared::default(),
             cleared_pending: None,
+            found: KeyRows::new(),
         }
     }
 
@@ -108,6 +112,7 @@ impl PgBackend {
             snap_row_bytes: 64,
             cleared: Cleared::default(),
             cleared_pending: None,
+            found: KeyRows::new(),
         }
     }
 
@@ -340,7 +345,8 @@ impl Backend for PgBackend {
         in_txn(|| {
             Spi::connect(|c| {
                 let mut out = Lookup::default();
-                probe_rows(self.schema, needs, &mut out)?;
+                self.found.clear();
+                probe_rows(self.schema, needs, &mut out, &mut self.found)?;
                 for p in &needs.prefixes {
                     let upper = raft_kv_core::command::prefix_end(p);
                     let t = c
@@ -399,6 +405,7 @@ impl Backend for PgBackend {
 
     fn atomically<R>(&mut self, f: &mut dyn FnMut(&mut Self) -> StoreResult<R>) -> StoreResult<R> {
         let r = in_txn(|| f(self));
+        self.found.clear();
         if let (Ok(_), Some(c)) = (&r, self.cleared_pending.take()) {
             self.cleared = c;
         }
@@ -417,7 +424,8 @@ impl Backend for PgBackend {
                     crate::spi::local_async_commit();
                 }
                 let schema = self.schema;
-                write_batch(c, b, effects, &mut self.plans, &mut cleared, schema, &|sql| q_for(schema, sql))
+                let found = std::mem::take(&mut self.found);
+                write_batch(c, b, effects, &mut self.plans, &mut cleared, &found, schema)
             })
         })?;
         match nested {
@@ -504,9 +512,10 @@ fn write_batch(
     fx: &Effects,
     plans: &mut Plans,
     cleared: &mut Cleared,
+    found: &KeyRows,
     schema: &str,
-    q: &dyn Fn(&str) -> String,
 ) -> StoreResult<()> {
+    let q = &|sql: &str| q_for(schema, sql);
     if let Some(snap) = &b.snapshot {
         let m = snap.get_metadata();
         let data = SnapshotData::decode(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -592,7 +601,9 @@ fn write_batch(
         let delete = plans.get(c, schema, DELETE_SQL, &[TEXTARRAY])?;
         c.update(delete, None, &[gone.into()]).map_err(spi_err)?;
     }
-    write_effects(schema, fx)?;
+    // A snapshot installed above replaced the tables the look-up's rows were found in.
+    let empty = KeyRows::new();
+    write_effects(schema, fx, if b.snapshot.is_some() { &empty } else { found })?;
     if let Some(cut) = fx.prune_requests_below {
         let prune = plans.get(c, schema, PRUNE_REQUESTS_SQL, &[INT8, INT8])?;
         c.update(prune, None, &[(cleared.requests.min(cut) as i64).into(), (cut as i64).into()]).map_err(spi_err)?;
@@ -702,7 +713,7 @@ fn upsert_member(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String, m
 /// each key's row, each request id's row, and the store's revisions. A statement for this
 /// (one per batch, whatever its size) cost 74 µs for a one-write batch in the worker, most of
 /// it the executor's start-up and shut-down around the probes.
-fn probe_rows(schema: &str, needs: &Needs, out: &mut Lookup) -> StoreResult<()> {
+fn probe_rows(schema: &str, needs: &Needs, out: &mut Lookup, found: &mut KeyRows) -> StoreResult<()> {
     let schema_c = std::ffi::CString::new(schema).map_err(|e| StoreError::Backend(e.to_string()))?;
     // Opens a table of the schema and finds the attribute numbers of `columns`, closing it
     // again if one is missing.
@@ -727,7 +738,9 @@ fn probe_rows(schema: &str, needs: &Needs, out: &mut Lookup) -> StoreResult<()> 
         let cols = [c"value", c"mod_revision", c"create_revision", c"version", c"lease"];
         let (mut p, a) = open(c"kv", 1, &cols)?;
         for key in &needs.keys {
-            if p.find(&[Key::Text(key)]) {
+            let here = p.find(&[Key::Text(key)]);
+            found.insert(key.clone(), here.then(|| p.tid()));
+            if here {
                 let row = KvRow {
                     value: p.text(a[0]).unwrap_or_default(),
                     mod_revision: n(p.int8(a[1])),
