@@ -24,7 +24,9 @@ as_pg() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-# A TCP port on 127.0.0.1 that nothing listens on and that we have not handed out yet.
+# Sets the variable named $1 to a TCP port on 127.0.0.1 that nothing listens on and that we
+# have not handed out yet. Not through $(...): a subshell's USED_PORTS would be lost, and two
+# nodes could be handed the same port.
 USED_PORTS=" "
 free_port() {
   local p
@@ -33,7 +35,7 @@ free_port() {
     case "$USED_PORTS" in *" $p "*) continue ;; esac
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
       USED_PORTS="$USED_PORTS$p "
-      echo "$p"
+      printf -v "$1" '%s' "$p"
       return 0
     fi
   done
@@ -103,7 +105,7 @@ cmd_add() {
   local i pg raft via
   i=$(( $(node_ids | sort -n | tail -1) + 1 ))
   for p in $(awk '{ print $2, $3 }' "$(nodes_file)"); do USED_PORTS="$USED_PORTS$p "; done
-  pg=$(free_port); raft=$(free_port)
+  free_port pg; free_port raft
   echo "$i $pg $raft" >> "$(nodes_file)"
   create_node "$i" ""
   psql_node "$i" -qc "CREATE EXTENSION IF NOT EXISTS raft_kv" >/dev/null
@@ -141,7 +143,7 @@ cmd_up() {
   local peers="" i pg raft
   : > "$DIR/nodes.tmp"
   for i in $(seq 1 "$n"); do
-    pg=$(free_port); raft=$(free_port)
+    free_port pg; free_port raft
     echo "$i $pg $raft" >> "$DIR/nodes.tmp"
     peers="${peers:+$peers,}$i=127.0.0.1:$raft"
   done
