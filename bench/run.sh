@@ -25,8 +25,10 @@
 # history row and its request id; the state row), in batches of 15 as a worker runs it at 32
 # clients, from one session on one plain server against copies of raft_kv's tables: no Raft, no
 # network, no backends waiting, no look-ups, no pruning; its own CPU time, not the host's (the
-# fsync's kernel work elsewhere is left out). Times 3 nodes, it is a lower bound on raft_kv's
-# CPU per write, whatever the code around it does.
+# fsync's kernel work elsewhere is left out). Times 3 nodes, it is what storing a write through
+# SQL statements costs. The workers ran those statements until session 16 (issue 11); they now
+# write the same rows without the planner (src/heap_write.rs) for less, so it is no longer a
+# lower bound on raft_kv's CPU per write.
 # The extension must be installed (scripts/demo.sh or scripts/setup.sh do it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -227,8 +229,8 @@ if has 32; then
   echo "| raft_set follower / sync-rep upsert, ops/s at 32 | $(ratio "$(f 'raft_set on a follower' 32 1)" "$(f 'PG sync replication upsert' 32 1)") | >= 0.7 |"
   echo "| raft_set leader / sync-rep upsert, CPU per op at 32 | $(ratio "$(f 'raft_set on the leader' 32 4)" "$(f 'PG sync replication upsert' 32 4)") | <= 1.5 |"
   if [ -n "$FLOOR" ]; then
-    echo "| (its lower bound: storage floor / sync-rep upsert, CPU per op at 32) | $(ratio "$FLOOR" "$(f 'PG sync replication upsert' 32 4)") | - |"
-    echo "| (writes/s the floor leaves $(nproc) cores / sync-rep upsert's ops/s at 32) | $(ratio "$(awk -v c="$(nproc)" -v f="$FLOOR" 'BEGIN { print c * 1000 / f }')" "$(f 'PG sync replication upsert' 32 1)") | - |"
+    echo "| (storing through SQL: storage floor / sync-rep upsert, CPU per op at 32) | $(ratio "$FLOOR" "$(f 'PG sync replication upsert' 32 4)") | - |"
+    echo "| (writes/s that SQL leaves $(nproc) cores / sync-rep upsert's ops/s at 32) | $(ratio "$(awk -v c="$(nproc)" -v f="$FLOOR" 'BEGIN { print c * 1000 / f }')" "$(f 'PG sync replication upsert' 32 1)") | - |"
   fi
   echo "| raft_get linearizable leader / PK SELECT, ops/s at 32 | $(ratio "$(f 'raft_get linearizable, leader' 32 1)" "$(f 'PG primary-key SELECT' 32 1)") | >= 0.4 |"
   echo "| raft_get linearizable follower / PK SELECT, ops/s at 32 | $(ratio "$(f 'raft_get linearizable, follower' 32 1)" "$(f 'PG primary-key SELECT' 32 1)") | >= 0.35 |"
