@@ -156,6 +156,10 @@ impl Writer {
 
     /// Inserts a row; its primary key must not be taken (a unique violation is an ERROR).
     pub fn insert(&mut self, row: &[Value<'_>]) {
+        assert!(
+            !self.map.iter().any(|a| matches!(a, Att::Other)) && !row.iter().any(|v| matches!(v, Value::Keep)),
+            "an insert gives every column"
+        );
         // SAFETY: the slot and the executor state belong to this open writer.
         unsafe {
             let old = self.store(row, None);

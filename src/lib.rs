@@ -692,6 +692,14 @@ mod tests {
         w.insert(&row);
     }
 
+    /// A writer opened for some columns only updates: an insert would leave the others null.
+    #[pg_test(error = "an insert gives every column")]
+    fn row_writer_inserts_only_whole_rows() {
+        use crate::heap_write::Value;
+        writer_table();
+        writer(false, &[c"n"]).insert(&[Value::Int8(1)]);
+    }
+
     /// A column the writer does not know of would get no default: the table is refused.
     #[pg_test]
     fn row_writer_refuses_a_table_with_other_columns() {
