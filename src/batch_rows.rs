@@ -169,7 +169,7 @@ pub fn write_state(schema: &str, b: &WriteBatch, fx: &Effects) -> StoreResult<()
     Ok(())
 }
 
-fn schema_c(schema: &str) -> StoreResult<CString> {
+pub fn schema_c(schema: &str) -> StoreResult<CString> {
     CString::new(schema).map_err(|e| StoreError::Backend(e.to_string()))
 }
 
@@ -184,7 +184,7 @@ fn open(schema: &CStr, table: &CStr, columns: &[&CStr], all: bool) -> StoreResul
 }
 
 /// A probe of `table`'s primary key that sees the transaction's own rows.
-fn probe(schema: &CStr, table: &CStr, nkeys: usize) -> StoreResult<Probe> {
+pub fn probe(schema: &CStr, table: &CStr, nkeys: usize) -> StoreResult<Probe> {
     let missing = || {
         StoreError::Corrupt(format!(
             "{}.{} or its primary key is missing",
@@ -193,7 +193,7 @@ fn probe(schema: &CStr, table: &CStr, nkeys: usize) -> StoreResult<Probe> {
         ))
     };
     let relid = index_probe::relid(schema, table).ok_or_else(missing)?;
-    // SAFETY: in the worker's write transaction; closed by the caller.
+    // SAFETY: in the worker's transaction (the look-up's or the write's); closed by the caller.
     unsafe { Probe::open(relid, nkeys, Snap::AfterOwnWrites) }.ok_or_else(missing)
 }
 

@@ -15,8 +15,8 @@ use raft_kv_core::storage::{
 };
 use raft_kv_core::types::{Change, ChangeKind, KvRow, Member, MemberOp, SnapshotData};
 
-use crate::batch_rows::{append_log, log_has, write_effects, write_state, KeyRows};
-use crate::index_probe::{self, Key, Probe, Snap};
+use crate::batch_rows::{append_log, log_has, probe, schema_c, write_effects, write_state, KeyRows};
+use crate::index_probe::{Key, Probe};
 use crate::snapshot_tables::{freeze_tables, read_rows, select_members, SNAPSHOT_STORE};
 use crate::spi::{in_txn, spi_err};
 
@@ -428,9 +428,10 @@ impl Backend for PgBackend {
                 write_batch(c, b, effects, &mut self.plans, &mut cleared, &found, schema)
             })
         })?;
-        match nested {
-            true => self.cleared_pending = Some(cleared),
-            false => self.cleared = cleared,
+        if nested {
+            self.cleared_pending = Some(cleared);
+        } else {
+            self.cleared = cleared;
         }
         Ok(())
     }
@@ -714,22 +715,17 @@ fn upsert_member(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String, m
 /// (one per batch, whatever its size) cost 74 µs for a one-write batch in the worker, most of
 /// it the executor's start-up and shut-down around the probes.
 fn probe_rows(schema: &str, needs: &Needs, out: &mut Lookup, found: &mut KeyRows) -> StoreResult<()> {
-    let schema_c = std::ffi::CString::new(schema).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let schema_c = schema_c(schema)?;
     // Opens a table of the schema and finds the attribute numbers of `columns`, closing it
     // again if one is missing.
     let open = |table: &std::ffi::CStr, nkeys: usize, columns: &[&std::ffi::CStr]| -> StoreResult<(Probe, Vec<i16>)> {
-        let missing =
-            || StoreError::Corrupt(format!("{schema}.{} or its primary key is missing", table.to_string_lossy()));
-        let relid = index_probe::relid(&schema_c, table).ok_or_else(missing)?;
-        // SAFETY: in the worker's transaction (the caller's in_txn); closed by the caller, or
-        // here when a column is missing.
-        let p = unsafe { Probe::open(relid, nkeys, Snap::AfterOwnWrites) }.ok_or_else(missing)?;
+        let p = probe(&schema_c, table, nkeys)?;
         let atts: Option<Vec<i16>> = columns.iter().map(|c| p.attnum(c)).collect();
         match atts {
             Some(atts) => Ok((p, atts)),
             None => {
                 p.close();
-                Err(missing())
+                Err(StoreError::Corrupt(format!("{schema}.{} lacks a column raft_kv reads", table.to_string_lossy())))
             }
         }
     };
