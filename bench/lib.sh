@@ -3,7 +3,21 @@
 PG_BIN=/usr/lib/postgresql/15/bin
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 q() { "$PG_BIN/psql" -X -Atq -h 127.0.0.1 -p "$1" -U postgres -d postgres -c "$2"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# free_ports N: N distinct loopback ports nothing listens on, drawn below the kernel's
+# ephemeral range (as scripts/cluster.sh and tests/ draw theirs), so no outgoing connection takes
+# one before its server starts; each is held until all are found, so none is handed out twice.
+free_ports() {
+  python3 -c 'import random, socket, sys
+held = []
+while len(held) < int(sys.argv[1]):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", random.randrange(20000, 32000)))
+        held.append(s)
+    except OSError:
+        s.close()
+print(" ".join(str(s.getsockname()[1]) for s in held))' "$1"
+}
 busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
 machine() {
   echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
@@ -67,7 +81,7 @@ worker_rss_kib() {
 syncrep_up() {
   local sr=$1 p1 p2 port
   mkdir -p "$sr"; [ "$(id -u)" = 0 ] && chown postgres: "$sr"
-  SR_PORT=$(free_port) p1=$(free_port) p2=$(free_port)
+  read -r SR_PORT p1 p2 < <(free_ports 3)
   as_pg "$PG_BIN/initdb" -D "$sr/p" -A trust -U postgres --no-sync >"$sr/initdb.log" 2>&1
   as_pg tee -a "$sr/p/postgresql.conf" >/dev/null <<CONF
 port = $SR_PORT
