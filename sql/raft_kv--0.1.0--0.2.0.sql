@@ -168,6 +168,7 @@ CREATE  FUNCTION "raft_stat"() RETURNS TABLE (
 	"commit_index" bigint,  /* i64 */
 	"applied_index" bigint,  /* i64 */
 	"applied_entries" bigint,  /* i64 */
+	"deferred_applies" bigint,  /* i64 */
 	"apply_lag" bigint,  /* i64 */
 	"log_entries" bigint,  /* i64 */
 	"read_index_requests" bigint,  /* i64 */

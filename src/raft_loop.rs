@@ -553,6 +553,7 @@ impl RaftLoop {
         self.log_dropped();
         let applied = self.node.storage().applied();
         self.stats.applied_entries += applied.saturating_sub(self.applied_seen);
+        self.stats.deferred_applies += self.node.take_deferred_applies();
         self.applied_seen = applied;
         if let Some(index) = self.out.snapshot_installed.take() {
             self.stats.snapshots_received += 1;

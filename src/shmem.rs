@@ -56,6 +56,9 @@ pub struct Stats {
     pub forwarded: u64,
     /// Log entries applied.
     pub applied_entries: u64,
+    /// Times a follower applied committed entries it had held back while nothing on it waited
+    /// (see `core/src/node/deferred_apply.rs`).
+    pub deferred_applies: u64,
     pub read_index_requests: u64,
     pub read_index_failures: u64,
     pub snapshots_sent: u64,
