@@ -16,13 +16,16 @@ CREATE  FUNCTION "raft_set"(
 	"lease" bigint DEFAULT NULL /* Option < i64 > */
 ) RETURNS bigint /* i64 */
 VOLATILE PARALLEL UNSAFE
-SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'raft_set_wrapper';
 
--- raft_get no longer pins its search_path (a GUC save and restore on every call); everything it
--- runs is schema-qualified.
+-- raft_get and the writes no longer pin their search_path (a GUC save and restore on every
+-- call): raft_get schema-qualifies everything it runs, the writes run no SQL in the session.
 ALTER FUNCTION raft_get(text, text, bigint) RESET search_path;
+ALTER FUNCTION raft_cas(text, text, text, text) RESET search_path;
+ALTER FUNCTION raft_cas_rev(text, text, text, text) RESET search_path;
+ALTER FUNCTION raft_delete(text, text) RESET search_path;
+ALTER FUNCTION raft_delete_rev(text, text) RESET search_path;
 
 -- raft_members shows each member's version: a new row type, so likewise.
 DROP FUNCTION raft_members();

@@ -1,5 +1,12 @@
 //! The SQL functions. Typed errors from the rest of the crate become Postgres ERRORs here,
 //! each with a SQLSTATE a client can act on.
+//!
+//! Functions that run SQL pin their search_path. The writes (`raft_set`, `raft_cas`,
+//! `raft_delete` and their `_rev` forms) do not: they run no SQL in the caller's session, only
+//! hand the request to the worker, and a pin costs a GUC save and restore on every call (about
+//! 0.1 ms of a write's p50 at one client, see BENCHMARKS.md). `raft_get` runs SQL with every
+//! name schema-qualified (below). tests/tests/privileges.rs calls all of them as a superuser
+//! with a hostile search_path.
 
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -275,7 +282,6 @@ pub(crate) fn check_request_id(id: Option<&str>) -> Option<&str> {
 /// A `request_id` makes retries safe: calling again with the same id (on any node, after an
 /// "outcome unknown" error, say) returns the first call's revision without writing again.
 #[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
 fn raft_set(
     key: Option<&str>,
     value: Option<&str>,
@@ -297,7 +303,6 @@ fn raft_set(
 /// Writes `new` only if the key's current value equals `expected` (NULL: the key is absent),
 /// decided when the entry applies, so it is atomic cluster-wide. Returns whether it wrote.
 #[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
 fn raft_cas(
     key: Option<&str>,
     expected: Option<&str>,
@@ -319,7 +324,6 @@ fn cas(key: Option<&str>, expected: Option<&str>, new: Option<&str>, request_id:
 
 /// `raft_cas` with the store's revision once it applied (the write's, when it wrote).
 #[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
 fn raft_cas_rev(
     key: Option<&str>,
     expected: Option<&str>,
@@ -332,7 +336,6 @@ fn raft_cas_rev(
 
 /// Deletes `key` through the Raft log; returns whether it existed.
 #[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
 fn raft_delete(key: Option<&str>, request_id: default!(Option<&str>, "NULL")) -> bool {
     delete(key, request_id).flag
 }
@@ -345,7 +348,6 @@ fn delete(key: Option<&str>, request_id: Option<&str>) -> requests::Reply {
 
 /// `raft_delete` with the store's revision once it applied (the delete's, when the key existed).
 #[pg_extern(volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
 fn raft_delete_rev(
     key: Option<&str>,
     request_id: default!(Option<&str>, "NULL"),
@@ -359,10 +361,8 @@ fn raft_delete_rev(
 /// without contacting the leader (possibly stale). `at_revision` reads the value as of that
 /// revision (SQLSTATE 72000 once compacted).
 ///
-/// Unlike the other functions, its search_path is not pinned (`SET search_path` on a function
-/// costs a GUC save and restore on every call: 15-20 % of a local read). Nothing it runs
-/// resolves a name through search_path: every table, type and operator is schema-qualified
-/// (tests/tests/privileges.rs calls it as a superuser with a hostile search_path).
+/// Its search_path is not pinned (a pin is 15-20 % of a local read). Nothing it runs resolves
+/// a name through search_path: every table, type and operator is schema-qualified.
 #[pg_extern(volatile, parallel_unsafe)]
 fn raft_get(
     key: Option<&str>,

@@ -195,6 +195,8 @@ fn a_search_path_hijack_does_not_make_a_role_superuser() {
         "SELECT raft_set('x', 'v', request_id => 'r1')",
         "SELECT raft_cas('x', 'v', 'w')",
         "SELECT raft_delete('x')",
+        "SELECT * FROM raft_cas_rev('x', NULL, 'v')",
+        "SELECT * FROM raft_delete_rev('x')",
         "SELECT * FROM raft_status()",
         "SELECT * FROM raft_get_kv('x')",
         "SELECT raft_get('x', 'local', 1)",
@@ -210,7 +212,7 @@ fn a_search_path_hijack_does_not_make_a_role_superuser() {
     }
     // A superuser whose search_path lets mallory's objects in: whatever runs inside the
     // functions runs as the superuser, so a name resolved through search_path would trip the
-    // trap (raft_get does not pin its search_path; the others do).
+    // trap (raft_get and the writes do not pin their search_path; the others do).
     let mut su2 = c.client(1);
     su2.batch_execute("SET search_path = evil, public, pg_catalog").unwrap();
     for call in calls {
