@@ -1,12 +1,12 @@
 //! The SQL functions. Typed errors from the rest of the crate become Postgres ERRORs here,
 //! each with a SQLSTATE a client can act on.
 //!
-//! Functions that run SQL pin their search_path. The writes (`raft_set`, `raft_cas`,
-//! `raft_delete` and their `_rev` forms) do not: they run no SQL in the caller's session, only
-//! hand the request to the worker, and a pin costs a GUC save and restore on every call (about
-//! 0.1 ms of a write's p50 at one client, see BENCHMARKS.md). `raft_get` runs SQL with every
-//! name schema-qualified (below). tests/tests/privileges.rs calls all of them as a superuser
-//! with a hostile search_path.
+//! Every function pins its search_path but the hot ones, where a pin's GUC save and restore on
+//! each call costs (about 0.1 ms of a write's p50 at one client, see BENCHMARKS.md): the writes
+//! (`raft_set`, `raft_cas`, `raft_delete` and their `_rev` forms) run no SQL in the caller's
+//! session, only hand the request to the worker; `raft_get` schema-qualifies every name it
+//! uses (below). tests/tests/privileges.rs calls all of them as a superuser with a hostile
+//! search_path.
 
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
