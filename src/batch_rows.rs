@@ -37,7 +37,7 @@ pub fn append_log(schema: &str, entries: &[Entry]) -> StoreResult<()> {
     let schema = schema_c(schema)?;
     let mut w = open(&schema, c"log", &[c"idx", c"term", c"kind", c"data", c"context"], true)?;
     for e in entries {
-        w.insert(&[
+        w.add(&[
             Value::Int8(e.index as i64),
             Value::Int8(e.term as i64),
             Value::Int2(kind_of(e)),
@@ -86,7 +86,7 @@ pub fn write_effects(schema: &str, fx: &Effects, found: &KeyRows) -> StoreResult
             };
             match at {
                 Some(tid) => w.update_at(tid, &row),
-                None => w.insert(&row),
+                None => w.add(&row),
             }
         }
         if let Some(p) = p {
@@ -107,7 +107,7 @@ pub fn write_effects(schema: &str, fx: &Effects, found: &KeyRows) -> StoreResult
         ];
         let mut w = open(&schema, c"changes", &columns, true)?;
         for ch in &fx.changes {
-            w.insert(&[
+            w.add(&[
                 Value::Int8(ch.revision as i64),
                 Value::Text(&ch.key),
                 Value::Text(ch.kind.as_str()),
@@ -123,7 +123,7 @@ pub fn write_effects(schema: &str, fx: &Effects, found: &KeyRows) -> StoreResult
     if !fx.requests.is_empty() {
         let mut w = open(&schema, c"requests", &[c"nonce", c"seq", c"node", c"revision", c"flag"], true)?;
         for (&(nonce, seq), &(node, revision, flag)) in &fx.requests {
-            w.insert(&[
+            w.add(&[
                 Value::Int8(nonce as i64),
                 Value::Int8(seq as i64),
                 Value::Int8(node as i64),

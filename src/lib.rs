@@ -674,6 +674,75 @@ mod tests {
         assert_eq!(counts.as_deref(), Some("3/3"));
     }
 
+    /// Rows added are inserted together at the flush (or the close), each found through every
+    /// index, a large one stored out of line, after rows inserted one by one; the writer's
+    /// slots are reused across flushes.
+    #[pg_test]
+    fn row_writer_inserts_added_rows_together() {
+        use crate::heap_write::Value;
+        use crate::index_probe::Key;
+        writer_table();
+        let all = [c"k", c"v", c"n", c"lease", c"b"];
+        let big = "y".repeat(300_000);
+        let mut w = writer(true, &all);
+        w.insert(&[Value::Text("a0"), Value::Text("0"), Value::Int8(0), Value::Int8(0), Value::Bytes(b"")]);
+        let keys: Vec<String> = (1..=40).map(|i| format!("a{i}")).collect();
+        for (i, k) in keys.iter().enumerate() {
+            let v = if i == 7 { big.as_str() } else { "v" };
+            w.add(&[
+                Value::Text(k),
+                Value::Text(v),
+                Value::Int8(i as i64),
+                Value::Int8(i as i64 % 3),
+                Value::Bytes(b"\x02"),
+            ]);
+            if i == 19 {
+                // Nothing added is visible before the flush; everything after it.
+                let mut p = probe_t();
+                assert!(!p.find(&[Key::Text("a1")]));
+                p.close();
+                w.flush();
+                let mut p = probe_t();
+                assert!(p.find(&[Key::Text("a1")]));
+                p.close();
+            }
+        }
+        w.close();
+        let mut p = probe_t();
+        for k in keys.iter().chain([&"a0".to_string()]) {
+            assert!(p.find(&[Key::Text(k)]), "{k} not found through the primary key");
+        }
+        p.close();
+        Spi::run("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off").unwrap();
+        let n = |sql: &str| Spi::get_one::<i64>(sql).unwrap().unwrap();
+        assert_eq!(n("SELECT count(*) FROM w.t WHERE k >= 'a' AND k < 'b'"), 41);
+        // The 26 rows whose index (0 to 39) is not a multiple of 3 have a lease: through the
+        // partial index.
+        assert_eq!(n("SELECT count(*) FROM w.t WHERE lease <> 0 AND lease > 0"), 26);
+        assert_eq!(n("SELECT length(v) FROM w.t WHERE k = 'a8'"), 300_000);
+        assert_eq!(n("SELECT n_tup_ins FROM pg_stat_xact_user_tables WHERE relid = 'w.t'::regclass"), 41);
+    }
+
+    #[pg_test(error = "new row for relation \"t\" violates check constraint \"t_n_check\"")]
+    fn row_writer_checks_constraints_of_added_rows() {
+        use crate::heap_write::Value;
+        writer_table();
+        let mut w = writer(true, &[c"k", c"v", c"n", c"lease", c"b"]);
+        w.add(&[Value::Text("a"), Value::Null, Value::Int8(1), Value::Int8(0), Value::Bytes(b"")]);
+        w.add(&[Value::Text("b"), Value::Null, Value::Int8(-1), Value::Int8(0), Value::Bytes(b"")]);
+    }
+
+    #[pg_test(error = "duplicate key value violates unique constraint \"t_pkey\"")]
+    fn row_writer_refuses_a_key_added_twice() {
+        use crate::heap_write::Value;
+        writer_table();
+        let mut w = writer(true, &[c"k", c"v", c"n", c"lease", c"b"]);
+        let row = [Value::Text("a"), Value::Null, Value::Int8(1), Value::Int8(0), Value::Bytes(b"")];
+        w.add(&row);
+        w.add(&row);
+        w.close();
+    }
+
     #[pg_test(error = "new row for relation \"t\" violates check constraint \"t_n_check\"")]
     fn row_writer_checks_constraints() {
         use crate::heap_write::Value;
