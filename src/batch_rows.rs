@@ -1,6 +1,6 @@
-//! The rows every write batch writes, on every node, written row by row without the planner
+//! The rows every write batch writes, on every node, written without the planner
 //! ([`heap_write`]): the log entries, the keys put with their history and request ids, and the
-//! state row. The rarer statements of a batch (deletes, leases, compaction, a snapshot's
+//! state row. What is only inserted goes in with one multi-insert per table and batch. The rarer statements of a batch (deletes, leases, compaction, a snapshot's
 //! install) stay SQL in `storage.rs`.
 
 use std::collections::HashMap;
