@@ -10,10 +10,11 @@ unset RUST_BACKTRACE RUST_LIB_BACKTRACE
 
 scripts/setup.sh --no-install || { echo "setup failed" >&2; exit 1; }
 
-log=$(mktemp -d)
+# Without -e a failed mktemp would leave $log empty and the stage logs in /.
+log=$(mktemp -d) || { echo "cannot make a temporary directory (TMPDIR=${TMPDIR:-unset})" >&2; exit 1; }
 # The test clusters live here, so leftovers are this run's own (not another run's on the
 # same machine); the postgres user must be able to reach it.
-work=$(mktemp -d /tmp/raft_kv-run-XXXXXX)
+work=$(mktemp -d /tmp/raft_kv-run-XXXXXX) || { echo "cannot make a directory in /tmp" >&2; exit 1; }
 chmod 755 "$work"
 trap 'rm -rf "$log"; pkill -9 -f "$work/" 2>/dev/null; rm -rf "$work"' EXIT
 failed=0
