@@ -1,7 +1,8 @@
 //! The rows every write batch writes, on every node, written without the planner
 //! ([`heap_write`]): the log entries, the keys put with their history and request ids, and the
-//! state row. What is only inserted goes in with one multi-insert per table and batch. The rarer statements of a batch (deletes, leases, compaction, a snapshot's
-//! install) stay SQL in `storage.rs`.
+//! state row. What is only inserted goes in with one multi-insert per table and batch. The
+//! rarer statements of a batch (deletes, leases, compaction, a snapshot's install) stay SQL in
+//! `storage.rs`.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};

@@ -173,10 +173,7 @@ impl Writer {
 
     /// Inserts a row; its primary key must not be taken (a unique violation is an ERROR).
     pub fn insert(&mut self, row: &[Value<'_>]) {
-        assert!(
-            !self.map.iter().any(|a| matches!(a, Att::Other)) && !row.iter().any(|v| matches!(v, Value::Keep)),
-            "an insert gives every column"
-        );
+        assert!(self.gives_every_column(row), "an insert gives every column");
         // SAFETY: the slot and the executor state belong to this open writer.
         unsafe {
             let old = self.store(self.slot, row, None);
@@ -193,10 +190,7 @@ impl Writer {
         if self.row_triggers {
             return self.insert(row);
         }
-        assert!(
-            !self.map.iter().any(|a| matches!(a, Att::Other)) && !row.iter().any(|v| matches!(v, Value::Keep)),
-            "an insert gives every column"
-        );
+        assert!(self.gives_every_column(row), "an insert gives every column");
         // SAFETY: the slots and the executor state belong to this open writer; a slot made
         // here lives in the executor state's tuple table, freed with it.
         unsafe {
@@ -209,7 +203,7 @@ impl Writer {
                 pg_sys::ExecConstraints(self.rri, slot, self.estate);
             }
             self.queued.push(slot);
-            pg_sys::MemoryContextReset((*(*self.estate).es_per_tuple_exprcontext).ecxt_per_tuple_memory);
+            pg_sys::MemoryContextReset(self.per_row_memory());
             pg_sys::MemoryContextSwitchTo(old);
         }
     }
@@ -226,14 +220,9 @@ impl Writer {
             let old = pg_sys::MemoryContextSwitchTo((*self.estate).es_query_cxt);
             let cid = (*self.estate).es_output_cid;
             let n = self.queued.len() as std::ffi::c_int;
-            match (*(*self.rel).rd_tableam).multi_insert {
-                Some(multi_insert) => multi_insert(self.rel, self.queued.as_mut_ptr(), n, cid, 0, std::ptr::null_mut()),
-                None => {
-                    for &s in &self.queued {
-                        pg_sys::simple_table_tuple_insert(self.rel, s);
-                    }
-                }
-            }
+            // table_multi_insert, which is inline; every access method has one (GetTableAmRoutine).
+            let multi_insert = (*(*self.rel).rd_tableam).multi_insert.expect("the table access method's multi_insert");
+            multi_insert(self.rel, self.queued.as_mut_ptr(), n, cid, 0, std::ptr::null_mut());
             if (*self.rri).ri_NumIndices > 0 {
                 for &s in &self.queued {
                     let recheck = pg_sys::ExecInsertIndexTuples(
@@ -246,7 +235,7 @@ impl Writer {
                         std::ptr::null_mut(),
                     );
                     pg_sys::list_free(recheck);
-                    pg_sys::MemoryContextReset((*(*self.estate).es_per_tuple_exprcontext).ecxt_per_tuple_memory);
+                    pg_sys::MemoryContextReset(self.per_row_memory());
                 }
             }
             for s in self.queued.drain(..) {
@@ -268,10 +257,7 @@ impl Writer {
     /// Replaces the row at `tid` (found in this transaction, and not changed since) with `row`,
     /// which gives every column the writer was opened with (`all`, and no [`Value::Keep`]).
     pub fn update_at(&mut self, tid: pg_sys::ItemPointerData, row: &[Value<'_>]) {
-        assert!(
-            !self.map.iter().any(|a| matches!(a, Att::Other)) && !row.iter().any(|v| matches!(v, Value::Keep)),
-            "an update by location replaces every column"
-        );
+        assert!(self.gives_every_column(row), "an update by location replaces every column");
         // SAFETY: nothing is read from a replaced row.
         unsafe { self.replace(tid, row, None) }
     }
@@ -307,8 +293,7 @@ impl Writer {
             }
             // The datums in the per-row context, reset after the row; the formed tuple in the
             // executor's, owned by the slot (a heap slot then writes it without a copy).
-            let per_row = (*(*self.estate).es_per_tuple_exprcontext).ecxt_per_tuple_memory;
-            let old = pg_sys::MemoryContextSwitchTo(per_row);
+            let old = pg_sys::MemoryContextSwitchTo(self.per_row_memory());
             for (i, att) in self.map.iter().enumerate() {
                 let keep = match *att {
                     Att::Col(c) => matches!(row[c], Value::Keep),
@@ -333,10 +318,22 @@ impl Writer {
         }
     }
 
+    /// Whether `row` gives every column of the table: no [`Value::Keep`], and the writer was
+    /// opened with all of them.
+    fn gives_every_column(&self, row: &[Value<'_>]) -> bool {
+        !self.map.iter().any(|a| matches!(a, Att::Other)) && !row.iter().any(|v| matches!(v, Value::Keep))
+    }
+
+    /// The executor's per-row memory: a row's datums and index entries, reset after each row.
+    unsafe fn per_row_memory(&self) -> pg_sys::MemoryContext {
+        // SAFETY: the executor state and its per-tuple context live as long as the writer.
+        unsafe { (*(*self.estate).es_per_tuple_exprcontext).ecxt_per_tuple_memory }
+    }
+
     unsafe fn done(&mut self, old: pg_sys::MemoryContext) {
         unsafe {
             pg_sys::ExecClearTuple(self.slot);
-            pg_sys::MemoryContextReset((*(*self.estate).es_per_tuple_exprcontext).ecxt_per_tuple_memory);
+            pg_sys::MemoryContextReset(self.per_row_memory());
             pg_sys::MemoryContextSwitchTo(old);
         }
     }
