@@ -106,14 +106,36 @@ pub fn write_effects(schema: &str, fx: &Effects, found: &KeyRows) -> StoreResult
             c"version",
             c"prev_mod_revision",
         ];
-        let mut w = open(&schema, c"changes", &columns, true)?;
+        // A previous value is stored only where the key's previous change is not in the table
+        // to be read (see `CHANGES_SQL`): written in this batch, or found by a probe.
+        let first = fx.changes.iter().map(|ch| ch.revision).min().unwrap_or(0);
+        let mut p = None;
+        let mut stored = Vec::with_capacity(fx.changes.len());
         for ch in &fx.changes {
+            let kept = match ch.prev_mod_revision {
+                None => false,
+                Some(r) if r >= first => true,
+                Some(r) => {
+                    let p = match &mut p {
+                        Some(p) => p,
+                        None => p.insert(probe(&schema, c"changes", 2)?),
+                    };
+                    p.find(&[Key::Int8(r as i64), Key::Text(&ch.key)])
+                }
+            };
+            stored.push(if kept { Value::Null } else { text(&ch.prev_value) });
+        }
+        if let Some(p) = p {
+            p.close();
+        }
+        let mut w = open(&schema, c"changes", &columns, true)?;
+        for (ch, prev) in fx.changes.iter().zip(stored) {
             w.add(&[
                 Value::Int8(ch.revision as i64),
                 Value::Text(&ch.key),
                 Value::Text(ch.kind.as_str()),
                 text(&ch.value),
-                text(&ch.prev_value),
+                prev,
                 Value::Int8(ch.create_revision as i64),
                 Value::Int8(ch.version as i64),
                 ch.prev_mod_revision.map_or(Value::Null, |r| Value::Int8(r as i64)),

@@ -452,7 +452,44 @@ const LEASE_DELETE_SQL: &str = "DELETE FROM raft_kv.leases WHERE id = ANY ($1::b
 /// column serves it; see [`Cleared`]). Every delete below a point is a two-sided range: a kept
 /// (generic) plan does not know the bounds, and one-sided, it would expect a third of the
 /// table and scan all of it on every call.
-const COMPACT_HISTORY_SQL: &str = "DELETE FROM raft_kv.changes WHERE revision >= $1 AND revision < $2";
+/// History below `$2` is compacted, except each key's last put below it, which the key's next
+/// change reads its previous value from (etcd's compaction keeps the same); a kept row goes
+/// once a later change of its key is compacted. `$1` is where the last compaction stopped
+/// (lower is only slower): the kept rows below it are found through the changes above it.
+const COMPACT_HISTORY_SQL: &str = "WITH superseded AS ( \
+       DELETE FROM raft_kv.changes p USING raft_kv.changes q \
+       WHERE q.revision >= $1 AND q.revision < $2 AND q.prev_mod_revision < $1 \
+         AND p.revision = q.prev_mod_revision AND p.key = q.key) \
+     DELETE FROM raft_kv.changes c WHERE c.revision >= $1 AND c.revision < $2 \
+       AND (c.kind = 'delete' OR EXISTS (SELECT FROM raft_kv.changes n \
+                                          WHERE n.key = c.key AND n.revision > c.revision AND n.revision < $2))";
+
+/// The previous value of the history row aliased `c`. It is stored only where the key's
+/// previous change is not in the table (`batch_rows::write_effects` decides); otherwise it is
+/// that change's value, which compaction keeps (`COMPACT_HISTORY_SQL`). A history row is about
+/// 300 bytes of which the previous value was most, on every node: leaving it out raised
+/// writes/s at 32 clients by 1-15 % (BENCHMARKS.md, session 19).
+macro_rules! prev_value_sql {
+    () => {
+        "coalesce(c.prev_value, (SELECT p.value FROM raft_kv.changes p \
+           WHERE p.revision OPERATOR(pg_catalog.=) c.prev_mod_revision AND p.key OPERATOR(pg_catalog.=) c.key))"
+    };
+}
+pub(crate) use prev_value_sql;
+
+/// The retained history (from the compaction point on), each row with its previous value, in
+/// `raft_kv.changes`' column order: what snapshots and backups carry.
+macro_rules! retained_changes_sql {
+    () => {
+        concat!(
+            "SELECT c.revision, c.key, c.kind, c.value, ",
+            crate::storage::prev_value_sql!(),
+            " AS prev_value, c.create_revision, c.version, c.prev_mod_revision FROM raft_kv.changes c \
+             WHERE c.revision >= (SELECT s.compact_revision FROM raft_kv.state s WHERE s.id = 1)"
+        )
+    };
+}
+pub(crate) use retained_changes_sql;
 /// Probes the primary key per element; run only when a batch deletes something, so a plan
 /// made while the table was small (a scan) never runs against it once it is large.
 const DELETE_SQL: &str = "DELETE FROM raft_kv.kv WHERE key = ANY ($1::text[])";
@@ -580,13 +617,9 @@ fn write_batch(
     if let Some(id) = b.cluster_id {
         write_cluster_id(c, q, id)?;
     }
-    // The ops' effects, as decided in the core: history compacted, the keys deleted (if
-    // any), then the keys written, their history and the request ids recorded.
-    if let Some(cut) = fx.compact_revision {
-        let compact = plans.get(c, schema, COMPACT_HISTORY_SQL, &[INT8, INT8])?;
-        c.update(compact, None, &[(cleared.history.min(cut) as i64).into(), (cut as i64).into()]).map_err(spi_err)?;
-        cleared.history = cut;
-    }
+    // The ops' effects, as decided in the core: the keys deleted (if any), then the keys
+    // written, their history and the request ids recorded; then history compacted (after the
+    // batch's own changes, some of which may be below the cut) and request ids forgotten.
     if !fx.leases.is_empty() {
         let (ids, ttls, refreshes) = lease_columns(fx.leases.iter().map(|(id, l)| (*id, *l)));
         let upsert = plans.get(c, schema, LEASE_UPSERT_SQL, &[INT8ARRAY, INT8ARRAY, INT8ARRAY])?;
@@ -605,6 +638,11 @@ fn write_batch(
     // A snapshot installed above replaced the tables the look-up's rows were found in.
     let empty = KeyRows::new();
     write_effects(schema, fx, if b.snapshot.is_some() { &empty } else { found })?;
+    if let Some(cut) = fx.compact_revision {
+        let compact = plans.get(c, schema, COMPACT_HISTORY_SQL, &[INT8, INT8])?;
+        c.update(compact, None, &[(cleared.history.min(cut) as i64).into(), (cut as i64).into()]).map_err(spi_err)?;
+        cleared.history = cut;
+    }
     if let Some(cut) = fx.prune_requests_below {
         let prune = plans.get(c, schema, PRUNE_REQUESTS_SQL, &[INT8, INT8])?;
         c.update(prune, None, &[(cleared.requests.min(cut) as i64).into(), (cut as i64).into()]).map_err(spi_err)?;
