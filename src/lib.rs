@@ -420,12 +420,12 @@ mod tests {
         .unwrap();
         let (derived, with_prev) = (derived.unwrap(), with_prev.unwrap());
         assert!(derived * 2 > with_prev, "{derived} of {with_prev} previous values left out");
-        // Below the compaction point, only each key's last put before it is kept.
+        // Below the compaction point, only rows that a change above it reads are kept.
         let kept = Spi::get_one::<String>(
             "SELECT string_agg(c.revision || ' ' || c.key, ';' ORDER BY c.revision) FROM contract.changes c, contract.state s \
              WHERE c.revision < s.compact_revision \
-               AND (c.kind <> 'put' OR EXISTS (SELECT FROM contract.changes n \
-                      WHERE n.key = c.key AND n.revision > c.revision AND n.revision < s.compact_revision))",
+               AND NOT EXISTS (SELECT FROM contract.changes n WHERE n.key = c.key AND n.prev_mod_revision = c.revision \
+                                 AND n.revision >= s.compact_revision AND n.prev_value IS NULL)",
         )
         .unwrap();
         assert_eq!(kept, None);
@@ -479,9 +479,10 @@ mod tests {
     }
 
     /// History rows leave out the previous value where the key's previous change is in the
-    /// table (written in the same batch, or found there), and compaction keeps each key's last
-    /// put below its point for them, also when the batch that compacts wrote below its point.
-    /// Read back as snapshots carry it, the history equals the memory model's.
+    /// table (at or above the compaction point, or written in the same batch), compaction
+    /// keeps the rows read in its place and nothing else below its point (also when the batch
+    /// that compacts wrote below it), and a value whose row may be gone is stored. Read back as
+    /// snapshots carry it, the history equals the memory model's.
     #[pg_test]
     fn history_reads_left_out_previous_values_from_the_rows_compaction_keeps() {
         use raft_kv_core::command::{Command, Proposal, RequestId};
@@ -563,13 +564,11 @@ mod tests {
         let expected = contract::apply_log(&mut mem, &log[..15], 5);
         assert_eq!(contract::apply_log(&mut pg, &log[..15], 5), expected);
         // Revision r is entry r's put until the first compaction (entry 5), then entry r + 1
-        // until the second (entry 8), then r + 2. Every previous value was left out: b@10's
-        // and c@11's are read from rows kept below 10 (found by the write's probe), b@12's
-        // from a row of its own batch. Below 10 only each key's last put is left.
-        check(&mem, "10 b b@12 b@9 7;11 c c@13 c@10 8;12 b b@15 b@12 10", "7 b -;8 c -;9 a -;10 b -;11 c -;12 b -");
-        // Where the previous change is not in the table (a node installed from a snapshot has
-        // only the history above its point), the value is stored.
-        Spi::run("DELETE FROM contract.changes WHERE (revision, key) = (9, 'a')").unwrap();
+        // until the second (entry 8), then r + 2. b@10's and c@11's previous values are read
+        // from rows kept below 10 (7 and 8), b@12's from a row of its own batch.
+        check(&mem, "10 b b@12 b@9 7;11 c c@13 c@10 8;12 b b@15 b@12 10", "7 b -;8 c -;10 b -;11 c -;12 b -");
+        // a's last change (9) was below the compaction point (10) when a was put again: its
+        // value is stored.
         let expected = contract::apply_log(&mut mem, &log[15..], 5);
         assert_eq!(contract::apply_log(&mut pg, &log[15..], 5), expected);
         check(
