@@ -57,8 +57,8 @@ pub type KeyRows = HashMap<String, Option<pg_sys::ItemPointerData>>;
 
 /// The keys put (each updated where it exists, else inserted), the history rows and the
 /// request ids of a batch. Deleted keys were deleted first; no key is both. A key `found` holds
-/// is not looked for again. Every change from `history_from` on is in the history table.
-pub fn write_effects(schema: &str, fx: &Effects, found: &KeyRows, history_from: u64) -> StoreResult<()> {
+/// is not looked for again.
+pub fn write_effects(schema: &str, fx: &Effects, found: &KeyRows) -> StoreResult<()> {
     let schema = schema_c(schema)?;
     if fx.kv.values().any(Option::is_some) {
         let columns = [c"key", c"value", c"mod_revision", c"create_revision", c"version", c"lease"];
@@ -106,19 +106,14 @@ pub fn write_effects(schema: &str, fx: &Effects, found: &KeyRows, history_from: 
             c"version",
             c"prev_mod_revision",
         ];
-        // A previous value is stored only where the key's previous change might not be in
-        // the table (see `storage::prev_value_sql`): below the compaction point, unless this
-        // batch wrote it. Compaction keeps the rows read in its place.
-        let first = fx.changes.iter().map(|ch| ch.revision).min().unwrap_or(0);
         let mut w = open(&schema, c"changes", &columns, true)?;
         for ch in &fx.changes {
-            let in_table = ch.prev_mod_revision.is_some_and(|r| r >= first || r >= history_from);
             w.add(&[
                 Value::Int8(ch.revision as i64),
                 Value::Text(&ch.key),
                 Value::Text(ch.kind.as_str()),
                 text(&ch.value),
-                if in_table { Value::Null } else { text(&ch.prev_value) },
+                text(&ch.prev_value),
                 Value::Int8(ch.create_revision as i64),
                 Value::Int8(ch.version as i64),
                 ch.prev_mod_revision.map_or(Value::Null, |r| Value::Int8(r as i64)),

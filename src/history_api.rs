@@ -14,7 +14,6 @@ use raft_kv_core::types::KvRow;
 
 use crate::shmem::{self, Op};
 use crate::sql_api::{check_key, consistency, fresh_select, raise, read_barrier, request, require_preload, TEXT};
-use crate::storage::prev_value_sql;
 
 const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
 const INT4: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT4OID);
@@ -88,20 +87,16 @@ pub(crate) fn get_at(key: &str, at: Option<u64>) -> Option<KvRow> {
         return fresh_select(sql, &[TEXT], &[key.into()], |mut t| t.next().map(|r| row_of(&r, 1)).transpose());
     };
     // The key's first change after `at` says what it was at `at`; without one, it is as now.
-    let sql = concat!(
-        "WITH later AS (SELECT * FROM raft_kv.changes \
+    let sql = "WITH later AS (SELECT * FROM raft_kv.changes \
                  WHERE key OPERATOR(pg_catalog.=) $1 AND revision OPERATOR(pg_catalog.>) $2 ORDER BY revision LIMIT 1) \
                SELECT 0, NULL::pg_catalog.text, s.revision, s.compact_revision, NULL::pg_catalog.int8 FROM raft_kv.revisions s \
                UNION ALL \
-               SELECT 1, ",
-        prev_value_sql!(),
-        ", c.prev_mod_revision, c.create_revision, \
-                      CASE WHEN c.kind OPERATOR(pg_catalog.=) 'put' THEN c.version OPERATOR(pg_catalog.-) 1 ELSE c.version END \
-                 FROM later c WHERE c.prev_mod_revision IS NOT NULL \
+               SELECT 1, l.prev_value, l.prev_mod_revision, l.create_revision, \
+                      CASE WHEN l.kind OPERATOR(pg_catalog.=) 'put' THEN l.version OPERATOR(pg_catalog.-) 1 ELSE l.version END \
+                 FROM later l WHERE l.prev_mod_revision IS NOT NULL \
                UNION ALL \
                SELECT 1, k.value, k.mod_revision, k.create_revision, k.version FROM raft_kv.kv k \
-                 WHERE k.key OPERATOR(pg_catalog.=) $1 AND NOT EXISTS (SELECT FROM later)"
-    );
+                 WHERE k.key OPERATOR(pg_catalog.=) $1 AND NOT EXISTS (SELECT FROM later)";
     let (bounds, row) = fresh_select(sql, &[TEXT, INT8], &[key.into(), (at as i64).into()], |t| {
         let mut bounds = Bounds { revision: 0, compact: 0 };
         let mut row = None;
@@ -164,22 +159,18 @@ fn scan_now(prefix: &str) -> Vec<(String, KvRow)> {
 pub(crate) fn scan_at(prefix: &str, at: Option<u64>) -> Vec<(String, KvRow)> {
     let Some(at) = at else { return scan_now(prefix) };
     let upper = prefix_end(prefix);
-    let sql = concat!(
-        "WITH later AS (SELECT DISTINCT ON (key) * FROM raft_kv.changes \
+    let sql = "WITH later AS (SELECT DISTINCT ON (key) * FROM raft_kv.changes \
                  WHERE revision OPERATOR(pg_catalog.>) $3 AND key OPERATOR(pg_catalog.>=) $1 \
                    AND ($2::text IS NULL OR key OPERATOR(pg_catalog.<) $2) ORDER BY key, revision) \
                SELECT 0, NULL::text, NULL::text, s.revision, s.compact_revision, NULL::bigint FROM raft_kv.revisions s \
                UNION ALL \
-               SELECT 1, c.key, ",
-        prev_value_sql!(),
-        ", c.prev_mod_revision, c.create_revision, \
-                      CASE c.kind WHEN 'put' THEN c.version OPERATOR(pg_catalog.-) 1 ELSE c.version END \
-                 FROM later c WHERE c.prev_mod_revision IS NOT NULL \
+               SELECT 1, l.key, l.prev_value, l.prev_mod_revision, l.create_revision, \
+                      CASE l.kind WHEN 'put' THEN l.version OPERATOR(pg_catalog.-) 1 ELSE l.version END \
+                 FROM later l WHERE l.prev_mod_revision IS NOT NULL \
                UNION ALL \
                SELECT 1, k.key, k.value, k.mod_revision, k.create_revision, k.version FROM raft_kv.kv k \
                  WHERE k.key OPERATOR(pg_catalog.>=) $1 AND ($2::text IS NULL OR k.key OPERATOR(pg_catalog.<) $2) \
-                   AND NOT EXISTS (SELECT FROM later l WHERE l.key OPERATOR(pg_catalog.=) k.key)"
-    );
+                   AND NOT EXISTS (SELECT FROM later l WHERE l.key OPERATOR(pg_catalog.=) k.key)";
     let (bounds, mut rows) =
         fresh_select(sql, &[TEXT, TEXT, INT8], &[prefix.into(), upper.as_deref().into(), (at as i64).into()], |t| {
             let mut bounds = Bounds { revision: 0, compact: 0 };
@@ -235,19 +226,15 @@ type ChangeRow = (i64, String, String, Option<String>, Option<String>, i64, i64,
 /// Changes with revision >= `since` under `prefix`, at most `limit` rows, and the bounds.
 fn read_changes(since: u64, prefix: &str, limit: i32) -> (Bounds, Vec<ChangeRow>) {
     let upper = prefix_end(prefix);
-    let sql = concat!(
+    let sql =
         "SELECT 0, s.revision, NULL::text, NULL::text, NULL::text, NULL::text, s.compact_revision, NULL::bigint, \
                       NULL::bigint FROM raft_kv.revisions s \
                UNION ALL \
-               (SELECT 1, c.revision, c.key, c.kind, c.value, ",
-        prev_value_sql!(),
-        ", c.create_revision, c.version, \
+               (SELECT 1, c.revision, c.key, c.kind, c.value, c.prev_value, c.create_revision, c.version, \
                        c.prev_mod_revision FROM raft_kv.changes c \
                  WHERE c.revision OPERATOR(pg_catalog.>=) $1 AND c.key OPERATOR(pg_catalog.>=) $2 \
-                   AND c.revision OPERATOR(pg_catalog.>=) (SELECT r.compact_revision FROM raft_kv.revisions r) \
                    AND ($3::text IS NULL OR c.key OPERATOR(pg_catalog.<) $3) \
-                 ORDER BY c.revision, c.key LIMIT $4)"
-    );
+                 ORDER BY c.revision, c.key LIMIT $4)";
     fresh_select(
         sql,
         &[INT8, TEXT, TEXT, INT4],

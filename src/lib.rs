@@ -90,11 +90,9 @@ CREATE TABLE raft_kv.leases (
 );
 
 -- History: every change to a key, at the revision that made it, written in the transaction
--- that applies it, identically on every node; kept from state.compact_revision on, and below
--- it each key's last put (as etcd's compaction keeps). For a delete, value is NULL and
--- create_revision/version describe the deleted key. prev_mod_revision is the key's previous
--- change (NULL: it did not exist); prev_value, its value, is stored only where that change's
--- row is not here (otherwise NULL: raft_changes() reads it from that row).
+-- that applies it, identically on every node; kept from state.compact_revision on. For a
+-- delete, value is NULL and create_revision/version describe the deleted key. prev_value and
+-- prev_mod_revision are the key's state before (NULL: it did not exist).
 CREATE TABLE raft_kv.changes (
     revision          bigint NOT NULL,
     key               text   COLLATE "C" NOT NULL,
@@ -403,34 +401,12 @@ mod tests {
                 })
                 .collect();
         assert_eq!(rows, want);
-        // The history and the revisions, too, as snapshots and backups read it: previous
-        // values filled in, from the compaction point on.
-        let history = Spi::get_one::<String>(&format!(
-            "SELECT string_agg(format('%s %s %s %s %s %s %s %s', revision, key, kind, value, prev_value, \
-                    create_revision, version, prev_mod_revision), ';' ORDER BY revision, key) FROM ({}) h",
-            crate::storage::retained_changes_sql!().replace("raft_kv.", "contract.")
-        ))
+        // The history and the revisions, too.
+        let history = Spi::get_one::<String>(
+            "SELECT string_agg(format('%s %s %s %s %s %s %s %s', revision, key, kind, value, prev_value,              create_revision, version, prev_mod_revision), ';' ORDER BY revision, key) FROM contract.changes",
+        )
         .unwrap()
         .unwrap_or_default();
-        // Most previous values were read from the key's previous change, not stored.
-        let (derived, with_prev) = Spi::get_two::<i64, i64>(
-            "SELECT count(*) FILTER (WHERE prev_value IS NULL), count(*) FROM contract.changes \
-             WHERE prev_mod_revision IS NOT NULL",
-        )
-        .unwrap();
-        let (derived, with_prev) = (derived.unwrap(), with_prev.unwrap());
-        assert!(derived * 2 > with_prev, "{derived} of {with_prev} previous values left out");
-        // Below the compaction point, only rows that a change above it reads are kept.
-        let kept = Spi::get_one::<String>(
-            "SELECT string_agg(c.revision || ' ' || c.key, ';' ORDER BY c.revision) FROM contract.changes c, contract.state s \
-             WHERE c.revision < s.compact_revision \
-               AND NOT EXISTS (SELECT FROM contract.changes n WHERE n.key = c.key AND n.prev_mod_revision = c.revision \
-                                 AND n.revision >= s.compact_revision AND n.prev_value IS NULL)",
-        )
-        .unwrap();
-        assert_eq!(kept, None);
-        let below = "SELECT count(*) FROM contract.changes c, contract.state s WHERE c.revision < s.compact_revision";
-        assert!(Spi::get_one::<i64>(below).unwrap().unwrap() > 0);
         let opt = |v: &Option<String>| v.clone().unwrap_or_default();
         let want = m
             .changes
@@ -478,104 +454,50 @@ mod tests {
         assert_eq!(applied, Some(60));
     }
 
-    /// History rows leave out the previous value where the key's previous change is in the
-    /// table (at or above the compaction point, or written in the same batch), compaction
-    /// keeps the rows read in its place and nothing else below its point (also when the batch
-    /// that compacts wrote below it), and a value whose row may be gone is stored. Read back as
-    /// snapshots carry it, the history equals the memory model's.
+    /// A compaction applied in the same batch as changes below its point removes those too:
+    /// the history table holds exactly what the memory model's does, row for row.
     #[pg_test]
-    fn history_reads_left_out_previous_values_from_the_rows_compaction_keeps() {
+    fn a_compaction_removes_its_own_batch_s_changes_below_its_point() {
         use raft_kv_core::command::{Command, Proposal, RequestId};
         use raft_kv_core::{contract, mem_backend::MemBackend};
         scratch_schema();
-        let put = |k: &str| Some(Command::Put { key: k.into(), value: format!("{k}-value") });
-        // Batches of five: a@1 a@2 b@3 a@4 compact(4) | a@5 b@6 compact(6) b@7 c@8 |
-        // a@9 b@10 c@11 compact(10) b@12.
-        let cmds = [
-            put("a"),
-            put("a"),
-            put("b"),
-            put("a"),
-            Some(Command::Compact { revision: 4 }),
-            put("a"),
-            put("b"),
-            Some(Command::Compact { revision: 6 }),
-            put("b"),
-            put("c"),
-            put("a"),
-            put("b"),
-            put("c"),
-            Some(Command::Compact { revision: 10 }),
-            put("b"),
-            put("a"),
-        ];
+        // Batches of five: a b a b compact(3) | a compact(5) c a b.
+        let cmds = ["a", "b", "a", "b", "", "a", "", "c", "a", "b"];
         let log: Vec<_> = cmds
-            .into_iter()
+            .iter()
             .enumerate()
-            .map(|(i, cmd)| {
+            .map(|(i, k)| {
                 let mut e = raft_kv_core::eraftpb::Entry::default();
                 (e.index, e.term) = (i as u64 + 1, 1);
-                let id = RequestId { node: 1, nonce: 1, seq: i as u64 + 1 };
-                e.data = Proposal { id, cmd: cmd.unwrap() }.encode().into();
-                e
-            })
-            .collect();
-        // Distinct values, so a previous value read from the wrong row shows.
-        let log: Vec<_> = log
-            .into_iter()
-            .map(|mut e| {
-                let p = Proposal::decode(&e.data).unwrap();
-                let cmd = match p.cmd {
-                    Command::Put { key, .. } => Command::Put { value: format!("{key}@{}", e.index), key },
-                    c => c,
+                let cmd = match (*k, i) {
+                    ("", 4) => Command::Compact { revision: 3 },
+                    ("", _) => Command::Compact { revision: 5 },
+                    (k, _) => Command::Put { key: k.into(), value: format!("{k}@{}", e.index) },
                 };
-                e.data = Proposal { id: p.id, cmd }.encode().into();
+                e.data = Proposal { id: RequestId { node: 1, nonce: 1, seq: e.index }, cmd }.encode().into();
                 e
             })
             .collect();
         let mut mem = MemBackend::new();
+        let expected = contract::apply_log(&mut mem, &log, 5);
         let mut pg = crate::storage::PgBackend::new("contract");
-        let feed = |sql: &str| Spi::get_one::<String>(sql).unwrap().unwrap_or_default();
-        let check = |mem: &MemBackend, want_feed: &str, want_rows: &str| {
-            let m = mem.inner.lock().unwrap().clone();
-            assert_eq!(m.compact_revision, 10);
-            let history = feed(&format!(
-                "SELECT string_agg(format('%s %s %s %s %s', revision, key, value, prev_value, prev_mod_revision), ';' \
-                                   ORDER BY revision, key) FROM ({}) h",
-                crate::storage::retained_changes_sql!().replace("raft_kv.", "contract.")
-            ));
-            let opt = |v: &Option<String>| v.clone().unwrap_or_default();
-            let model: Vec<String> = m
-                .changes
-                .values()
-                .map(|c| {
-                    let prev_mod = c.prev_mod_revision.map(|r| r.to_string()).unwrap_or_default();
-                    format!("{} {} {} {} {prev_mod}", c.revision, c.key, opt(&c.value), opt(&c.prev_value))
-                })
-                .collect();
-            assert_eq!(history, model.join(";"));
-            assert_eq!(history, want_feed);
-            let rows = feed(
-                "SELECT string_agg(format('%s %s %s', revision, key, coalesce(prev_value, '-')), ';' \
-                                   ORDER BY revision, key) FROM contract.changes",
-            );
-            assert_eq!(rows, want_rows);
-        };
-        let expected = contract::apply_log(&mut mem, &log[..15], 5);
-        assert_eq!(contract::apply_log(&mut pg, &log[..15], 5), expected);
-        // Revision r is entry r's put until the first compaction (entry 5), then entry r + 1
-        // until the second (entry 8), then r + 2. b@10's and c@11's previous values are read
-        // from rows kept below 10 (7 and 8), b@12's from a row of its own batch.
-        check(&mem, "10 b b@12 b@9 7;11 c c@13 c@10 8;12 b b@15 b@12 10", "7 b -;8 c -;10 b -;11 c -;12 b -");
-        // a's last change (9) was below the compaction point (10) when a was put again: its
-        // value is stored.
-        let expected = contract::apply_log(&mut mem, &log[15..], 5);
-        assert_eq!(contract::apply_log(&mut pg, &log[15..], 5), expected);
-        check(
-            &mem,
-            "10 b b@12 b@9 7;11 c c@13 c@10 8;12 b b@15 b@12 10;13 a a@16 a@11 9",
-            "7 b -;8 c -;10 b -;11 c -;12 b -;13 a a@11",
-        );
+        assert_eq!(contract::apply_log(&mut pg, &log, 5), expected);
+        let rows = Spi::get_one::<String>(
+            "SELECT string_agg(format('%s %s %s %s', revision, key, value, prev_value), ';' ORDER BY revision, key) \
+             FROM contract.changes",
+        )
+        .unwrap()
+        .unwrap_or_default();
+        let opt = |v: &Option<String>| v.clone().unwrap_or_default();
+        let m = mem.inner.lock().unwrap().clone();
+        let model: Vec<String> = m
+            .changes
+            .values()
+            .map(|c| format!("{} {} {} {}", c.revision, c.key, opt(&c.value), opt(&c.prev_value)))
+            .collect();
+        assert_eq!(rows, model.join(";"));
+        // Revision r is entry r's put up to 4, then entry r + 1 up to 5, then r + 2.
+        assert_eq!(rows, "5 a a@6 a@3;6 c c@8 ;7 a a@9 a@6;8 b b@10 b@4");
     }
 
     #[pg_test]

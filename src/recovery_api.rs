@@ -72,7 +72,7 @@ fn backup_header() -> Header {
             .select(
                 "SELECT applied_index, revision, compact_revision, cluster_id, \
                         (SELECT count(*) FROM raft_kv.kv), (SELECT count(*) FROM raft_kv.requests), \
-                        (SELECT count(*) FROM raft_kv.changes c WHERE c.revision >= state.compact_revision) \
+                        (SELECT count(*) FROM raft_kv.changes) \
                  FROM raft_kv.state WHERE id = 1",
                 None,
                 &[],

@@ -27,7 +27,8 @@ pub fn freeze_tables(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> Strin
         .len();
     let changes = c
         .update(
-            &q(concat!("INSERT INTO raft_kv.snapshot_changes ", crate::storage::retained_changes_sql!())),
+            &q("INSERT INTO raft_kv.snapshot_changes SELECT revision, key, kind, value, prev_value, create_revision, \
+                version, prev_mod_revision FROM raft_kv.changes"),
             None,
             &[],
         )
@@ -159,9 +160,8 @@ pub struct RowTables {
 
 pub const SNAPSHOT_STORE: RowTables =
     RowTables { kv: "raft_kv.snapshot_kv", requests: "raft_kv.snapshot_requests", changes: "raft_kv.snapshot_changes" };
-pub const LIVE_TABLES: RowTables = RowTables { kv: "raft_kv.kv", requests: "raft_kv.requests", changes: LIVE_CHANGES };
-/// The live history as the snapshot store holds it.
-const LIVE_CHANGES: &str = concat!("(", crate::storage::retained_changes_sql!(), ") h");
+pub const LIVE_TABLES: RowTables =
+    RowTables { kv: "raft_kv.kv", requests: "raft_kv.requests", changes: "raft_kv.changes" };
 
 /// Rows of `t` after `cursor` by key-set pagination, about `max_bytes` of them (a running sum
 /// stops a chunk there, so large values never arrive in bulk), and where to continue.

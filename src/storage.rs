@@ -39,9 +39,6 @@ pub struct PgBackend {
     /// Where the batch's look-up found each key it probed (`None`: absent), so the write
     /// updates those rows without probing for them again; only for the transaction's write.
     found: KeyRows,
-    /// The compaction point the transaction's look-up read: every change from it on is in the
-    /// history table (`None`: no look-up; the write then assumes none is).
-    history_from: Option<u64>,
 }
 
 /// Points below which a table's rows are known to be gone, so that a delete below a newer
@@ -103,7 +100,6 @@ impl PgBackend {
             cleared: Cleared::default(),
             cleared_pending: None,
             found: KeyRows::new(),
-            history_from: None,
         }
     }
 
@@ -117,7 +113,6 @@ impl PgBackend {
             cleared: Cleared::default(),
             cleared_pending: None,
             found: KeyRows::new(),
-            history_from: None,
         }
     }
 
@@ -352,7 +347,6 @@ impl Backend for PgBackend {
                 let mut out = Lookup::default();
                 self.found.clear();
                 probe_rows(self.schema, needs, &mut out, &mut self.found)?;
-                self.history_from = Some(out.compact_revision);
                 for p in &needs.prefixes {
                     let upper = raft_kv_core::command::prefix_end(p);
                     let t = c
@@ -412,7 +406,6 @@ impl Backend for PgBackend {
     fn atomically<R>(&mut self, f: &mut dyn FnMut(&mut Self) -> StoreResult<R>) -> StoreResult<R> {
         let r = in_txn(|| f(self));
         self.found.clear();
-        self.history_from = None;
         if let (Ok(_), Some(c)) = (&r, self.cleared_pending.take()) {
             self.cleared = c;
         }
@@ -432,8 +425,7 @@ impl Backend for PgBackend {
                 }
                 let schema = self.schema;
                 let found = std::mem::take(&mut self.found);
-                let history_from = self.history_from.take().unwrap_or(u64::MAX);
-                write_batch(c, b, effects, &mut self.plans, &mut cleared, (&found, history_from), schema)
+                write_batch(c, b, effects, &mut self.plans, &mut cleared, &found, schema)
             })
         })?;
         if nested {
@@ -460,46 +452,7 @@ const LEASE_DELETE_SQL: &str = "DELETE FROM raft_kv.leases WHERE id = ANY ($1::b
 /// column serves it; see [`Cleared`]). Every delete below a point is a two-sided range: a kept
 /// (generic) plan does not know the bounds, and one-sided, it would expect a third of the
 /// table and scan all of it on every call.
-/// History below `$2` is compacted, except a row whose value the key's next change (at or
-/// above `$2`) reads as its previous value (`batch_rows::write_effects` left it out there);
-/// such a kept row goes once that next change is compacted. `$1` is where the last compaction
-/// stopped (lower is only slower): the kept rows below it are found through the changes above.
-/// Run after the batch's own changes are written, so those below the cut go too.
-const COMPACT_HISTORY_SQL: &str = "WITH superseded AS ( \
-       DELETE FROM raft_kv.changes p USING raft_kv.changes q \
-       WHERE q.revision >= $1 AND q.revision < $2 AND q.prev_mod_revision < $1 \
-         AND p.revision = q.prev_mod_revision AND p.key = q.key) \
-     DELETE FROM raft_kv.changes c WHERE c.revision >= $1 AND c.revision < $2 \
-       AND NOT EXISTS (SELECT FROM (SELECT n.revision, n.prev_value, n.prev_mod_revision FROM raft_kv.changes n \
-                                    WHERE n.key = c.key AND n.revision > c.revision ORDER BY n.revision LIMIT 1) s \
-                       WHERE s.revision >= $2 AND s.prev_value IS NULL AND s.prev_mod_revision IS NOT NULL)";
-
-/// The previous value of the history row aliased `c`. It is stored only where the key's
-/// previous change might not be kept (`batch_rows::write_effects` decides); otherwise it is
-/// that change's value, which compaction keeps for it (`COMPACT_HISTORY_SQL`). A history row is about
-/// 300 bytes of which the previous value was most, on every node: leaving it out raised
-/// writes/s at 32 clients by 1-15 % (BENCHMARKS.md, session 19).
-macro_rules! prev_value_sql {
-    () => {
-        "coalesce(c.prev_value, (SELECT p.value FROM raft_kv.changes p \
-           WHERE p.revision OPERATOR(pg_catalog.=) c.prev_mod_revision AND p.key OPERATOR(pg_catalog.=) c.key))"
-    };
-}
-pub(crate) use prev_value_sql;
-
-/// The retained history (from the compaction point on), each row with its previous value, in
-/// `raft_kv.changes`' column order: what snapshots and backups carry.
-macro_rules! retained_changes_sql {
-    () => {
-        concat!(
-            "SELECT c.revision, c.key, c.kind, c.value, ",
-            crate::storage::prev_value_sql!(),
-            " AS prev_value, c.create_revision, c.version, c.prev_mod_revision FROM raft_kv.changes c \
-             WHERE c.revision >= (SELECT s.compact_revision FROM raft_kv.state s WHERE s.id = 1)"
-        )
-    };
-}
-pub(crate) use retained_changes_sql;
+const COMPACT_HISTORY_SQL: &str = "DELETE FROM raft_kv.changes WHERE revision >= $1 AND revision < $2";
 /// Probes the primary key per element; run only when a batch deletes something, so a plan
 /// made while the table was small (a scan) never runs against it once it is large.
 const DELETE_SQL: &str = "DELETE FROM raft_kv.kv WHERE key = ANY ($1::text[])";
@@ -560,7 +513,7 @@ fn write_batch(
     fx: &Effects,
     plans: &mut Plans,
     cleared: &mut Cleared,
-    (found, history_from): (&KeyRows, u64),
+    found: &KeyRows,
     schema: &str,
 ) -> StoreResult<()> {
     let q = &|sql: &str| q_for(schema, sql);
@@ -647,9 +600,7 @@ fn write_batch(
     }
     // A snapshot installed above replaced the tables the look-up's rows were found in.
     let empty = KeyRows::new();
-    // Likewise the history the look-up's compaction point describes.
-    let (found, history_from) = if b.snapshot.is_some() { (&empty, u64::MAX) } else { (found, history_from) };
-    write_effects(schema, fx, found, history_from)?;
+    write_effects(schema, fx, if b.snapshot.is_some() { &empty } else { found })?;
     if let Some(cut) = fx.compact_revision {
         let compact = plans.get(c, schema, COMPACT_HISTORY_SQL, &[INT8, INT8])?;
         c.update(compact, None, &[(cleared.history.min(cut) as i64).into(), (cut as i64).into()]).map_err(spi_err)?;
