@@ -75,6 +75,30 @@ worker_rss_kib() {
   awk '/^RssAnon:/ { print $2 }' "/proc/$pid/status"
 }
 
+# The benchmarks' keys (16 bytes: 'bench/' and g zero-padded) and values (256 bytes), as SQL.
+KEY="'bench/' || lpad(g::text, 10, '0')"
+VALUE="repeat('v', 256)"
+# rk_load PORT KEYS: keys 1 to KEYS written through the raft_kv server at PORT, by 32 sessions
+# at once (one raft_set each is a commit round).
+rk_load() {
+  local part lo hi
+  for part in $(seq 0 31); do
+    lo=$(( part * $2 / 32 + 1 )) hi=$(( (part + 1) * $2 / 32 ))
+    q "$1" "SELECT count(raft_set($KEY, $VALUE)) FROM generate_series($lo, $hi) g" >/dev/null &
+  done
+  wait
+}
+# set_script FILE KEYS: the pgbench script of one raft_set of a key drawn uniformly of KEYS.
+set_script() {
+  printf '\\set g random(1, %s)\nSELECT raft_set(%s, %s);\n' "$2" "${KEY//g::text/:g::text}" "$VALUE" >"$1"
+}
+# tx_stats LOGDIR BUSY: "p50 p99 cpu" of the pgbench per-transaction logs in LOGDIR: latency
+# percentiles in ms, and BUSY (host jiffies over the run, see busy) in ms per transaction.
+tx_stats() {
+  cat "$1"/tx* | awk '{ print $3 }' | sort -n | awk -v cpu="$2" '
+    { v[NR] = $1 } END { printf "%.2f %.2f %.3f\n", v[int(NR * 0.5) + 1] / 1000, v[int(NR * 0.99) + 1] / 1000, cpu * 10 / NR }'
+}
+
 # syncrep_up DIR: a primary with two streaming standbys, synchronous_standby_names =
 # 'ANY 1 (s1, s2)', synchronous_commit = on, initdb'd as scripts/cluster.sh does; sets
 # SR_PORT (the primary's). syncrep_down DIR stops them.

@@ -59,20 +59,12 @@ label() {
 
 [ "$MODE" = so ] && cp "$A" "$LIB"
 scripts/cluster.sh up 3 --dir "$RK" >/dev/null
-leader=$(rk_leader "$RK")
-for i in $(seq 0 31); do
-  q "$(rk_port "$RK" "$leader")" "SELECT count(raft_set('bench/' || lpad(g::text, 10, '0'), repeat('v', 256)))
-                                  FROM generate_series(1 + $i, 100000, 32) g" >/dev/null &
-done
-wait
-cat >"$WORK/set.sql" <<'EOF'
-\set k random(1, 100000)
-SELECT raft_set('bench/' || lpad(:k::text, 10, '0'), repeat('v', 256));
-EOF
+rk_load "$(rk_port "$RK" "$(rk_leader "$RK")")" 100000
+set_script "$WORK/set.sql" 100000
 
 # run VARIANT: one line for a run of the variant (already started).
 run() {
-  local leader follower port logs out tps b0 b1 lsn0 lsn1 rev0 rev1 wal="" fp
+  local leader follower port logs out tps b0 b1 lsn0 lsn1 rev0 rev1 wal="" fp p50 p99 cpu
   leader=$(rk_leader "$RK")
   follower=$(( leader % 3 + 1 ))
   port=$(rk_port "$RK" "$([ "$TARGET" = leader ] && echo "$leader" || echo "$follower")")
@@ -93,11 +85,9 @@ run() {
     wal=$({ "$PG_BIN/pg_waldump" --stats -p "$RK/node$follower/data/pg_wal" -s "$lsn0" -e "$lsn1" 2>/dev/null || true; } |
           awk -v n="$(( rev1 - rev0 ))" '/^Total/ { printf ", WAL per write on a follower: %.2f records, %.0f bytes", $2 / n, $3 / n }')
   fi
-  cat "$logs"/tx* | awk '{ print $3 }' | sort -n | awk -v tps="$tps" -v cpu="$(( b1 - b0 ))" -v who="$(label "$1")" \
-    -v target="$TARGET" -v wal="$wal" '
-    { v[NR] = $1 } END {
-      printf "%-24s on the %-8s %6s writes/s, p50 %.2f ms, p99 %.2f ms, host CPU %4.0f us/write%s\n",
-             who, target, tps, v[int(NR * 0.5) + 1] / 1000, v[int(NR * 0.99) + 1] / 1000, cpu * 10000 / NR, wal }'
+  read -r p50 p99 cpu < <(tx_stats "$logs" "$(( b1 - b0 ))")
+  printf '%-24s on the %-8s %6s writes/s, p50 %s ms, p99 %s ms, host CPU %4.0f us/write%s\n' \
+    "$(label "$1")" "$TARGET" "$tps" "$p50" "$p99" "$(awk -v c="$cpu" 'BEGIN { print c * 1000 }')" "$wal"
   rm -rf "$logs"
 }
 

@@ -55,8 +55,6 @@ syncrep_up "$SR"
 P0=$SR_PORT
 
 # --- data: the same keys and values everywhere
-KEY="'bench/' || lpad(g::text, 10, '0')"
-VALUE="repeat('v', 256)"
 TABLE="CREATE TABLE bench_kv (key text PRIMARY KEY, value text NOT NULL);
        INSERT INTO bench_kv SELECT $KEY, $VALUE FROM generate_series(1, $KEYS) g"
 for p in "$P0" "$LP" "$FP"; do
@@ -65,12 +63,7 @@ for p in "$P0" "$LP" "$FP"; do
   q "$p" "$TABLE" >/dev/null
   q "$p" "VACUUM ANALYZE bench_kv" >/dev/null
 done
-# raft_kv's keys, loaded by 32 sessions at once (one raft_set each is a commit round).
-for part in $(seq 0 31); do
-  lo=$(( part * KEYS / 32 + 1 )) hi=$(( (part + 1) * KEYS / 32 ))
-  q "$LP" "SELECT count(raft_set($KEY, $VALUE)) FROM generate_series($lo, $hi) g" >/dev/null &
-done
-wait
+rk_load "$LP" "$KEYS"
 q "$FP" "SELECT raft_get('bench/' || lpad('$KEYS', 10, '0'))" >/dev/null
 
 # The floor's tables: copies of raft_kv's (indexes, constraints, compression), the same keys.
@@ -113,10 +106,7 @@ END
 SELECT round(((u[1]::bigint + u[2]::bigint - s[1]::bigint - s[2]::bigint) * 10.0 / (SELECT count(*) FROM floor.requests))::numeric, 3)
   FROM t0, (SELECT (string_to_array(pg_read_file('/proc/self/stat'), ' '))[14:15] AS u) x;
 EOF
-cat >"$WORK/set.sql" <<'EOF'
-\set k random(1, 100000)
-SELECT raft_set('bench/' || lpad(:k::text, 10, '0'), repeat('v', 256));
-EOF
+set_script "$WORK/set.sql" "$KEYS"
 cat >"$WORK/upsert.sql" <<'EOF'
 \set k random(1, 100000)
 INSERT INTO bench_kv (key, value) VALUES ('bench/' || lpad(:k::text, 10, '0'), repeat('v', 256))
@@ -167,9 +157,7 @@ run() {
   r1=$(role_cpu)
   tps=$(echo "$out" | awk '/^tps = / { printf "%.0f", $3 }')
   # CPU ms per op: busy jiffies (1/100 s) over the run, divided by the operations done.
-  stats=$(cat "$logs"/tx* | awk '{ print $3 }' | sort -n | awk -v tps="$tps" -v secs="$SECS" -v cpu="$(( b1 - b0 ))" '
-    { v[NR] = $1 } END {
-      printf "%s %.2f %.2f %.3f\n", tps, v[int(NR * 0.5) + 1] / 1000, v[int(NR * 0.99) + 1] / 1000, cpu * 10 / NR }')
+  stats="$tps $(tx_stats "$logs" "$(( b1 - b0 ))")"
   # Of that, the server threads by role (role_cpu), per op: raft_kv's workers and network
   # threads on its rows, the walsenders and standbys on the sync-rep rows.
   roles=$(cat "$logs"/tx* | wc -l | awk -v a="$r0" -v b="$r1" -v raft="$([[ $1 == raft_* ]] && echo 1)" '

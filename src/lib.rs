@@ -402,32 +402,9 @@ mod tests {
                 .collect();
         assert_eq!(rows, want);
         // The history and the revisions, too.
-        let history = Spi::get_one::<String>(
-            "SELECT string_agg(format('%s %s %s %s %s %s %s %s', revision, key, kind, value, prev_value,              create_revision, version, prev_mod_revision), ';' ORDER BY revision, key) FROM contract.changes",
-        )
-        .unwrap()
-        .unwrap_or_default();
-        let opt = |v: &Option<String>| v.clone().unwrap_or_default();
-        let want = m
-            .changes
-            .values()
-            .map(|c| {
-                format!(
-                    "{} {} {} {} {} {} {} {}",
-                    c.revision,
-                    c.key,
-                    c.kind.as_str(),
-                    opt(&c.value),
-                    opt(&c.prev_value),
-                    c.create_revision,
-                    c.version,
-                    c.prev_mod_revision.map(|r| r.to_string()).unwrap_or_default()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(";");
+        let want = model_history(&m);
         assert!(!want.is_empty());
-        assert_eq!(history, want);
+        assert_eq!(table_history(), want);
         let revs = Spi::get_two::<i64, i64>("SELECT revision, compact_revision FROM contract.state").unwrap();
         assert_eq!(revs, (Some(m.revision as i64), Some(m.compact_revision as i64)));
         assert!(m.compact_revision > 0);
@@ -458,62 +435,79 @@ mod tests {
     /// the history table holds exactly what the memory model's does, row for row.
     #[pg_test]
     fn a_compaction_removes_its_own_batch_s_changes_below_its_point() {
-        use raft_kv_core::command::{Command, Proposal, RequestId};
+        use raft_kv_core::command::Command;
         use raft_kv_core::{contract, mem_backend::MemBackend};
         scratch_schema();
         // Batches of five: a b a b compact(3) | a compact(5) c a b.
         let cmds = ["a", "b", "a", "b", "", "a", "", "c", "a", "b"];
-        let log: Vec<_> = cmds
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let mut e = raft_kv_core::eraftpb::Entry::default();
-                (e.index, e.term) = (i as u64 + 1, 1);
-                let cmd = match (*k, i) {
-                    ("", 4) => Command::Compact { revision: 3 },
+        let log: Vec<_> = (1..)
+            .zip(cmds)
+            .map(|(index, k)| {
+                let cmd = match (k, index) {
+                    ("", 5) => Command::Compact { revision: 3 },
                     ("", _) => Command::Compact { revision: 5 },
-                    (k, _) => Command::Put { key: k.into(), value: format!("{k}@{}", e.index) },
+                    (k, _) => Command::Put { key: k.into(), value: format!("{k}@{index}") },
                 };
-                e.data = Proposal { id: RequestId { node: 1, nonce: 1, seq: e.index }, cmd }.encode().into();
-                e
+                proposal(index, index, cmd)
             })
             .collect();
         let mut mem = MemBackend::new();
         let expected = contract::apply_log(&mut mem, &log, 5);
         let mut pg = crate::storage::PgBackend::new("contract");
         assert_eq!(contract::apply_log(&mut pg, &log, 5), expected);
-        let rows = Spi::get_one::<String>(
-            "SELECT string_agg(format('%s %s %s %s', revision, key, value, prev_value), ';' ORDER BY revision, key) \
-             FROM contract.changes",
+        let rows = table_history();
+        assert_eq!(rows, model_history(&mem.inner.lock().unwrap()));
+        // Revision r is entry r's put up to 4, then entry r + 1 up to 5, then r + 2.
+        assert_eq!(rows, "5 a put a@6 a@3 1 3 3;6 c put c@8  6 1 ;7 a put a@9 a@6 1 4 5;8 b put b@10 b@4 2 3 4");
+    }
+
+    /// `contract.changes`, row by row, as [`model_history`] writes the memory model's.
+    fn table_history() -> String {
+        Spi::get_one::<String>(
+            "SELECT string_agg(format('%s %s %s %s %s %s %s %s', revision, key, kind, value, prev_value, \
+                    create_revision, version, prev_mod_revision), ';' ORDER BY revision, key) FROM contract.changes",
         )
         .unwrap()
-        .unwrap_or_default();
+        .unwrap_or_default()
+    }
+
+    fn model_history(m: &raft_kv_core::mem_backend::MemState) -> String {
         let opt = |v: &Option<String>| v.clone().unwrap_or_default();
-        let m = mem.inner.lock().unwrap().clone();
-        let model: Vec<String> = m
-            .changes
+        m.changes
             .values()
-            .map(|c| format!("{} {} {} {}", c.revision, c.key, opt(&c.value), opt(&c.prev_value)))
-            .collect();
-        assert_eq!(rows, model.join(";"));
-        // Revision r is entry r's put up to 4, then entry r + 1 up to 5, then r + 2.
-        assert_eq!(rows, "5 a a@6 a@3;6 c c@8 ;7 a a@9 a@6;8 b b@10 b@4");
+            .map(|c| {
+                format!(
+                    "{} {} {} {} {} {} {} {}",
+                    c.revision,
+                    c.key,
+                    c.kind.as_str(),
+                    opt(&c.value),
+                    opt(&c.prev_value),
+                    c.create_revision,
+                    c.version,
+                    c.prev_mod_revision.map(|r| r.to_string()).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+
+    /// A log entry at `index` (term 1) proposing `cmd` as request `seq` of one client.
+    fn proposal(index: u64, seq: u64, cmd: raft_kv_core::command::Command) -> raft_kv_core::eraftpb::Entry {
+        use raft_kv_core::command::{Proposal, RequestId};
+        let mut e = raft_kv_core::eraftpb::Entry::default();
+        (e.index, e.term) = (index, 1);
+        e.data = Proposal { id: RequestId { node: 2, nonce: 9, seq }, cmd }.encode().into();
+        e
     }
 
     #[pg_test]
     fn table_backend_applies_a_retried_request_once() {
-        use raft_kv_core::command::{Command, Proposal, RequestId};
+        use raft_kv_core::command::Command;
         use raft_kv_core::contract;
-        use raft_kv_core::eraftpb::Entry;
         scratch_schema();
-        let entry = |index: u64, seq: u64, value: &str| {
-            let mut e = Entry::default();
-            e.index = index;
-            e.term = 1;
-            let cmd = Command::Put { key: "k".into(), value: value.into() };
-            e.data = Proposal { id: RequestId { node: 2, nonce: 9, seq }, cmd }.encode().into();
-            e
-        };
+        let entry =
+            |index, seq, value: &str| proposal(index, seq, Command::Put { key: "k".into(), value: value.into() });
         let mut pg = crate::storage::PgBackend::new("contract");
         let res =
             contract::apply_log(&mut pg, &[entry(1, 42, "first"), entry(2, 43, "second"), entry(3, 42, "first")], 2);
