@@ -71,15 +71,21 @@ pub fn free_port() -> u16 {
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    wait_showing(timeout, what, || f().ok_or(()))
+}
+
+/// As [`wait_for`], where `f` says what it saw when the condition does not hold yet: a
+/// timeout then shows the last of that, so a failure in CI explains itself.
+pub fn wait_showing<T, E: std::fmt::Debug>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, E>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = f() {
-            return v;
+        match f() {
+            Ok(v) => return v,
+            Err(seen) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last seen: {seen:?}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
-        if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

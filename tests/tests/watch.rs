@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use raft_kv_tests::{joiner_conf, wait_for, Client, Cluster, StopOnDrop};
+use raft_kv_tests::{joiner_conf, wait_for, wait_showing, Client, Cluster, StopOnDrop};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -354,8 +354,10 @@ fn compaction_is_identical_on_every_node_and_travels_in_snapshots() {
 
     // A node that joins now is installed from a snapshot (the log is compacted every 10
     // entries): it must answer history queries exactly like the others.
+    // The last write's own revision: a node's status may not have applied it yet.
+    let mut now = 0;
     for n in 0..30 {
-        c.client(2).query_one("SELECT raft_set($1, 'filler')", &[&format!("f{n}")]).unwrap();
+        now = c.client(2).query_one("SELECT raft_set($1, 'filler')", &[&format!("f{n}")]).unwrap().get(0);
     }
     let n4 = c.add_node(joiner_conf);
     let addr = c.node(n4).raft_addr();
@@ -363,8 +365,10 @@ fn compaction_is_identical_on_every_node_and_travels_in_snapshots() {
     wait_for(Duration::from_secs(30), "node 4 to install a snapshot", || {
         c.node(n4).log().contains("installed the snapshot").then_some(())
     });
-    let now = revisions(&c, 1).0;
-    wait_for(Duration::from_secs(30), "node 4 to catch up", || (revisions(&c, n4).0 == now).then_some(()));
+    wait_showing(Duration::from_secs(30), &format!("node 4 to catch up to revision {now}"), || {
+        let (rev, _) = revisions(&c, n4);
+        (rev == now).then_some(()).ok_or(rev)
+    });
     assert_eq!(revisions(&c, n4), (now, cut));
     let want = history(&mut c.client(1), cut).unwrap();
     assert_eq!(history(&mut c.client(n4), cut).unwrap(), want, "the joined node's history");
@@ -378,13 +382,12 @@ fn compaction_is_identical_on_every_node_and_travels_in_snapshots() {
         n.query_one("SELECT pg_reload_conf()", &[]).unwrap();
     }
     for n in 0..40 {
-        c.client(3).query_one("SELECT raft_set($1, 'later')", &[&format!("r{n}")]).unwrap();
+        now = c.client(3).query_one("SELECT raft_set($1, 'later')", &[&format!("r{n}")]).unwrap().get(0);
     }
-    let now = revisions(&c, 1).0;
     for i in 1..=4 {
-        wait_for(Duration::from_secs(20), "retention to compact", || {
+        wait_showing(Duration::from_secs(20), &format!("retention to compact on node {i} at revision {now}"), || {
             let (rev, compact) = revisions(&c, i);
-            (rev == now && compact > cut && compact >= now - 22).then_some(())
+            (rev == now && compact > cut && compact >= now - 22).then_some(()).ok_or((rev, compact))
         });
     }
     let points: Vec<(i64, i64)> = (1..=4).map(|i| revisions(&c, i)).collect();
