@@ -435,12 +435,48 @@ mod tests {
     /// the history table holds exactly what the memory model's does, row for row.
     #[pg_test]
     fn a_compaction_removes_its_own_batch_s_changes_below_its_point() {
-        use raft_kv_core::command::Command;
         use raft_kv_core::{contract, mem_backend::MemBackend};
         scratch_schema();
-        // Batches of five: a b a b compact(3) | a compact(5) c a b.
+        let log = compactions_log();
+        let mut mem = MemBackend::new();
+        let expected = contract::apply_log(&mut mem, &log, 5);
+        let mut pg = crate::storage::PgBackend::new("contract");
+        assert_eq!(contract::apply_log(&mut pg, &log, 5), expected);
+        let rows = table_history();
+        assert_eq!(rows, model_history(&mem.inner.lock().unwrap()));
+        // Revision r is entry r's put up to 4, then entry r + 1 up to 5, then r + 2.
+        assert_eq!(rows, "5 a put a@6 a@3 1 3 3;6 c put c@8  6 1 ;7 a put a@9 a@6 1 4 5;8 b put b@10 b@4 2 3 4");
+    }
+
+    /// History rows left below the compaction point (by builds before 718b4a7, which compacted
+    /// before writing a batch's own changes) go with the first compaction after a start.
+    #[pg_test]
+    fn the_first_compaction_after_a_start_removes_history_left_below_the_point() {
+        use raft_kv_core::{contract, mem_backend::MemBackend};
+        scratch_schema();
+        let log = compactions_log();
+        let mut mem = MemBackend::new();
+        let expected = contract::apply_log(&mut mem, &log, 5);
+        let mut pg = crate::storage::PgBackend::new("contract");
+        let mut got = contract::apply_log(&mut pg, &log[..5], 5);
+        // What the old order left behind: revisions 1 and 2, below point 3.
+        Spi::run(
+            "INSERT INTO contract.changes (revision, key, kind, value, create_revision, version) \
+             VALUES (1, 'a', 'put', 'a@1', 1, 1), (2, 'b', 'put', 'b@2', 2, 1)",
+        )
+        .unwrap();
+        // The worker starts again: its first compaction (to 5) sweeps from revision 0.
+        let mut pg = crate::storage::PgBackend::new("contract");
+        got.extend(contract::apply_log(&mut pg, &log[5..], 5));
+        assert_eq!(got, expected);
+        assert_eq!(table_history(), model_history(&mem.inner.lock().unwrap()));
+    }
+
+    /// Batches of five: a b a b compact(3) | a compact(5) c a b.
+    fn compactions_log() -> Vec<raft_kv_core::eraftpb::Entry> {
+        use raft_kv_core::command::Command;
         let cmds = ["a", "b", "a", "b", "", "a", "", "c", "a", "b"];
-        let log: Vec<_> = (1..)
+        (1..)
             .zip(cmds)
             .map(|(index, k)| {
                 let cmd = match (k, index) {
@@ -450,15 +486,7 @@ mod tests {
                 };
                 proposal(index, index, cmd)
             })
-            .collect();
-        let mut mem = MemBackend::new();
-        let expected = contract::apply_log(&mut mem, &log, 5);
-        let mut pg = crate::storage::PgBackend::new("contract");
-        assert_eq!(contract::apply_log(&mut pg, &log, 5), expected);
-        let rows = table_history();
-        assert_eq!(rows, model_history(&mem.inner.lock().unwrap()));
-        // Revision r is entry r's put up to 4, then entry r + 1 up to 5, then r + 2.
-        assert_eq!(rows, "5 a put a@6 a@3 1 3 3;6 c put c@8  6 1 ;7 a put a@9 a@6 1 4 5;8 b put b@10 b@4 2 3 4");
+            .collect()
     }
 
     /// `contract.changes`, row by row, as [`model_history`] writes the memory model's.
