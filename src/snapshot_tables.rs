@@ -6,8 +6,7 @@
 use raft_kv_core::lease::LeaseRow;
 use raft_kv_core::snapshot::{Cursor, Frozen, Row};
 use raft_kv_core::storage::{decode_conf_state, encode_conf_state, StoreError, StoreResult};
-use raft_kv_core::types::KvRow;
-use raft_kv_core::types::{Member, SnapshotData};
+use raft_kv_core::types::{Change, ChangeKind, KvRow, Member, SnapshotData};
 
 use crate::spi::spi_err;
 
@@ -257,7 +256,7 @@ pub fn read_rows(
                 .map_err(spi_err)?;
             let mut rows = Vec::with_capacity(t.len());
             for r in t {
-                rows.push(Row::Change(crate::storage::change_from_row(&r)?));
+                rows.push(Row::Change(change_from_row(&r)?));
             }
             let next = match rows.last() {
                 Some(Row::Change(ch)) => Cursor::Changes(Some((ch.revision, ch.key.clone()))),
@@ -437,4 +436,21 @@ fn swappable(
         }
     }
     Ok(Some(indexes))
+}
+
+/// A history row as `SELECT revision, key, kind, value, prev_value, create_revision, version,
+/// prev_mod_revision` returns it.
+fn change_from_row(r: &pgrx::spi::SpiHeapTupleData<'_>) -> StoreResult<Change> {
+    let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
+    let kind: String = r.get(3).map_err(spi_err)?.unwrap_or_default();
+    Ok(Change {
+        revision: g(1)?,
+        key: r.get(2).map_err(spi_err)?.unwrap_or_default(),
+        kind: ChangeKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("history kind {kind:?}")))?,
+        value: r.get(4).map_err(spi_err)?,
+        prev_value: r.get(5).map_err(spi_err)?,
+        create_revision: g(6)?,
+        version: g(7)?,
+        prev_mod_revision: r.get::<i64>(8).map_err(spi_err)?.map(|v| v as u64),
+    })
 }

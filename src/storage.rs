@@ -13,7 +13,7 @@ use raft_kv_core::snapshot::{Cursor, Frozen, Row};
 use raft_kv_core::storage::{
     decode_conf_state, encode_conf_state, Backend, PersistedState, StoreError, StoreResult, WriteBatch,
 };
-use raft_kv_core::types::{Change, ChangeKind, KvRow, Member, MemberOp, SnapshotData};
+use raft_kv_core::types::{Change, KvRow, Member, MemberOp, SnapshotData};
 
 use crate::batch_rows::{append_log, log_has, probe, schema_c, write_effects, write_state, KeyRows};
 use crate::index_probe::{Key, Probe};
@@ -682,23 +682,6 @@ fn change_columns<C: std::borrow::Borrow<Change>>(h: &[C]) -> [pgrx::datum::Datu
         num(|c| c.version as i64).into(),
         prev_mod.into(),
     ]
-}
-
-/// A history row as `SELECT revision, key, kind, value, prev_value, create_revision, version,
-/// prev_mod_revision` returns it.
-pub fn change_from_row(r: &pgrx::spi::SpiHeapTupleData<'_>) -> StoreResult<Change> {
-    let g = |i| r.get::<i64>(i).map_err(spi_err).map(|v| v.unwrap_or(0) as u64);
-    let kind: String = r.get(3).map_err(spi_err)?.unwrap_or_default();
-    Ok(Change {
-        revision: g(1)?,
-        key: r.get(2).map_err(spi_err)?.unwrap_or_default(),
-        kind: ChangeKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("history kind {kind:?}")))?,
-        value: r.get(4).map_err(spi_err)?,
-        prev_value: r.get(5).map_err(spi_err)?,
-        create_revision: g(6)?,
-        version: g(7)?,
-        prev_mod_revision: r.get::<i64>(8).map_err(spi_err)?.map(|v| v as u64),
-    })
 }
 
 fn write_cluster_id(c: &mut pgrx::spi::SpiClient<'_>, q: &dyn Fn(&str) -> String, id: u128) -> StoreResult<()> {
