@@ -20,7 +20,7 @@ use raft_kv_core::types::KvRow;
 use crate::history_api::{get_at, scan_at, wait_for_revision_above};
 use crate::lease_api::{lease_arg, refused};
 use crate::shmem::{self, Op};
-use crate::sql_api::{check_value, consistency, raise, read_barrier, request, require_preload};
+use crate::sql_boundary::{check_value, consistency, raise, read_barrier, request, require_preload};
 
 /// The contender's key for `name` and `lease`.
 fn contender_key(name: Option<&str>, lease: u64) -> (String, String) {
@@ -167,7 +167,7 @@ fn raft_campaign(
     let mine = create_once(&key, value, lease);
     if get_at(&key, None).is_some_and(|r| r.value != value) {
         // Already a candidate with another value: proclaim the new one, on the same lease.
-        let r = crate::sql_api::request_on(Op::Set, &key, value, None, None, (lease, 0));
+        let r = crate::sql_boundary::request_on(Op::Set, &key, value, None, None, (lease, 0));
         if !r.flag {
             refused(r.refused, lease)
         }

@@ -13,7 +13,7 @@ use raft_kv_core::command::prefix_end;
 use raft_kv_core::types::KvRow;
 
 use crate::shmem::{self, Op};
-use crate::sql_api::{check_key, consistency, fresh_select, raise, read_barrier, request, require_preload, TEXT};
+use crate::sql_boundary::{check_key, consistency, fresh_select, raise, read_barrier, request, require_preload, TEXT};
 
 const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
 const INT4: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT4OID);

@@ -13,7 +13,7 @@ use raft_kv_core::lease::{Refusal, MAX_KEYS_PER_LEASE, MAX_LEASES, MAX_TTL_MS};
 use crate::guc;
 use crate::requests::Reply;
 use crate::shmem::{self, Op};
-use crate::sql_api::{consistency, fresh_select, raise, read_barrier, request_on, require_preload};
+use crate::sql_boundary::{consistency, fresh_select, raise, read_barrier, request_on, require_preload};
 
 const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
 

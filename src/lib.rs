@@ -11,12 +11,14 @@
 use pgrx::prelude::*;
 
 mod batch_rows;
+mod cluster_api;
 mod concurrency_api;
 mod freeze;
 mod guc;
 mod heap_write;
 mod history_api;
 mod index_probe;
+mod kv_api;
 mod kv_probe;
 mod lease_api;
 mod peers;
@@ -29,7 +31,7 @@ mod settings;
 mod shmem;
 mod snapshot_tables;
 mod spi;
-mod sql_api;
+mod sql_boundary;
 mod stat_api;
 mod storage;
 mod txn_api;

@@ -10,10 +10,11 @@ use pgrx::PgSqlErrorCode as Code;
 use raft_kv_core::backup::{Header, Record};
 use raft_kv_core::snapshot::Cursor;
 
+use crate::cluster_api::admin;
 use crate::shmem::Op;
 use crate::snapshot_tables::{read_rows, select_leases, LIVE_TABLES};
 use crate::spi::spi_err;
-use crate::sql_api::{admin, raise, require_preload};
+use crate::sql_boundary::{raise, require_preload};
 
 /// Bytes of rows per backup record.
 const RECORD_BYTES: usize = 1 << 20;

@@ -15,7 +15,7 @@ use pgrx::PgSqlErrorCode as Code;
 use raft_kv_core::command::prefix_end;
 
 use crate::history_api::{SCAN_FROM_SQL, SCAN_RANGE_SQL};
-use crate::sql_api::{consistency, raise, read_barrier, require_preload, Consistency};
+use crate::sql_boundary::{consistency, raise, read_barrier, require_preload, Consistency};
 
 extension_sql!(
     r#"

@@ -6,7 +6,7 @@ use pgrx::datum::Interval;
 use pgrx::prelude::*;
 
 use crate::shmem::{self, SHARED};
-use crate::sql_api::require_preload;
+use crate::sql_boundary::require_preload;
 
 /// This node's Raft counters (cumulative since the worker started) and gauges.
 #[pg_extern(volatile, parallel_safe)]

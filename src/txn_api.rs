@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::guc;
 use crate::history_api::{changes_at, get_at, scan_at};
 use crate::shmem::Op;
-use crate::sql_api::{check_request_id, raise, request, require_preload};
+use crate::sql_boundary::{check_request_id, raise, request, require_preload};
 
 fn scope_json(s: &Scope) -> (&'static str, &str) {
     match s {
