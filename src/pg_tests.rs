@@ -163,8 +163,10 @@ mod tests {
              VALUES (1, 'a', 'put', 'a@1', 1, 1), (2, 'b', 'put', 'b@2', 2, 1)",
         )
         .unwrap();
-        // The worker starts again: its first compaction (to 5) sweeps from revision 0.
+        // The worker starts again (and loads its state): its first compaction (to 5) sweeps
+        // from revision 0.
         let mut pg = crate::storage::PgBackend::new("contract");
+        raft_kv_core::storage::Backend::load(&mut pg).unwrap();
         got.extend(contract::apply_log(&mut pg, &log[5..], 5));
         assert_eq!(got, expected);
         assert_eq!(table_history(), model_history(&mem.inner.lock().unwrap()));

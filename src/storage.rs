@@ -50,12 +50,10 @@ pub struct PgBackend {
 struct Cleared {
     /// Request ids below this revision were forgotten (0 after a start or a snapshot).
     requests: u64,
-    /// History below this revision was compacted (read with the batch's look-up).
+    /// History below this revision was compacted (0 after a start or a snapshot: builds before
+    /// 718b4a7 compacted before writing a batch's own changes and could leave those below the
+    /// point, so the first compaction after a start sweeps from revision 0).
     history: u64,
-    /// Whether a compaction since the start swept the history from revision 0: builds before
-    /// 718b4a7 compacted before writing the batch's own changes, and could leave those below
-    /// the point for good. The first compaction after each start removes any such rows.
-    history_swept: bool,
     /// Log entries up to this index were compacted (the snapshot index).
     log: u64,
 }
@@ -181,8 +179,7 @@ impl Backend for PgBackend {
             })
         })
         .inspect(|st| {
-            self.cleared =
-                Cleared { requests: 0, history: st.compact_revision, log: st.snapshot_index, history_swept: false };
+            self.cleared = Cleared { requests: 0, history: 0, log: st.snapshot_index };
         })
     }
 
@@ -405,7 +402,6 @@ impl Backend for PgBackend {
                 Ok(out)
             })
         })
-        .inspect(|out| self.cleared.history = out.compact_revision)
     }
 
     fn atomically<R>(&mut self, f: &mut dyn FnMut(&mut Self) -> StoreResult<R>) -> StoreResult<R> {
@@ -525,7 +521,7 @@ fn write_batch(
     if let Some(snap) = &b.snapshot {
         let m = snap.get_metadata();
         let data = SnapshotData::decode(snap.get_data()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        *cleared = Cleared { requests: 0, history: data.compact_revision, log: m.index, history_swept: false };
+        *cleared = Cleared { requests: 0, history: 0, log: m.index };
         let staged = data.kv_rows > 0 || data.request_rows > 0 || data.change_rows > 0;
         if staged {
             // Check before changing anything: a short or stale staging must not be installed.
@@ -608,10 +604,8 @@ fn write_batch(
     write_effects(schema, fx, if b.snapshot.is_some() { &empty } else { found })?;
     if let Some(cut) = fx.compact_revision {
         let compact = plans.get(c, schema, COMPACT_HISTORY_SQL, &[INT8, INT8])?;
-        let from = if cleared.history_swept { cleared.history.min(cut) } else { 0 };
-        c.update(compact, None, &[(from as i64).into(), (cut as i64).into()]).map_err(spi_err)?;
+        c.update(compact, None, &[(cleared.history.min(cut) as i64).into(), (cut as i64).into()]).map_err(spi_err)?;
         cleared.history = cut;
-        cleared.history_swept = true;
     }
     if let Some(cut) = fx.prune_requests_below {
         let prune = plans.get(c, schema, PRUNE_REQUESTS_SQL, &[INT8, INT8])?;
