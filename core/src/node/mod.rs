@@ -347,7 +347,10 @@ impl<B: Backend> Node<B> {
     /// staged; otherwise the sender is told the transfer failed.
     pub fn step(&mut self, mut m: Message) {
         let r = &self.raw.raft;
-        let term_at = |i| r.raft_log.term(i).ok();
+        // raft-rs reads the term of an index outside [first - 1, last] as 0 rather than as
+        // unknown: a compacted entry would look like a conflicting one.
+        let held = |i: u64| i + 1 >= r.raft_log.first_index() && i <= r.raft_log.last_index();
+        let term_at = |i: u64| if held(i) { r.raft_log.term(i).ok() } else { None };
         let view = crate::admission::View {
             id: r.id,
             leader_id: r.leader_id,
@@ -814,6 +817,40 @@ mod tests {
     use super::*;
     use crate::command::{Command, RequestId};
     use crate::mem_backend::MemBackend;
+
+    /// Found by the simulation (seed 14175): a follower that had compacted its log dropped every
+    /// append from a leader probing below it, and stayed behind for good.
+    #[test]
+    fn a_follower_answers_an_append_that_starts_below_its_compacted_log() {
+        let mut t = test_cluster::Three::new();
+        for seq in 1..=20 {
+            t.put(1, seq);
+        }
+        let f = t.nodes.get_mut(&3).unwrap();
+        assert!(f.maybe_compact(5, 2).unwrap());
+        let (first, committed) = (f.raw.raft.raft_log.first_index(), f.raw.raft.raft_log.committed);
+        // A probe as a leader that lost track of this follower sends it: from well below the
+        // follower's first index, over entries it compacted and committed long ago.
+        let l = &t.nodes[&1].raw.raft;
+        let from = first - 5;
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        (m.from, m.to, m.term, m.commit) = (1, 3, l.term, l.raft_log.committed);
+        (m.index, m.log_term) = (from - 1, l.raft_log.term(from - 1).unwrap());
+        m.entries = l.raft_log.entries(from, None, raft::GetEntriesContext::empty(false)).unwrap().into();
+        assert!(!m.entries.is_empty());
+        let sent_before = t.sent.len();
+        t.nodes.get_mut(&3).unwrap().step(m);
+        let dropped = t.nodes.get_mut(&3).unwrap().take_dropped();
+        assert_eq!(dropped.count, 0, "dropped: {:?}", dropped.last);
+        t.settle();
+        // raft answers a probe below its commit index with that index, which puts the leader
+        // back on track.
+        let answer = t.sent[sent_before..]
+            .iter()
+            .find(|(from, _, m)| *from == 3 && m.get_msg_type() == MessageType::MsgAppendResponse && !m.reject);
+        assert!(answer.is_some_and(|(_, _, m)| m.index >= committed), "no acknowledgement from node 3");
+    }
 
     #[test]
     fn a_committed_entry_of_a_newer_format_stops_the_node_before_it() {
